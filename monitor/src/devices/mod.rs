@@ -1,0 +1,1 @@
+//! Guest devices: state machines on a port bus and an MMIO bus.

@@ -1,0 +1,8 @@
+//! Popek's virtual machine monitor: the execution host, the virtual CPU,
+//! devices, loaders, backends, traces and benchmarks.
+
+pub mod devices;
+pub mod host;
+pub mod layout;
+pub mod loader;
+pub mod memory;

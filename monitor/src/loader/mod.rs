@@ -1,0 +1,1 @@
+//! Guest image loaders: multiboot v1 ELF, Linux boot protocol, initramfs.
