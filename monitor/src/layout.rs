@@ -1,0 +1,59 @@
+//! Every fixed guest address and I/O port Popek uses, in one place.
+//!
+//! Devices, loaders and backends take their numbers from here, so a newcomer
+//! can read the whole platform map on one page (as Firecracker's
+//! `arch/x86_64/layout.rs`).
+
+/// Default base of the VMM area: the top 8 MiB of the guest linear space.
+pub const VMM_AREA_BASE: u32 = 0xFF80_0000;
+/// Size of the VMM area (TC, exit gate, vCPU page, lookup table).
+pub const VMM_AREA_SIZE: u32 = 0x0080_0000;
+
+/// Guest-physical page size.
+pub const PAGE_SIZE: u32 = 4096;
+
+/// Smallest guest RAM Popek accepts.
+pub const MIN_GUEST_MEM: u64 = 2 << 20;
+/// Largest guest RAM: the 32-bit physical space below the MMIO hole.
+pub const MAX_GUEST_MEM: u64 = 0xC000_0000;
+
+/// Legacy PC hole: VGA and BIOS ROM area, never RAM in the e820 map.
+pub const LEGACY_HOLE_START: u32 = 0x000A_0000;
+pub const LEGACY_HOLE_END: u32 = 0x0010_0000;
+
+// ---- I/O ports -----------------------------------------------------------
+
+/// Master i8259 PIC command/data.
+pub const PORT_PIC_MASTER: u16 = 0x20;
+/// Slave i8259 PIC command/data.
+pub const PORT_PIC_SLAVE: u16 = 0xA0;
+/// i8254 PIT channels 0-2 and the mode/command register (0x40-0x43).
+pub const PORT_PIT: u16 = 0x40;
+/// Keyboard controller data port (i8042).
+pub const PORT_I8042_DATA: u16 = 0x60;
+/// NMI status and control / PC speaker gate (PIT channel 2 gate and output).
+pub const PORT_SYSTEM_CONTROL_B: u16 = 0x61;
+/// Keyboard controller command/status port (i8042).
+pub const PORT_I8042_CMD: u16 = 0x64;
+/// CMOS RTC index/data (0x70-0x71).
+pub const PORT_CMOS: u16 = 0x70;
+/// POST diagnostic port; also used by Linux as an I/O delay.
+pub const PORT_POST: u16 = 0x80;
+/// System control port A: fast A20 and reset.
+pub const PORT_SYSTEM_CONTROL_A: u16 = 0x92;
+/// isa-debug-exit (as QEMU's `-device isa-debug-exit,iobase=0xf4,iosize=4`).
+pub const PORT_DEBUG_EXIT: u16 = 0xF4;
+/// COM1 16550 UART (0x3f8-0x3ff).
+pub const PORT_COM1: u16 = 0x3F8;
+/// PCI configuration address/data (0xcf8, 0xcfc-0xcff).
+pub const PORT_PCI_CONFIG_ADDRESS: u16 = 0xCF8;
+pub const PORT_PCI_CONFIG_DATA: u16 = 0xCFC;
+
+// ---- IRQ lines -----------------------------------------------------------
+
+/// PIT channel 0.
+pub const IRQ_PIT: u8 = 0;
+/// COM1.
+pub const IRQ_COM1: u8 = 4;
+/// CMOS RTC.
+pub const IRQ_RTC: u8 = 8;
