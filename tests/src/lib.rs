@@ -1,1 +1,83 @@
-//! placeholder
+//! Shared helpers for Popek's integration tests: guests assembled with
+//! iced-x86's `CodeAssembler` (bitness 32), and a one-vCPU-at-a-time lock
+//! (the window, the host LDT and the signal handlers are process-global).
+
+use std::sync::{Mutex, MutexGuard};
+
+use iced_x86::code_asm::CodeAssembler;
+use monitor::host::{Prot, Vcpu};
+use monitor::memory::GuestMemory;
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Takes the process-wide VM lock (poison-tolerant: a failed test must not
+/// fail every other one).
+pub fn vm_lock() -> MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where the test guests live (guest-physical = guest-virtual).
+pub const CODE: u32 = 0x10_0000;
+pub const DATA: u32 = 0x20_0000;
+pub const STACK_TOP: u32 = 0x30_0000;
+pub const RAM: u64 = 16 << 20;
+
+/// A vCPU with 16 MiB of guest RAM mapped 1:1 at [1 MiB, 16 MiB) RWX.
+pub struct Guest {
+    pub vcpu: Vcpu,
+    pub mem: GuestMemory,
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Guest {
+    pub fn new() -> Guest {
+        let lock = vm_lock();
+        let vcpu = Vcpu::new().expect("execution host");
+        let mem = GuestMemory::new(RAM).expect("guest RAM");
+        let w = vcpu.window();
+        w.unmap_all().expect("clean window");
+        w.map(
+            0x10_0000,
+            &mem,
+            0x10_0000,
+            (RAM as u32) - 0x10_0000,
+            Prot::RWX,
+        )
+        .expect("map RAM");
+        Guest {
+            vcpu,
+            mem,
+            _lock: lock,
+        }
+    }
+
+    /// Assembles `f`'s code at CODE, loads it, points EIP at it and ESP at STACK_TOP.
+    pub fn load(
+        &mut self,
+        f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
+    ) -> Vec<u8> {
+        let code = assemble(CODE, f);
+        self.mem.write(CODE as u64, &code).expect("load code");
+        let mut r = self.vcpu.regs();
+        r.eip = CODE;
+        r.esp = STACK_TOP;
+        self.vcpu.set_regs(&r);
+        code
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.vcpu.window().unmap_all();
+    }
+}
+
+/// Assembles 32-bit code at `ip`.
+pub fn assemble(
+    ip: u32,
+    f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
+) -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).expect("bitness 32");
+    f(&mut a).expect("assemble");
+    a.assemble(u64::from(ip)).expect("encode")
+}

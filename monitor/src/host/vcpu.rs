@@ -1,0 +1,539 @@
+//! The safe face of the execution host: a [`Vcpu`] holds guest-mode register
+//! state, enters compatibility-mode code with [`Vcpu::run`] and returns the
+//! next [`Exit`].
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::entry::{self, reg, Frame, POPEK_FRAME, POPEK_KICK_PENDING, XSAVE_AREA_SIZE};
+use super::ldt::{self, HostSegment, HOST_CS32, HOST_DS};
+use super::window::Window;
+use super::{seccomp, signals, HostError};
+
+/// Guest general registers, EIP and EFLAGS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Regs {
+    pub eax: u32,
+    pub ecx: u32,
+    pub edx: u32,
+    pub ebx: u32,
+    pub esp: u32,
+    pub ebp: u32,
+    pub esi: u32,
+    pub edi: u32,
+    pub eip: u32,
+    pub eflags: u32,
+}
+
+/// Guest-mode segment selectors, as host selectors (shadow LDT entries or
+/// the host's flat selectors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segments {
+    pub cs: u16,
+    pub ss: u16,
+    pub ds: u16,
+    pub es: u16,
+    pub fs: u16,
+    pub gs: u16,
+}
+
+impl Default for Segments {
+    /// The host's flat 32-bit user segments.
+    fn default() -> Self {
+        Segments {
+            cs: HOST_CS32,
+            ss: HOST_DS,
+            ds: HOST_DS,
+            es: HOST_DS,
+            fs: HOST_DS,
+            gs: HOST_DS,
+        }
+    }
+}
+
+/// Which instruction made a guest system call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallKind {
+    Int80,
+    Sysenter,
+    Syscall,
+}
+
+/// Why guest-mode code stopped. The register state at the exit is in the
+/// vCPU ([`Vcpu::regs`]): for faults EIP is the faulting instruction; for
+/// traps (breakpoint, single step, overflow, system calls) EIP is the next
+/// instruction, as the architecture reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// #PF: `address` is the linear address (CR2); `error_code` has the
+    /// architectural P (bit 0), W (bit 1), RSVD (bit 3) and I/D (bit 4) bits;
+    /// U/S is left to the monitor, which knows the virtual CPL.
+    PageFault {
+        address: u32,
+        error_code: u32,
+    },
+    /// #GP with its error code and the instruction bytes at CS:EIP (`len`
+    /// of them could be read).
+    GeneralProtection {
+        error_code: u32,
+        insn: [u8; 15],
+        len: u8,
+    },
+    InvalidOpcode,
+    DivideError,
+    Breakpoint,
+    Debug,
+    Overflow,
+    BoundRange,
+    StackFault {
+        error_code: u32,
+    },
+    SegmentNotPresent {
+        error_code: u32,
+    },
+    AlignmentCheck,
+    X87Fault,
+    SimdFault,
+    /// A 32-bit system call by the guest; the host kernel did not execute it.
+    /// EAX holds the number the guest asked for, EIP the next instruction.
+    SystemCall {
+        kind: SyscallKind,
+        nr: u32,
+    },
+    /// Another thread asked the vCPU to stop ([`Kicker::kick`]).
+    Kick,
+    /// Translated code called out to the monitor (the id is in the vCPU page).
+    Callout,
+}
+
+/// FPU/SSE state of the guest, as saved by XSAVE.
+pub struct FpuState<'a> {
+    area: &'a mut [u8; XSAVE_AREA_SIZE],
+}
+
+const XSTATE_BV: usize = 512;
+const MXCSR: usize = 24;
+const XMM0: usize = 160;
+
+impl FpuState<'_> {
+    fn xstate_bv(&self) -> u64 {
+        u64::from_le_bytes(
+            self.area[XSTATE_BV..XSTATE_BV + 8]
+                .try_into()
+                .expect("8 bytes"),
+        )
+    }
+
+    /// XMM register `i` (0-7: compatibility mode has eight).
+    pub fn xmm(&self, i: usize) -> u128 {
+        assert!(i < 8);
+        if self.xstate_bv() & 2 == 0 {
+            return 0; // SSE state in its initial configuration
+        }
+        let o = XMM0 + 16 * i;
+        u128::from_le_bytes(self.area[o..o + 16].try_into().expect("16 bytes"))
+    }
+
+    pub fn set_xmm(&mut self, i: usize, v: u128) {
+        assert!(i < 8);
+        if self.xstate_bv() & 2 == 0 {
+            self.area[XMM0..XMM0 + 16 * 16].fill(0);
+        }
+        let o = XMM0 + 16 * i;
+        self.area[o..o + 16].copy_from_slice(&v.to_le_bytes());
+        let bv = self.xstate_bv() | 2;
+        self.area[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    }
+
+    pub fn mxcsr(&self) -> u32 {
+        u32::from_le_bytes(self.area[MXCSR..MXCSR + 4].try_into().expect("4 bytes"))
+    }
+
+    /// Sets MXCSR; reserved bits would make the next entry fault, so they are refused.
+    pub fn set_mxcsr(&mut self, v: u32) -> Result<(), HostError> {
+        if v & !0xFFFF != 0 {
+            return Err(HostError::BadFpuState("reserved MXCSR bits"));
+        }
+        self.area[MXCSR..MXCSR + 4].copy_from_slice(&v.to_le_bytes());
+        Ok(())
+    }
+
+    /// Resets to the power-on state (FNINIT state, MXCSR 0x1f80).
+    pub fn reset(&mut self) {
+        self.area.fill(0);
+        self.area[MXCSR..MXCSR + 4].copy_from_slice(&0x1f80u32.to_le_bytes());
+        self.area[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+    }
+}
+
+/// A handle another thread uses to stop the vCPU.
+#[derive(Clone, Copy, Debug)]
+pub struct Kicker {
+    tid: libc::pid_t,
+}
+
+impl Kicker {
+    /// Makes the vCPU's current or next `run` return [`Exit::Kick`].
+    pub fn kick(&self) -> Result<(), HostError> {
+        signals::kick_thread(self.tid)
+    }
+}
+
+/// EFLAGS bits guest-mode code controls (the rest are forced: IF=1, IOPL=0).
+const USER_EFLAGS: u32 = 0x0000_0001 // CF
+    | 0x0000_0004 // PF
+    | 0x0000_0010 // AF
+    | 0x0000_0040 // ZF
+    | 0x0000_0080 // SF
+    | 0x0000_0100 // TF
+    | 0x0000_0400 // DF
+    | 0x0000_0800 // OF
+    | 0x0000_4000 // NT
+    | 0x0004_0000 // AC
+    | 0x0020_0000; // ID
+
+static VCPU_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The execution vCPU. Bound to the thread that created it (signals,
+/// seccomp and the alternate stack are per thread); one per process.
+pub struct Vcpu {
+    window: &'static Window,
+    /// Host LDT entries this vCPU set up, by index.
+    ldt: HashMap<u16, HostSegment>,
+    _not_send: PhantomData<*mut ()>,
+}
+
+fn check_host() -> Result<(), HostError> {
+    const HWCAP2_FSGSBASE: u64 = 1 << 1;
+    // SAFETY: getauxval has no preconditions.
+    if unsafe { libc::getauxval(libc::AT_HWCAP2) } & HWCAP2_FSGSBASE == 0 {
+        return Err(HostError::NoFsGsBase);
+    }
+    let leaf1 = std::arch::x86_64::__cpuid(1);
+    if leaf1.ecx & (1 << 27) == 0 {
+        return Err(HostError::NoXsave);
+    }
+    // Leaf 0xD exists when OSXSAVE is set.
+    let size = std::arch::x86_64::__cpuid_count(0xD, 0).ebx;
+    if size as usize > XSAVE_AREA_SIZE {
+        return Err(HostError::XsaveTooLarge(size));
+    }
+    Ok(())
+}
+
+/// Writes the exit gate: `jmp qword [rip+0]` and the address of the callout
+/// exit path. It must sit below 4 GiB (a far jump from compatibility mode
+/// carries a 32-bit offset); the monitor's code is above.
+fn install_exit_gate(window: &Window) {
+    let mut gate = [0u8; 14];
+    gate[..6].copy_from_slice(&[0xFF, 0x25, 0, 0, 0, 0]);
+    gate[6..].copy_from_slice(&entry::exit_callout_address().to_le_bytes());
+    let off = super::window::vmm::EXIT_GATE as usize;
+    // SAFETY: the alias is valid for the VMM area; the gate bytes are only
+    // written here, by the vCPU owner, before any guest code runs.
+    let alias = unsafe { window.vmm_alias() };
+    alias[off..off + gate.len()].copy_from_slice(&gate);
+}
+
+impl Vcpu {
+    /// Sets up the execution host on the calling thread: reserves the
+    /// window, installs the monitor's LDT entries, the signal handlers, an
+    /// alternate signal stack and the seccomp filter.
+    pub fn new() -> Result<Vcpu, HostError> {
+        check_host()?;
+        if VCPU_TAKEN.swap(true, Ordering::AcqRel) {
+            return Err(HostError::Busy);
+        }
+        let release = |e| {
+            VCPU_TAKEN.store(false, Ordering::Release);
+            e
+        };
+        let window = Window::get().map_err(release)?;
+        ldt::install_reserved(window.vmm_base(), window.vmm_size()).map_err(release)?;
+        signals::install().map_err(release)?;
+        signals::ensure_altstack().map_err(release)?;
+        seccomp::install_on_current_thread().map_err(release)?;
+        POPEK_KICK_PENDING.store(0, Ordering::SeqCst);
+        install_exit_gate(window);
+        let mut v = Vcpu {
+            window,
+            ldt: HashMap::new(),
+            _not_send: PhantomData,
+        };
+        {
+            let f = v.frame_mut();
+            f.gpr = [0; 8];
+            f.eip = 0;
+            f.eflags = 0x202;
+            // SAFETY: gettid has no preconditions.
+            f.vcpu_tid = unsafe { libc::gettid() };
+        }
+        v.set_segments(Segments::default())?;
+        v.fpu().reset();
+        for (idx, seg) in [
+            (
+                ldt::VMM_CODE_INDEX,
+                HostSegment::flat(ldt::SegKind::Code { readable: true }),
+            ),
+            (
+                ldt::FLAT_DATA_INDEX,
+                HostSegment::flat(ldt::SegKind::Data {
+                    writable: true,
+                    expand_down: false,
+                }),
+            ),
+        ] {
+            v.ldt.insert(idx, seg);
+        }
+        v.ldt.insert(
+            ldt::VMM_DATA_INDEX,
+            HostSegment {
+                base: window.vmm_base(),
+                limit: window.vmm_size() - 1,
+                kind: ldt::SegKind::Data {
+                    writable: true,
+                    expand_down: false,
+                },
+                big: true,
+                present: true,
+            },
+        );
+        Ok(v)
+    }
+
+    fn frame(&self) -> &Frame {
+        // SAFETY: this vCPU is the only one (VCPU_TAKEN) and the frame is only
+        // written by its own thread (entry code and signal handler run on it).
+        unsafe { &*std::ptr::addr_of!(POPEK_FRAME) }
+    }
+
+    fn frame_mut(&mut self) -> &mut Frame {
+        // SAFETY: see `frame`; `&mut self` makes this the only reference.
+        unsafe { &mut *std::ptr::addr_of_mut!(POPEK_FRAME) }
+    }
+
+    /// The process's address window (shadow mappings, VMM area).
+    pub fn window(&self) -> &'static Window {
+        self.window
+    }
+
+    pub fn regs(&self) -> Regs {
+        let f = self.frame();
+        Regs {
+            eax: f.gpr[reg::EAX],
+            ecx: f.gpr[reg::ECX],
+            edx: f.gpr[reg::EDX],
+            ebx: f.gpr[reg::EBX],
+            esp: f.gpr[reg::ESP],
+            ebp: f.gpr[reg::EBP],
+            esi: f.gpr[reg::ESI],
+            edi: f.gpr[reg::EDI],
+            eip: f.eip,
+            eflags: f.eflags,
+        }
+    }
+
+    /// Sets the registers. EFLAGS keeps only what guest-mode code controls
+    /// (arithmetic flags, TF, DF, NT, AC, ID); IF is always on and IOPL 0.
+    pub fn set_regs(&mut self, r: &Regs) {
+        let f = self.frame_mut();
+        f.gpr = [r.eax, r.ecx, r.edx, r.ebx, r.esp, r.ebp, r.esi, r.edi];
+        f.eip = r.eip;
+        f.eflags = (r.eflags & USER_EFLAGS) | 0x202;
+    }
+
+    pub fn segments(&self) -> Segments {
+        let f = self.frame();
+        Segments {
+            cs: f.cs,
+            ss: f.ss,
+            ds: f.ds,
+            es: f.es,
+            fs: f.fs,
+            gs: f.gs,
+        }
+    }
+
+    fn check_selector(&self, sel: u16, code: bool, nullable: bool) -> Result<(), HostError> {
+        let ok = match sel {
+            0..=3 => nullable,
+            s if s == HOST_CS32 => code,
+            s if s == HOST_DS => !code,
+            s if s & 4 != 0 && s & 3 == 3 => self.ldt.get(&(s >> 3)).is_some_and(|d| {
+                d.present && matches!(d.kind, ldt::SegKind::Code { .. }) == code
+                    || (!code
+                        && matches!(d.kind, ldt::SegKind::Code { readable: true })
+                        && d.present)
+            }),
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(HostError::BadSelector(sel))
+        }
+    }
+
+    /// Sets the selectors guest-mode code runs with; each must be a host LDT
+    /// entry this vCPU wrote ([`Vcpu::set_ldt_entry`]) or a flat host
+    /// selector (0x23 code, 0x2b data); FS and GS may also be null.
+    pub fn set_segments(&mut self, s: Segments) -> Result<(), HostError> {
+        self.check_selector(s.cs, true, false)?;
+        self.check_selector(s.ss, false, false)?;
+        for sel in [s.ds, s.es] {
+            self.check_selector(sel, false, false)?;
+        }
+        for sel in [s.fs, s.gs] {
+            self.check_selector(sel, false, true)?;
+        }
+        let f = self.frame_mut();
+        (f.cs, f.ss, f.ds, f.es, f.fs, f.gs) = (s.cs, s.ss, s.ds, s.es, s.fs, s.gs);
+        Ok(())
+    }
+
+    /// Writes host LDT entry `index` and returns its selector.
+    pub fn set_ldt_entry(&mut self, index: u16, seg: HostSegment) -> Result<u16, HostError> {
+        if index >= ldt::FIRST_RESERVED {
+            return Err(HostError::LdtIndex(index));
+        }
+        let sel = ldt::set_entry(index, &seg)?;
+        self.ldt.insert(index, seg);
+        Ok(sel)
+    }
+
+    /// Selectors of the monitor's reserved segments.
+    pub fn vmm_code_selector(&self) -> u16 {
+        ldt::ldt_selector(ldt::VMM_CODE_INDEX)
+    }
+    pub fn vmm_data_selector(&self) -> u16 {
+        ldt::ldt_selector(ldt::VMM_DATA_INDEX)
+    }
+    pub fn flat_data_selector(&self) -> u16 {
+        ldt::ldt_selector(ldt::FLAT_DATA_INDEX)
+    }
+
+    /// The guest's saved FPU/SSE state.
+    pub fn fpu(&mut self) -> FpuState<'_> {
+        FpuState {
+            area: &mut self.frame_mut().xsave.0,
+        }
+    }
+
+    /// A handle to stop this vCPU from another thread.
+    pub fn kicker(&self) -> Kicker {
+        Kicker {
+            tid: self.frame().vcpu_tid,
+        }
+    }
+
+    fn segment_base(&self, sel: u16) -> u32 {
+        if sel & 4 != 0 {
+            self.ldt.get(&(sel >> 3)).map_or(0, |d| d.base)
+        } else {
+            0
+        }
+    }
+
+    /// Reads up to 15 instruction bytes at guest-linear `lin` (fault-safe).
+    fn insn_bytes(&self, lin: u32) -> ([u8; 15], u8) {
+        let mut b = [0u8; 15];
+        let n = self.window.read_linear(lin, &mut b);
+        (b, n as u8)
+    }
+
+    /// Runs guest-mode code until the next exit.
+    pub fn run(&mut self) -> Result<Exit, HostError> {
+        // SAFETY: the frame holds selectors checked by `set_segments` (or
+        // saved by an exit), an XSAVE image written by XSAVE or `FpuState`
+        // (which keeps reserved bits clear), and `new` installed handlers,
+        // alternate stack and seccomp filter on this thread (the type is
+        // not Send).
+        let reason = unsafe { entry::enter() };
+        match reason {
+            entry::EXIT_CALLOUT => Ok(Exit::Callout),
+            entry::EXIT_ABORTED => Ok(Exit::Kick),
+            entry::EXIT_ENTRY_FAULT => {
+                let f = self.frame();
+                Err(HostError::EntryFault {
+                    signo: f.signo,
+                    trapno: f.trapno,
+                    err: f.err,
+                    cs: f.cs,
+                    ss: f.ss,
+                    ds: f.ds,
+                })
+            }
+            _ => self.decode_signal_exit(),
+        }
+    }
+
+    fn decode_signal_exit(&mut self) -> Result<Exit, HostError> {
+        let f = self.frame();
+        let (signo, trapno, err) = (f.signo, f.trapno, f.err);
+        let cs_base = self.segment_base(f.cs);
+        let eip = f.eip;
+        if signo == signals::kick_signal() {
+            return Ok(Exit::Kick);
+        }
+        let exit = match (signo, trapno) {
+            (libc::SIGSEGV, 14) => Exit::PageFault {
+                address: f.fault_addr as u32,
+                error_code: err & 0b1_1011,
+            },
+            (libc::SIGSEGV, 13) => {
+                let (insn, len) = self.insn_bytes(cs_base.wrapping_add(eip));
+                Exit::GeneralProtection {
+                    error_code: err,
+                    insn,
+                    len,
+                }
+            }
+            (libc::SIGSEGV, 4) => Exit::Overflow,
+            (libc::SIGSEGV, 5) => Exit::BoundRange,
+            (libc::SIGBUS, 12) => Exit::StackFault { error_code: err },
+            (libc::SIGBUS, 11) => Exit::SegmentNotPresent { error_code: err },
+            (libc::SIGBUS, 17) => Exit::AlignmentCheck,
+            (libc::SIGILL, _) => {
+                let (insn, len) = self.insn_bytes(cs_base.wrapping_add(eip));
+                if len >= 2 && insn[..2] == [0x0f, 0x34] {
+                    // SYSENTER is #UD in compatibility mode on AMD: still a
+                    // system call; report it like the others, after the insn.
+                    let nr = f.gpr[reg::EAX];
+                    self.frame_mut().eip = eip.wrapping_add(2);
+                    Exit::SystemCall {
+                        kind: SyscallKind::Sysenter,
+                        nr,
+                    }
+                } else {
+                    Exit::InvalidOpcode
+                }
+            }
+            (libc::SIGFPE, 0) => Exit::DivideError,
+            (libc::SIGFPE, 16) => Exit::X87Fault,
+            (libc::SIGFPE, 19) => Exit::SimdFault,
+            (libc::SIGTRAP, 3) => Exit::Breakpoint,
+            (libc::SIGTRAP, 1) => Exit::Debug,
+            (libc::SIGSYS, _) => {
+                let nr = f.syscall_nr as u32;
+                let (b, len) = self.insn_bytes(cs_base.wrapping_add(eip).wrapping_sub(2));
+                let kind = match (len >= 2, b[0], b[1]) {
+                    (true, 0x0f, 0x05) => SyscallKind::Syscall,
+                    (true, 0x0f, 0x34) => SyscallKind::Sysenter,
+                    _ => SyscallKind::Int80,
+                };
+                // The kernel left -ENOSYS in EAX: give the guest its number back.
+                self.frame_mut().gpr[reg::EAX] = nr;
+                Exit::SystemCall { kind, nr }
+            }
+            _ => return Err(HostError::UnexpectedSignal { signo, trapno }),
+        };
+        Ok(exit)
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        VCPU_TAKEN.store(false, Ordering::Release);
+    }
+}

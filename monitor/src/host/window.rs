@@ -1,0 +1,417 @@
+//! The address window: the monitor reserves the whole guest linear range
+//! `[mmap_min_addr, 4 GiB)` of its own address space, so guest code running in
+//! compatibility mode sees exactly what the monitor maps there and nothing of
+//! the monitor itself (which lives above 4 GiB).
+//!
+//! Two kinds of mappings live in the window:
+//! - **shadow mappings** of guest RAM (memfd pages) at guest-virtual addresses,
+//!   created, re-protected and removed by the shadow MMU through [`Window::map`],
+//!   [`Window::protect`] and [`Window::unmap`];
+//! - the **VMM area** at the top (default `0xFF80_0000..`): a memfd of its own
+//!   holding the vCPU page, the exit gate, the indirect-lookup table and the
+//!   translation cache, mapped a second time above 4 GiB read-write ("the
+//!   alias") so the monitor and the translator write it without ever making
+//!   the window copy writable where guest-mode code could write it.
+
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+
+use nix::sys::mman::{MapFlags, ProtFlags};
+
+use super::HostError;
+use crate::memory::GuestMemory;
+
+const FOUR_GIB: u64 = 1 << 32;
+const PAGE: u32 = 4096;
+
+/// Access rights of a window mapping, as the guest-mode code sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Prot {
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+}
+
+impl Prot {
+    pub const NONE: Prot = Prot {
+        read: false,
+        write: false,
+        exec: false,
+    };
+    pub const R: Prot = Prot {
+        read: true,
+        write: false,
+        exec: false,
+    };
+    pub const RW: Prot = Prot {
+        read: true,
+        write: true,
+        exec: false,
+    };
+    pub const RX: Prot = Prot {
+        read: true,
+        write: false,
+        exec: true,
+    };
+    pub const RWX: Prot = Prot {
+        read: true,
+        write: true,
+        exec: true,
+    };
+
+    fn flags(self) -> ProtFlags {
+        let mut f = ProtFlags::PROT_NONE;
+        if self.read {
+            f |= ProtFlags::PROT_READ;
+        }
+        if self.write {
+            f |= ProtFlags::PROT_WRITE;
+        }
+        if self.exec {
+            f |= ProtFlags::PROT_EXEC;
+        }
+        f
+    }
+}
+
+/// Layout of the VMM area (offsets from its base). The translator's own view
+/// of the same bytes is `engine::vmm_area`; the two agree on these offsets
+/// (docs/tc-abi.md).
+pub mod vmm {
+    /// The vCPU page: state translated code reads and writes through GS.
+    pub const VCPU_PAGE: u32 = 0x0000;
+    /// The exit gate: 64-bit code, the target of every callout's far jump.
+    pub const EXIT_GATE: u32 = 0x1000;
+    /// Start of the read-only part (indirect-lookup table).
+    pub const LOOKUP_TABLE: u32 = 0x4_0000;
+    /// Start of the translation cache.
+    pub const TC: u32 = 0x10_0000;
+}
+
+/// Counters of host calls the window made (each is a syscall: 1-6 µs here).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WindowStats {
+    pub maps: u64,
+    pub unmaps: u64,
+    pub protects: u64,
+}
+
+/// The reserved low 4 GiB of the monitor's address space. One per process.
+pub struct Window {
+    min_addr: u32,
+    vmm_base: u32,
+    vmm_size: u32,
+    _vmm_fd: OwnedFd,
+    vmm_alias: NonNull<u8>,
+    stats: std::sync::Mutex<WindowStats>,
+}
+
+// SAFETY: the window is process-global by nature; its methods only issue
+// mmap/mprotect calls on addresses inside the reservation (thread-safe
+// syscalls) and the alias pointer refers to a mapping that is never unmapped.
+unsafe impl Send for Window {}
+// SAFETY: see `Send`.
+unsafe impl Sync for Window {}
+
+static WINDOW: OnceLock<Result<Window, HostError>> = OnceLock::new();
+
+/// Reads `vm.mmap_min_addr`: guest pages below it can never be mapped.
+fn mmap_min_addr() -> u32 {
+    std::fs::read_to_string("/proc/sys/vm/mmap_min_addr")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map(|a| a.max(PAGE).next_multiple_of(PAGE))
+        .unwrap_or(65536)
+}
+
+/// The first mapping found in `[lo, hi)` of this process, from /proc/self/maps.
+fn first_mapping_in(lo: u64, hi: u64) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .find(|l| {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let mut it = range
+                .split('-')
+                .map(|x| u64::from_str_radix(x, 16).unwrap_or(0));
+            let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+            a < hi && b > lo
+        })
+        .map(str::to_owned)
+}
+
+impl Window {
+    /// The process's window, reserving it on first use with the default VMM
+    /// area. Fails with a clear error when the low 4 GiB are not free.
+    pub fn get() -> Result<&'static Window, HostError> {
+        WINDOW
+            .get_or_init(|| {
+                Window::reserve(crate::layout::VMM_AREA_BASE, crate::layout::VMM_AREA_SIZE)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn reserve(vmm_base: u32, vmm_size: u32) -> Result<Window, HostError> {
+        let min_addr = mmap_min_addr();
+        let len = (FOUR_GIB - u64::from(min_addr)) as usize;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the
+        // range is a fresh PROT_NONE reservation owned by the window forever.
+        let res = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                NonZeroUsize::new(min_addr as usize),
+                NonZeroUsize::new(len).expect("nonzero"),
+                ProtFlags::PROT_NONE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_FIXED_NOREPLACE,
+            )
+        };
+        match res {
+            Ok(p) if p.as_ptr() as u64 == u64::from(min_addr) => {}
+            Ok(p) => {
+                // Old kernels ignore MAP_FIXED_NOREPLACE and treat the address as a hint.
+                // SAFETY: unmapping exactly what this call just mapped.
+                let _ = unsafe { nix::sys::mman::munmap(p, len) };
+                return Err(HostError::WindowOccupied(format!(
+                    "the kernel placed the reservation at {:p} (MAP_FIXED_NOREPLACE unsupported?)",
+                    p.as_ptr()
+                )));
+            }
+            Err(nix::Error::EEXIST) => {
+                let what = first_mapping_in(u64::from(min_addr), FOUR_GIB)
+                    .unwrap_or_else(|| "unknown".into());
+                return Err(HostError::WindowOccupied(what));
+            }
+            Err(e) => {
+                return Err(HostError::Syscall {
+                    what: "reserve the low 4 GiB",
+                    errno: e,
+                })
+            }
+        }
+
+        // The VMM area: its own memfd, mapped in the window and as an alias.
+        let fd = nix::sys::memfd::memfd_create(
+            c"popek-vmm-area",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .map_err(|e| HostError::Syscall {
+            what: "memfd_create(vmm area)",
+            errno: e,
+        })?;
+        nix::unistd::ftruncate(&fd, i64::from(vmm_size)).map_err(|e| HostError::Syscall {
+            what: "ftruncate(vmm area)",
+            errno: e,
+        })?;
+        // SAFETY: a fresh shared mapping of our own memfd, placed by the kernel
+        // (above 4 GiB, since the window now holds the low 4 GiB).
+        let alias = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                NonZeroUsize::new(vmm_size as usize).expect("nonzero"),
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| HostError::Syscall {
+            what: "mmap(vmm area alias)",
+            errno: e,
+        })?;
+        let w = Window {
+            min_addr,
+            vmm_base,
+            vmm_size,
+            _vmm_fd: fd,
+            vmm_alias: alias.cast(),
+            stats: Default::default(),
+        };
+        // Window copies of the VMM area regions, each with its own protection.
+        let regions = [
+            (vmm::VCPU_PAGE, vmm::EXIT_GATE, Prot::RW),
+            (vmm::EXIT_GATE, vmm::LOOKUP_TABLE, Prot::RX),
+            (vmm::LOOKUP_TABLE, vmm::TC, Prot::R),
+            (vmm::TC, vmm_size, Prot::RX),
+        ];
+        for (start, end, prot) in regions {
+            w.mmap_fixed(
+                vmm_base + start,
+                end - start,
+                prot,
+                w._vmm_fd.as_fd(),
+                u64::from(start),
+            )?;
+        }
+        Ok(w)
+    }
+
+    fn mmap_fixed(
+        &self,
+        gva: u32,
+        len: u32,
+        prot: Prot,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+    ) -> Result<(), HostError> {
+        // SAFETY: the target range lies inside the window reservation (checked
+        // by every caller), which belongs to the window: MAP_FIXED replaces
+        // only window pages, never monitor memory.
+        unsafe {
+            nix::sys::mman::mmap(
+                NonZeroUsize::new(gva as usize),
+                NonZeroUsize::new(len as usize).expect("nonzero length"),
+                prot.flags(),
+                MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
+                fd,
+                offset as i64,
+            )
+        }
+        .map(|_| ())
+        .map_err(|e| HostError::Syscall {
+            what: "mmap(window)",
+            errno: e,
+        })
+    }
+
+    /// Lowest guest-virtual address that can be mapped (the host's
+    /// `vm.mmap_min_addr`); guest pages below it must be emulated.
+    pub fn min_addr(&self) -> u32 {
+        self.min_addr
+    }
+
+    /// Guest-virtual base of the VMM area.
+    pub fn vmm_base(&self) -> u32 {
+        self.vmm_base
+    }
+
+    pub fn vmm_size(&self) -> u32 {
+        self.vmm_size
+    }
+
+    /// Guest-virtual address of the exit gate (the callout far-jump target).
+    pub fn exit_gate(&self) -> u32 {
+        self.vmm_base + vmm::EXIT_GATE
+    }
+
+    /// The monitor's read-write alias of the whole VMM area.
+    ///
+    /// # Safety
+    /// The VMM area is shared with running guest-mode code and other threads
+    /// of the monitor: the caller must make sure no other `&mut` to the same
+    /// bytes is alive (the run loop owns it while a vCPU exists).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn vmm_alias(&self) -> &mut [u8] {
+        // SAFETY: the alias mapping is `vmm_size` bytes and never unmapped;
+        // exclusivity is the caller's obligation (see above).
+        unsafe { std::slice::from_raw_parts_mut(self.vmm_alias.as_ptr(), self.vmm_size as usize) }
+    }
+
+    /// Raw pointer to the alias of VMM-area offset `off` (for atomics shared
+    /// with other threads, e.g. the pending-interrupt flag).
+    pub fn vmm_alias_ptr(&self, off: u32) -> *mut u8 {
+        assert!(off < self.vmm_size);
+        // SAFETY: in bounds of the alias mapping (asserted).
+        unsafe { self.vmm_alias.as_ptr().add(off as usize) }
+    }
+
+    fn check_range(&self, gva: u32, len: u32) -> Result<(), HostError> {
+        let bad = || HostError::BadWindowRange { gva, len };
+        if len == 0 || gva % PAGE != 0 || len % PAGE != 0 || gva < self.min_addr {
+            return Err(bad());
+        }
+        let end = gva.checked_add(len).ok_or_else(bad)?;
+        if end > self.vmm_base {
+            return Err(bad());
+        }
+        Ok(())
+    }
+
+    /// Maps guest-physical `[gpa, gpa+len)` of `mem` at guest-virtual `gva`.
+    pub fn map(
+        &self,
+        gva: u32,
+        mem: &GuestMemory,
+        gpa: u64,
+        len: u32,
+        prot: Prot,
+    ) -> Result<(), HostError> {
+        self.check_range(gva, len)?;
+        if gpa % u64::from(PAGE) != 0
+            || gpa
+                .checked_add(u64::from(len))
+                .is_none_or(|e| e > mem.size())
+        {
+            return Err(HostError::BadGuestPhysical { gpa, len });
+        }
+        self.mmap_fixed(gva, len, prot, mem.fd(), gpa)?;
+        self.stats.lock().expect("stats").maps += 1;
+        Ok(())
+    }
+
+    /// Removes the mappings in `[gva, gva+len)`: accesses fault again.
+    pub fn unmap(&self, gva: u32, len: u32) -> Result<(), HostError> {
+        self.check_range(gva, len)?;
+        // SAFETY: inside the reservation (checked): replaces window pages with
+        // a fresh PROT_NONE reservation.
+        unsafe {
+            nix::sys::mman::mmap_anonymous(
+                NonZeroUsize::new(gva as usize),
+                NonZeroUsize::new(len as usize).expect("nonzero"),
+                ProtFlags::PROT_NONE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_FIXED,
+            )
+        }
+        .map_err(|e| HostError::Syscall {
+            what: "mmap(unmap window)",
+            errno: e,
+        })?;
+        self.stats.lock().expect("stats").unmaps += 1;
+        Ok(())
+    }
+
+    /// Changes the protection of `[gva, gva+len)`.
+    pub fn protect(&self, gva: u32, len: u32, prot: Prot) -> Result<(), HostError> {
+        self.check_range(gva, len)?;
+        // SAFETY: inside the reservation (checked); mprotect cannot affect
+        // monitor memory there.
+        unsafe {
+            nix::sys::mman::mprotect(
+                NonNull::new(gva as usize as *mut std::ffi::c_void).expect("gva >= min_addr > 0"),
+                len as usize,
+                prot.flags(),
+            )
+        }
+        .map_err(|e| HostError::Syscall {
+            what: "mprotect(window)",
+            errno: e,
+        })?;
+        self.stats.lock().expect("stats").protects += 1;
+        Ok(())
+    }
+
+    /// Unmaps every shadow mapping (everything below the VMM area).
+    pub fn unmap_all(&self) -> Result<(), HostError> {
+        self.unmap(self.min_addr, self.vmm_base - self.min_addr)
+    }
+
+    /// Reads guest-linear memory as guest-mode code would see it (any
+    /// mapping with read rights, including the VMM area), without risking a
+    /// fault in the monitor: returns how many bytes were readable.
+    pub fn read_linear(&self, lin: u32, buf: &mut [u8]) -> usize {
+        let len = buf.len().min((FOUR_GIB - u64::from(lin)) as usize);
+        if len == 0 {
+            return 0;
+        }
+        let local = [std::io::IoSliceMut::new(&mut buf[..len])];
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: lin as usize,
+            len,
+        }];
+        nix::sys::uio::process_vm_readv(nix::unistd::getpid(), &mut { local }, &remote).unwrap_or(0)
+    }
+
+    pub fn stats(&self) -> WindowStats {
+        *self.stats.lock().expect("stats")
+    }
+}
