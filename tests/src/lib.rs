@@ -36,26 +36,12 @@ impl Guest {
         let mem = GuestMemory::new(RAM).expect("guest RAM");
         let w = vcpu.window();
         w.unmap_all().expect("clean window");
-        w.map(
-            0x10_0000,
-            &mem,
-            0x10_0000,
-            (RAM as u32) - 0x10_0000,
-            Prot::RWX,
-        )
-        .expect("map RAM");
-        Guest {
-            vcpu,
-            mem,
-            _lock: lock,
-        }
+        w.map(0x10_0000, &mem, 0x10_0000, (RAM as u32) - 0x10_0000, Prot::RWX).expect("map RAM");
+        Guest { vcpu, mem, _lock: lock }
     }
 
     /// Assembles `f`'s code at CODE, loads it, points EIP at it and ESP at STACK_TOP.
-    pub fn load(
-        &mut self,
-        f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
-    ) -> Vec<u8> {
+    pub fn load(&mut self, f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>) -> Vec<u8> {
         let code = assemble(CODE, f);
         self.mem.write(CODE as u64, &code).expect("load code");
         let mut r = self.vcpu.regs();
@@ -73,10 +59,7 @@ impl Drop for Guest {
 }
 
 /// Assembles 32-bit code at `ip`.
-pub fn assemble(
-    ip: u32,
-    f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
-) -> Vec<u8> {
+pub fn assemble(ip: u32, f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>) -> Vec<u8> {
     let mut a = CodeAssembler::new(32).expect("bitness 32");
     f(&mut a).expect("assemble");
     a.assemble(u64::from(ip)).expect("encode")

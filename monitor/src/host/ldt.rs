@@ -13,9 +13,12 @@ pub const LDT_ENTRIES: u16 = 8192;
 /// Monitor-reserved entries at the top of the LDT.
 pub const VMM_CODE_INDEX: u16 = LDT_ENTRIES - 1;
 pub const VMM_DATA_INDEX: u16 = LDT_ENTRIES - 2;
-pub const FLAT_DATA_INDEX: u16 = LDT_ENTRIES - 3;
+/// Flat guest segments truncated below the VMM area: the default guest-mode
+/// selectors before a guest has descriptors of its own.
+pub const GUEST_FLAT_CODE_INDEX: u16 = LDT_ENTRIES - 3;
+pub const GUEST_FLAT_DATA_INDEX: u16 = LDT_ENTRIES - 4;
 /// First reserved index: guest shadows use `[0, FIRST_RESERVED)`.
-pub const FIRST_RESERVED: u16 = LDT_ENTRIES - 3;
+pub const FIRST_RESERVED: u16 = LDT_ENTRIES - 4;
 
 /// The host's 64-bit user code selector (Linux `__USER_CS`).
 pub const HOST_CS64: u16 = 0x33;
@@ -53,13 +56,7 @@ pub struct HostSegment {
 impl HostSegment {
     /// A flat 32-bit segment covering the whole 4 GiB.
     pub const fn flat(kind: SegKind) -> Self {
-        HostSegment {
-            base: 0,
-            limit: u32::MAX,
-            kind,
-            big: true,
-            present: true,
-        }
+        HostSegment { base: 0, limit: u32::MAX, kind, big: true, present: true }
     }
 
     /// The same segment with its accessible range cut below `vmm_base`.
@@ -69,9 +66,7 @@ impl HostSegment {
     pub fn truncated(self, vmm_base: u32) -> HostSegment {
         let mut s = self;
         match s.kind {
-            SegKind::Data {
-                expand_down: true, ..
-            } => {
+            SegKind::Data { expand_down: true, .. } => {
                 let upper_end = if s.big { u64::from(u32::MAX) } else { 0xFFFF };
                 if u64::from(s.base) + upper_end >= u64::from(vmm_base) {
                     s.present = false;
@@ -93,16 +88,10 @@ impl HostSegment {
     fn user_desc(&self, index: u16) -> UserDesc {
         // Limits above 1 MiB need page granularity: round down so the host
         // never allows more than the guest segment does.
-        let (limit, pages) = if self.limit > 0xF_FFFF {
-            ((self.limit >> 12) & 0xF_FFFF, true)
-        } else {
-            (self.limit, false)
-        };
+        let (limit, pages) =
+            if self.limit > 0xF_FFFF { ((self.limit >> 12) & 0xF_FFFF, true) } else { (self.limit, false) };
         let (contents, read_exec_only) = match self.kind {
-            SegKind::Data {
-                writable,
-                expand_down,
-            } => (u32::from(expand_down), !writable),
+            SegKind::Data { writable, expand_down } => (u32::from(expand_down), !writable),
             SegKind::Code { readable } => (2, !readable),
         };
         let mut flags: u32 = 0;
@@ -112,12 +101,7 @@ impl HostSegment {
         flags |= u32::from(pages) << 4; // limit_in_pages
         flags |= u32::from(!self.present) << 5; // seg_not_present
         flags |= 1 << 6; // useable
-        UserDesc {
-            entry_number: u32::from(index),
-            base_addr: self.base,
-            limit,
-            flags,
-        }
+        UserDesc { entry_number: u32::from(index), base_addr: self.base, limit, flags }
     }
 }
 
@@ -136,19 +120,9 @@ struct UserDesc {
 fn modify_ldt_write(desc: &UserDesc) -> Result<(), HostError> {
     // SAFETY: modify_ldt(1, ptr, size) reads `size` bytes from `desc`, a
     // valid `struct user_desc`; it only changes this process's LDT.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_modify_ldt,
-            1,
-            desc as *const UserDesc,
-            std::mem::size_of::<UserDesc>(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_modify_ldt, 1, desc as *const UserDesc, std::mem::size_of::<UserDesc>()) };
     if r != 0 {
-        return Err(HostError::ModifyLdt {
-            index: desc.entry_number as u16,
-            errno: nix::Error::last(),
-        });
+        return Err(HostError::ModifyLdt { index: desc.entry_number as u16, errno: nix::Error::last() });
     }
     Ok(())
 }
@@ -169,44 +143,22 @@ pub fn clear_entry(index: u16) -> Result<(), HostError> {
     }
     // An all-zero descriptor with read_exec_only and seg_not_present set is
     // what the kernel treats as "empty".
-    let desc = UserDesc {
-        entry_number: u32::from(index),
-        base_addr: 0,
-        limit: 0,
-        flags: (1 << 3) | (1 << 5),
-    };
+    let desc = UserDesc { entry_number: u32::from(index), base_addr: 0, limit: 0, flags: (1 << 3) | (1 << 5) };
     modify_ldt_write(&desc)
 }
 
-/// Installs the monitor's reserved entries: the flat 32-bit code segment
-/// translated code runs in, the VMM data segment (GS in translated code) and
-/// a flat data segment.
-pub fn install_reserved(vmm_base: u32, vmm_size: u32) -> Result<(), HostError> {
-    set_entry(
-        VMM_CODE_INDEX,
-        &HostSegment::flat(SegKind::Code { readable: true }),
-    )?;
-    set_entry(
-        VMM_DATA_INDEX,
-        &HostSegment {
-            base: vmm_base,
-            limit: vmm_size - 1,
-            kind: SegKind::Data {
-                writable: true,
-                expand_down: false,
-            },
-            big: true,
-            present: true,
-        },
-    )?;
-    set_entry(
-        FLAT_DATA_INDEX,
-        &HostSegment::flat(SegKind::Data {
-            writable: true,
-            expand_down: false,
-        }),
-    )?;
-    Ok(())
+/// The monitor's reserved entries: the flat 32-bit code segment translated
+/// code runs in, the VMM data segment (GS in translated code, based at the
+/// VMM area), and flat guest code/data truncated below the VMM area.
+pub fn reserved_entries(vmm_base: u32, vmm_size: u32) -> [(u16, HostSegment); 4] {
+    let code = SegKind::Code { readable: true };
+    let data = SegKind::Data { writable: true, expand_down: false };
+    [
+        (VMM_CODE_INDEX, HostSegment::flat(code)),
+        (VMM_DATA_INDEX, HostSegment { base: vmm_base, limit: vmm_size - 1, kind: data, big: true, present: true }),
+        (GUEST_FLAT_CODE_INDEX, HostSegment::flat(code).truncated(vmm_base)),
+        (GUEST_FLAT_DATA_INDEX, HostSegment::flat(data).truncated(vmm_base)),
+    ]
 }
 
 #[cfg(test)]
@@ -215,47 +167,23 @@ mod tests {
 
     #[test]
     fn truncation_cuts_below_vmm_area() {
-        let flat = HostSegment::flat(SegKind::Data {
-            writable: true,
-            expand_down: false,
-        });
+        let flat = HostSegment::flat(SegKind::Data { writable: true, expand_down: false });
         let t = flat.truncated(0xFF80_0000);
         assert_eq!(t.limit, 0xFF7F_FFFF);
         assert!(t.present);
-        let based = HostSegment {
-            base: 0xC000_0000,
-            ..flat
-        }
-        .truncated(0xFF80_0000);
+        let based = HostSegment { base: 0xC000_0000, ..flat }.truncated(0xFF80_0000);
         assert_eq!(based.base as u64 + based.limit as u64, 0xFF7F_FFFF);
-        let small = HostSegment {
-            limit: 0xFFFF,
-            ..flat
-        }
-        .truncated(0xFF80_0000);
+        let small = HostSegment { limit: 0xFFFF, ..flat }.truncated(0xFF80_0000);
         assert_eq!(small.limit, 0xFFFF);
-        let inside = HostSegment {
-            base: 0xFF90_0000,
-            limit: 0xFFF,
-            ..flat
-        }
-        .truncated(0xFF80_0000);
+        let inside = HostSegment { base: 0xFF90_0000, limit: 0xFFF, ..flat }.truncated(0xFF80_0000);
         assert!(!inside.present);
-        let down = HostSegment {
-            kind: SegKind::Data {
-                writable: true,
-                expand_down: true,
-            },
-            ..flat
-        };
+        let down = HostSegment { kind: SegKind::Data { writable: true, expand_down: true }, ..flat };
         assert!(!down.truncated(0xFF80_0000).present);
     }
 
     #[test]
     fn user_desc_encodes_page_granular_limits() {
-        let d = HostSegment::flat(SegKind::Code { readable: true })
-            .truncated(0xFF80_0000)
-            .user_desc(5);
+        let d = HostSegment::flat(SegKind::Code { readable: true }).truncated(0xFF80_0000).user_desc(5);
         assert_eq!(d.entry_number, 5);
         assert_eq!(d.limit, 0xFF7FF);
         assert_eq!(ldt_selector(5), 0x2f);

@@ -28,14 +28,15 @@ use thiserror::Error;
 /// user-facing statement of what the host lacks or what failed.
 #[derive(Debug, Error, Clone)]
 pub enum HostError {
-    #[error("the low 4 GiB of the monitor's address space are not free (found: {0}); Popek needs them for the guest window")]
+    #[error(
+        "the low 4 GiB of the monitor's address space are not free (found: {0}); Popek needs them for the guest window"
+    )]
     WindowOccupied(String),
     #[error("{what} failed: {errno}")]
-    Syscall {
-        what: &'static str,
-        errno: nix::Error,
-    },
-    #[error("modify_ldt refused to write LDT entry {index}: {errno} (kernel built without CONFIG_MODIFY_LDT_SYSCALL?)")]
+    Syscall { what: &'static str, errno: nix::Error },
+    #[error(
+        "modify_ldt refused to write LDT entry {index}: {errno} (kernel built without CONFIG_MODIFY_LDT_SYSCALL?)"
+    )]
     ModifyLdt { index: u16, errno: nix::Error },
     #[error("LDT index {0} is out of range")]
     LdtIndex(u16),
@@ -43,27 +44,22 @@ pub enum HostError {
     Seccomp(nix::Error),
     #[error("this CPU/kernel does not let user code use RDFSBASE/WRFSBASE (FSGSBASE), which Popek needs to protect the host FS base")]
     NoFsGsBase,
-    #[error(
-        "this CPU/kernel lacks XSAVE, needed to keep guest FPU/SSE state apart from the monitor's"
-    )]
+    #[error("this CPU/kernel lacks XSAVE, needed to keep guest FPU/SSE state apart from the monitor's")]
     NoXsave,
     #[error("the XSAVE area of this CPU ({0} bytes) is larger than Popek supports")]
     XsaveTooLarge(u32),
-    #[error("another vCPU is alive in this process: the window and the host LDT are process-global, one vCPU at a time")]
+    #[error(
+        "another vCPU is alive in this process: the window and the host LDT are process-global, one vCPU at a time"
+    )]
     Busy,
-    #[error("window range {gva:#x}+{len:#x} is not page aligned, is empty, is below mmap_min_addr or reaches the VMM area")]
+    #[error(
+        "window range {gva:#x}+{len:#x} is not page aligned, is empty, is below mmap_min_addr or reaches the VMM area"
+    )]
     BadWindowRange { gva: u32, len: u32 },
     #[error("guest-physical range {gpa:#x}+{len:#x} is not page aligned or is outside guest RAM")]
     BadGuestPhysical { gpa: u64, len: u32 },
     #[error("entering guest code faulted (signal {signo}, trap {trapno}, error code {err:#x}) with CS={cs:#x} SS={ss:#x} DS={ds:#x}: no compatibility mode on this host, or a selector that does not load")]
-    EntryFault {
-        signo: i32,
-        trapno: u32,
-        err: u32,
-        cs: u16,
-        ss: u16,
-        ds: u16,
-    },
+    EntryFault { signo: i32, trapno: u32, err: u32, cs: u16, ss: u16, ds: u16 },
     #[error("selector {0:#x} is not one the execution host set up (host LDT entry or host flat selector)")]
     BadSelector(u16),
     #[error("unexpected signal {signo} (trap {trapno}) from guest code")]

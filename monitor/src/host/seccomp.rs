@@ -28,35 +28,12 @@ pub fn install_on_current_thread() -> Result<(), HostError> {
         return Ok(());
     }
     let filter = [
-        libc::sock_filter {
-            code: BPF_LD_W_ABS,
-            jt: 0,
-            jf: 0,
-            k: ARCH_OFFSET,
-        },
-        libc::sock_filter {
-            code: BPF_JEQ_K,
-            jt: 0,
-            jf: 1,
-            k: AUDIT_ARCH_I386,
-        },
-        libc::sock_filter {
-            code: BPF_RET_K,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_TRAP,
-        },
-        libc::sock_filter {
-            code: BPF_RET_K,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ALLOW,
-        },
+        libc::sock_filter { code: BPF_LD_W_ABS, jt: 0, jf: 0, k: ARCH_OFFSET },
+        libc::sock_filter { code: BPF_JEQ_K, jt: 0, jf: 1, k: AUDIT_ARCH_I386 },
+        libc::sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: libc::SECCOMP_RET_TRAP },
+        libc::sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
     ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr() as *mut libc::sock_filter,
-    };
+    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };
     // SAFETY: prctl with integer arguments; NO_NEW_PRIVS only forbids
     // privilege gains through execve for this thread's descendants.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -65,14 +42,8 @@ pub fn install_on_current_thread() -> Result<(), HostError> {
     // SAFETY: `prog` points at a valid filter that outlives the call (the
     // kernel copies it). Without SECCOMP_FILTER_FLAG_TSYNC the filter applies
     // to this thread only.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            0,
-            &prog as *const libc::sock_fprog,
-        )
-    };
+    let r =
+        unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog as *const libc::sock_fprog) };
     if r != 0 {
         return Err(HostError::Seccomp(nix::Error::last()));
     }

@@ -27,14 +27,8 @@ pub fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 3
 }
 
-const HANDLED: [libc::c_int; 6] = [
-    libc::SIGSEGV,
-    libc::SIGBUS,
-    libc::SIGILL,
-    libc::SIGFPE,
-    libc::SIGTRAP,
-    libc::SIGSYS,
-];
+const HANDLED: [libc::c_int; 6] =
+    [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS];
 
 /// Previous handlers, restored for faults that are not ours (Rust's stack
 /// overflow reporter lives there).
@@ -60,18 +54,12 @@ fn install_once() -> Result<(), HostError> {
         for (i, &sig) in HANDLED.iter().enumerate() {
             let mut old: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(sig, &sa, &mut old) != 0 {
-                return Err(HostError::Syscall {
-                    what: "sigaction",
-                    errno: nix::Error::last(),
-                });
+                return Err(HostError::Syscall { what: "sigaction", errno: nix::Error::last() });
             }
             (*std::ptr::addr_of_mut!(OLD_ACTIONS))[i] = Some(old);
         }
         if libc::sigaction(kick_signal(), &sa, std::ptr::null_mut()) != 0 {
-            return Err(HostError::Syscall {
-                what: "sigaction(kick)",
-                errno: nix::Error::last(),
-            });
+            return Err(HostError::Syscall { what: "sigaction(kick)", errno: nix::Error::last() });
         }
     }
     Ok(())
@@ -89,17 +77,10 @@ pub fn ensure_altstack() -> Result<(), HostError> {
     }
     const SIZE: usize = 256 * 1024;
     let mem: &'static mut [u8] = Box::leak(vec![0u8; SIZE].into_boxed_slice());
-    let ss = libc::stack_t {
-        ss_sp: mem.as_mut_ptr().cast(),
-        ss_flags: 0,
-        ss_size: SIZE,
-    };
+    let ss = libc::stack_t { ss_sp: mem.as_mut_ptr().cast(), ss_flags: 0, ss_size: SIZE };
     // SAFETY: `ss` describes a leaked buffer that lives forever.
     if unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) } != 0 {
-        return Err(HostError::Syscall {
-            what: "sigaltstack",
-            errno: nix::Error::last(),
-        });
+        return Err(HostError::Syscall { what: "sigaltstack", errno: nix::Error::last() });
     }
     ALTSTACK.with(|a| a.set(true));
     Ok(())
@@ -128,11 +109,7 @@ fn hex(mut v: u64, buf: &mut [u8; 18]) -> &[u8] {
 /// action, which kills the process with a core dump.
 fn monitor_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void, rip: u64) {
     let mut b = [0u8; 18];
-    raw_stderr(&[
-        b"popek: fault in the monitor itself at rip=",
-        hex(rip, &mut b),
-        b"\n",
-    ]);
+    raw_stderr(&[b"popek: fault in the monitor itself at rip=", hex(rip, &mut b), b"\n"]);
     let idx = HANDLED.iter().position(|&s| s == sig);
     // SAFETY: OLD_ACTIONS is written once at install time, before any
     // handler can run; reading it here races with nothing.
@@ -147,8 +124,7 @@ fn monitor_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_
                 f(sig, info, uc);
             } else {
                 // SAFETY: a plain handler takes the signal number.
-                let f: extern "C" fn(libc::c_int) =
-                    unsafe { std::mem::transmute(old.sa_sigaction) };
+                let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(old.sa_sigaction) };
                 f(sig);
             }
             return;
@@ -160,6 +136,7 @@ fn monitor_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_
 }
 
 /// Field offsets of the SIGSYS part of `siginfo_t` (asm-generic/siginfo.h).
+const SI_CALL_ADDR_OFFSET: usize = 16;
 const SI_SYSCALL_OFFSET: usize = 24;
 
 extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
@@ -171,13 +148,7 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut l
     let frame = std::ptr::addr_of_mut!(POPEK_FRAME);
     // SAFETY: the frame is a static; the fields read here are written by the
     // vCPU thread before it enters guest code.
-    let (host_fs, host_gs, vcpu_tid) = unsafe {
-        (
-            (*frame).host_fsbase,
-            (*frame).host_gsbase,
-            (*frame).vcpu_tid,
-        )
-    };
+    let (host_fs, host_gs, vcpu_tid) = unsafe { ((*frame).host_fsbase, (*frame).host_gsbase, (*frame).vcpu_tid) };
     let fs: u64;
     // SAFETY: FSGSBASE is enabled for user mode on hosts that pass the
     // start-up check (`Vcpu::new` tests it before installing handlers).
@@ -240,6 +211,8 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut l
         if sig == libc::SIGSYS {
             // SAFETY: for SIGSYS the union holds call_addr, syscall, arch.
             f.syscall_nr = unsafe { *(info as *const u8).add(SI_SYSCALL_OFFSET).cast::<i32>() };
+            // SAFETY: as above: call_addr is the first field of the union.
+            f.fault_addr = unsafe { *(info as *const u8).add(SI_CALL_ADDR_OFFSET).cast::<u64>() };
         }
         if kick {
             POPEK_KICK_PENDING.store(0, Ordering::Relaxed);
@@ -268,12 +241,7 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut l
         POPEK_KICK_PENDING.store(1, Ordering::SeqCst);
         return;
     }
-    monitor_fault(
-        sig,
-        info,
-        uc as *mut libc::ucontext_t as *mut libc::c_void,
-        rip,
-    );
+    monitor_fault(sig, info, uc as *mut libc::ucontext_t as *mut libc::c_void, rip);
 }
 
 const UC_SIGCONTEXT_SS: libc::c_ulong = 0x2;
@@ -283,8 +251,7 @@ const UC_STRICT_RESTORE_SS: libc::c_ulong = 0x4;
 fn redirect(g: &mut [libc::greg_t; 23], rip: u64, rsp: Option<u64>) {
     g[libc::REG_RIP as usize] = rip as i64;
     let csgsfs = g[libc::REG_CSGSFS as usize] as u64;
-    let csgsfs =
-        (csgsfs & 0x0000_ffff_ffff_0000) | u64::from(HOST_CS64) | (u64::from(HOST_DS) << 48);
+    let csgsfs = (csgsfs & 0x0000_ffff_ffff_0000) | u64::from(HOST_CS64) | (u64::from(HOST_DS) << 48);
     g[libc::REG_CSGSFS as usize] = csgsfs as i64;
     if let Some(rsp) = rsp {
         g[libc::REG_RSP as usize] = rsp as i64;
@@ -298,10 +265,7 @@ pub fn kick_thread(tid: libc::pid_t) -> Result<(), HostError> {
     // SAFETY: tgkill with our own pid and a thread id of this process.
     let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, kick_signal()) };
     if r != 0 {
-        return Err(HostError::Syscall {
-            what: "tgkill(kick)",
-            errno: nix::Error::last(),
-        });
+        return Err(HostError::Syscall { what: "tgkill(kick)", errno: nix::Error::last() });
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::entry::{self, reg, Frame, POPEK_FRAME, POPEK_KICK_PENDING, XSAVE_AREA_SIZE};
 use super::ldt::{self, HostSegment, HOST_CS32, HOST_DS};
-use super::window::Window;
+use super::window::{Prot, Window};
 use super::{seccomp, signals, HostError};
 
 /// Guest general registers, EIP and EFLAGS.
@@ -41,14 +41,7 @@ pub struct Segments {
 impl Default for Segments {
     /// The host's flat 32-bit user segments.
     fn default() -> Self {
-        Segments {
-            cs: HOST_CS32,
-            ss: HOST_DS,
-            ds: HOST_DS,
-            es: HOST_DS,
-            fs: HOST_DS,
-            gs: HOST_DS,
-        }
+        Segments { cs: HOST_CS32, ss: HOST_DS, ds: HOST_DS, es: HOST_DS, fs: HOST_DS, gs: HOST_DS }
     }
 }
 
@@ -96,10 +89,17 @@ pub enum Exit {
     X87Fault,
     SimdFault,
     /// A 32-bit system call by the guest; the host kernel did not execute it.
-    /// EAX holds the number the guest asked for, EIP the next instruction.
+    /// EAX holds the number the guest asked for, EIP the next instruction,
+    /// except when `eip_known` is false: for the fast system calls the host
+    /// kernel enters through (SYSCALL on AMD, SYSENTER on Intel) Linux
+    /// replaces the return address with its vDSO landing pad before seccomp
+    /// runs (`do_fast_syscall_32`), so EIP is lost. Guest CPUID hides these
+    /// instructions (a 686 has neither in this form); a guest that uses them
+    /// anyway cannot be resumed precisely.
     SystemCall {
         kind: SyscallKind,
         nr: u32,
+        eip_known: bool,
     },
     /// Another thread asked the vCPU to stop ([`Kicker::kick`]).
     Kick,
@@ -118,11 +118,7 @@ const XMM0: usize = 160;
 
 impl FpuState<'_> {
     fn xstate_bv(&self) -> u64 {
-        u64::from_le_bytes(
-            self.area[XSTATE_BV..XSTATE_BV + 8]
-                .try_into()
-                .expect("8 bytes"),
-        )
+        u64::from_le_bytes(self.area[XSTATE_BV..XSTATE_BV + 8].try_into().expect("8 bytes"))
     }
 
     /// XMM register `i` (0-7: compatibility mode has eight).
@@ -250,17 +246,16 @@ impl Vcpu {
             e
         };
         let window = Window::get().map_err(release)?;
-        ldt::install_reserved(window.vmm_base(), window.vmm_size()).map_err(release)?;
+        let reserved = ldt::reserved_entries(window.vmm_base(), window.vmm_size());
+        for (idx, seg) in &reserved {
+            ldt::set_entry(*idx, seg).map_err(release)?;
+        }
         signals::install().map_err(release)?;
         signals::ensure_altstack().map_err(release)?;
         seccomp::install_on_current_thread().map_err(release)?;
         POPEK_KICK_PENDING.store(0, Ordering::SeqCst);
         install_exit_gate(window);
-        let mut v = Vcpu {
-            window,
-            ldt: HashMap::new(),
-            _not_send: PhantomData,
-        };
+        let mut v = Vcpu { window, ldt: HashMap::new(), _not_send: PhantomData };
         {
             let f = v.frame_mut();
             f.gpr = [0; 8];
@@ -269,36 +264,10 @@ impl Vcpu {
             // SAFETY: gettid has no preconditions.
             f.vcpu_tid = unsafe { libc::gettid() };
         }
-        v.set_segments(Segments::default())?;
+        v.ldt.extend(reserved);
+        let flat = v.flat_segments();
+        v.set_segments(flat)?;
         v.fpu().reset();
-        for (idx, seg) in [
-            (
-                ldt::VMM_CODE_INDEX,
-                HostSegment::flat(ldt::SegKind::Code { readable: true }),
-            ),
-            (
-                ldt::FLAT_DATA_INDEX,
-                HostSegment::flat(ldt::SegKind::Data {
-                    writable: true,
-                    expand_down: false,
-                }),
-            ),
-        ] {
-            v.ldt.insert(idx, seg);
-        }
-        v.ldt.insert(
-            ldt::VMM_DATA_INDEX,
-            HostSegment {
-                base: window.vmm_base(),
-                limit: window.vmm_size() - 1,
-                kind: ldt::SegKind::Data {
-                    writable: true,
-                    expand_down: false,
-                },
-                big: true,
-                present: true,
-            },
-        );
         Ok(v)
     }
 
@@ -345,14 +314,7 @@ impl Vcpu {
 
     pub fn segments(&self) -> Segments {
         let f = self.frame();
-        Segments {
-            cs: f.cs,
-            ss: f.ss,
-            ds: f.ds,
-            es: f.es,
-            fs: f.fs,
-            gs: f.gs,
-        }
+        Segments { cs: f.cs, ss: f.ss, ds: f.ds, es: f.es, fs: f.fs, gs: f.gs }
     }
 
     fn check_selector(&self, sel: u16, code: bool, nullable: bool) -> Result<(), HostError> {
@@ -362,9 +324,7 @@ impl Vcpu {
             s if s == HOST_DS => !code,
             s if s & 4 != 0 && s & 3 == 3 => self.ldt.get(&(s >> 3)).is_some_and(|d| {
                 d.present && matches!(d.kind, ldt::SegKind::Code { .. }) == code
-                    || (!code
-                        && matches!(d.kind, ldt::SegKind::Code { readable: true })
-                        && d.present)
+                    || (!code && matches!(d.kind, ldt::SegKind::Code { readable: true }) && d.present)
             }),
             _ => false,
         };
@@ -409,22 +369,22 @@ impl Vcpu {
     pub fn vmm_data_selector(&self) -> u16 {
         ldt::ldt_selector(ldt::VMM_DATA_INDEX)
     }
-    pub fn flat_data_selector(&self) -> u16 {
-        ldt::ldt_selector(ldt::FLAT_DATA_INDEX)
+
+    /// Flat 32-bit guest segments (base 0) truncated below the VMM area: the
+    /// selectors a new vCPU starts with.
+    pub fn flat_segments(&self) -> Segments {
+        let d = ldt::ldt_selector(ldt::GUEST_FLAT_DATA_INDEX);
+        Segments { cs: ldt::ldt_selector(ldt::GUEST_FLAT_CODE_INDEX), ss: d, ds: d, es: d, fs: d, gs: d }
     }
 
     /// The guest's saved FPU/SSE state.
     pub fn fpu(&mut self) -> FpuState<'_> {
-        FpuState {
-            area: &mut self.frame_mut().xsave.0,
-        }
+        FpuState { area: &mut self.frame_mut().xsave.0 }
     }
 
     /// A handle to stop this vCPU from another thread.
     pub fn kicker(&self) -> Kicker {
-        Kicker {
-            tid: self.frame().vcpu_tid,
-        }
+        Kicker { tid: self.frame().vcpu_tid }
     }
 
     fn segment_base(&self, sel: u16) -> u32 {
@@ -477,17 +437,17 @@ impl Vcpu {
             return Ok(Exit::Kick);
         }
         let exit = match (signo, trapno) {
-            (libc::SIGSEGV, 14) => Exit::PageFault {
-                address: f.fault_addr as u32,
-                error_code: err & 0b1_1011,
-            },
+            (libc::SIGSEGV, 14) => {
+                // W, RSVD and I/D come from the hardware; P from the window's
+                // own record (the host PTE of a mapped but never touched page
+                // is not present, which says nothing about the guest).
+                let address = f.fault_addr as u32;
+                let present = u32::from(self.window.prot_at(address) != Prot::NONE);
+                Exit::PageFault { address, error_code: (err & 0b1_1010) | present }
+            }
             (libc::SIGSEGV, 13) => {
                 let (insn, len) = self.insn_bytes(cs_base.wrapping_add(eip));
-                Exit::GeneralProtection {
-                    error_code: err,
-                    insn,
-                    len,
-                }
+                Exit::GeneralProtection { error_code: err, insn, len }
             }
             (libc::SIGSEGV, 4) => Exit::Overflow,
             (libc::SIGSEGV, 5) => Exit::BoundRange,
@@ -501,10 +461,7 @@ impl Vcpu {
                     // system call; report it like the others, after the insn.
                     let nr = f.gpr[reg::EAX];
                     self.frame_mut().eip = eip.wrapping_add(2);
-                    Exit::SystemCall {
-                        kind: SyscallKind::Sysenter,
-                        nr,
-                    }
+                    Exit::SystemCall { kind: SyscallKind::Sysenter, nr, eip_known: true }
                 } else {
                     Exit::InvalidOpcode
                 }
@@ -516,15 +473,24 @@ impl Vcpu {
             (libc::SIGTRAP, 1) => Exit::Debug,
             (libc::SIGSYS, _) => {
                 let nr = f.syscall_nr as u32;
-                let (b, len) = self.insn_bytes(cs_base.wrapping_add(eip).wrapping_sub(2));
-                let kind = match (len >= 2, b[0], b[1]) {
-                    (true, 0x0f, 0x05) => SyscallKind::Syscall,
-                    (true, 0x0f, 0x34) => SyscallKind::Sysenter,
-                    _ => SyscallKind::Int80,
+                let (kind, eip_known) = if f.fault_addr >= 1 << 32 {
+                    // A fast system call (SYSCALL on AMD, SYSENTER on Intel):
+                    // the host kernel replaced the return address with its
+                    // vDSO landing pad before seccomp saw it.
+                    let amd = std::arch::x86_64::__cpuid(0).ebx == u32::from_le_bytes(*b"Auth");
+                    (if amd { SyscallKind::Syscall } else { SyscallKind::Sysenter }, false)
+                } else {
+                    let (b, len) = self.insn_bytes(cs_base.wrapping_add(eip).wrapping_sub(2));
+                    let kind = match (len >= 2, b[0], b[1]) {
+                        (true, 0x0f, 0x05) => SyscallKind::Syscall,
+                        (true, 0x0f, 0x34) => SyscallKind::Sysenter,
+                        _ => SyscallKind::Int80,
+                    };
+                    (kind, true)
                 };
                 // The kernel left -ENOSYS in EAX: give the guest its number back.
                 self.frame_mut().gpr[reg::EAX] = nr;
-                Exit::SystemCall { kind, nr }
+                Exit::SystemCall { kind, nr, eip_known }
             }
             _ => return Err(HostError::UnexpectedSignal { signo, trapno }),
         };

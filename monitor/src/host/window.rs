@@ -35,31 +35,11 @@ pub struct Prot {
 }
 
 impl Prot {
-    pub const NONE: Prot = Prot {
-        read: false,
-        write: false,
-        exec: false,
-    };
-    pub const R: Prot = Prot {
-        read: true,
-        write: false,
-        exec: false,
-    };
-    pub const RW: Prot = Prot {
-        read: true,
-        write: true,
-        exec: false,
-    };
-    pub const RX: Prot = Prot {
-        read: true,
-        write: false,
-        exec: true,
-    };
-    pub const RWX: Prot = Prot {
-        read: true,
-        write: true,
-        exec: true,
-    };
+    pub const NONE: Prot = Prot { read: false, write: false, exec: false };
+    pub const R: Prot = Prot { read: true, write: false, exec: false };
+    pub const RW: Prot = Prot { read: true, write: true, exec: false };
+    pub const RX: Prot = Prot { read: true, write: false, exec: true };
+    pub const RWX: Prot = Prot { read: true, write: true, exec: true };
 
     fn flags(self) -> ProtFlags {
         let mut f = ProtFlags::PROT_NONE;
@@ -106,6 +86,10 @@ pub struct Window {
     _vmm_fd: OwnedFd,
     vmm_alias: NonNull<u8>,
     stats: std::sync::Mutex<WindowStats>,
+    /// Protection of every 4 KiB page of the window as mapped now (bit 0 R,
+    /// 1 W, 2 X; 0 = nothing mapped), so exits can tell "not mapped" from
+    /// "mapped without this right" without asking the kernel.
+    pages: Box<[std::sync::atomic::AtomicU8]>,
 }
 
 // SAFETY: the window is process-global by nature; its methods only issue
@@ -132,9 +116,7 @@ fn first_mapping_in(lo: u64, hi: u64) -> Option<String> {
     maps.lines()
         .find(|l| {
             let range = l.split_whitespace().next().unwrap_or("");
-            let mut it = range
-                .split('-')
-                .map(|x| u64::from_str_radix(x, 16).unwrap_or(0));
+            let mut it = range.split('-').map(|x| u64::from_str_radix(x, 16).unwrap_or(0));
             let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
             a < hi && b > lo
         })
@@ -146,9 +128,7 @@ impl Window {
     /// area. Fails with a clear error when the low 4 GiB are not free.
     pub fn get() -> Result<&'static Window, HostError> {
         WINDOW
-            .get_or_init(|| {
-                Window::reserve(crate::layout::VMM_AREA_BASE, crate::layout::VMM_AREA_SIZE)
-            })
+            .get_or_init(|| Window::reserve(crate::layout::VMM_AREA_BASE, crate::layout::VMM_AREA_SIZE))
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -178,31 +158,17 @@ impl Window {
                 )));
             }
             Err(nix::Error::EEXIST) => {
-                let what = first_mapping_in(u64::from(min_addr), FOUR_GIB)
-                    .unwrap_or_else(|| "unknown".into());
+                let what = first_mapping_in(u64::from(min_addr), FOUR_GIB).unwrap_or_else(|| "unknown".into());
                 return Err(HostError::WindowOccupied(what));
             }
-            Err(e) => {
-                return Err(HostError::Syscall {
-                    what: "reserve the low 4 GiB",
-                    errno: e,
-                })
-            }
+            Err(e) => return Err(HostError::Syscall { what: "reserve the low 4 GiB", errno: e }),
         }
 
         // The VMM area: its own memfd, mapped in the window and as an alias.
-        let fd = nix::sys::memfd::memfd_create(
-            c"popek-vmm-area",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .map_err(|e| HostError::Syscall {
-            what: "memfd_create(vmm area)",
-            errno: e,
-        })?;
-        nix::unistd::ftruncate(&fd, i64::from(vmm_size)).map_err(|e| HostError::Syscall {
-            what: "ftruncate(vmm area)",
-            errno: e,
-        })?;
+        let fd = nix::sys::memfd::memfd_create(c"popek-vmm-area", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| HostError::Syscall { what: "memfd_create(vmm area)", errno: e })?;
+        nix::unistd::ftruncate(&fd, i64::from(vmm_size))
+            .map_err(|e| HostError::Syscall { what: "ftruncate(vmm area)", errno: e })?;
         // SAFETY: a fresh shared mapping of our own memfd, placed by the kernel
         // (above 4 GiB, since the window now holds the low 4 GiB).
         let alias = unsafe {
@@ -215,10 +181,7 @@ impl Window {
                 0,
             )
         }
-        .map_err(|e| HostError::Syscall {
-            what: "mmap(vmm area alias)",
-            errno: e,
-        })?;
+        .map_err(|e| HostError::Syscall { what: "mmap(vmm area alias)", errno: e })?;
         let w = Window {
             min_addr,
             vmm_base,
@@ -226,6 +189,7 @@ impl Window {
             _vmm_fd: fd,
             vmm_alias: alias.cast(),
             stats: Default::default(),
+            pages: (0..(FOUR_GIB / u64::from(PAGE))).map(|_| std::sync::atomic::AtomicU8::new(0)).collect(),
         };
         // Window copies of the VMM area regions, each with its own protection.
         let regions = [
@@ -235,15 +199,23 @@ impl Window {
             (vmm::TC, vmm_size, Prot::RX),
         ];
         for (start, end, prot) in regions {
-            w.mmap_fixed(
-                vmm_base + start,
-                end - start,
-                prot,
-                w._vmm_fd.as_fd(),
-                u64::from(start),
-            )?;
+            w.mmap_fixed(vmm_base + start, end - start, prot, w._vmm_fd.as_fd(), u64::from(start))?;
         }
         Ok(w)
+    }
+
+    fn record(&self, gva: u32, len: u32, prot: Prot) {
+        let bits = u8::from(prot.read) | u8::from(prot.write) << 1 | u8::from(prot.exec) << 2;
+        let first = (gva / PAGE) as usize;
+        for p in &self.pages[first..first + (len / PAGE) as usize] {
+            p.store(bits, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Protection of the page holding `gva` as currently mapped.
+    pub fn prot_at(&self, gva: u32) -> Prot {
+        let b = self.pages[(gva / PAGE) as usize].load(std::sync::atomic::Ordering::Relaxed);
+        Prot { read: b & 1 != 0, write: b & 2 != 0, exec: b & 4 != 0 }
     }
 
     fn mmap_fixed(
@@ -268,10 +240,7 @@ impl Window {
             )
         }
         .map(|_| ())
-        .map_err(|e| HostError::Syscall {
-            what: "mmap(window)",
-            errno: e,
-        })
+        .map_err(|e| HostError::Syscall { what: "mmap(window)", errno: e })
     }
 
     /// Lowest guest-virtual address that can be mapped (the host's
@@ -328,23 +297,13 @@ impl Window {
     }
 
     /// Maps guest-physical `[gpa, gpa+len)` of `mem` at guest-virtual `gva`.
-    pub fn map(
-        &self,
-        gva: u32,
-        mem: &GuestMemory,
-        gpa: u64,
-        len: u32,
-        prot: Prot,
-    ) -> Result<(), HostError> {
+    pub fn map(&self, gva: u32, mem: &GuestMemory, gpa: u64, len: u32, prot: Prot) -> Result<(), HostError> {
         self.check_range(gva, len)?;
-        if gpa % u64::from(PAGE) != 0
-            || gpa
-                .checked_add(u64::from(len))
-                .is_none_or(|e| e > mem.size())
-        {
+        if gpa % u64::from(PAGE) != 0 || gpa.checked_add(u64::from(len)).is_none_or(|e| e > mem.size()) {
             return Err(HostError::BadGuestPhysical { gpa, len });
         }
         self.mmap_fixed(gva, len, prot, mem.fd(), gpa)?;
+        self.record(gva, len, prot);
         self.stats.lock().expect("stats").maps += 1;
         Ok(())
     }
@@ -362,10 +321,7 @@ impl Window {
                 MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | MapFlags::MAP_FIXED,
             )
         }
-        .map_err(|e| HostError::Syscall {
-            what: "mmap(unmap window)",
-            errno: e,
-        })?;
+        .map_err(|e| HostError::Syscall { what: "mmap(unmap window)", errno: e })?;
         self.stats.lock().expect("stats").unmaps += 1;
         Ok(())
     }
@@ -382,10 +338,7 @@ impl Window {
                 prot.flags(),
             )
         }
-        .map_err(|e| HostError::Syscall {
-            what: "mprotect(window)",
-            errno: e,
-        })?;
+        .map_err(|e| HostError::Syscall { what: "mprotect(window)", errno: e })?;
         self.stats.lock().expect("stats").protects += 1;
         Ok(())
     }
@@ -404,10 +357,7 @@ impl Window {
             return 0;
         }
         let local = [std::io::IoSliceMut::new(&mut buf[..len])];
-        let remote = [nix::sys::uio::RemoteIoVec {
-            base: lin as usize,
-            len,
-        }];
+        let remote = [nix::sys::uio::RemoteIoVec { base: lin as usize, len }];
         nix::sys::uio::process_vm_readv(nix::unistd::getpid(), &mut { local }, &remote).unwrap_or(0)
     }
 
