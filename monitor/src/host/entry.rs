@@ -365,38 +365,55 @@ global_asm!(
     callout = const EXIT_CALLOUT,
 );
 
+/// Offset, inside the exit-gate page, of the bare-call trampoline: 64-bit
+/// code below 4 GiB (a far call from 64-bit mode with a 32-bit operand pushes
+/// a 32-bit return address, so it must start below 4 GiB too).
+const BARE_TRAMPOLINE: usize = 0x40;
+
 /// A compat-mode function entered by a bare far call, with no monitor state
 /// around it: the baseline "native" figure of the host benchmark. The guest
 /// code must end with `retf`. Returns EAX.
 ///
 /// # Safety
 /// `eip` must be 32-bit code mapped executable in the window that returns
-/// with `retf` without faulting, using the stack at `esp` (mapped writable).
-pub unsafe fn bare_far_call(eip: u32, esp: u32, cs: u16, ecx: u32) -> u32 {
-    let far: [u32; 2] = [eip, u32::from(cs)];
+/// with `retf` without faulting, using the stack below `esp` (mapped
+/// writable, at least 16 bytes), with CS = `cs`.
+pub unsafe fn bare_far_call(window: &super::Window, eip: u32, esp: u32, cs: u16, ecx: u32) -> u32 {
+    // Trampoline: call far [rip+0x0a] (to eip:cs); ret (64-bit, to our caller).
+    let mut t = [0u8; 0x16];
+    t[..7].copy_from_slice(&[0xFF, 0x1D, 0x0A, 0, 0, 0, 0xC3]);
+    t[0x10..0x14].copy_from_slice(&eip.to_le_bytes());
+    t[0x14..0x16].copy_from_slice(&cs.to_le_bytes());
+    let off = super::window::vmm::EXIT_GATE as usize + BARE_TRAMPOLINE;
+    // SAFETY: the benchmark owns the VMM area while it runs; the trampoline
+    // bytes are disjoint from the exit gate.
+    unsafe { window.vmm_alias()[off..off + t.len()].copy_from_slice(&t) };
+    let tramp = u64::from(window.exit_gate()) + BARE_TRAMPOLINE as u64;
     let out: u32;
-    // SAFETY: per the function contract; RSP and RBX/RBP are saved and
-    // restored around the call; DS/ES get the flat host data selector, which
-    // 64-bit code does not depend on.
+    // SAFETY: per the function contract; RSP is kept in R12 (declared
+    // clobbered), RBX and RBP are pushed and popped around the call, every
+    // operand is read before RSP changes, and the near call pushes the
+    // return address on the guest stack, where the trampoline's `ret` finds
+    // it after the guest's `retf`.
     unsafe {
         std::arch::asm!(
             "push rbx",
             "push rbp",
-            "mov rbp, rsp",
+            "mov r12, rsp",
             "mov eax, 0x2b",
             "mov ds, eax",
             "mov es, eax",
             "mov esp, {esp:e}",
-            "call fword ptr [{far}]",
-            "mov rsp, rbp",
+            "call {tramp}",
+            "mov rsp, r12",
             "pop rbp",
             "pop rbx",
-            far = in(reg) far.as_ptr(),
+            tramp = in(reg) tramp,
             esp = in(reg) esp,
             inout("ecx") ecx => _,
             out("eax") out,
             out("edx") _, out("esi") _, out("edi") _,
-            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _, out("r12") _,
             out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
         );
     }

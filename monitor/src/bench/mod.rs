@@ -1,0 +1,126 @@
+//! `popek bench`: every capability has a figure. Suites print one row per
+//! figure and, with `--json FILE`, write the rows as JSON objects
+//! `{suite, name, backend, value, unit}` (one array per run).
+
+pub mod host;
+
+use std::fmt::Write as _;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    #[error("the benchmark guest stopped unexpectedly: {0}")]
+    UnexpectedExit(String),
+    #[error("unknown suite {0:?} (known: host)")]
+    UnknownSuite(String),
+}
+
+/// Runs one suite by name.
+pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
+    match name {
+        "host" => host::run(quick),
+        other => Err(BenchError::UnknownSuite(other.into())),
+    }
+}
+
+/// One measured figure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub suite: String,
+    pub name: String,
+    pub backend: String,
+    pub value: f64,
+    pub unit: String,
+}
+
+impl Row {
+    pub fn new(suite: &str, name: &str, backend: &str, value: f64, unit: &str) -> Row {
+        Row { suite: suite.into(), name: name.into(), backend: backend.into(), value, unit: unit.into() }
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// The rows as a JSON array of `{suite, name, backend, value, unit}`.
+pub fn to_json(rows: &[Row]) -> String {
+    let mut o = String::from("[\n");
+    for (i, r) in rows.iter().enumerate() {
+        let value = if r.value.is_finite() { format!("{}", r.value) } else { "null".into() };
+        let _ = write!(
+            o,
+            "  {{\"suite\": {}, \"name\": {}, \"backend\": {}, \"value\": {}, \"unit\": {}}}{}\n",
+            json_str(&r.suite),
+            json_str(&r.name),
+            json_str(&r.backend),
+            value,
+            json_str(&r.unit),
+            if i + 1 < rows.len() { "," } else { "" }
+        );
+    }
+    o.push(']');
+    o.push('\n');
+    o
+}
+
+/// The rows as an aligned text table.
+pub fn to_table(rows: &[Row]) -> String {
+    let mut o = format!("{:<8} {:<24} {:<8} {:>14} {}\n", "suite", "name", "backend", "value", "unit");
+    for r in rows {
+        let _ = writeln!(o, "{:<8} {:<24} {:<8} {:>14.3} {}", r.suite, r.name, r.backend, r.value, r.unit);
+    }
+    o
+}
+
+/// Median of a non-empty sample.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_rows_have_the_five_fields() {
+        let j = to_json(&[Row::new("host", "trap\"x", "bt", 1.5, "us")]);
+        assert!(j.contains("\"suite\": \"host\""));
+        assert!(j.contains("\"name\": \"trap\\\"x\""));
+        assert!(j.contains("\"value\": 1.5"));
+        assert!(j.trim_end().ends_with(']'));
+    }
+
+    #[test]
+    fn median_of_odd_and_even_samples() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
