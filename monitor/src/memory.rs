@@ -42,22 +42,14 @@ impl GuestMemory {
     /// Creates `size` bytes of zeroed guest RAM.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         if !(MIN_GUEST_MEM..=MAX_GUEST_MEM).contains(&size) {
-            return Err(MemoryError::BadSize {
-                size,
-                min: MIN_GUEST_MEM,
-                max: MAX_GUEST_MEM,
-            });
+            return Err(MemoryError::BadSize { size, min: MIN_GUEST_MEM, max: MAX_GUEST_MEM });
         }
         if size % u64::from(PAGE_SIZE) != 0 {
             return Err(MemoryError::Unaligned(size));
         }
-        let fd = nix::sys::memfd::memfd_create(
-            c"popek-guest-ram",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .map_err(MemoryError::Memfd)?;
-        nix::unistd::ftruncate(&fd, size as i64)
-            .map_err(|source| MemoryError::Truncate { size, source })?;
+        let fd = nix::sys::memfd::memfd_create(c"popek-guest-ram", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(MemoryError::Memfd)?;
+        nix::unistd::ftruncate(&fd, size as i64).map_err(|source| MemoryError::Truncate { size, source })?;
         // SAFETY: a fresh shared mapping of our own memfd at an address the
         // kernel chooses (above 4 GiB: the window reservation holds the low 4 GiB
         // once the execution host is up; before that any address is fine).
@@ -72,11 +64,7 @@ impl GuestMemory {
             )
         }
         .map_err(MemoryError::Map)?;
-        Ok(Self {
-            fd,
-            host: host.as_ptr().cast(),
-            size,
-        })
+        Ok(Self { fd, host: host.as_ptr().cast(), size })
     }
 
     /// Size of guest RAM in bytes.
@@ -97,11 +85,7 @@ impl GuestMemory {
     fn check(&self, gpa: u64, len: u64) -> Result<usize, MemoryError> {
         match gpa.checked_add(len) {
             Some(end) if end <= self.size => Ok(gpa as usize),
-            _ => Err(MemoryError::OutOfRange {
-                gpa,
-                len,
-                size: self.size,
-            }),
+            _ => Err(MemoryError::OutOfRange { gpa, len, size: self.size }),
         }
     }
 
@@ -126,8 +110,7 @@ impl GuestMemory {
 
     /// Copies `data` into guest RAM at `gpa`.
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
-        self.slice_mut(gpa, data.len() as u64)?
-            .copy_from_slice(data);
+        self.slice_mut(gpa, data.len() as u64)?.copy_from_slice(data);
         Ok(())
     }
 
@@ -166,14 +149,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_sizes() {
-        assert!(matches!(
-            GuestMemory::new(4096),
-            Err(MemoryError::BadSize { .. })
-        ));
-        assert!(matches!(
-            GuestMemory::new((4 << 20) + 1),
-            Err(MemoryError::Unaligned(_))
-        ));
+        assert!(matches!(GuestMemory::new(4096), Err(MemoryError::BadSize { .. })));
+        assert!(matches!(GuestMemory::new((4 << 20) + 1), Err(MemoryError::Unaligned(_))));
     }
 
     #[test]
