@@ -2,6 +2,7 @@
 //! devices, loaders, backends, traces and benchmarks.
 
 pub mod bench;
+pub mod cpu;
 pub mod devices;
 pub mod host;
 pub mod layout;
