@@ -1,6 +1,7 @@
 //! Popek's virtual machine monitor: the execution host, the virtual CPU,
 //! devices, loaders, backends, traces and benchmarks.
 
+pub mod backend;
 pub mod bench;
 pub mod cpu;
 pub mod devices;

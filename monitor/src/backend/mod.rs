@@ -1,0 +1,68 @@
+//! CPU backends behind one trait: `bt` (Popek's binary translator and
+//! execution host) and `kvm` (hardware-assisted, for comparison). Memory,
+//! loaders, devices and the run loop ([`crate::vm`]) are shared; only the CPU
+//! differs. Neutral types here, conversions to each backend's own inside it
+//! (as cloud-hypervisor's `hypervisor` crate).
+
+use thiserror::Error;
+
+use crate::cpu::Cpu;
+
+/// Why a backend's `run` returned: something the machine must handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// `IN`: the machine answers with [`Backend::complete_io_in`] before
+    /// the next `run`.
+    IoIn { port: u16, size: u8 },
+    IoOut { port: u16, size: u8, value: u32 },
+    /// A guest-physical access no RAM backs; reads are completed with
+    /// [`Backend::complete_mmio_read`].
+    MmioRead { addr: u64, size: u8 },
+    MmioWrite { addr: u64, size: u8, value: u64 },
+    /// HLT: wait for an interrupt (or stop, if interrupts are disabled).
+    Halt,
+    /// Stopped by [`Backend::kicker`] (or a backend-internal timeslice).
+    Interrupted,
+    /// The guest can take an interrupt now (after
+    /// [`Backend::request_interrupt_window`]).
+    InterruptWindow,
+    /// The processor shut down: triple fault. The state is in `cpu_state`.
+    TripleFault,
+}
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("{0} is not available on this host: {1}")]
+    Unavailable(&'static str, String),
+    #[error("the {backend} backend does not support {what}")]
+    Unsupported { backend: &'static str, what: String },
+    #[error("the {backend} backend failed: {what}")]
+    Failed { backend: &'static str, what: String },
+}
+
+/// A handle that stops a running backend from another thread.
+pub type Kick = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// One virtual CPU of some kind.
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    /// Runs guest code until the next [`VmExit`].
+    fn run(&mut self) -> Result<VmExit, BackendError>;
+    /// The value of the `IN` that caused the last exit.
+    fn complete_io_in(&mut self, value: u32);
+    /// The value of the MMIO read that caused the last exit.
+    fn complete_mmio_read(&mut self, value: u64);
+    /// Whether an external interrupt can be injected now (IF=1, no
+    /// interrupt shadow).
+    fn interrupts_enabled(&self) -> bool;
+    /// Delivers external interrupt `vector` before the next instruction.
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError>;
+    /// Asks for [`VmExit::InterruptWindow`] as soon as interrupts can be taken.
+    fn request_interrupt_window(&mut self, on: bool);
+    /// A handle to make `run` return [`VmExit::Interrupted`].
+    fn kicker(&self) -> Kick;
+    /// The architectural state (for reports, dumps and traces).
+    fn cpu_state(&mut self) -> Cpu;
+    /// Backend counters as `(name, value)` pairs with stable names.
+    fn stats(&self) -> Vec<(String, u64)>;
+}
