@@ -1,0 +1,724 @@
+//! The shadow state: which guest-virtual pages the window maps, to which
+//! guest-physical frame, with which host rights, and which guest translation
+//! each came from. It behaves like a TLB: entries are created on hidden
+//! faults, dropped on INVLPG / MOV CR3 / paging-mode changes, and may stay
+//! stale in between exactly as far as the architecture allows.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::RangeInclusive;
+
+use tracing::{debug, trace};
+
+use crate::error::MmuError;
+use crate::host::{HostMapper, PhysMem, Prot};
+use crate::paging::{
+    accessed_neighbour, cr0, cr4, efer, load_pdptes, walk, Access, PageFault, PageSize, PagingMode, PagingRegs, Perms,
+    Translation, PAGE_MASK, PAGE_SIZE,
+};
+use crate::stats::Stats;
+
+/// Tunables and host constraints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmuConfig {
+    /// The host's `vm.mmap_min_addr`: pages below it are never mapped.
+    pub mmap_min_addr: u32,
+    /// Base of the VMM area: nothing is mapped at or above it.
+    pub vmm_base: u32,
+    /// Largest run (bytes) mapped in one call from consecutive 4 KiB PTEs.
+    pub batch_small: u32,
+    /// Largest run (bytes) mapped in one call inside a 2/4 MiB guest page,
+    /// or of identity-mapped RAM with paging off.
+    pub batch_large: u32,
+    /// Isolation of user code: on a switch to CPL 3, unmap supervisor-only
+    /// shadows and refuse to map them while at CPL 3.
+    pub user_isolation: bool,
+}
+
+impl Default for MmuConfig {
+    fn default() -> Self {
+        MmuConfig {
+            mmap_min_addr: 4096,
+            vmm_base: 0xFF80_0000,
+            batch_small: 64 << 10,
+            batch_large: 4 << 20,
+            user_isolation: false,
+        }
+    }
+}
+
+/// Why a hidden fault must go to the instruction emulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EmulateReason {
+    /// The guest-physical address is not RAM (MMIO or a hole).
+    Mmio,
+    /// The guest-virtual page is below the host's `mmap_min_addr`.
+    LowPage,
+    /// The guest-virtual address is inside the VMM area.
+    VmmArea,
+    /// A write to a guest-physical page holding translated code: invalidate
+    /// its translations, call [`ShadowMmu::unprotect_code_page`], retry.
+    CodeWrite,
+    /// A supervisor write to a read-only page with CR0.WP=0: allowed by the
+    /// guest architecture, but the shadow stays read-only.
+    SupervisorWriteWp0,
+    /// A supervisor-only page touched at CPL 3 under user isolation.
+    SupervisorInUserMode,
+}
+
+/// What the monitor does after a hidden fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// The shadow now allows the access: resume the faulting instruction.
+    Resolved,
+    /// Deliver #PF to the guest with this CR2 and error code.
+    GuestPageFault { cr2: u32, error_code: u32 },
+    /// Emulate the instruction; `gpa` is the guest-physical address of the
+    /// faulting access (A/D are already set in the guest's entries).
+    Emulate { gpa: u64, reason: EmulateReason },
+}
+
+/// One shadowed 4 KiB page of the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShadowEntry {
+    /// Guest-physical frame mapped there.
+    pub gpa: u64,
+    /// Host rights currently in force.
+    pub prot: Prot,
+    /// Linear base and size of the guest page this came from (INVLPG of any
+    /// address inside a large page drops all its shadows).
+    pub guest_page: u32,
+    pub guest_size: PageSize,
+    /// Survives MOV CR3 (G in the leaf with CR4.PGE).
+    pub global: bool,
+    /// The guest lets user mode reach it; `false` is a supervisor-only page.
+    pub user: bool,
+    /// The guest grants write and D is set: writable unless code-protected.
+    pub write_ok: bool,
+}
+
+/// The shadow MMU of one vCPU.
+#[derive(Debug)]
+pub struct ShadowMmu {
+    config: MmuConfig,
+    regs: PagingRegs,
+    /// PAE PDPTE registers, loaded like MOV CR3 loads them.
+    pdptes: [u64; 4],
+    /// Keyed by guest-virtual page base.
+    entries: BTreeMap<u32, ShadowEntry>,
+    /// Guest-physical frame → virtual aliases shadowing it.
+    rmap: HashMap<u64, BTreeSet<u32>>,
+    /// Large guest pages that have (or had) shadows, for INVLPG.
+    large: BTreeSet<(u32, PageSize)>,
+    /// Guest-physical frames holding translated code.
+    code_pages: HashSet<u64>,
+    cpl: u8,
+    stats: Stats,
+}
+
+const PAGE: u64 = PAGE_SIZE as u64;
+
+fn page_of(gva: u32) -> u32 {
+    gva & !PAGE_MASK
+}
+
+fn frame_of(gpa: u64) -> u64 {
+    gpa & !(PAGE - 1)
+}
+
+fn range_of(base: u32, size: PageSize) -> RangeInclusive<u32> {
+    base..=base + (size.bytes() - 1)
+}
+
+impl ShadowMmu {
+    /// A shadow MMU with paging off (CR0=0) and nothing mapped.
+    pub fn new(config: MmuConfig) -> Self {
+        let round = |cap: u32| (cap & !PAGE_MASK).max(PAGE_SIZE);
+        let config = MmuConfig {
+            batch_small: round(config.batch_small),
+            batch_large: round(config.batch_large),
+            vmm_base: page_of(config.vmm_base),
+            ..config
+        };
+        ShadowMmu {
+            config,
+            regs: PagingRegs::default(),
+            pdptes: [0; 4],
+            entries: BTreeMap::new(),
+            rmap: HashMap::new(),
+            large: BTreeSet::new(),
+            code_pages: HashSet::new(),
+            cpl: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &MmuConfig {
+        &self.config
+    }
+
+    pub fn regs(&self) -> PagingRegs {
+        self.regs
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The shadow of the page holding `gva`, if any.
+    pub fn entry(&self, gva: u32) -> Option<ShadowEntry> {
+        self.entries.get(&page_of(gva)).copied()
+    }
+
+    /// Every shadowed page, ascending by guest-virtual address.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, ShadowEntry)> + '_ {
+        self.entries.iter().map(|(&k, &e)| (k, e))
+    }
+
+    pub fn mapped_pages(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Virtual aliases currently shadowing the frame holding `gpa`.
+    pub fn aliases(&self, gpa: u64) -> Vec<u32> {
+        self.rmap.get(&frame_of(gpa)).map(|s| s.iter().copied().collect()).unwrap_or_default()
+    }
+
+    pub fn is_code_protected(&self, gpa: u64) -> bool {
+        self.code_pages.contains(&frame_of(gpa))
+    }
+
+    /// Mapped runs `(gva, len)` of supervisor-only pages: what guest user
+    /// code could reach in the shared window (the in-process limitation),
+    /// and what an isolation mode unmaps on a switch to CPL 3.
+    pub fn supervisor_only_runs(&self) -> Vec<(u32, u32)> {
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for (&gva, e) in &self.entries {
+            if e.user {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, len)) if start.wrapping_add(*len) == gva => *len += PAGE_SIZE,
+                _ => runs.push((gva, PAGE_SIZE)),
+            }
+        }
+        runs
+    }
+
+    /// Walks the guest tables and sets A/D like the access would, without
+    /// touching the shadow: for the translator's code fetches and the
+    /// instruction emulator's memory operands.
+    pub fn translate<M: PhysMem + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        gva: u32,
+        access: Access,
+    ) -> Result<Translation, PageFault> {
+        walk(mem, &self.regs, &self.pdptes, gva, access, true)
+    }
+
+    /// Like [`ShadowMmu::translate`] but leaves A/D alone (debuggers, traces).
+    pub fn probe<M: PhysMem + ?Sized>(&self, mem: &mut M, gva: u32, access: Access) -> Result<Translation, PageFault> {
+        walk(mem, &self.regs, &self.pdptes, gva, access, false)
+    }
+
+    /// Resolves a host fault at `gva` in the window.
+    ///
+    /// `access.user` is the architectural user/supervisor classification of
+    /// the access; `cpl` is the virtual CPL the guest ran at (user isolation
+    /// uses it).
+    pub fn handle_fault<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        mapper: &mut H,
+        gva: u32,
+        access: Access,
+        cpl: u8,
+    ) -> Result<FaultOutcome, MmuError> {
+        self.stats.hidden_faults += 1;
+        let t = match walk(mem, &self.regs, &self.pdptes, gva, access, true) {
+            Ok(t) => t,
+            Err(pf) => {
+                self.stats.guest_page_faults += 1;
+                trace!(gva, error_code = pf.error_code, "hidden fault is a guest #PF");
+                // A #PF invalidates the TLB entries of the faulting address.
+                if self.entries.contains_key(&page_of(gva)) {
+                    self.drop_translation(mapper, gva)?;
+                }
+                return Ok(FaultOutcome::GuestPageFault { cr2: pf.cr2, error_code: pf.error_code });
+            }
+        };
+        if let Some(reason) = self.emulate_reason(mem, &t, access, cpl) {
+            self.stats.count_emulation(reason);
+            trace!(gva, gpa = t.gpa, ?reason, "hidden fault goes to the emulator");
+            return Ok(FaultOutcome::Emulate { gpa: t.gpa, reason });
+        }
+        self.install(mem, mapper, &t)?;
+        self.stats.resolved += 1;
+        Ok(FaultOutcome::Resolved)
+    }
+
+    fn emulate_reason<M: PhysMem + ?Sized>(
+        &self,
+        mem: &M,
+        t: &Translation,
+        access: Access,
+        cpl: u8,
+    ) -> Option<EmulateReason> {
+        let page = page_of(t.gva);
+        if page >= self.config.vmm_base {
+            Some(EmulateReason::VmmArea)
+        } else if page < self.config.mmap_min_addr {
+            Some(EmulateReason::LowPage)
+        } else if !mem.is_ram(frame_of(t.gpa)) {
+            Some(EmulateReason::Mmio)
+        } else if self.config.user_isolation && cpl == 3 && !t.perms.user {
+            Some(EmulateReason::SupervisorInUserMode)
+        } else if access.write && self.is_code_protected(t.gpa) {
+            Some(EmulateReason::CodeWrite)
+        } else if access.write && !t.perms.writable {
+            // The walk allowed it, so this is a supervisor write with WP=0.
+            Some(EmulateReason::SupervisorWriteWp0)
+        } else {
+            None
+        }
+    }
+
+    /// Host rights for a guest page: read always (every valid translation
+    /// allows supervisor reads), write only once D is set and the frame holds
+    /// no translated code, exec unless NX.
+    fn prot_for(&self, perms: Perms, dirty: bool, frame: u64) -> Prot {
+        Prot { read: true, write: perms.writable && dirty && !self.is_code_protected(frame), exec: !perms.nx }
+    }
+
+    fn install<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &M,
+        mapper: &mut H,
+        t: &Translation,
+    ) -> Result<(), MmuError> {
+        let page = page_of(t.gva);
+        let frame = frame_of(t.gpa);
+        let entry = ShadowEntry {
+            gpa: frame,
+            prot: self.prot_for(t.perms, t.dirty, frame),
+            guest_page: if t.size == PageSize::Size4K { page } else { t.page_gva },
+            guest_size: t.size,
+            global: t.global,
+            user: t.perms.user,
+            write_ok: t.perms.writable && t.dirty,
+        };
+        if let Some(old) = self.entries.get(&page).copied().filter(|old| old.gpa == frame) {
+            return self.upgrade(mapper, page, old, entry);
+        }
+        let run = self.plan_run(mem, t, entry);
+        self.map_run(mapper, run.0, &run.1)
+    }
+
+    /// The frame is already shadowed here: fix the rights in place.
+    fn upgrade<H: HostMapper + ?Sized>(
+        &mut self,
+        mapper: &mut H,
+        page: u32,
+        old: ShadowEntry,
+        new: ShadowEntry,
+    ) -> Result<(), MmuError> {
+        if old == new {
+            self.stats.spurious += 1;
+            debug!(page, "spurious hidden fault: the shadow already allows the access");
+            return Ok(());
+        }
+        if old.prot != new.prot {
+            self.host_protect(mapper, page, PAGE_SIZE, new.prot)?;
+        }
+        self.entries.insert(page, new);
+        if new.guest_size != PageSize::Size4K {
+            self.large.insert((new.guest_page, new.guest_size));
+        }
+        if new.prot.write && !old.prot.write {
+            self.stats.dirty_upgrades += 1;
+            if new.guest_size != PageSize::Size4K {
+                self.upgrade_large_siblings(mapper, new)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A write set D in a large page's only leaf: every shadow of that page
+    /// that was read-only for want of D becomes writable too.
+    fn upgrade_large_siblings<H: HostMapper + ?Sized>(
+        &mut self,
+        mapper: &mut H,
+        leaf: ShadowEntry,
+    ) -> Result<(), MmuError> {
+        let mut pages = Vec::new();
+        for (&gva, e) in self.entries.range_mut(range_of(leaf.guest_page, leaf.guest_size)) {
+            if e.guest_page != leaf.guest_page || e.guest_size != leaf.guest_size {
+                continue;
+            }
+            e.write_ok = true;
+            if !e.prot.write && e.prot.writable() == leaf.prot && !self.code_pages.contains(&e.gpa) {
+                e.prot = leaf.prot;
+                pages.push(gva);
+            }
+        }
+        for (start, len) in runs(&pages) {
+            self.host_protect(mapper, start, len, leaf.prot)?;
+        }
+        Ok(())
+    }
+
+    /// The batch window around the faulting page: a `cap`-sized, aligned
+    /// block inside the guest page (large pages), the page table's span
+    /// (4 KiB pages) or the identity map (paging off).
+    fn batch_window(&self, t: &Translation) -> (u32, u64) {
+        let page = page_of(t.gva);
+        let (base, span, cap) = match (t.leaf, t.size) {
+            (None, _) => (0u32, 1u64 << 32, self.config.batch_large),
+            (Some(_), PageSize::Size4K) => {
+                let span = if self.regs.mode() == PagingMode::Pae { 2u32 << 20 } else { 4 << 20 };
+                (page & !(span - 1), u64::from(span), self.config.batch_small.min(span))
+            }
+            (Some(_), size) => (t.page_gva, u64::from(size.bytes()), self.config.batch_large.min(size.bytes())),
+        };
+        let lo = base + (page - base) / cap * cap;
+        let hi = (u64::from(lo) + u64::from(cap)).min(u64::from(base) + span);
+        (lo, hi)
+    }
+
+    /// The shadow `page` would get as part of `first`'s run, if it may join:
+    /// free in the shadow, inside the mappable window, RAM, same host rights,
+    /// and for 4 KiB PTEs present, already accessed, with the same rights.
+    fn candidate<M: PhysMem + ?Sized>(
+        &self,
+        mem: &M,
+        t: &Translation,
+        first: &ShadowEntry,
+        page: u32,
+    ) -> Option<ShadowEntry> {
+        if self.entries.contains_key(&page) || page < self.config.mmap_min_addr || page >= self.config.vmm_base {
+            return None;
+        }
+        let fault_page = page_of(t.gva);
+        let e = match (t.leaf, t.size) {
+            (None, _) => {
+                let gpa = u64::from(page);
+                ShadowEntry { gpa, guest_page: page, prot: self.prot_for(t.perms, true, gpa), ..*first }
+            }
+            (Some(leaf), PageSize::Size4K) => {
+                let esz: i64 = if leaf.wide { 8 } else { 4 };
+                let delta = (i64::from(page) - i64::from(fault_page)) / i64::from(PAGE_SIZE);
+                let entry_gpa = u64::try_from(leaf.entry_gpa as i64 + delta * esz).ok()?;
+                let n = accessed_neighbour(mem, &self.regs, &leaf, entry_gpa)?;
+                if n.perms != t.perms {
+                    return None;
+                }
+                ShadowEntry {
+                    gpa: n.frame,
+                    prot: self.prot_for(n.perms, n.dirty, n.frame),
+                    guest_page: page,
+                    guest_size: PageSize::Size4K,
+                    global: n.global,
+                    user: n.perms.user,
+                    write_ok: n.perms.writable && n.dirty,
+                }
+            }
+            (Some(_), _) => {
+                let gpa = t.page_gpa + u64::from(page - t.page_gva);
+                ShadowEntry { gpa, prot: self.prot_for(t.perms, t.dirty, gpa), ..*first }
+            }
+        };
+        (e.prot == first.prot && mem.is_ram(e.gpa)).then_some(e)
+    }
+
+    /// The run to map for a new shadow: the faulting page, extended both
+    /// ways inside the batch window while pages are physically consecutive.
+    fn plan_run<M: PhysMem + ?Sized>(&self, mem: &M, t: &Translation, first: ShadowEntry) -> (u32, Vec<ShadowEntry>) {
+        let page = page_of(t.gva);
+        let (lo, hi) = self.batch_window(t);
+        let mut before = Vec::new();
+        let mut p = page;
+        while p > lo {
+            p -= PAGE_SIZE;
+            let expect = first.gpa.checked_sub(PAGE * (before.len() as u64 + 1));
+            match self.candidate(mem, t, &first, p) {
+                Some(e) if Some(e.gpa) == expect => before.push(e),
+                _ => break,
+            }
+        }
+        let start = page - PAGE_SIZE * before.len() as u32;
+        before.reverse();
+        before.push(first);
+        let mut p = u64::from(page) + PAGE;
+        while p < hi {
+            let expect = first.gpa + (p - u64::from(page));
+            match self.candidate(mem, t, &first, p as u32) {
+                Some(e) if e.gpa == expect => before.push(e),
+                _ => break,
+            }
+            p += PAGE;
+        }
+        (start, before)
+    }
+
+    fn map_run<H: HostMapper + ?Sized>(
+        &mut self,
+        mapper: &mut H,
+        start: u32,
+        run: &[ShadowEntry],
+    ) -> Result<(), MmuError> {
+        let len = PAGE_SIZE * run.len() as u32;
+        let prot = run[0].prot;
+        mapper.map(start, run[0].gpa, len, prot)?;
+        self.stats.host_map_calls += 1;
+        self.stats.pages_mapped += run.len() as u64;
+        trace!(start, gpa = run[0].gpa, len, ?prot, "mapped shadow run");
+        for (i, e) in run.iter().enumerate() {
+            let gva = start + PAGE_SIZE * i as u32;
+            if let Some(old) = self.entries.insert(gva, *e) {
+                self.rmap_remove(old.gpa, gva);
+            }
+            self.rmap.entry(e.gpa).or_default().insert(gva);
+            if e.guest_size != PageSize::Size4K {
+                self.large.insert((e.guest_page, e.guest_size));
+            }
+        }
+        Ok(())
+    }
+
+    fn rmap_remove(&mut self, gpa: u64, gva: u32) {
+        if let Some(set) = self.rmap.get_mut(&gpa) {
+            set.remove(&gva);
+            if set.is_empty() {
+                self.rmap.remove(&gpa);
+            }
+        }
+    }
+
+    fn host_protect<H: HostMapper + ?Sized>(
+        &mut self,
+        mapper: &mut H,
+        gva: u32,
+        len: u32,
+        prot: Prot,
+    ) -> Result<(), MmuError> {
+        mapper.protect(gva, len, prot)?;
+        self.stats.host_protect_calls += 1;
+        Ok(())
+    }
+
+    /// Drops the shadows in `range` that `doomed` selects, unmapping each
+    /// span of them that no surviving shadow interrupts in one call (holes
+    /// in a span are already unmapped, so covering them is harmless).
+    fn drop_where<H: HostMapper + ?Sized>(
+        &mut self,
+        mapper: &mut H,
+        range: RangeInclusive<u32>,
+        doomed: impl Fn(u32, &ShadowEntry) -> bool,
+    ) -> Result<usize, MmuError> {
+        let mut spans: Vec<(u32, u32)> = Vec::new();
+        let mut victims = Vec::new();
+        let mut open = false;
+        for (&gva, e) in self.entries.range(range) {
+            if !doomed(gva, e) {
+                open = false;
+                continue;
+            }
+            victims.push(gva);
+            match spans.last_mut() {
+                Some((_, last)) if open => *last = gva + (PAGE_SIZE - 1),
+                _ => spans.push((gva, gva + (PAGE_SIZE - 1))),
+            }
+            open = true;
+        }
+        for &(start, last) in &spans {
+            mapper.unmap(start, last - start + 1)?;
+            self.stats.host_unmap_calls += 1;
+        }
+        for &gva in &victims {
+            if let Some(e) = self.entries.remove(&gva) {
+                self.rmap_remove(e.gpa, gva);
+            }
+        }
+        self.stats.pages_unmapped += victims.len() as u64;
+        Ok(victims.len())
+    }
+
+    /// What INVLPG and a guest #PF drop: the shadows of the page holding
+    /// `gva`, all of a large page's if it came from one.
+    fn drop_translation<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, gva: u32) -> Result<(), MmuError> {
+        for size in [PageSize::Size4M, PageSize::Size2M] {
+            let base = gva & !(size.bytes() - 1);
+            if self.large.remove(&(base, size)) {
+                self.drop_where(mapper, range_of(base, size), |_, e| e.guest_page == base && e.guest_size == size)?;
+            }
+        }
+        let page = page_of(gva);
+        self.drop_where(mapper, page..=page, |_, _| true)?;
+        Ok(())
+    }
+
+    /// INVLPG: drops the shadow of the page holding `gva` (the whole guest
+    /// page when it came from a 2/4 MiB page), global or not.
+    pub fn invlpg<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, gva: u32) -> Result<(), MmuError> {
+        self.stats.invlpg += 1;
+        self.drop_translation(mapper, gva)
+    }
+
+    /// Drops every shadow, global ones included.
+    pub fn flush_all<H: HostMapper + ?Sized>(&mut self, mapper: &mut H) -> Result<(), MmuError> {
+        self.stats.flushes += 1;
+        self.flush(mapper, false)
+    }
+
+    fn flush<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, keep_global: bool) -> Result<(), MmuError> {
+        let n = self.drop_where(mapper, 0..=u32::MAX, |_, e| !(keep_global && e.global))?;
+        if !keep_global {
+            self.large.clear();
+        }
+        debug!(dropped = n, keep_global, "shadow flush");
+        Ok(())
+    }
+
+    /// MOV CR3: drops non-global shadows (all with CR4.PGE=0); under PAE
+    /// paging reloads the PDPTEs first. On
+    /// [`MmuError::PdpteReserved`] nothing changed and the guest gets #GP(0).
+    pub fn set_cr3<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &M,
+        mapper: &mut H,
+        cr3: u32,
+    ) -> Result<(), MmuError> {
+        let new = PagingRegs { cr3, ..self.regs };
+        if new.mode() == PagingMode::Pae {
+            self.pdptes = load_pdptes(mem, cr3)?;
+        }
+        self.regs = new;
+        self.stats.cr3_switches += 1;
+        self.flush(mapper, self.regs.pge())
+    }
+
+    /// MOV CR0: a change of PG or WP drops every shadow (the host rights
+    /// depend on WP); entering PAE paging loads the PDPTEs.
+    pub fn set_cr0<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &M,
+        mapper: &mut H,
+        value: u32,
+    ) -> Result<(), MmuError> {
+        let changed = (self.regs.cr0 ^ value) & (cr0::PG | cr0::WP) != 0;
+        self.apply(mem, mapper, PagingRegs { cr0: value, ..self.regs }, changed, true)
+    }
+
+    /// MOV CR4: a change of PSE, PGE or PAE drops every shadow, globals too.
+    pub fn set_cr4<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &M,
+        mapper: &mut H,
+        value: u32,
+    ) -> Result<(), MmuError> {
+        let changed = (self.regs.cr4 ^ value) & (cr4::PSE | cr4::PGE | cr4::PAE) != 0;
+        self.apply(mem, mapper, PagingRegs { cr4: value, ..self.regs }, changed, true)
+    }
+
+    /// WRMSR EFER: a change of NXE drops every shadow (host exec rights
+    /// follow NX).
+    pub fn set_efer<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &M,
+        mapper: &mut H,
+        value: u64,
+    ) -> Result<(), MmuError> {
+        let changed = (self.regs.efer ^ value) & efer::NXE != 0;
+        self.apply(mem, mapper, PagingRegs { efer: value, ..self.regs }, changed, false)
+    }
+
+    fn apply<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &M,
+        mapper: &mut H,
+        new: PagingRegs,
+        changed: bool,
+        loads_pdptes: bool,
+    ) -> Result<(), MmuError> {
+        if changed && loads_pdptes && new.mode() == PagingMode::Pae {
+            self.pdptes = load_pdptes(mem, new.cr3)?;
+        }
+        self.regs = new;
+        if changed {
+            self.stats.flushes += 1;
+            self.flush(mapper, false)?;
+        }
+        Ok(())
+    }
+
+    /// The translator made code from the frame holding `gpa`: every alias
+    /// mapping it writable becomes read-only now, and later shadows of it
+    /// are read-only until [`ShadowMmu::unprotect_code_page`].
+    pub fn protect_code_page<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, gpa: u64) -> Result<(), MmuError> {
+        let frame = frame_of(gpa);
+        if !self.code_pages.insert(frame) {
+            return Ok(());
+        }
+        self.stats.code_pages_protected += 1;
+        for gva in self.aliases(frame) {
+            let e = self.entries[&gva];
+            if e.prot.write {
+                self.host_protect(mapper, gva, PAGE_SIZE, e.prot.read_only())?;
+                self.entries.insert(gva, ShadowEntry { prot: e.prot.read_only(), ..e });
+            }
+        }
+        Ok(())
+    }
+
+    /// The frame's translations are gone: aliases whose guest translation
+    /// is writable and dirty become writable again right away (one mprotect
+    /// each is cheaper than the fault a lazy scheme would take on the very
+    /// write that is about to be retried).
+    pub fn unprotect_code_page<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, gpa: u64) -> Result<(), MmuError> {
+        let frame = frame_of(gpa);
+        if !self.code_pages.remove(&frame) {
+            return Ok(());
+        }
+        self.stats.code_pages_unprotected += 1;
+        for gva in self.aliases(frame) {
+            let e = self.entries[&gva];
+            if e.write_ok && !e.prot.write {
+                self.host_protect(mapper, gva, PAGE_SIZE, e.prot.writable())?;
+                self.entries.insert(gva, ShadowEntry { prot: e.prot.writable(), ..e });
+            }
+        }
+        Ok(())
+    }
+
+    /// The virtual CPL the guest is about to run at. With user isolation, a
+    /// switch to CPL 3 unmaps every supervisor-only shadow; otherwise this
+    /// only records the CPL (in-process mode keeps them, a documented
+    /// limitation).
+    pub fn set_cpl<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, cpl: u8) -> Result<(), MmuError> {
+        let entering_user = cpl == 3 && self.cpl != 3;
+        self.cpl = cpl;
+        if entering_user && self.config.user_isolation {
+            let n = self.drop_where(mapper, 0..=u32::MAX, |_, e| !e.user)?;
+            if n > 0 {
+                self.stats.isolation_unmaps += 1;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn cpl(&self) -> u8 {
+        self.cpl
+    }
+}
+
+/// Contiguous `(start, len)` runs of sorted page addresses.
+fn runs(pages: &[u32]) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((start, len)) if u64::from(*start) + u64::from(*len) == u64::from(p) => *len += PAGE_SIZE,
+            _ => out.push((p, PAGE_SIZE)),
+        }
+    }
+    out
+}
