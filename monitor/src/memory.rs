@@ -44,7 +44,7 @@ impl GuestMemory {
         if !(MIN_GUEST_MEM..=MAX_GUEST_MEM).contains(&size) {
             return Err(MemoryError::BadSize { size, min: MIN_GUEST_MEM, max: MAX_GUEST_MEM });
         }
-        if size % u64::from(PAGE_SIZE) != 0 {
+        if !size.is_multiple_of(u64::from(PAGE_SIZE)) {
             return Err(MemoryError::Unaligned(size));
         }
         let fd = nix::sys::memfd::memfd_create(c"popek-guest-ram", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)

@@ -66,9 +66,9 @@ pub fn to_json(rows: &[Row]) -> String {
     let mut o = String::from("[\n");
     for (i, r) in rows.iter().enumerate() {
         let value = if r.value.is_finite() { format!("{}", r.value) } else { "null".into() };
-        let _ = write!(
+        let _ = writeln!(
             o,
-            "  {{\"suite\": {}, \"name\": {}, \"backend\": {}, \"value\": {}, \"unit\": {}}}{}\n",
+            "  {{\"suite\": {}, \"name\": {}, \"backend\": {}, \"value\": {}, \"unit\": {}}}{}",
             json_str(&r.suite),
             json_str(&r.name),
             json_str(&r.backend),

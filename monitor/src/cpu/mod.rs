@@ -8,6 +8,9 @@
 
 pub mod descriptor;
 pub mod interrupt;
+pub mod operand;
+pub mod policy;
+pub mod sensitive;
 pub mod state;
 
 pub use descriptor::Descriptor;

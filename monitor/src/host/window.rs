@@ -286,7 +286,7 @@ impl Window {
 
     fn check_range(&self, gva: u32, len: u32) -> Result<(), HostError> {
         let bad = || HostError::BadWindowRange { gva, len };
-        if len == 0 || gva % PAGE != 0 || len % PAGE != 0 || gva < self.min_addr {
+        if len == 0 || !gva.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || gva < self.min_addr {
             return Err(bad());
         }
         let end = gva.checked_add(len).ok_or_else(bad)?;
@@ -299,7 +299,7 @@ impl Window {
     /// Maps guest-physical `[gpa, gpa+len)` of `mem` at guest-virtual `gva`.
     pub fn map(&self, gva: u32, mem: &GuestMemory, gpa: u64, len: u32, prot: Prot) -> Result<(), HostError> {
         self.check_range(gva, len)?;
-        if gpa % u64::from(PAGE) != 0 || gpa.checked_add(u64::from(len)).is_none_or(|e| e > mem.size()) {
+        if !gpa.is_multiple_of(u64::from(PAGE)) || gpa.checked_add(u64::from(len)).is_none_or(|e| e > mem.size()) {
             return Err(HostError::BadGuestPhysical { gpa, len });
         }
         self.mmap_fixed(gva, len, prot, mem.fd(), gpa)?;
