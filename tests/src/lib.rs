@@ -52,6 +52,12 @@ impl Guest {
     }
 }
 
+impl Default for Guest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drop for Guest {
     fn drop(&mut self) {
         let _ = self.vcpu.window().unmap_all();
