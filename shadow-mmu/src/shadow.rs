@@ -327,19 +327,26 @@ impl ShadowMmu {
             debug!(page, "spurious hidden fault: the shadow already allows the access");
             return Ok(());
         }
-        if old.prot != new.prot {
-            self.host_protect(mapper, page, PAGE_SIZE, new.prot)?;
-        }
-        self.entries.insert(page, new);
-        if new.guest_size != PageSize::Size4K {
+        let large = new.guest_size != PageSize::Size4K;
+        if large {
             self.large.insert((new.guest_page, new.guest_size));
         }
         if new.prot.write && !old.prot.write {
             self.stats.dirty_upgrades += 1;
-            if new.guest_size != PageSize::Size4K {
-                self.upgrade_large_siblings(mapper, new)?;
+        }
+        if large && new.prot.write && !old.prot.write {
+            // Upgrade this page together with its siblings, in few calls.
+            self.entries.insert(page, ShadowEntry { prot: old.prot, ..new });
+            self.upgrade_large_siblings(mapper, new)?;
+            if self.entries[&page].prot == new.prot {
+                return Ok(());
             }
         }
+        let current = self.entries[&page].prot;
+        if current != new.prot {
+            self.host_protect(mapper, page, PAGE_SIZE, new.prot)?;
+        }
+        self.entries.insert(page, new);
         Ok(())
     }
 

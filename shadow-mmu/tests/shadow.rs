@@ -1,0 +1,424 @@
+//! The shadow state against a recording window: hidden faults, D-bit
+//! emulation, TLB semantics, code protection, emulate outcomes, batching.
+
+mod common;
+
+use common::{vm, Vm, TABLES};
+use shadow_mmu::fake::{MapCall, Pager32};
+use shadow_mmu::paging::{cr0, cr4, pf, pte};
+use shadow_mmu::{Access, EmulateReason, FaultOutcome, MmuConfig, MmuError, Prot};
+
+const RW_US: u64 = pte::RW | pte::US;
+const AD: u64 = pte::A | pte::D;
+
+/// 32-bit paging, CR0.WP, no PSE/PGE; the pager for more mappings.
+fn vm32(config: MmuConfig, cr4_bits: u32) -> (Vm, Pager32) {
+    let mut v = Vm::new(config);
+    let p = Pager32::new(TABLES);
+    v.paging32(&p, cr4_bits);
+    (v, p)
+}
+
+fn emulate(gpa: u64, reason: EmulateReason) -> FaultOutcome {
+    FaultOutcome::Emulate { gpa, reason }
+}
+
+#[test]
+fn read_then_write_emulates_the_dirty_bit() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    let pte_a = p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US);
+    assert_eq!(v.fault(0x1000_0010, Access::read()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0x1000_0000), Some((0x20_0000, Prot::RX)), "writable but clean: read-only");
+    assert_eq!(v.mem.u32(pte_a) as u64 & AD, pte::A);
+    assert_eq!(v.fault(0x1000_0010, Access::write()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0x1000_0000), Some((0x20_0000, Prot::RWX)));
+    assert_eq!(v.mem.u32(pte_a) as u64 & AD, AD);
+    assert_eq!((v.win.map_calls(), v.win.protect_calls()), (1, 1), "the upgrade is an mprotect");
+    let s = v.mmu.stats();
+    assert_eq!((s.hidden_faults, s.resolved, s.dirty_upgrades), (2, 2, 1));
+}
+
+#[test]
+fn first_write_maps_writable_at_once() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US);
+    assert_eq!(v.fault(0x1000_0000, Access::write().user()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0x1000_0000), Some((0x20_0000, Prot::RWX)));
+    assert_eq!(v.win.calls.len(), 1);
+}
+
+#[test]
+fn guest_page_faults_are_reflected() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, pte::RW);
+    let out = v.fault(0x1000_0004, Access::read().user());
+    assert_eq!(out, FaultOutcome::GuestPageFault { cr2: 0x1000_0004, error_code: pf::P | pf::U });
+    let out = v.fault(0x3000_0000, Access::write());
+    assert_eq!(out, FaultOutcome::GuestPageFault { cr2: 0x3000_0000, error_code: pf::W });
+    assert_eq!(v.mmu.stats().guest_page_faults, 2);
+    assert!(v.win.calls.is_empty());
+}
+
+#[test]
+fn a_guest_page_fault_drops_the_shadow_of_its_address() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, pte::RW);
+    v.fault(0x1000_0000, Access::read());
+    // In-process mode: user code hitting the mapped supervisor page would not
+    // fault natively; if it does fault (a write to the clean page), the #PF
+    // drops the shadow as hardware drops the TLB entry.
+    let out = v.fault(0x1000_0000, Access::write().user());
+    assert_eq!(out, FaultOutcome::GuestPageFault { cr2: 0x1000_0000, error_code: pf::P | pf::W | pf::U });
+    assert_eq!(v.mmu.entry(0x1000_0000), None);
+}
+
+#[test]
+fn wp0_supervisor_write_to_read_only_page_is_emulated() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    let a = p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, pte::US);
+    v.mmu.set_cr0(&v.mem, &mut v.win, cr0::PE | cr0::PG).unwrap();
+    assert_eq!(v.fault(0x1000_0008, Access::write()), emulate(0x20_0008, EmulateReason::SupervisorWriteWp0));
+    assert_eq!(v.mem.u32(a) as u64 & AD, AD, "the emulated write dirties the page");
+    assert_eq!(v.mmu.stats().emulate_wp0_write, 1);
+    // With WP=1 the same write is a guest #PF.
+    v.mmu.set_cr0(&v.mem, &mut v.win, cr0::PE | cr0::PG | cr0::WP).unwrap();
+    assert!(matches!(v.fault(0x1000_0008, Access::write()), FaultOutcome::GuestPageFault { .. }));
+}
+
+#[test]
+fn invlpg_after_narrowing_a_pte() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    let a = p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US);
+    v.fault(0x1000_0000, Access::write());
+    v.mem.set_u32(a, v.mem.u32(a) & !(pte::RW as u32));
+    v.invlpg(0x1000_0000);
+    assert_eq!(v.win.at(0x1000_0000), None);
+    assert_eq!(
+        v.fault(0x1000_0000, Access::write()),
+        FaultOutcome::GuestPageFault { cr2: 0x1000_0000, error_code: pf::P | pf::W }
+    );
+    assert_eq!(v.fault(0x1000_0000, Access::read()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0x1000_0000), Some((0x20_0000, Prot::RX)));
+    assert_eq!(v.mmu.stats().invlpg, 1);
+}
+
+#[test]
+fn stale_shadow_stays_until_cr3_reload() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    let a = p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US | AD);
+    v.fault(0x1000_0000, Access::read());
+    // The guest retargets the PTE without INVLPG: like a TLB, the window
+    // keeps the old frame (no fault happens, nothing is re-walked).
+    v.mem.set_u32(a, 0x20_7000 | (RW_US | AD | pte::P) as u32);
+    assert_eq!(v.win.at(0x1000_0000).unwrap().0, 0x20_0000);
+    v.set_cr3(p.cr3);
+    assert_eq!(v.win.at(0x1000_0000), None);
+    v.fault(0x1000_0000, Access::read());
+    assert_eq!(v.win.at(0x1000_0000).unwrap().0, 0x20_7000);
+    assert_eq!(v.mmu.stats().cr3_switches, 2);
+}
+
+#[test]
+fn invlpg_anywhere_in_a_large_page_drops_all_of_it() {
+    let config = MmuConfig { batch_large: 64 << 10, ..MmuConfig::default() };
+    let (mut v, mut p) = vm32(config, cr4::PSE);
+    p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, RW_US);
+    p.map_4k(&mut v.mem, 0x8040_0000, 0x20_0000, RW_US);
+    v.fault(0x8000_0000, Access::read());
+    v.fault(0x8020_0000, Access::read());
+    v.fault(0x8040_0000, Access::read());
+    assert_eq!(v.mmu.mapped_pages(), 16 + 16 + 1);
+    // An address of the large page that has no shadow of its own.
+    v.invlpg(0x803F_F000);
+    assert_eq!(v.mmu.mapped_pages(), 1);
+    assert!(v.mmu.entry(0x8040_0000).is_some());
+    // Both runs go in one unmap: nothing survives between them.
+    assert_eq!(v.win.unmap_calls(), 1);
+}
+
+#[test]
+fn global_pages_survive_cr3_only_with_pge() {
+    for pge in [true, false] {
+        let (mut v, mut p) = vm32(MmuConfig::default(), if pge { cr4::PGE } else { 0 });
+        p.map_4k(&mut v.mem, 0xC000_0000, 0x20_0000, pte::RW | pte::G);
+        p.map_4k(&mut v.mem, 0x0800_0000, 0x20_1000, RW_US);
+        v.fault(0xC000_0000, Access::read());
+        v.fault(0x0800_0000, Access::read());
+        assert_eq!(v.mmu.entry(0xC000_0000).unwrap().global, pge);
+        v.set_cr3(p.cr3);
+        assert_eq!(v.mmu.entry(0xC000_0000).is_some(), pge, "pge={pge}");
+        assert_eq!(v.mmu.entry(0x0800_0000), None);
+        if pge {
+            // INVLPG drops globals; so does toggling CR4.PGE.
+            v.invlpg(0xC000_0000);
+            assert_eq!(v.mmu.entry(0xC000_0000), None);
+            v.fault(0xC000_0000, Access::read());
+            v.mmu.set_cr4(&v.mem, &mut v.win, 0).unwrap();
+            assert_eq!(v.mmu.mapped_pages(), 0);
+            assert_eq!(v.mmu.stats().flushes, 3, "CR4 and CR0 at set-up, CR4.PGE here");
+        }
+    }
+}
+
+#[test]
+fn mode_changes_flush_everything() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), cr4::PGE);
+    p.map_4k(&mut v.mem, 0xC000_0000, 0x20_0000, pte::RW | pte::G);
+    for change in 0..3 {
+        v.fault(0xC000_0000, Access::read());
+        match change {
+            0 => v.mmu.set_cr0(&v.mem, &mut v.win, cr0::PE | cr0::PG).unwrap(), // WP off
+            1 => v.mmu.set_cr4(&v.mem, &mut v.win, cr4::PGE | cr4::PSE).unwrap(),
+            _ => v.mmu.flush_all(&mut v.win).unwrap(),
+        }
+        assert_eq!(v.mmu.mapped_pages(), 0, "change {change}");
+        v.win.assert_matches(&v.mmu);
+    }
+    // An unrelated CR4 bit (OSFXSR) does not flush.
+    v.fault(0xC000_0000, Access::read());
+    v.mmu.set_cr4(&v.mem, &mut v.win, cr4::PGE | cr4::PSE | 1 << 9).unwrap();
+    assert_eq!(v.mmu.mapped_pages(), 1);
+}
+
+#[test]
+fn code_page_protection_across_aliases() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    let frame = 0x20_3000u64;
+    p.map_4k(&mut v.mem, 0x1000_0000, frame as u32, RW_US);
+    p.map_4k(&mut v.mem, 0x5000_0000, frame as u32, RW_US);
+    p.map_4k(&mut v.mem, 0x6000_0000, frame as u32, RW_US);
+    v.fault(0x1000_0000, Access::write());
+    v.fault(0x5000_0000, Access::write());
+    assert_eq!(v.mmu.aliases(frame), vec![0x1000_0000, 0x5000_0000]);
+    let before = v.win.protect_calls();
+    v.mmu.protect_code_page(&mut v.win, frame + 0x123).unwrap();
+    assert_eq!(v.win.protect_calls() - before, 2, "one mprotect per writable alias");
+    assert!(!v.win.at(0x1000_0000).unwrap().1.write && !v.win.at(0x5000_0000).unwrap().1.write);
+    // A write through a new alias goes to the monitor (the walk set D), and
+    // the alias is then born read-only although dirty.
+    assert_eq!(v.fault(0x6000_0000, Access::write()), emulate(frame, EmulateReason::CodeWrite));
+    assert_eq!(v.mmu.entry(0x6000_0000), None);
+    v.fault(0x6000_0000, Access::read());
+    assert_eq!(v.win.at(0x6000_0000), Some((frame, Prot::RX)));
+    // A write through any alias goes to the monitor.
+    assert_eq!(v.fault(0x5000_0010, Access::write()), emulate(frame + 0x10, EmulateReason::CodeWrite));
+    v.mmu.unprotect_code_page(&mut v.win, frame).unwrap();
+    v.win.assert_matches(&v.mmu);
+    for alias in [0x1000_0000, 0x5000_0000, 0x6000_0000] {
+        assert_eq!(v.win.at(alias), Some((frame, Prot::RWX)), "eagerly writable again: {alias:#x}");
+    }
+    let s = v.mmu.stats();
+    assert_eq!((s.code_pages_protected, s.code_pages_unprotected, s.emulate_code_write), (1, 1, 2));
+}
+
+#[test]
+fn code_protection_does_not_upgrade_clean_aliases() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0x20_3000, RW_US);
+    v.fault(0x1000_0000, Access::read()); // clean: RO for D emulation
+    v.mmu.protect_code_page(&mut v.win, 0x20_3000).unwrap();
+    assert_eq!(v.win.protect_calls(), 0, "already read-only");
+    v.mmu.unprotect_code_page(&mut v.win, 0x20_3000).unwrap();
+    assert_eq!(v.win.at(0x1000_0000), Some((0x20_3000, Prot::RX)), "still waiting for its first write");
+}
+
+#[test]
+fn mmio_low_page_and_vmm_area_are_emulated_never_mapped() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), cr4::PSE);
+    v.mem.holes.push(0xA_0000..0xC_0000);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0xB_8000, RW_US); // VGA text
+    p.map_4k(&mut v.mem, 0x0000_0000, 0x20_0000, RW_US); // guest page 0
+    p.map_4k(&mut v.mem, 0xFFC0_0000, 0x20_1000, pte::RW); // fixmap-like, VMM area
+    p.map_4k(&mut v.mem, 0x2000_0000, 0xF00_0000 + 0x100_0000, RW_US); // beyond RAM
+    assert_eq!(v.fault(0x1000_0002, Access::write()), emulate(0xB_8002, EmulateReason::Mmio));
+    assert_eq!(v.fault(0x0000_0010, Access::read()), emulate(0x20_0010, EmulateReason::LowPage));
+    assert_eq!(v.fault(0xFFC0_0004, Access::read()), emulate(0x20_1004, EmulateReason::VmmArea));
+    assert_eq!(v.fault(0x2000_0000, Access::read()), emulate(0x1000_0000, EmulateReason::Mmio));
+    assert!(v.win.calls.is_empty());
+    let s = v.mmu.stats();
+    assert_eq!((s.emulate_mmio, s.emulate_low_page, s.emulate_vmm_area, s.emulations()), (2, 1, 1, 4));
+}
+
+#[test]
+fn paging_off_maps_identity_runs_around_holes() {
+    let mut v = Vm::new(MmuConfig { batch_large: 1 << 20, ..MmuConfig::default() });
+    v.mem.holes.push(0xA_0000..0x10_0000);
+    assert_eq!(v.fault(0x0000_0800, Access::read()), emulate(0x800, EmulateReason::LowPage));
+    assert_eq!(v.fault(0x0000_5000, Access::write()), FaultOutcome::Resolved);
+    // [4 KiB, 640 KiB): page 0 and the hole stay out.
+    assert_eq!(v.win.calls, vec![MapCall::Map { gva: 0x1000, gpa: 0x1000, len: 0x9_F000, prot: Prot::RWX }]);
+    assert_eq!(v.fault(0x000B_8000, Access::write()), emulate(0xB_8000, EmulateReason::Mmio));
+}
+
+#[test]
+fn large_pages_are_mapped_in_one_call_and_clipped_below_the_vmm_area() {
+    let config = MmuConfig { vmm_base: 0xFF60_0000, ..MmuConfig::default() };
+    let (mut v, mut p) = vm32(config, cr4::PSE);
+    p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, pte::RW);
+    p.map_4m(&mut v.mem, 0xFF40_0000, 0x80_0000, pte::RW);
+    for i in 0..16 {
+        assert_eq!(v.fault(0x8000_0000 + i * 0x4_0000, Access::read()), FaultOutcome::Resolved);
+        if i == 0 {
+            assert_eq!(v.mmu.mapped_pages(), 1024);
+        }
+    }
+    assert_eq!(v.win.map_calls(), 1, "one mmap for the whole 4 MiB page");
+    v.fault(0xFF40_0000, Access::read());
+    assert_eq!(
+        v.win.calls.last(),
+        Some(&MapCall::Map { gva: 0xFF40_0000, gpa: 0x80_0000, len: 0x20_0000, prot: Prot::RX })
+    );
+    assert_eq!(v.fault(0xFF60_0000, Access::read()), emulate(0xA0_0000, EmulateReason::VmmArea));
+}
+
+#[test]
+fn a_write_to_a_clean_large_page_upgrades_all_its_shadows_at_once() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), cr4::PSE);
+    let pde = p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, pte::RW);
+    v.mmu.protect_code_page(&mut v.win, 0x40_2000).unwrap();
+    v.fault(0x8000_0000, Access::read());
+    // While the page is clean the code page has the same rights as the rest.
+    assert_eq!(v.win.map_calls(), 1);
+    v.fault(0x8010_0000, Access::write());
+    assert_eq!(v.mem.u32(pde) as u64 & AD, AD);
+    // Two mprotects: before and after the code page (the faulting page is
+    // upgraded with its siblings).
+    assert_eq!(v.win.protect_calls(), 2);
+    assert_eq!(v.win.at(0x8000_2000).unwrap().1, Prot::RX, "code page stays read-only");
+    assert_eq!(v.win.at(0x803F_F000).unwrap().1, Prot::RWX);
+    assert_eq!(v.mmu.stats().dirty_upgrades, 1);
+}
+
+#[test]
+fn batching_consecutive_accessed_ptes() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    for i in 0..32u32 {
+        p.map_4k(&mut v.mem, 0xC000_0000 + i * 4096, 0x20_0000 + i * 4096, pte::RW | AD);
+    }
+    for i in 0..32u32 {
+        // Only pages the window does not hold fault natively.
+        if v.win.at(0xC000_0000 + i * 4096).is_none() {
+            v.fault(0xC000_0000 + i * 4096, Access::write());
+        }
+    }
+    assert_eq!(v.win.map_calls(), 2, "two 64 KiB runs instead of 32 mmaps");
+    assert_eq!(v.mmu.stats().host_map_calls, 2);
+    assert_eq!(v.mmu.stats().pages_mapped, 32);
+    assert_eq!(v.mmu.stats().hidden_faults, 2, "the other 30 never faulted");
+}
+
+#[test]
+fn batching_is_slower_without_it() {
+    let config = MmuConfig { batch_small: 4096, ..MmuConfig::default() };
+    let (mut v, mut p) = vm32(config, 0);
+    for i in 0..32u32 {
+        p.map_4k(&mut v.mem, 0xC000_0000 + i * 4096, 0x20_0000 + i * 4096, pte::RW | AD);
+    }
+    for i in 0..32u32 {
+        v.fault(0xC000_0000 + i * 4096, Access::write());
+    }
+    assert_eq!(v.win.map_calls(), 32);
+}
+
+#[test]
+fn batching_respects_accessed_dirty_frames_and_rights() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    let base = 0xC000_0000u32;
+    let mut ptes = Vec::new();
+    for i in 0..16u32 {
+        ptes.push(p.map_4k(&mut v.mem, base + i * 4096, 0x20_0000 + i * 4096, RW_US | AD));
+    }
+    let clear = |v: &mut Vm, i: usize, bits: u64| v.mem.set_u32(ptes[i], v.mem.u32(ptes[i]) & !(bits as u32));
+    clear(&mut v, 2, pte::A); // never accessed: must not be pre-mapped (nor get A)
+    clear(&mut v, 9, pte::D); // clean: would be read-only, a different prot
+    v.mem.set_u32(ptes[12], 0x30_0000 | (RW_US | AD | pte::P) as u32); // not consecutive
+    v.fault(base + 5 * 4096, Access::write());
+    assert_eq!(
+        v.win.calls,
+        vec![MapCall::Map { gva: base + 3 * 4096, gpa: 0x20_3000, len: 6 * 4096, prot: Prot::RWX }]
+    );
+    assert_eq!(v.mem.u32(ptes[2]) as u64 & pte::A, 0);
+    assert_eq!(v.mem.u32(ptes[9]) as u64 & pte::D, 0);
+    v.fault(base + 10 * 4096, Access::read());
+    assert_eq!(v.win.calls[1], MapCall::Map { gva: base + 10 * 4096, gpa: 0x20_A000, len: 2 * 4096, prot: Prot::RWX });
+}
+
+#[test]
+fn pae_2m_pages_and_nx_shadows() {
+    let mut v = common::vm();
+    let mut p = shadow_mmu::fake::PagerPae::new(TABLES);
+    p.map_2m(&mut v.mem, 0x4000_0000, 0x40_0000, RW_US | pte::XD);
+    p.map_4k(&mut v.mem, 0x0804_8000, 0x20_0000, pte::US);
+    v.paging_pae(&p, true);
+    v.fault(0x4000_1000, Access::write().user());
+    assert_eq!(v.win.calls, vec![MapCall::Map { gva: 0x4000_0000, gpa: 0x40_0000, len: 0x20_0000, prot: Prot::RW }]);
+    assert_eq!(
+        v.fault(0x4000_1000, Access::fetch().user()),
+        FaultOutcome::GuestPageFault { cr2: 0x4000_1000, error_code: pf::P | pf::U | pf::ID }
+    );
+    // The #PF dropped the whole 2 MiB page's shadow, as it drops a TLB entry.
+    assert_eq!(v.mmu.mapped_pages(), 0);
+    v.fault(0x0804_8000, Access::fetch().user());
+    assert_eq!(v.win.at(0x0804_8000), Some((0x20_0000, Prot::RX)));
+}
+
+#[test]
+fn spurious_faults_are_counted_not_remapped() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US);
+    v.fault(0x1000_0000, Access::read());
+    v.fault(0x1000_0000, Access::read());
+    assert_eq!(v.mmu.stats().spurious, 1);
+    assert_eq!(v.win.calls.len(), 1);
+}
+
+#[test]
+fn user_isolation_unmaps_supervisor_pages_on_entry_to_cpl3() {
+    let config = MmuConfig { user_isolation: true, ..MmuConfig::default() };
+    let (mut v, mut p) = vm32(config, 0);
+    p.map_4k(&mut v.mem, 0xC000_0000, 0x20_0000, pte::RW | AD);
+    p.map_4k(&mut v.mem, 0xC000_1000, 0x20_1000, pte::RW | AD);
+    p.map_4k(&mut v.mem, 0x0804_8000, 0x20_2000, RW_US);
+    v.fault(0xC000_0000, Access::write());
+    v.fault(0x0804_8000, Access::read().user());
+    assert_eq!(v.mmu.supervisor_only_runs(), vec![(0xC000_0000, 0x2000)]);
+    v.mmu.set_cpl(&mut v.win, 3).unwrap();
+    v.win.assert_matches(&v.mmu);
+    assert!(v.mmu.supervisor_only_runs().is_empty());
+    assert!(v.mmu.entry(0x0804_8000).is_some());
+    // At CPL 3 an implicit supervisor access cannot be given a mapping.
+    let out = v.mmu.handle_fault(&mut v.mem, &mut v.win, 0xC000_0000, Access::read(), 3).unwrap();
+    assert_eq!(out, emulate(0x20_0000, EmulateReason::SupervisorInUserMode));
+    assert_eq!(v.mmu.stats().isolation_unmaps, 1);
+}
+
+#[test]
+fn shared_mode_keeps_supervisor_pages_but_reports_them() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0xC000_0000, 0x20_0000, pte::RW);
+    v.fault(0xC000_0000, Access::read());
+    v.mmu.set_cpl(&mut v.win, 3).unwrap();
+    assert_eq!(v.mmu.supervisor_only_runs(), vec![(0xC000_0000, 0x1000)]);
+}
+
+#[test]
+fn host_errors_propagate_and_leave_no_phantom_shadow() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US);
+    v.win.fail_next = true;
+    let err = v.mmu.handle_fault(&mut v.mem, &mut v.win, 0x1000_0000, Access::read(), 0).unwrap_err();
+    assert!(matches!(err, MmuError::Host(_)));
+    assert_eq!(v.mmu.mapped_pages(), 0);
+    v.win.assert_matches(&v.mmu);
+}
+
+#[test]
+fn counter_names_are_unique_and_stable() {
+    let v = vm();
+    let names: Vec<&str> = v.mmu.stats().counters().iter().map(|c| c.0).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len());
+    assert!(names.contains(&"shadow/faults/hidden") && names.contains(&"shadow/host/map"));
+}
