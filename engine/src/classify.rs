@@ -1,0 +1,526 @@
+//! The classification table: every IA-32 instruction that is control flow
+//! or sensitive, and what it is. Reads like the list in the architecture
+//! manual (and DynamoRIO's decode table): one row per instruction (family),
+//! first match wins, anything not listed is IDENT.
+//!
+//! iced-x86's `is_privileged()` is not enough: it misses POPF/PUSHF, SGDT,
+//! SIDT, SMSW, STR, MOV r,Sreg, LAR, IRET, which behave differently (and
+//! silently) when a de-privileged guest kernel runs them. No other module of
+//! the engine matches on opcodes: they ask this table.
+
+use iced_x86::{Code, FlowControl, Instruction, Mnemonic, OpKind};
+
+/// What the translator does with an instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// Copied as is into the TC.
+    Ident,
+    /// Changes EIP: rewritten to TC targets, lookups or callouts.
+    ControlFlow(Flow),
+    /// Behaves differently (or not at all) in host user mode: rewritten to
+    /// an inline sequence on virtual state or a callout.
+    Sensitive(Sensitive),
+}
+
+/// Control-flow kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Flow {
+    DirectJmp,
+    Jcc,
+    DirectCall,
+    Ret,
+    RetImm,
+    IndirectJmp,
+    IndirectCall,
+    /// LOOP/LOOPE/LOOPNE/JCXZ/JECXZ: counter semantics kept exactly.
+    Loop(LoopKind),
+    FarJmp,
+    FarCall,
+    FarRet,
+    Iret,
+    Int,
+    Int3,
+    Into,
+    Int1,
+    Sysenter,
+    Sysexit,
+    Syscall,
+    Sysret,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoopKind {
+    Loop,
+    Loope,
+    Loopne,
+    Jcxz,
+}
+
+/// Sensitive-instruction kinds: each has a virtual semantics the monitor
+/// implements (docs/translator.md lists them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Sensitive {
+    Pushf,
+    Popf,
+    Cli,
+    Sti,
+    MovToCr,
+    MovFromCr,
+    MovToDr,
+    MovFromDr,
+    /// MOV to/from test registers (386/486 only): #UD on later CPUs.
+    MovTr,
+    Lgdt,
+    Lidt,
+    Lldt,
+    Ltr,
+    Sgdt,
+    Sidt,
+    Sldt,
+    Str,
+    Smsw,
+    Lmsw,
+    Clts,
+    MovToSeg,
+    MovFromSeg,
+    PopSeg,
+    PushSeg,
+    /// LDS/LES/LFS/LGS/LSS.
+    LoadFarPtr,
+    Lar,
+    Lsl,
+    Verr,
+    Verw,
+    In,
+    Out,
+    Ins,
+    Outs,
+    Hlt,
+    Invlpg,
+    Invd,
+    Wbinvd,
+    Rdmsr,
+    Wrmsr,
+    Rdtsc,
+    Rdtscp,
+    Rdpmc,
+    Rdpid,
+    Cpuid,
+    Monitor,
+    Mwait,
+    Xsetbv,
+    Xgetbv,
+    Clac,
+    Stac,
+    Invpcid,
+    Rsm,
+    /// UD0/UD1/UD2: the guest gets #UD.
+    Ud,
+    /// Bytes iced cannot decode: the guest gets #UD.
+    Invalid,
+    /// Decodable but not supported by the translator (TSX, other control
+    /// flow not in this table): the guest gets #UD.
+    Unsupported,
+}
+
+/// Flag usage bits.
+pub const FLAGS_R: u8 = 1;
+pub const FLAGS_W: u8 = 2;
+
+/// A classified instruction: its class and attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Classification {
+    pub class: Class,
+    /// #GP(0) when executed at CPL > 0 (privileged instruction).
+    pub cpl0_only: bool,
+    /// #GP(0) when CPL > IOPL (CLI, STI, IN, OUT, INS, OUTS; POPF ignores IF).
+    pub iopl_sensitive: bool,
+    /// The block ends after this instruction.
+    pub ends_block: bool,
+    /// FLAGS_R / FLAGS_W of the guest's EFLAGS (arithmetic, IF, IOPL, AC).
+    pub flags: u8,
+}
+
+impl Classification {
+    pub fn is_ident(&self) -> bool {
+        self.class == Class::Ident
+    }
+}
+
+/// How a row matches.
+#[derive(Clone, Copy, Debug)]
+pub enum Pat {
+    /// Every encoding of a mnemonic.
+    M(Mnemonic),
+    /// Exactly these encodings.
+    C(&'static [Code]),
+}
+
+/// One row of the table.
+#[derive(Clone, Copy, Debug)]
+pub struct Row {
+    pub pat: Pat,
+    pub info: Classification,
+}
+
+const fn cf(pat: Pat, f: Flow) -> Row {
+    Row { pat, info: Classification { class: Class::ControlFlow(f), cpl0_only: false, iopl_sensitive: false, ends_block: true, flags: 0 } }
+}
+
+const fn se(pat: Pat, s: Sensitive) -> Row {
+    Row { pat, info: Classification { class: Class::Sensitive(s), cpl0_only: false, iopl_sensitive: false, ends_block: false, flags: 0 } }
+}
+
+impl Row {
+    /// Privileged: #GP at CPL > 0.
+    const fn p(mut self) -> Row {
+        self.info.cpl0_only = true;
+        self
+    }
+    /// IOPL-sensitive: #GP when CPL > IOPL.
+    const fn io(mut self) -> Row {
+        self.info.iopl_sensitive = true;
+        self
+    }
+    /// Ends the block (changes what the next instruction means).
+    const fn end(mut self) -> Row {
+        self.info.ends_block = true;
+        self
+    }
+    const fn fl(mut self, f: u8) -> Row {
+        self.info.flags = f;
+        self
+    }
+}
+
+use Flow as F;
+use Mnemonic as Mn;
+use Pat::{C, M};
+use Sensitive as S;
+const R: u8 = FLAGS_R;
+const W: u8 = FLAGS_W;
+
+/// THE table. First match wins; specific encodings come before mnemonics.
+pub static TABLE: &[Row] = &[
+    // ---- control flow ----
+    cf(C(&[Code::Jmp_rel8_16, Code::Jmp_rel8_32, Code::Jmp_rel16, Code::Jmp_rel32_32]), F::DirectJmp),
+    cf(C(&[Code::Jmp_rm16, Code::Jmp_rm32]), F::IndirectJmp),
+    cf(C(&[Code::Jmp_ptr1616, Code::Jmp_ptr1632, Code::Jmp_m1616, Code::Jmp_m1632]), F::FarJmp),
+    cf(C(&[Code::Call_rel16, Code::Call_rel32_32]), F::DirectCall),
+    cf(C(&[Code::Call_rm16, Code::Call_rm32]), F::IndirectCall),
+    cf(C(&[Code::Call_ptr1616, Code::Call_ptr1632, Code::Call_m1616, Code::Call_m1632]), F::FarCall),
+    cf(C(&[Code::Retnw, Code::Retnd]), F::Ret),
+    cf(C(&[Code::Retnw_imm16, Code::Retnd_imm16]), F::RetImm),
+    cf(C(&[Code::Retfw, Code::Retfd, Code::Retfw_imm16, Code::Retfd_imm16]), F::FarRet),
+    cf(M(Mn::Jo), F::Jcc).fl(R),
+    cf(M(Mn::Jno), F::Jcc).fl(R),
+    cf(M(Mn::Jb), F::Jcc).fl(R),
+    cf(M(Mn::Jae), F::Jcc).fl(R),
+    cf(M(Mn::Je), F::Jcc).fl(R),
+    cf(M(Mn::Jne), F::Jcc).fl(R),
+    cf(M(Mn::Jbe), F::Jcc).fl(R),
+    cf(M(Mn::Ja), F::Jcc).fl(R),
+    cf(M(Mn::Js), F::Jcc).fl(R),
+    cf(M(Mn::Jns), F::Jcc).fl(R),
+    cf(M(Mn::Jp), F::Jcc).fl(R),
+    cf(M(Mn::Jnp), F::Jcc).fl(R),
+    cf(M(Mn::Jl), F::Jcc).fl(R),
+    cf(M(Mn::Jge), F::Jcc).fl(R),
+    cf(M(Mn::Jle), F::Jcc).fl(R),
+    cf(M(Mn::Jg), F::Jcc).fl(R),
+    cf(M(Mn::Loop), F::Loop(LoopKind::Loop)),
+    cf(M(Mn::Loope), F::Loop(LoopKind::Loope)).fl(R),
+    cf(M(Mn::Loopne), F::Loop(LoopKind::Loopne)).fl(R),
+    cf(M(Mn::Jcxz), F::Loop(LoopKind::Jcxz)),
+    cf(M(Mn::Jecxz), F::Loop(LoopKind::Jcxz)),
+    cf(M(Mn::Iret), F::Iret).fl(W),
+    cf(M(Mn::Iretd), F::Iret).fl(W),
+    cf(M(Mn::Int), F::Int).fl(W),
+    cf(M(Mn::Int3), F::Int3).fl(W),
+    cf(M(Mn::Into), F::Into).fl(R | W),
+    cf(M(Mn::Int1), F::Int1).fl(W),
+    cf(M(Mn::Sysenter), F::Sysenter).fl(W),
+    cf(M(Mn::Sysexit), F::Sysexit).p().fl(W),
+    cf(M(Mn::Syscall), F::Syscall).fl(W),
+    cf(M(Mn::Sysret), F::Sysret).p().fl(W),
+    // ---- flags and interrupts ----
+    se(M(Mn::Pushf), S::Pushf).fl(R),
+    se(M(Mn::Pushfd), S::Pushf).fl(R),
+    se(M(Mn::Popf), S::Popf).fl(W),
+    se(M(Mn::Popfd), S::Popf).fl(W),
+    se(M(Mn::Cli), S::Cli).io().fl(W),
+    se(M(Mn::Sti), S::Sti).io().fl(W),
+    se(M(Mn::Clac), S::Clac).p().fl(W),
+    se(M(Mn::Stac), S::Stac).p().fl(W),
+    // ---- control, debug and test registers ----
+    se(C(&[Code::Mov_cr_r32]), S::MovToCr).p().end(),
+    se(C(&[Code::Mov_r32_cr]), S::MovFromCr).p(),
+    se(C(&[Code::Mov_dr_r32]), S::MovToDr).p(),
+    se(C(&[Code::Mov_r32_dr]), S::MovFromDr).p(),
+    se(C(&[Code::Mov_tr_r32, Code::Mov_r32_tr]), S::MovTr).p(),
+    se(M(Mn::Lmsw), S::Lmsw).p().end(),
+    se(M(Mn::Smsw), S::Smsw),
+    se(M(Mn::Clts), S::Clts).p(),
+    // ---- descriptor tables ----
+    se(M(Mn::Lgdt), S::Lgdt).p(),
+    se(M(Mn::Lidt), S::Lidt).p(),
+    se(M(Mn::Lldt), S::Lldt).p(),
+    se(M(Mn::Ltr), S::Ltr).p(),
+    se(M(Mn::Sgdt), S::Sgdt),
+    se(M(Mn::Sidt), S::Sidt),
+    se(M(Mn::Sldt), S::Sldt),
+    se(M(Mn::Str), S::Str),
+    se(M(Mn::Lar), S::Lar).fl(W),
+    se(M(Mn::Lsl), S::Lsl).fl(W),
+    se(M(Mn::Verr), S::Verr).fl(W),
+    se(M(Mn::Verw), S::Verw).fl(W),
+    // ---- segment registers (CS and SS show the virtual RPL) ----
+    se(C(&[Code::Mov_Sreg_rm16, Code::Mov_Sreg_r32m16]), S::MovToSeg),
+    se(C(&[Code::Mov_rm16_Sreg, Code::Mov_r32m16_Sreg]), S::MovFromSeg),
+    se(
+        C(&[
+            Code::Pushw_ES,
+            Code::Pushd_ES,
+            Code::Pushw_CS,
+            Code::Pushd_CS,
+            Code::Pushw_SS,
+            Code::Pushd_SS,
+            Code::Pushw_DS,
+            Code::Pushd_DS,
+            Code::Pushw_FS,
+            Code::Pushd_FS,
+            Code::Pushw_GS,
+            Code::Pushd_GS,
+        ]),
+        S::PushSeg,
+    ),
+    se(
+        C(&[
+            Code::Popw_ES,
+            Code::Popd_ES,
+            Code::Popw_CS,
+            Code::Popw_SS,
+            Code::Popd_SS,
+            Code::Popw_DS,
+            Code::Popd_DS,
+            Code::Popw_FS,
+            Code::Popd_FS,
+            Code::Popw_GS,
+            Code::Popd_GS,
+        ]),
+        S::PopSeg,
+    ),
+    se(M(Mn::Lds), S::LoadFarPtr),
+    se(M(Mn::Les), S::LoadFarPtr),
+    se(M(Mn::Lfs), S::LoadFarPtr),
+    se(M(Mn::Lgs), S::LoadFarPtr),
+    se(M(Mn::Lss), S::LoadFarPtr),
+    // ---- I/O (to the monitor's port bus) ----
+    se(M(Mn::In), S::In).io(),
+    se(M(Mn::Out), S::Out).io(),
+    se(M(Mn::Insb), S::Ins).io(),
+    se(M(Mn::Insw), S::Ins).io(),
+    se(M(Mn::Insd), S::Ins).io(),
+    se(M(Mn::Outsb), S::Outs).io(),
+    se(M(Mn::Outsw), S::Outs).io(),
+    se(M(Mn::Outsd), S::Outs).io(),
+    // ---- processor control ----
+    se(M(Mn::Hlt), S::Hlt).p().end(),
+    se(M(Mn::Invlpg), S::Invlpg).p(),
+    se(M(Mn::Invd), S::Invd).p(),
+    se(M(Mn::Wbinvd), S::Wbinvd).p(),
+    se(M(Mn::Wbnoinvd), S::Wbinvd).p(),
+    se(M(Mn::Invpcid), S::Invpcid).p(),
+    se(M(Mn::Rdmsr), S::Rdmsr).p(),
+    se(M(Mn::Wrmsr), S::Wrmsr).p(),
+    se(M(Mn::Rdtsc), S::Rdtsc),
+    se(M(Mn::Rdtscp), S::Rdtscp),
+    se(M(Mn::Rdpmc), S::Rdpmc),
+    se(M(Mn::Rdpid), S::Rdpid),
+    se(M(Mn::Cpuid), S::Cpuid),
+    se(M(Mn::Monitor), S::Monitor).p(),
+    se(M(Mn::Mwait), S::Mwait).p().end(),
+    se(M(Mn::Xsetbv), S::Xsetbv).p(),
+    se(M(Mn::Xgetbv), S::Xgetbv),
+    se(M(Mn::Rsm), S::Rsm).end().fl(W),
+    // ---- undefined ----
+    se(M(Mn::Ud0), S::Ud).end(),
+    se(M(Mn::Ud1), S::Ud).end(),
+    se(M(Mn::Ud2), S::Ud).end(),
+    se(M(Mn::Xbegin), S::Unsupported).end(),
+    se(M(Mn::Xabort), S::Unsupported).end(),
+    se(M(Mn::Xend), S::Unsupported).end(),
+];
+
+const IDENT: Classification = Classification { class: Class::Ident, cpl0_only: false, iopl_sensitive: false, ends_block: false, flags: 0 };
+const INVALID: Classification = se(M(Mn::INVALID), S::Invalid).end().info;
+const UNSUPPORTED: Classification = se(M(Mn::INVALID), S::Unsupported).end().info;
+
+impl Pat {
+    fn matches(&self, i: &Instruction) -> bool {
+        match *self {
+            Pat::M(m) => i.mnemonic() == m,
+            Pat::C(codes) => codes.contains(&i.code()),
+        }
+    }
+}
+
+/// Classifies one decoded instruction.
+pub fn classify(i: &Instruction) -> Classification {
+    if i.is_invalid() {
+        return INVALID;
+    }
+    if let Some(row) = TABLE.iter().find(|r| r.pat.matches(i)) {
+        return row.info;
+    }
+    // Safety net: any control transfer the table does not know must not be
+    // copied (its target would be relative to the TC).
+    if i.flow_control() != FlowControl::Next {
+        return UNSUPPORTED;
+    }
+    IDENT
+}
+
+/// Width of the counter a LOOP/JCXZ-family instruction uses (CX or ECX):
+/// its address size.
+pub fn loop_counter_is_cx(i: &Instruction) -> bool {
+    i.op_code().address_size() == 16
+}
+
+/// Operand size of a near branch, call or return (16 or 32).
+pub fn operand_size(i: &Instruction) -> u32 {
+    match i.op_code().operand_size() {
+        16 => 16,
+        _ => 32,
+    }
+}
+
+/// True when the instruction addresses memory through the guest's `GS`
+/// (explicit or implicit-with-override memory operand).
+pub fn uses_gs_memory(i: &Instruction) -> bool {
+    let mem = (0..i.op_count()).any(|n| {
+        matches!(
+            i.op_kind(n),
+            OpKind::Memory | OpKind::MemorySegSI | OpKind::MemorySegESI | OpKind::MemorySegDI | OpKind::MemorySegEDI
+        )
+    });
+    mem && i.memory_segment() == iced_x86::Register::GS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    fn class_of(bytes: &[u8]) -> Classification {
+        let mut d = Decoder::with_ip(32, bytes, 0x1000, DecoderOptions::NONE);
+        classify(&d.decode())
+    }
+
+    fn sens(bytes: &[u8]) -> Option<Sensitive> {
+        match class_of(bytes).class {
+            Class::Sensitive(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn is_privileged_misses_what_the_table_catches() {
+        // (bytes, expected kind): these are the silent ones of Robin & Irvine.
+        let cases: &[(&[u8], Sensitive)] = &[
+            (&[0x9D], S::Popf),                    // popfd
+            (&[0x9C], S::Pushf),                   // pushfd
+            (&[0x0F, 0x01, 0x00], S::Sgdt),        // sgdt [eax]
+            (&[0x0F, 0x01, 0x08], S::Sidt),        // sidt [eax]
+            (&[0x0F, 0x01, 0xE0], S::Smsw),        // smsw eax
+            (&[0x0F, 0x00, 0xC8], S::Str),         // str eax
+            (&[0x0F, 0x00, 0xC0], S::Sldt),        // sldt eax
+            (&[0x8C, 0xC8], S::MovFromSeg),        // mov eax, cs
+            (&[0x8C, 0xD0], S::MovFromSeg),        // mov eax, ss
+            (&[0x0F, 0x02, 0xC1], S::Lar),         // lar eax, ecx
+            (&[0x0F, 0x03, 0xC1], S::Lsl),         // lsl eax, ecx
+            (&[0x0F, 0x00, 0xE0], S::Verr),        // verr ax
+            (&[0x0E], S::PushSeg),                 // push cs
+            (&[0x17], S::PopSeg),                  // pop ss
+            (&[0xC5, 0x00], S::LoadFarPtr),        // lds eax, [eax]
+            (&[0x0F, 0xA2], S::Cpuid),             // cpuid
+            (&[0x0F, 0x31], S::Rdtsc),             // rdtsc
+        ];
+        for (bytes, kind) in cases {
+            let mut d = Decoder::with_ip(32, bytes, 0, DecoderOptions::NONE);
+            let i = d.decode();
+            assert_eq!(sens(bytes), Some(*kind), "{i}");
+        }
+        // IRET is control flow, also missed by is_privileged.
+        assert_eq!(class_of(&[0xCF]).class, Class::ControlFlow(F::Iret));
+    }
+
+    #[test]
+    fn privileged_rows() {
+        for bytes in [&[0x0F, 0x20, 0xC0][..], &[0x0F, 0x22, 0xD8], &[0xF4], &[0x0F, 0x01, 0x10], &[0x0F, 0x06], &[0x0F, 0x30]]
+        {
+            let c = class_of(bytes);
+            assert!(c.cpl0_only, "{bytes:x?} {c:?}");
+        }
+        assert!(class_of(&[0xFA]).iopl_sensitive);
+        assert!(class_of(&[0xE4, 0x60]).iopl_sensitive);
+        assert!(!class_of(&[0x0F, 0x01, 0x00]).cpl0_only); // sgdt is not privileged: that is the problem
+    }
+
+    #[test]
+    fn control_flow_rows() {
+        assert_eq!(class_of(&[0xEB, 0x00]).class, Class::ControlFlow(F::DirectJmp));
+        assert_eq!(class_of(&[0x74, 0x00]).class, Class::ControlFlow(F::Jcc));
+        assert_eq!(class_of(&[0xE8, 0, 0, 0, 0]).class, Class::ControlFlow(F::DirectCall));
+        assert_eq!(class_of(&[0xFF, 0xD0]).class, Class::ControlFlow(F::IndirectCall));
+        assert_eq!(class_of(&[0xFF, 0x20]).class, Class::ControlFlow(F::IndirectJmp));
+        assert_eq!(class_of(&[0xC3]).class, Class::ControlFlow(F::Ret));
+        assert_eq!(class_of(&[0xC2, 8, 0]).class, Class::ControlFlow(F::RetImm));
+        assert_eq!(class_of(&[0xCB]).class, Class::ControlFlow(F::FarRet));
+        assert_eq!(class_of(&[0xEA, 0, 0, 0, 0, 8, 0]).class, Class::ControlFlow(F::FarJmp));
+        assert_eq!(class_of(&[0xE2, 0]).class, Class::ControlFlow(F::Loop(LoopKind::Loop)));
+        assert_eq!(class_of(&[0xE3, 0]).class, Class::ControlFlow(F::Loop(LoopKind::Jcxz)));
+        assert_eq!(class_of(&[0xCD, 0x80]).class, Class::ControlFlow(F::Int));
+        assert_eq!(class_of(&[0x0F, 0x34]).class, Class::ControlFlow(F::Sysenter));
+        assert!(class_of(&[0xEB, 0x00]).ends_block);
+    }
+
+    #[test]
+    fn ident_rows() {
+        for bytes in [&[0x89, 0xC8][..], &[0xF3, 0xA4], &[0x8D, 0x44, 0x24, 0x04], &[0x0F, 0xB1, 0x0A], &[0x90], &[0xC9]] {
+            assert!(class_of(bytes).is_ident(), "{bytes:x?}");
+        }
+        assert_eq!(class_of(&[0x0F, 0x0B]).class, Class::Sensitive(S::Ud));
+        assert_eq!(class_of(&[0x0F, 0xFF]).class, Class::Sensitive(S::Ud)); // ud0
+        assert_eq!(class_of(&[0xD6]).class, Class::Sensitive(S::Invalid)); // salc is invalid for iced? or ident
+    }
+
+    #[test]
+    fn every_row_is_reachable_and_flow_rows_end_blocks() {
+        for (n, row) in TABLE.iter().enumerate() {
+            if let Class::ControlFlow(_) = row.info.class {
+                assert!(row.info.ends_block, "row {n}");
+            }
+            // A row shadowed by an earlier one would be dead.
+            if let Pat::C(codes) = row.pat {
+                for c in codes {
+                    let first = TABLE.iter().position(|r| match r.pat {
+                        Pat::C(cs) => cs.contains(c),
+                        Pat::M(m) => c.mnemonic() == m,
+                    });
+                    assert_eq!(first, Some(n), "{c:?} shadowed");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_decoding_uses_the_same_rows() {
+        let mut d = Decoder::with_ip(16, &[0x9C, 0xC3, 0x8C, 0xC8], 0, DecoderOptions::NONE);
+        assert_eq!(classify(&d.decode()).class, Class::Sensitive(S::Pushf));
+        let ret = d.decode();
+        assert_eq!(classify(&ret).class, Class::ControlFlow(F::Ret));
+        assert_eq!(operand_size(&ret), 16);
+        assert_eq!(classify(&d.decode()).class, Class::Sensitive(S::MovFromSeg));
+    }
+}

@@ -1,0 +1,520 @@
+//! Stage 3, emit: lowers mangled operations to IA-32 code with dynasmrt at
+//! the block's final TC address. Everything that must be patched later is
+//! in an explicit relocation list ([`ExitReloc`]); nothing searches the
+//! emitted bytes for magic values.
+//!
+//! Block layout in the TC:
+//!
+//! ```text
+//! indirect entry:  mov ecx, gs:[callout_target]; lea ecx, [ecx - EIP]; jecxz hit
+//!                  jmp miss_stub
+//!            hit:  (count hit) mov ecx, gs:[scratch0]
+//! entry:           poll (optional) -- chained jumps land here
+//! body:            one sequence per guest instruction
+//! exit stubs:      mov dword gs:[callout_id], ID; jmp far gs:[exit_far]
+//! ```
+//!
+//! Every sequence keeps the guest's arithmetic flags (mov, movzx, lea,
+//! jecxz, push/pop; PUSHF/POPF restore them with popfd) and records its
+//! recovery points as it goes.
+
+use crate::callout::CalloutKind;
+use crate::classify::LoopKind;
+use crate::mangle::{MangledInsn, Op};
+use crate::recover::RecoveryEntry;
+use crate::vmm_area::{vcpu, LOOKUP_TABLE, SCRATCH_ECX};
+use dynasmrt::x86::X86Relocation;
+use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi, VecAssembler};
+use iced_x86::Instruction;
+
+macro_rules! x86 {
+    ($asm:expr; $($t:tt)*) => {
+        dynasm!($asm ; .arch x86 ; $($t)*)
+    };
+}
+
+const SPILL: i32 = vcpu::scratch(SCRATCH_ECX) as i32;
+const CALLOUT_ID: i32 = vcpu::CALLOUT_ID as i32;
+const CALLOUT_TARGET: i32 = vcpu::CALLOUT_TARGET as i32;
+const VIF: i32 = vcpu::VIF as i32;
+const VIOPL: i32 = vcpu::VIOPL as i32;
+const POLL: i32 = vcpu::POLL as i32;
+const IRQ_PENDING: i32 = vcpu::IRQ_PENDING as i32;
+const HITS: i32 = vcpu::INDIRECT_HITS as i32;
+const TABLE: i32 = LOOKUP_TABLE as i32;
+const IF_MASK: i32 = 0x200;
+const IOPL_MASK: i32 = 0x3000;
+
+/// Where and how a block is emitted.
+#[derive(Clone, Copy, Debug)]
+pub struct EmitCtx {
+    /// Guest-linear (= TC segment) address of the block's first byte.
+    pub tc_addr: u32,
+    /// Guest-linear base of the VMM area (for `cs:[abs]` operands).
+    pub vmm_base: u32,
+    /// Id of the block's first callout site; the rest follow in order.
+    pub first_site: u32,
+    /// Address of the shared indirect-miss stub.
+    pub miss_stub: u32,
+    pub guest_eip: u32,
+    pub poll_at_entry: bool,
+    pub count_indirect_hits: bool,
+}
+
+/// A callout site of the block, before it is registered.
+#[derive(Clone, Debug)]
+pub struct PendingSite {
+    pub id: u32,
+    pub kind: CalloutKind,
+    pub guest_eip: u32,
+    pub next_eip: u32,
+    pub instruction: Instruction,
+    /// Offset in the block where execution continues after the callout.
+    pub resume_off: Option<u32>,
+    pub insns_before: u32,
+    /// For `BlockExit` sites: index into `Emitted::exits`.
+    pub exit: Option<usize>,
+}
+
+/// A chainable exit: the rel32 field of a `jmp`/`jcc` that targets its
+/// exit stub until `link` patches it to the target block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitReloc {
+    /// Offset of the rel32 field in the block.
+    pub field_off: u32,
+    /// Offset of the exit stub in the block.
+    pub stub_off: u32,
+    pub target_eip: u32,
+    pub site: u32,
+    /// Guest instructions retired when this exit is taken.
+    pub insns_before: u32,
+}
+
+/// Output of stage 3.
+#[derive(Clone, Debug)]
+pub struct Emitted {
+    pub code: Vec<u8>,
+    /// Offset of the direct entry (after the indirect-entry prologue).
+    pub entry_off: u32,
+    pub sites: Vec<PendingSite>,
+    pub exits: Vec<ExitReloc>,
+    pub recovery: Vec<RecoveryEntry>,
+    /// Per guest instruction: TC byte range of its inline translation.
+    pub insn_ranges: Vec<(u32, u32)>,
+    /// Start of the out-of-line exit stubs.
+    pub stubs_off: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
+    eip: u32,
+    spilled: bool,
+    gs: bool,
+    exact: bool,
+}
+
+struct Emitter {
+    asm: VecAssembler<X86Relocation>,
+    ctx: EmitCtx,
+    sites: Vec<PendingSite>,
+    exits: Vec<ExitReloc>,
+    /// Exit relocations waiting for their stub: (field offset, target, insns).
+    pending_exits: Vec<(u32, u32, u32)>,
+    recovery: Vec<RecoveryEntry>,
+    insns_done: u32,
+}
+
+/// Emits one mangled block.
+pub fn emit_block(ctx: EmitCtx, insns: &[MangledInsn]) -> Result<Emitted, dynasmrt::DynasmError> {
+    let mut e = Emitter {
+        asm: VecAssembler::new(ctx.tc_addr as usize),
+        ctx,
+        sites: Vec::new(),
+        exits: Vec::new(),
+        pending_exits: Vec::new(),
+        recovery: Vec::new(),
+        insns_done: 0,
+    };
+    e.indirect_entry();
+    let entry_off = e.off();
+    if ctx.poll_at_entry {
+        e.poll_check(ctx.guest_eip, POLL, None);
+    }
+    let mut insn_ranges = Vec::with_capacity(insns.len());
+    for m in insns {
+        let start = e.off();
+        let (eip, next) = (m.insn.eip(), m.insn.next_eip());
+        for op in &m.ops {
+            e.op(op, eip, next, &m.insn.instr);
+        }
+        insn_ranges.push((start, e.off()));
+        e.insns_done += 1;
+    }
+    let stubs_off = e.off();
+    e.exit_stubs();
+    let code = e.asm.finalize()?;
+    Ok(Emitted { code, entry_off, sites: e.sites, exits: e.exits, recovery: e.recovery, insn_ranges, stubs_off })
+}
+
+impl Emitter {
+    fn off(&self) -> u32 {
+        self.asm.offset().0 as u32
+    }
+
+    fn addr(&self) -> u32 {
+        self.ctx.tc_addr + self.off()
+    }
+
+    /// Records the guest state from here on.
+    fn mark(&mut self, eip: u32, spilled: bool, gs: bool, exact: bool) {
+        let e = RecoveryEntry { tc_off: self.off(), guest_eip: eip, ecx_spilled: spilled, gs_is_guest: gs, exact };
+        match self.recovery.last_mut() {
+            Some(last) if last.tc_off == e.tc_off => *last = e,
+            Some(last) if State::of(last) == State::of(&e) => {}
+            _ => self.recovery.push(e),
+        }
+    }
+
+    fn at(&mut self, eip: u32) {
+        self.mark(eip, false, false, true);
+    }
+
+    fn spill_ecx(&mut self) {
+        x86!(self.asm; gs mov DWORD [SPILL], ecx);
+    }
+
+    fn reload_ecx(&mut self) {
+        x86!(self.asm; gs mov ecx, DWORD [SPILL]);
+    }
+
+    /// `mov dword gs:[callout_id], ID; jmp far gs:[exit_far]` (docs/tc-abi.md).
+    fn callout(&mut self, kind: CalloutKind, eip: u32, next: u32, instr: &Instruction, resume: bool) -> u32 {
+        let id = self.ctx.first_site + self.sites.len() as u32;
+        emit_callout(&mut self.asm, id);
+        let resume_off = resume.then(|| self.off());
+        self.sites.push(PendingSite {
+            id,
+            kind,
+            guest_eip: eip,
+            next_eip: next,
+            instruction: *instr,
+            resume_off,
+            insns_before: self.insns_done,
+            exit: None,
+        });
+        id
+    }
+
+    /// A 5/6-byte jump whose rel32 goes to an exit stub for `target`.
+    fn exit_jump(&mut self, opcode: &[u8], target: u32, insns: u32) {
+        self.asm.extend(opcode);
+        let field = self.off();
+        self.asm.extend([0u8; 4]);
+        self.pending_exits.push((field, target, insns));
+    }
+
+    fn rel32_to(&mut self, opcode: &[u8], abs: u32) {
+        self.asm.extend(opcode);
+        let rel = abs.wrapping_sub(self.addr() + 4);
+        self.asm.extend(rel.to_le_bytes());
+    }
+
+    fn indirect_entry(&mut self) {
+        let eip = self.ctx.guest_eip;
+        self.mark(eip, true, false, true);
+        let neg = eip.wrapping_neg() as i32;
+        x86!(self.asm
+            ; gs mov ecx, DWORD [CALLOUT_TARGET]
+            ; lea ecx, [ecx + neg]
+            ; jecxz >hit
+        );
+        let miss = self.ctx.miss_stub;
+        self.rel32_to(&[0xE9], miss);
+        x86!(self.asm; hit:);
+        if self.ctx.count_indirect_hits {
+            x86!(self.asm
+                ; gs mov ecx, DWORD [HITS]
+                ; lea ecx, [ecx + 1]
+                ; gs mov DWORD [HITS], ecx
+            );
+        }
+        self.reload_ecx();
+        self.at(eip);
+    }
+
+    /// Spill ECX, load `flag` (and the virtual IF first when `vif`), exit
+    /// with `Poll` when nonzero. Resumes after the check with ECX reloaded.
+    fn poll_check(&mut self, eip: u32, flag: i32, vif: Option<()>) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        if vif.is_some() {
+            x86!(self.asm; gs mov ecx, DWORD [VIF]; jecxz >skip);
+        }
+        x86!(self.asm; gs mov ecx, DWORD [flag]; jecxz >skip);
+        self.reload_ecx();
+        self.at(eip);
+        let id = self.ctx.first_site + self.sites.len() as u32;
+        emit_callout(&mut self.asm, id);
+        self.mark(eip, true, false, true);
+        x86!(self.asm; skip:);
+        self.reload_ecx();
+        self.at(eip);
+        let resume = self.off();
+        self.sites.push(PendingSite {
+            id,
+            kind: CalloutKind::Poll,
+            guest_eip: eip,
+            next_eip: eip,
+            instruction: Instruction::default(),
+            resume_off: Some(resume),
+            insns_before: self.insns_done,
+            exit: None,
+        });
+    }
+
+    /// Stores ECX as the lookup target and jumps through the table:
+    /// `jmp gs:[LOOKUP_TABLE + (target & 0xffff) * 4]`. ECX stays spilled;
+    /// the entry prologue reloads it.
+    fn dispatch(&mut self, eip: u32) {
+        self.mark(eip, true, false, false);
+        x86!(self.asm
+            ; gs mov DWORD [CALLOUT_TARGET], ecx
+            ; movzx ecx, cx
+            ; gs jmp DWORD [ecx * 4 + TABLE]
+        );
+    }
+
+    fn op(&mut self, op: &Op, eip: u32, next: u32, instr: &Instruction) {
+        match op {
+            Op::Copy { bytes, gs } => self.copy(bytes, *gs, eip, next),
+            Op::Callout { kind, resume } => {
+                self.at(eip);
+                self.callout(*kind, eip, next, instr, *resume);
+                if *resume {
+                    self.at(next);
+                }
+            }
+            Op::Jmp { target } | Op::FallThrough { target } => {
+                self.at(*target);
+                let n = self.insns_done + 1;
+                self.exit_jump(&[0xE9], *target, n);
+            }
+            Op::Jcc { cc, target, fallthrough } => {
+                self.at(eip);
+                let n = self.insns_done + 1;
+                self.exit_jump(&[0x0F, 0x80 | cc], *target, n);
+                self.at(*fallthrough);
+                self.exit_jump(&[0xE9], *fallthrough, n);
+            }
+            Op::Loop { kind, cx, target, fallthrough } => self.loop_op(*kind, *cx, *target, *fallthrough, eip),
+            Op::Call { ret_eip, op16, target } => {
+                self.at(eip);
+                self.push_imm(*ret_eip, *op16);
+                self.at(*target);
+                let n = self.insns_done + 1;
+                self.exit_jump(&[0xE9], *target, n);
+            }
+            Op::Ret { op16, imm, ss32 } => self.ret(*op16, *imm, *ss32, eip),
+            Op::IndirectJmp { load, op16 } => {
+                self.at(eip);
+                self.spill_ecx();
+                self.mark(eip, true, false, true);
+                self.asm.extend(load.iter());
+                if *op16 {
+                    x86!(self.asm; movzx ecx, cx);
+                }
+                self.dispatch(eip);
+            }
+            Op::IndirectCall { load, op16, ret_eip } => {
+                self.at(eip);
+                self.spill_ecx();
+                self.mark(eip, true, false, true);
+                self.asm.extend(load.iter());
+                self.push_imm(*ret_eip, *op16);
+                if *op16 {
+                    x86!(self.asm; movzx ecx, cx);
+                }
+                self.dispatch(eip);
+            }
+            Op::SetVif(v) => {
+                self.at(eip);
+                let v = *v as i32;
+                x86!(self.asm; gs mov DWORD [VIF], v);
+                self.at(next);
+            }
+            Op::Pushf => self.pushf(eip, next),
+            Op::Popf => self.popf(eip, next),
+            Op::IrqCheck { check_vif } => self.poll_check(next, IRQ_PENDING, check_vif.then_some(())),
+        }
+    }
+
+    fn copy(&mut self, bytes: &[u8], gs: bool, eip: u32, next: u32) {
+        self.at(eip);
+        if !gs {
+            self.asm.extend(bytes.iter());
+            return;
+        }
+        // mov gs, cs:[guest_gs_sel]; instr; mov gs, cs:[vmm_gs_sel]
+        let guest_sel = (self.ctx.vmm_base + vcpu::GUEST_GS_SEL) as i32;
+        let vmm_sel = (self.ctx.vmm_base + vcpu::VMM_GS_SEL) as i32;
+        x86!(self.asm; cs mov gs, WORD [guest_sel]);
+        self.mark(eip, false, true, true);
+        self.asm.extend(bytes.iter());
+        self.mark(next, false, true, true);
+        x86!(self.asm; cs mov gs, WORD [vmm_sel]);
+        self.at(next);
+    }
+
+    fn push_imm(&mut self, value: u32, op16: bool) {
+        if op16 {
+            let v = value as u16 as i16;
+            x86!(self.asm; push WORD v);
+        } else {
+            let v = value as i32;
+            x86!(self.asm; push DWORD v);
+        }
+    }
+
+    fn loop_op(&mut self, kind: LoopKind, cx: bool, target: u32, fallthrough: u32, eip: u32) {
+        self.at(eip);
+        if cx {
+            self.asm.push(0x67); // address-size prefix: the counter is CX
+        }
+        // The instruction itself, with its counter and flags semantics,
+        // jumping over the fall-through exit to the taken exit.
+        match kind {
+            LoopKind::Loop => x86!(self.asm; loop >taken),
+            LoopKind::Loope => x86!(self.asm; loope >taken),
+            LoopKind::Loopne => x86!(self.asm; loopne >taken),
+            LoopKind::Jcxz => x86!(self.asm; jecxz >taken),
+        }
+        let n = self.insns_done + 1;
+        self.at(fallthrough);
+        self.exit_jump(&[0xE9], fallthrough, n);
+        x86!(self.asm; taken:);
+        self.at(target);
+        self.exit_jump(&[0xE9], target, n);
+    }
+
+    /// RET / RET imm16: pop the guest return address into ECX (precise: a
+    /// faulting pop changes nothing), release imm16 bytes with LEA, look up.
+    fn ret(&mut self, op16: bool, imm: u16, ss32: bool, eip: u32) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        if op16 {
+            x86!(self.asm; pop cx);
+        } else {
+            x86!(self.asm; pop ecx);
+        }
+        self.mark(eip, true, false, false);
+        if imm != 0 {
+            let imm = i32::from(imm);
+            if ss32 {
+                x86!(self.asm; lea esp, [esp + imm]);
+            } else {
+                x86!(self.asm; lea sp, [esp + imm]);
+            }
+        }
+        if op16 {
+            x86!(self.asm; movzx ecx, cx);
+        }
+        self.dispatch(eip);
+    }
+
+    /// PUSHFD: push the real flags, rewrite IF/IOPL in the pushed image
+    /// from the virtual ones, restore the real flags with POPFD.
+    fn pushf(&mut self, eip: u32, next: u32) {
+        self.at(eip);
+        x86!(self.asm; pushf);
+        // ESP moved: from here on nothing can fault.
+        self.mark(eip, false, false, false);
+        self.spill_ecx();
+        self.mark(eip, true, false, false);
+        let keep = !(IF_MASK | IOPL_MASK);
+        x86!(self.asm
+            ; mov ecx, [esp]
+            ; and ecx, keep
+            ; gs or ecx, DWORD [VIF]
+            ; gs or ecx, DWORD [VIOPL]
+            ; popf
+            ; push ecx
+        );
+        self.reload_ecx();
+        self.at(next);
+    }
+
+    /// POPFD: virtual IF/IOPL from the popped image, everything else into
+    /// the real flags (host CPL 3 POPF ignores IF and IOPL).
+    fn popf(&mut self, eip: u32, next: u32) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        x86!(self.asm; mov ecx, [esp]);
+        // The first read succeeded: the rest cannot fault.
+        self.mark(eip, true, false, false);
+        x86!(self.asm
+            ; and ecx, IF_MASK
+            ; gs mov DWORD [VIF], ecx
+            ; mov ecx, [esp]
+            ; and ecx, IOPL_MASK
+            ; gs mov DWORD [VIOPL], ecx
+        );
+        self.reload_ecx();
+        x86!(self.asm; popf);
+        self.at(next);
+    }
+
+    /// Out-of-line exit stubs, then the relocations of the jumps to them.
+    fn exit_stubs(&mut self) {
+        let pending = std::mem::take(&mut self.pending_exits);
+        for (field, target, insns) in pending {
+            let stub = self.off();
+            self.at(target);
+            let id = self.ctx.first_site + self.sites.len() as u32;
+            emit_callout(&mut self.asm, id);
+            self.sites.push(PendingSite {
+                id,
+                kind: CalloutKind::BlockExit,
+                guest_eip: target,
+                next_eip: target,
+                instruction: Instruction::default(),
+                resume_off: None,
+                insns_before: insns,
+                exit: Some(self.exits.len()),
+            });
+            self.exits.push(ExitReloc { field_off: field, stub_off: stub, target_eip: target, site: id, insns_before: insns });
+        }
+        let exits = self.exits.clone();
+        let mut alter = self.asm.alter();
+        for x in exits {
+            let rel = x.stub_off.wrapping_sub(x.field_off + 4);
+            alter.goto(dynasmrt::AssemblyOffset(x.field_off as usize));
+            alter.extend(rel.to_le_bytes());
+        }
+    }
+}
+
+impl State {
+    fn of(e: &RecoveryEntry) -> State {
+        State { eip: e.guest_eip, spilled: e.ecx_spilled, gs: e.gs_is_guest, exact: e.exact }
+    }
+}
+
+/// The callout sequence of docs/tc-abi.md. `jmp far m16:32` is not in
+/// dynasm's x86 syntax: raw bytes `65 FF 2D disp32` (FF /5, GS prefix).
+pub fn emit_callout(asm: &mut VecAssembler<X86Relocation>, id: u32) {
+    let id = id as i32;
+    x86!(asm; gs mov DWORD [CALLOUT_ID], id);
+    asm.extend([0x65, 0xFF, 0x2D]);
+    asm.extend(vcpu::EXIT_FAR.to_le_bytes());
+}
+
+/// The shared indirect-miss stub: reload ECX, callout `IndirectMiss`.
+pub fn emit_miss_stub(tc_addr: u32, id: u32) -> Vec<u8> {
+    let mut asm: VecAssembler<X86Relocation> = VecAssembler::new(tc_addr as usize);
+    x86!(asm; gs mov ecx, DWORD [SPILL]);
+    emit_callout(&mut asm, id);
+    asm.finalize().unwrap_or_default()
+}

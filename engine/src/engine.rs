@@ -1,0 +1,569 @@
+//! The translation cache and its bookkeeping: blocks by key, by TC address
+//! and by guest-physical page; callout sites; chaining; the indirect
+//! lookup table; invalidation and flush.
+
+use crate::callout::{CalloutKind, CalloutSite, FIRST_SITE_ID, MISS_SITE_ID};
+use crate::decode::{self, CodePage, GuestCode};
+use crate::emit::{self, EmitCtx, Emitted};
+use crate::link::{self, ExitLink, LinkRef};
+use crate::mangle::{self, Disposition, MangleCtx, MangledInsn};
+use crate::recover::{self, Recovery, RecoveryEntry};
+use crate::stats::Stats;
+use crate::vmm_area::{self, VmmAreaView, LOOKUP_ENTRIES, LOOKUP_TABLE, SCRATCH_ECX, TC};
+use crate::{BlockKey, Config, EngineError, KeyContext};
+use iced_x86::{Instruction, Register};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// One guest instruction of a block, as translated (for logs and tests).
+#[derive(Clone, Debug)]
+pub struct GuestInsnRecord {
+    pub instr: Instruction,
+    pub bytes: Vec<u8>,
+    pub disposition: Disposition,
+    /// TC address range of its inline translation.
+    pub tc_start: u32,
+    pub tc_end: u32,
+}
+
+/// A translated block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub key: BlockKey,
+    /// First TC byte (the indirect-entry prologue; lookup table entries).
+    pub tc_start: u32,
+    pub tc_len: u32,
+    /// Direct entry (chains and the monitor enter here).
+    pub entry: u32,
+    /// Start of the out-of-line exit stubs.
+    pub stubs: u32,
+    pub pages: Vec<CodePage>,
+    pub exits: Vec<ExitLink>,
+    /// Exits of other blocks chained to this one.
+    pub incoming: Vec<LinkRef>,
+    pub recovery: Vec<RecoveryEntry>,
+    pub insns: Vec<GuestInsnRecord>,
+    pub guest_bytes: u32,
+    /// Callout site ids of this block (contiguous).
+    pub sites: std::ops::Range<u32>,
+    /// Lookup-table slots that may point at this block.
+    indirect_slots: Vec<u16>,
+}
+
+#[derive(Clone, Debug)]
+struct SiteRecord {
+    site: CalloutSite,
+    block: Option<u32>,
+    exit: Option<usize>,
+}
+
+/// The translator: owns the TC, the lookup table and their maps.
+pub struct Engine {
+    view: VmmAreaView,
+    config: Config,
+    /// TC offsets (from the VMM area base): first block byte, next free, end.
+    tc_first: u32,
+    tc_next: u32,
+    tc_end: u32,
+    miss_stub: u32,
+    miss_len: u32,
+    miss_site: CalloutSite,
+    blocks: Vec<Option<Block>>,
+    by_key: HashMap<BlockKey, u32>,
+    by_tc: BTreeMap<u32, u32>,
+    by_page: BTreeMap<u64, Vec<u32>>,
+    new_pages: BTreeSet<u64>,
+    indirect: Vec<Option<u32>>,
+    indirect_ctx: Option<KeyContext>,
+    sites: Vec<SiteRecord>,
+    site_base: u32,
+    generation: u64,
+    stats: Stats,
+}
+
+impl Engine {
+    /// Sets up the TC in `view`: writes the shared stubs and an empty lookup
+    /// table (every entry aimed at the miss stub).
+    pub fn new(view: VmmAreaView, config: Config) -> Result<Engine, EngineError> {
+        if view.base % 0x40_0000 != 0 {
+            return Err(EngineError::Misaligned(view.base));
+        }
+        let tc_size = config.tc_size.min(vmm_area::TC_SIZE);
+        let need = (TC + tc_size) as usize;
+        if view.len() < need {
+            return Err(EngineError::AreaTooSmall { have: view.len(), need });
+        }
+        let miss_stub = view.addr(TC);
+        let stub = emit::emit_miss_stub(miss_stub, MISS_SITE_ID);
+        let miss_len = stub.len() as u32;
+        let tc_first = (TC + miss_len).next_multiple_of(16);
+        let mut e = Engine {
+            view,
+            config: Config { tc_size, ..config },
+            tc_first,
+            tc_next: tc_first,
+            tc_end: TC + tc_size,
+            miss_stub,
+            miss_len,
+            miss_site: CalloutSite {
+                id: MISS_SITE_ID,
+                kind: CalloutKind::IndirectMiss,
+                guest_eip: 0,
+                next_eip: 0,
+                instruction: Instruction::default(),
+                resume_tc: None,
+                insns_before: 0,
+            },
+            blocks: Vec::new(),
+            by_key: HashMap::new(),
+            by_tc: BTreeMap::new(),
+            by_page: BTreeMap::new(),
+            new_pages: BTreeSet::new(),
+            indirect: vec![None; LOOKUP_ENTRIES as usize],
+            indirect_ctx: None,
+            sites: Vec::new(),
+            site_base: FIRST_SITE_ID,
+            generation: 0,
+            stats: Stats::default(),
+        };
+        e.view.write(TC, &stub);
+        e.clear_table();
+        e.stats.tc_bytes_used = u64::from(tc_first - TC);
+        Ok(e)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Guest-linear base of the VMM area.
+    pub fn vmm_base(&self) -> u32 {
+        self.view.base
+    }
+
+    /// Bumped by every flush: TC addresses of older generations are dead.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The translation of `key` (its direct entry), translating it first if
+    /// needed. May flush the whole TC when it is full.
+    pub fn translate(&mut self, key: BlockKey, code: &mut dyn GuestCode) -> Result<u32, EngineError> {
+        if let Some(tc) = self.lookup(&key) {
+            return Ok(tc);
+        }
+        let decoded = decode::decode_block(&key, code, self.config.max_block_insns)?;
+        let mctx = MangleCtx { cpl: key.cpl, ss32: key.ss32(), cs32: key.cs32, inline_flags: self.config.inline_flags };
+        let mangled = mangle::mangle(&decoded, &mctx);
+        let emitted = match self.emit_at_next(&key, &mangled)? {
+            Some(e) => e,
+            None => {
+                tracing::debug!(target: "engine", "translation cache full: flushing");
+                self.flush();
+                self.emit_at_next(&key, &mangled)?.ok_or(EngineError::BlockTooLarge)?
+            }
+        };
+        Ok(self.install(key, decoded.pages, mangled, emitted))
+    }
+
+    /// What the monitor calls to enter the TC at `key`: makes `key`'s
+    /// context current for the lookup table (which holds the blocks of one
+    /// context only: its entries compare the guest EIP, not CS or mode)
+    /// and translates if needed.
+    pub fn enter(&mut self, key: BlockKey, code: &mut dyn GuestCode) -> Result<u32, EngineError> {
+        self.switch_context(key.context());
+        self.translate(key, code)
+    }
+
+    /// The direct entry of `key`'s translation, if any.
+    pub fn lookup(&self, key: &BlockKey) -> Option<u32> {
+        self.by_key.get(key).and_then(|&id| self.blocks[id as usize].as_ref()).map(|b| b.entry)
+    }
+
+    /// The translated block of `key`.
+    pub fn block(&self, key: &BlockKey) -> Option<&Block> {
+        self.by_key.get(key).and_then(|&id| self.blocks[id as usize].as_ref())
+    }
+
+    /// The block whose TC bytes contain `tc_eip`.
+    pub fn block_at(&self, tc_eip: u32) -> Option<&Block> {
+        let (_, &id) = self.by_tc.range(..=tc_eip).next_back()?;
+        let b = self.blocks[id as usize].as_ref()?;
+        (tc_eip < b.tc_start + b.tc_len).then_some(b)
+    }
+
+    /// The callout site `id` (from `VcpuPage.callout_id`).
+    pub fn callout_site(&self, id: u32) -> Option<&CalloutSite> {
+        if id == MISS_SITE_ID {
+            return Some(&self.miss_site);
+        }
+        let n = id.checked_sub(self.site_base)?;
+        self.sites.get(n as usize).map(|r| &r.site)
+    }
+
+    /// After a `BlockExit` callout and the translation of its target:
+    /// patches the exit to jump straight to the target (unless chaining is
+    /// off) and returns the target's entry.
+    pub fn chain(&mut self, id: u32) -> Result<u32, EngineError> {
+        let n = id.checked_sub(self.site_base).ok_or(EngineError::UnknownSite(id))?;
+        let rec = self.sites.get(n as usize).ok_or(EngineError::UnknownSite(id))?;
+        if rec.site.kind != CalloutKind::BlockExit {
+            return Err(EngineError::NotBlockExit(id));
+        }
+        let (Some(src), Some(exit)) = (rec.block, rec.exit) else {
+            return Err(EngineError::StaleSite(id));
+        };
+        let Some(sb) = self.blocks[src as usize].as_ref() else {
+            return Err(EngineError::StaleSite(id));
+        };
+        let key = sb.key.with_eip(rec.site.next_eip);
+        let dst = *self.by_key.get(&key).ok_or(EngineError::NotTranslated(key))?;
+        if self.config.chaining {
+            self.link(src, exit, dst);
+        }
+        Ok(self.blk(dst).entry)
+    }
+
+    /// Makes indirect branches to `key.eip` (in `key`'s context) find its
+    /// translation inline. `key` must be translated.
+    pub fn install_indirect(&mut self, key: &BlockKey) -> Result<(), EngineError> {
+        let id = *self.by_key.get(key).ok_or(EngineError::NotTranslated(*key))?;
+        self.switch_context(key.context());
+        let slot = key.eip as u16;
+        let start = self.blk(id).tc_start;
+        self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), start);
+        self.indirect[slot as usize] = Some(id);
+        if let Some(b) = self.blocks[id as usize].as_mut() {
+            b.indirect_slots.push(slot);
+        }
+        self.stats.indirect_installs += 1;
+        Ok(())
+    }
+
+    /// Precise guest state at a TC address (docs/tc-abi.md "Precise state").
+    pub fn recover(&self, tc_eip: u32) -> Option<Recovery> {
+        let miss = self.miss_stub;
+        if (miss..miss + self.miss_len).contains(&tc_eip) {
+            let spilled = tc_eip == miss;
+            return Some(Recovery {
+                guest_eip: 0,
+                restore: if spilled { vec![(Register::ECX, SCRATCH_ECX)] } else { Vec::new() },
+                gs_is_guest: false,
+                exact: true,
+                eip_is_callout_target: true,
+            });
+        }
+        let b = self.block_at(tc_eip)?;
+        recover::find(&b.recovery, tc_eip - b.tc_start).map(RecoveryEntry::to_recovery)
+    }
+
+    /// Drops every block decoded from guest-physical page `page` (a write
+    /// hit it): unlinks the chains into them, clears their lookup-table
+    /// entries. Returns the keys dropped.
+    pub fn invalidate_phys_page(&mut self, page: u64) -> Vec<BlockKey> {
+        let ids = self.by_page.get(&(page & !0xFFF)).cloned().unwrap_or_default();
+        let keys: Vec<BlockKey> = ids.iter().filter_map(|&id| self.drop_block(id)).collect();
+        if !keys.is_empty() {
+            self.stats.invalidations += 1;
+            self.stats.blocks_invalidated += keys.len() as u64;
+        }
+        keys
+    }
+
+    /// Drops blocks whose linear pages no longer map to the physical pages
+    /// they were decoded from (call after MOV CR3 / INVLPG of code pages).
+    pub fn revalidate_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
+        let stale: Vec<u32> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .filter_map(|(id, b)| b.as_ref().map(|b| (id, b)))
+            .filter(|(_, b)| b.pages.iter().any(|p| code.phys_page(p.linear) != Some(p.phys)))
+            .map(|(id, _)| id as u32)
+            .collect();
+        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
+        if !keys.is_empty() {
+            self.stats.invalidations += 1;
+            self.stats.blocks_invalidated += keys.len() as u64;
+        }
+        keys
+    }
+
+    /// Guest-physical pages that hold translated code now: the monitor
+    /// write-protects them in every shadow mapping.
+    pub fn code_pages(&self) -> Vec<u64> {
+        self.by_page.keys().copied().collect()
+    }
+
+    /// Code pages that appeared since the last call (incremental protection).
+    pub fn take_new_code_pages(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.new_pages).into_iter().collect()
+    }
+
+    /// Forgets every translation: TC, lookup table, callout sites (ids are
+    /// never reused: sites of older generations answer `None`).
+    pub fn flush(&mut self) {
+        self.blocks.clear();
+        self.by_key.clear();
+        self.by_tc.clear();
+        self.by_page.clear();
+        self.new_pages.clear();
+        self.clear_table();
+        self.site_base += self.sites.len() as u32;
+        self.sites.clear();
+        self.tc_next = self.tc_first;
+        self.generation += 1;
+        self.stats.flushes += 1;
+        self.stats.tc_bytes_used = u64::from(self.tc_first - TC);
+    }
+
+    /// Monitor-reported: a callout was taken (for statistics).
+    pub fn note_callout(&mut self, id: u32) {
+        let Some(kind) = self.callout_site(id).map(|s| s.kind) else { return };
+        *self.stats.callouts_taken.entry(kind.name()).or_default() += 1;
+        match kind {
+            CalloutKind::BlockExit => self.stats.exits_unchained += 1,
+            CalloutKind::IndirectMiss => self.stats.indirect_misses += 1,
+            _ => {}
+        }
+    }
+
+    /// The counters (indirect hits read from the vCPU page).
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.indirect_hits = u64::from(self.view.read_u32(vmm_area::vcpu::INDIRECT_HITS));
+        s
+    }
+
+    /// Guest instructions of `key`'s block next to their translation.
+    pub fn disassemble_block(&self, key: &BlockKey) -> Option<String> {
+        let b = self.block(key)?;
+        let tc = self.view.read(b.tc_start - self.view.base, b.tc_len as usize);
+        Some(crate::disasm::listing(b, tc))
+    }
+
+    /// TC bytes of `key`'s block (for tests and tools).
+    pub fn block_bytes(&self, key: &BlockKey) -> Option<&[u8]> {
+        let b = self.block(key)?;
+        Some(self.view.read(b.tc_start - self.view.base, b.tc_len as usize))
+    }
+
+    /// The lookup-table entry for a guest EIP.
+    pub fn table_entry(&self, guest_eip: u32) -> u32 {
+        self.view.read_u32(LOOKUP_TABLE + 4 * (guest_eip & 0xFFFF))
+    }
+
+    /// Address of the shared indirect-miss stub.
+    pub fn miss_stub(&self) -> u32 {
+        self.miss_stub
+    }
+
+    /// Current target of an exit's jump (its stub, or a chained block).
+    pub fn exit_target(&self, exit: &ExitLink) -> u32 {
+        link::aimed_at(&self.view, exit.field)
+    }
+
+    // ---- internals ----
+
+    fn blk(&self, id: u32) -> &Block {
+        self.blocks[id as usize].as_ref().expect("live block")
+    }
+
+    fn emit_at_next(&self, key: &BlockKey, mangled: &[MangledInsn]) -> Result<Option<Emitted>, EngineError> {
+        let ctx = EmitCtx {
+            tc_addr: self.view.addr(self.tc_next),
+            vmm_base: self.view.base,
+            first_site: self.site_base + self.sites.len() as u32,
+            miss_stub: self.miss_stub,
+            guest_eip: key.eip,
+            poll_at_entry: self.config.poll_at_block_entry,
+            count_indirect_hits: self.config.count_indirect_hits,
+        };
+        let e = emit::emit_block(ctx, mangled)?;
+        let fits = u64::from(self.tc_next) + e.code.len() as u64 <= u64::from(self.tc_end);
+        Ok(fits.then_some(e))
+    }
+
+    fn install(&mut self, key: BlockKey, pages: Vec<CodePage>, mangled: Vec<MangledInsn>, e: Emitted) -> u32 {
+        let id = self.blocks.len() as u32;
+        let start = self.view.addr(self.tc_next);
+        let len = e.code.len() as u32;
+        self.view.write(self.tc_next, &e.code);
+        self.tc_next = (self.tc_next + len).next_multiple_of(16);
+
+        let first_site = self.site_base + self.sites.len() as u32;
+        for s in &e.sites {
+            *self.stats.callout_sites.entry(s.kind.name()).or_default() += 1;
+            self.sites.push(SiteRecord {
+                site: CalloutSite {
+                    id: s.id,
+                    kind: s.kind,
+                    guest_eip: s.guest_eip,
+                    next_eip: s.next_eip,
+                    instruction: s.instruction,
+                    resume_tc: s.resume_off.map(|o| start + o),
+                    insns_before: s.insns_before,
+                },
+                block: Some(id),
+                exit: s.exit,
+            });
+        }
+        let exits = e
+            .exits
+            .iter()
+            .map(|x| ExitLink {
+                field: start + x.field_off,
+                stub: start + x.stub_off,
+                target_eip: x.target_eip,
+                site: x.site,
+                chained: None,
+            })
+            .collect();
+        let guest_bytes: u32 = mangled.iter().map(|m| m.insn.bytes.len() as u32).sum();
+        let insns = mangled
+            .iter()
+            .zip(&e.insn_ranges)
+            .map(|(m, &(a, b))| GuestInsnRecord {
+                instr: m.insn.instr,
+                bytes: m.insn.bytes.clone(),
+                disposition: m.disposition,
+                tc_start: start + a,
+                tc_end: start + b,
+            })
+            .collect();
+        for p in &pages {
+            let list = self.by_page.entry(p.phys).or_default();
+            if list.is_empty() {
+                self.new_pages.insert(p.phys);
+            }
+            list.push(id);
+        }
+        self.stats.blocks_translated += 1;
+        self.stats.guest_insns_translated += mangled.len() as u64;
+        self.stats.guest_bytes_translated += u64::from(guest_bytes);
+        self.stats.tc_bytes_used = u64::from(self.tc_next - TC);
+        self.stats.tc_bytes_emitted += u64::from(len);
+        let block = Block {
+            key,
+            tc_start: start,
+            tc_len: len,
+            entry: start + e.entry_off,
+            stubs: start + e.stubs_off,
+            pages,
+            exits,
+            incoming: Vec::new(),
+            recovery: e.recovery,
+            insns,
+            guest_bytes,
+            sites: first_site..first_site + e.sites.len() as u32,
+            indirect_slots: Vec::new(),
+        };
+        let entry = block.entry;
+        self.blocks.push(Some(block));
+        self.by_key.insert(key, id);
+        self.by_tc.insert(start, id);
+        tracing::trace!(target: "engine", ?key, start, len, "translated");
+        // Eager chaining to targets already translated.
+        if self.config.chaining {
+            for n in 0..self.blk(id).exits.len() {
+                let t = key.with_eip(self.blk(id).exits[n].target_eip);
+                if let Some(&dst) = self.by_key.get(&t) {
+                    self.link(id, n, dst);
+                }
+            }
+        }
+        entry
+    }
+
+    fn link(&mut self, src: u32, exit: usize, dst: u32) {
+        let x = self.blk(src).exits[exit];
+        if x.chained == Some(dst) {
+            return;
+        }
+        if x.chained.is_some() {
+            self.unlink(src, exit);
+        }
+        let entry = self.blk(dst).entry;
+        link::aim(&mut self.view, x.field, entry);
+        if let Some(b) = self.blocks[src as usize].as_mut() {
+            b.exits[exit].chained = Some(dst);
+        }
+        if let Some(b) = self.blocks[dst as usize].as_mut() {
+            b.incoming.push(LinkRef { block: src, exit: exit as u32 });
+        }
+        self.stats.chains_patched += 1;
+    }
+
+    fn unlink(&mut self, src: u32, exit: usize) {
+        let Some(x) = self.blocks[src as usize].as_ref().map(|b| b.exits[exit]) else { return };
+        let Some(dst) = x.chained else { return };
+        link::aim(&mut self.view, x.field, x.stub);
+        if let Some(b) = self.blocks[src as usize].as_mut() {
+            b.exits[exit].chained = None;
+        }
+        if let Some(b) = self.blocks[dst as usize].as_mut() {
+            b.incoming.retain(|l| !(l.block == src && l.exit == exit as u32));
+        }
+        self.stats.chains_unpatched += 1;
+    }
+
+    fn drop_block(&mut self, id: u32) -> Option<BlockKey> {
+        let incoming = self.blocks.get(id as usize)?.as_ref()?.incoming.clone();
+        for l in incoming {
+            if l.block != id {
+                self.unlink(l.block, l.exit as usize);
+            }
+        }
+        let b = self.blocks[id as usize].take()?;
+        for x in &b.exits {
+            if let Some(dst) = x.chained.filter(|&d| d != id) {
+                if let Some(d) = self.blocks[dst as usize].as_mut() {
+                    d.incoming.retain(|l| l.block != id);
+                }
+            }
+        }
+        for &slot in &b.indirect_slots {
+            if self.indirect[slot as usize] == Some(id) {
+                self.indirect[slot as usize] = None;
+                self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), self.miss_stub);
+            }
+        }
+        for sid in b.sites.clone() {
+            if let Some(r) = sid.checked_sub(self.site_base).and_then(|n| self.sites.get_mut(n as usize)) {
+                r.site.resume_tc = None;
+                r.block = None;
+            }
+        }
+        self.by_key.remove(&b.key);
+        self.by_tc.remove(&b.tc_start);
+        for p in &b.pages {
+            if let Some(list) = self.by_page.get_mut(&p.phys) {
+                list.retain(|&x| x != id);
+                if list.is_empty() {
+                    self.by_page.remove(&p.phys);
+                }
+            }
+        }
+        Some(b.key)
+    }
+
+    fn switch_context(&mut self, ctx: KeyContext) {
+        if self.indirect_ctx != Some(ctx) {
+            if self.indirect_ctx.is_some() {
+                self.clear_table();
+            }
+            self.indirect_ctx = Some(ctx);
+        }
+    }
+
+    fn clear_table(&mut self) {
+        let mut bytes = Vec::with_capacity(vmm_area::LOOKUP_TABLE_SIZE as usize);
+        for _ in 0..LOOKUP_ENTRIES {
+            bytes.extend_from_slice(&self.miss_stub.to_le_bytes());
+        }
+        self.view.write(LOOKUP_TABLE, &bytes);
+        self.indirect.iter_mut().for_each(|e| *e = None);
+        for b in self.blocks.iter_mut().flatten() {
+            b.indirect_slots.clear();
+        }
+    }
+}

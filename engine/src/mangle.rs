@@ -1,0 +1,214 @@
+//! Stage 2, mangle: one walk over the decoded block that turns each guest
+//! instruction into translator operations ([`Op`]), one handler per
+//! instruction family. Nothing here knows TC addresses; `emit` lowers the
+//! operations to bytes.
+
+use crate::callout::CalloutKind;
+use crate::classify::{self, Class, Flow, LoopKind, Sensitive};
+use crate::decode::{BlockEnd, DecodedBlock, DecodedInsn};
+use iced_x86::{Code, Encoder, Instruction, OpKind, Register};
+
+/// How an instruction was translated (for the disassembly log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Copied byte for byte (32-bit code) or re-encoded unchanged (16-bit).
+    Ident,
+    /// Replaced by an inline sequence.
+    Rewritten,
+    /// Replaced by a callout.
+    Callout,
+}
+
+impl Disposition {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Disposition::Ident => "IDENT",
+            Disposition::Rewritten => "REWRITTEN",
+            Disposition::Callout => "CALLOUT",
+        }
+    }
+}
+
+/// A translator operation: what the emitter must produce for (part of) a
+/// guest instruction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Guest instruction bytes, run as is; `gs`: wrap in the GS-prefix
+    /// rewrite (guest GS selector loaded around it).
+    Copy { bytes: Vec<u8>, gs: bool },
+    /// Exit to the monitor; `resume`: the translation goes on after it.
+    Callout { kind: CalloutKind, resume: bool },
+    /// Direct jump out of the block (chainable exit).
+    Jmp { target: u32 },
+    /// Conditional exit to `target` (condition code nibble `cc`), otherwise
+    /// exit to `fallthrough`.
+    Jcc { cc: u8, target: u32, fallthrough: u32 },
+    /// LOOP/LOOPcc/JCXZ run natively on a local label, both outcomes exits.
+    Loop { kind: LoopKind, cx: bool, target: u32, fallthrough: u32 },
+    /// Direct call: push the guest return address, exit to `target`.
+    Call { ret_eip: u32, op16: bool, target: u32 },
+    /// Near return through the lookup table.
+    Ret { op16: bool, imm: u16, ss32: bool },
+    /// Indirect jump: `load` is `mov ecx|cx, <operand>`, then lookup.
+    IndirectJmp { load: Vec<u8>, op16: bool },
+    /// Indirect call: load target, push the guest return address, lookup.
+    IndirectCall { load: Vec<u8>, op16: bool, ret_eip: u32 },
+    /// Virtual IF := value (CLI 0, STI 0x200).
+    SetVif(u32),
+    /// PUSHFD with the virtual IF/IOPL merged in.
+    Pushf,
+    /// POPFD into real arithmetic flags plus virtual IF/IOPL.
+    Popf,
+    /// Exit with `Poll` if an interrupt is pending (and, with `check_vif`,
+    /// the virtual IF is set). Emitted after STI's shadow and after POPF.
+    IrqCheck { check_vif: bool },
+    /// The block ends without a branch (page end, size cap).
+    FallThrough { target: u32 },
+}
+
+/// One guest instruction after mangling.
+#[derive(Clone, Debug)]
+pub struct MangledInsn {
+    pub insn: DecodedInsn,
+    pub disposition: Disposition,
+    pub ops: Vec<Op>,
+}
+
+/// What the translation depends on besides the bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct MangleCtx {
+    pub cpl: u8,
+    pub ss32: bool,
+    pub cs32: bool,
+    /// Inline PUSHF/POPF (else callouts).
+    pub inline_flags: bool,
+}
+
+/// The mangle walk.
+pub fn mangle(block: &DecodedBlock, ctx: &MangleCtx) -> Vec<MangledInsn> {
+    let mut out: Vec<MangledInsn> = Vec::with_capacity(block.insns.len() + 1);
+    let mut sti_shadow = false;
+    for insn in &block.insns {
+        let mut m = mangle_one(insn, ctx);
+        // STI: interrupts become deliverable after the NEXT instruction.
+        if sti_shadow && !insn.class.ends_block {
+            m.ops.push(Op::IrqCheck { check_vif: false });
+        }
+        sti_shadow = m.ops.contains(&Op::SetVif(0x200));
+        out.push(m);
+    }
+    if block.end != BlockEnd::Instruction {
+        if let Some(last) = out.last_mut() {
+            last.ops.push(Op::FallThrough { target: block.next_eip });
+        }
+    }
+    out
+}
+
+fn mangle_one(insn: &DecodedInsn, ctx: &MangleCtx) -> MangledInsn {
+    let c = insn.class;
+    if c.cpl0_only && ctx.cpl > 0 {
+        return callout(insn, CalloutKind::GeneralProtection, false);
+    }
+    match c.class {
+        Class::Ident => mangle_ident(insn, ctx),
+        Class::ControlFlow(f) => mangle_flow(insn, f, ctx),
+        Class::Sensitive(s) => mangle_sensitive(insn, s, ctx),
+    }
+}
+
+fn rewritten(insn: &DecodedInsn, ops: Vec<Op>) -> MangledInsn {
+    MangledInsn { insn: insn.clone(), disposition: Disposition::Rewritten, ops }
+}
+
+fn callout(insn: &DecodedInsn, kind: CalloutKind, resume: bool) -> MangledInsn {
+    MangledInsn { insn: insn.clone(), disposition: Disposition::Callout, ops: vec![Op::Callout { kind, resume }] }
+}
+
+/// IDENT: the bytes themselves in 32-bit code; 16-bit code is re-encoded
+/// for the 32-bit TC segment (operand/address-size prefixes), which is the
+/// same instruction. A guest GS memory operand gets the GS rewrite.
+fn mangle_ident(insn: &DecodedInsn, ctx: &MangleCtx) -> MangledInsn {
+    let gs = classify::uses_gs_memory(&insn.instr);
+    let bytes = if ctx.cs32 {
+        insn.bytes.clone()
+    } else {
+        match encode32(&insn.instr) {
+            Some(b) => b,
+            None => return callout(insn, CalloutKind::Sensitive(Sensitive::Unsupported), false),
+        }
+    };
+    let disposition = if gs || !ctx.cs32 { Disposition::Rewritten } else { Disposition::Ident };
+    MangledInsn { insn: insn.clone(), disposition, ops: vec![Op::Copy { bytes, gs }] }
+}
+
+fn encode32(i: &Instruction) -> Option<Vec<u8>> {
+    let mut enc = Encoder::new(32);
+    enc.encode(i, 0).ok()?;
+    Some(enc.take_buffer())
+}
+
+fn mangle_flow(insn: &DecodedInsn, f: Flow, ctx: &MangleCtx) -> MangledInsn {
+    let i = &insn.instr;
+    let op16 = classify::operand_size(i) == 16;
+    let next = insn.next_eip();
+    match f {
+        Flow::DirectJmp => rewritten(insn, vec![Op::Jmp { target: i.near_branch32() }]),
+        Flow::Jcc => {
+            let cc = i.condition_code() as u8 - 1;
+            rewritten(insn, vec![Op::Jcc { cc, target: i.near_branch32(), fallthrough: next }])
+        }
+        Flow::Loop(kind) => {
+            let cx = classify::loop_counter_is_cx(i);
+            rewritten(insn, vec![Op::Loop { kind, cx, target: i.near_branch32(), fallthrough: next }])
+        }
+        Flow::DirectCall => rewritten(insn, vec![Op::Call { ret_eip: next, op16, target: i.near_branch32() }]),
+        Flow::Ret | Flow::RetImm => {
+            let imm = if f == Flow::RetImm { i.immediate16() } else { 0 };
+            rewritten(insn, vec![Op::Ret { op16, imm, ss32: ctx.ss32 }])
+        }
+        Flow::IndirectJmp | Flow::IndirectCall => mangle_indirect(insn, f, op16),
+        _ => callout(insn, CalloutKind::ControlFlow(f), false),
+    }
+}
+
+/// Indirect JMP/CALL: load the target into ECX with the guest's own operand
+/// (re-encoded as `mov ecx, <operand>`), then the inline lookup. A GS
+/// operand would need the GS rewrite around the load: left to the monitor.
+fn mangle_indirect(insn: &DecodedInsn, f: Flow, op16: bool) -> MangledInsn {
+    let i = &insn.instr;
+    if classify::uses_gs_memory(i) {
+        return callout(insn, CalloutKind::ControlFlow(f), false);
+    }
+    let mut load = *i;
+    load.set_code(if op16 { Code::Mov_r16_rm16 } else { Code::Mov_r32_rm32 });
+    load.set_op1_kind(i.op0_kind());
+    if i.op0_kind() == OpKind::Register {
+        load.set_op1_register(i.op0_register());
+    }
+    load.set_op0_kind(OpKind::Register);
+    load.set_op0_register(if op16 { Register::CX } else { Register::ECX });
+    let Some(load) = encode32(&load) else {
+        return callout(insn, CalloutKind::ControlFlow(f), false);
+    };
+    let op = if f == Flow::IndirectCall {
+        Op::IndirectCall { load, op16, ret_eip: insn.next_eip() }
+    } else {
+        Op::IndirectJmp { load, op16 }
+    };
+    rewritten(insn, vec![op])
+}
+
+fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx) -> MangledInsn {
+    let ring0 = ctx.cpl == 0;
+    let flat_stack = ctx.ss32 && classify::operand_size(&insn.instr) == 32;
+    match s {
+        Sensitive::Cli if ring0 => rewritten(insn, vec![Op::SetVif(0)]),
+        Sensitive::Sti if ring0 => rewritten(insn, vec![Op::SetVif(0x200)]),
+        Sensitive::Pushf if ring0 && ctx.inline_flags && flat_stack => rewritten(insn, vec![Op::Pushf]),
+        Sensitive::Popf if ring0 && ctx.inline_flags && flat_stack => {
+            rewritten(insn, vec![Op::Popf, Op::IrqCheck { check_vif: true }])
+        }
+        _ => callout(insn, CalloutKind::Sensitive(s), !insn.class.ends_block),
+    }
+}
