@@ -422,3 +422,44 @@ fn counter_names_are_unique_and_stable() {
     assert_eq!(sorted.len(), names.len());
     assert!(names.contains(&"shadow/faults/hidden") && names.contains(&"shadow/host/map"));
 }
+
+#[test]
+fn invlpg_of_a_small_page_splits_a_batched_run() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    for i in 0..16u32 {
+        p.map_4k(&mut v.mem, 0xC000_0000 + i * 4096, 0x20_0000 + i * 4096, pte::RW | AD);
+    }
+    v.fault(0xC000_0000, Access::read());
+    assert_eq!(v.mmu.mapped_pages(), 16);
+    v.invlpg(0xC000_5000);
+    assert_eq!(v.mmu.mapped_pages(), 15);
+    assert_eq!(v.win.calls.last(), Some(&MapCall::Unmap { gva: 0xC000_5000, len: 0x1000 }));
+}
+
+#[test]
+fn pae_batching_reads_wide_neighbours() {
+    let mut v = common::vm();
+    let mut p = shadow_mmu::fake::PagerPae::new(TABLES);
+    for i in 0..8u32 {
+        let flags = pte::RW | AD | if i == 6 { pte::XD } else { 0 };
+        p.map_4k(&mut v.mem, 0xC000_0000 + i * 4096, 0x20_0000 + u64::from(i) * 4096, flags);
+    }
+    v.paging_pae(&p, true);
+    v.fault(0xC000_2000, Access::read());
+    // Pages 0-5 share rights; page 6 is NX (different host rights).
+    assert_eq!(v.win.calls, vec![MapCall::Map { gva: 0xC000_0000, gpa: 0x20_0000, len: 6 * 4096, prot: Prot::RWX }]);
+    v.fault(0xC000_6000, Access::read());
+    assert_eq!(v.win.at(0xC000_6000), Some((0x20_6000, Prot::RW)));
+}
+
+#[test]
+fn stale_large_page_stays_until_invlpg() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), cr4::PSE);
+    let pde = p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, pte::RW | AD);
+    v.fault(0x8000_0000, Access::write());
+    v.mem.set_u32(pde, 0);
+    assert_eq!(v.win.at(0x8012_3000).unwrap().0, 0x52_3000, "no INVLPG yet: still translated");
+    v.invlpg(0x8012_3000);
+    assert_eq!(v.mmu.mapped_pages(), 0);
+    assert_eq!(v.fault(0x8012_3000, Access::read()), FaultOutcome::GuestPageFault { cr2: 0x8012_3000, error_code: 0 });
+}
