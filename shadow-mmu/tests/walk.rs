@@ -219,3 +219,17 @@ fn page_table_outside_ram_reads_as_open_bus() {
     v.set_cr3(q.cr3);
     assert_eq!(pf_code(v.mmu.translate(&mut v.mem, 0x1000_0000, Access::read())), pf::P | pf::RSVD);
 }
+
+#[test]
+fn enabling_pae_paging_with_a_bad_pdpte_changes_nothing() {
+    let mut v = vm();
+    let mut p = PagerPae::new(TABLES);
+    p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US);
+    v.mem.set_u64(u64::from(p.cr3) + 8, 0x30_0000 | pte::P | 1 << 5); // bit 5: reserved
+    v.mmu.set_cr4(&v.mem, &mut v.win, cr4::PAE).unwrap();
+    v.set_cr3(p.cr3);
+    let err = v.mmu.set_cr0(&v.mem, &mut v.win, cr0::PE | cr0::PG).unwrap_err();
+    assert_eq!(err, MmuError::PdpteReserved { index: 1, entry: 0x30_0021 });
+    assert_eq!(v.mmu.regs().cr0 & cr0::PG, 0);
+    assert_eq!(v.mmu.translate(&mut v.mem, 0x1000_0000, Access::read()).unwrap().gpa, 0x1000_0000);
+}
