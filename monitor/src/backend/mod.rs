@@ -4,6 +4,8 @@
 //! differs. Neutral types here, conversions to each backend's own inside it
 //! (as cloud-hypervisor's `hypervisor` crate).
 
+pub mod bt;
+
 use thiserror::Error;
 
 use crate::cpu::Cpu;
@@ -13,12 +15,26 @@ use crate::cpu::Cpu;
 pub enum VmExit {
     /// `IN`: the machine answers with [`Backend::complete_io_in`] before
     /// the next `run`.
-    IoIn { port: u16, size: u8 },
-    IoOut { port: u16, size: u8, value: u32 },
+    IoIn {
+        port: u16,
+        size: u8,
+    },
+    IoOut {
+        port: u16,
+        size: u8,
+        value: u32,
+    },
     /// A guest-physical access no RAM backs; reads are completed with
     /// [`Backend::complete_mmio_read`].
-    MmioRead { addr: u64, size: u8 },
-    MmioWrite { addr: u64, size: u8, value: u64 },
+    MmioRead {
+        addr: u64,
+        size: u8,
+    },
+    MmioWrite {
+        addr: u64,
+        size: u8,
+        value: u64,
+    },
     /// HLT: wait for an interrupt (or stop, if interrupts are disabled).
     Halt,
     /// Stopped by [`Backend::kicker`] (or a backend-internal timeslice).

@@ -1,0 +1,152 @@
+//! The bt backend's views of guest memory, each the adapter one consumer
+//! needs: guest RAM for the shadow MMU's page walker ([`Phys`]), the window
+//! for its mappings ([`WindowMapper`]), the VMM area for the translator
+//! ([`VmmAlias`]), guest-linear memory for the virtual CPU's semantics
+//! ([`Linear`]) and guest code for the translator ([`Code`]).
+
+use shadow_mmu::{HostMapper, MapError, MapOp, OutsideRam, PhysMem, ShadowMmu};
+
+use crate::cpu::{self, Cpu, Fault, LinearMemory};
+use crate::host::{Prot, Window};
+use crate::memory::GuestMemory;
+
+/// Guest RAM as the page walker reads and writes it.
+pub struct Phys<'a>(pub &'a GuestMemory);
+
+impl PhysMem for Phys<'_> {
+    fn read_u32(&self, gpa: u64) -> Option<u32> {
+        self.0.read_u32(gpa).ok()
+    }
+    fn read_u64(&self, gpa: u64) -> Option<u64> {
+        let mut b = [0; 8];
+        self.0.read(gpa, &mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    fn write_u32(&mut self, gpa: u64, value: u32) -> Result<(), OutsideRam> {
+        self.0.write_u32(gpa, value).map_err(|_| OutsideRam(gpa))
+    }
+    fn write_u64(&mut self, gpa: u64, value: u64) -> Result<(), OutsideRam> {
+        self.0.write(gpa, &value.to_le_bytes()).map_err(|_| OutsideRam(gpa))
+    }
+    fn is_ram(&self, gpa: u64) -> bool {
+        gpa < self.0.size()
+    }
+}
+
+fn host_prot(p: shadow_mmu::Prot) -> Prot {
+    Prot { read: p.read, write: p.write, exec: p.exec }
+}
+
+/// The window, as the shadow MMU drives it.
+pub struct WindowMapper<'a> {
+    pub window: &'static Window,
+    pub mem: &'a GuestMemory,
+}
+
+impl HostMapper for WindowMapper<'_> {
+    fn map(&mut self, gva: u32, gpa: u64, len: u32, prot: shadow_mmu::Prot) -> Result<(), MapError> {
+        self.window.map(gva, self.mem, gpa, len, host_prot(prot)).map_err(|e| MapError {
+            op: MapOp::Map,
+            gva,
+            len,
+            detail: e.to_string(),
+        })
+    }
+    fn unmap(&mut self, gva: u32, len: u32) -> Result<(), MapError> {
+        self.window.unmap(gva, len).map_err(|e| MapError { op: MapOp::Unmap, gva, len, detail: e.to_string() })
+    }
+    fn protect(&mut self, gva: u32, len: u32, prot: shadow_mmu::Prot) -> Result<(), MapError> {
+        self.window.protect(gva, len, host_prot(prot)).map_err(|e| MapError {
+            op: MapOp::Protect,
+            gva,
+            len,
+            detail: e.to_string(),
+        })
+    }
+}
+
+/// The monitor's read-write alias of the VMM area, handed to the engine.
+pub struct VmmAlias(pub &'static mut [u8]);
+
+impl engine::VmmMemory for VmmAlias {
+    fn bytes(&self) -> &[u8] {
+        self.0
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.0
+    }
+}
+
+/// Guest-linear memory through the guest's paging (A/D set as the access
+/// would), for the virtual CPU's semantics. Accesses outside RAM read as
+/// all ones and drop writes (open bus), logged.
+pub struct Linear<'a> {
+    pub mmu: &'a mut ShadowMmu,
+    pub mem: &'a GuestMemory,
+}
+
+impl Linear<'_> {
+    fn each_page(
+        &mut self,
+        lin: u32,
+        len: usize,
+        access: shadow_mmu::Access,
+        mut f: impl FnMut(&GuestMemory, u64, usize, usize),
+    ) -> Result<(), Fault> {
+        let mut done = 0usize;
+        while done < len {
+            let at = lin.wrapping_add(done as u32);
+            let chunk = (4096 - (at as usize & 0xFFF)).min(len - done);
+            let gpa = self
+                .mmu
+                .translate(&mut Phys(self.mem), at, access)
+                .map_err(|pf| Fault::page(pf.cr2, pf.error_code))?
+                .gpa;
+            f(self.mem, gpa, done, chunk);
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
+impl LinearMemory for Linear<'_> {
+    fn read(&mut self, _cpu: &Cpu, lin: u32, buf: &mut [u8], access: cpu::Access) -> Result<(), Fault> {
+        let a = shadow_mmu::Access { write: false, user: access.user, fetch: access.fetch };
+        let len = buf.len();
+        self.each_page(lin, len, a, |mem, gpa, off, n| {
+            if mem.read(gpa, &mut buf[off..off + n]).is_err() {
+                tracing::debug!(gpa, "read outside guest RAM (open bus)");
+                buf[off..off + n].fill(0xFF);
+            }
+        })
+    }
+
+    fn write(&mut self, _cpu: &Cpu, lin: u32, data: &[u8], access: cpu::Access) -> Result<(), Fault> {
+        let a = shadow_mmu::Access { write: true, user: access.user, fetch: false };
+        self.each_page(lin, data.len(), a, |mem, gpa, off, n| {
+            if mem.write(gpa, &data[off..off + n]).is_err() {
+                tracing::debug!(gpa, "write outside guest RAM dropped");
+            }
+        })
+    }
+}
+
+/// Guest code as the translator fetches it: through the guest's paging
+/// with fetch rights at the block's CPL.
+pub struct Code<'a> {
+    pub mmu: &'a mut ShadowMmu,
+    pub mem: &'a GuestMemory,
+    pub user: bool,
+}
+
+impl engine::GuestCode for Code<'_> {
+    fn fetch(&mut self, linear: u32, buf: &mut [u8]) -> Result<(), engine::FetchFault> {
+        let a = shadow_mmu::Access { write: false, user: self.user, fetch: true };
+        let t = self.mmu.translate(&mut Phys(self.mem), linear, a).map_err(|_| engine::FetchFault { linear })?;
+        self.mem.read(t.gpa, buf).map_err(|_| engine::FetchFault { linear })
+    }
+    fn phys_page(&mut self, linear: u32) -> Option<u64> {
+        let a = shadow_mmu::Access { write: false, user: self.user, fetch: true };
+        self.mmu.probe(&mut Phys(self.mem), linear, a).ok().map(|t| t.gpa & !0xFFF)
+    }
+}

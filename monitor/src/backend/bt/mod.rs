@@ -1,0 +1,811 @@
+//! The `bt` backend: Popek's own CPU. Guest kernel code (virtual CPL 0-2)
+//! runs translated from the TC; guest user code (CPL 3, IOPL < 3) runs
+//! directly; the shadow MMU keeps the window coherent with the guest's page
+//! tables; the virtual CPU ([`crate::cpu`]) gives every sensitive instruction
+//! and every exception its architectural meaning.
+//!
+//! One [`BtBackend::run`] call loops over entries into guest-mode code until
+//! something the machine must see happens (I/O, HLT, a kick, a triple
+//! fault); callouts, hidden faults and exception delivery are handled here.
+
+pub mod memory;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engine::callout::CalloutKind;
+use engine::vmm_area::{self, vcpu as page};
+use engine::{BlockKey, Engine, EngineError};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic};
+use shadow_mmu::{EmulateReason, FaultOutcome, MmuConfig, ShadowMmu};
+
+use self::memory::{Code, Linear, Phys, VmmAlias, WindowMapper};
+use super::{Backend, BackendError, Kick, VmExit};
+use crate::cpu::descriptor::{guest_selector, shadow_index};
+use crate::cpu::interrupt::{self, DeliveryError, Event};
+use crate::cpu::operand::gpr_write;
+use crate::cpu::policy::CpuPolicy;
+use crate::cpu::sensitive::{self, Env, ExecError, IoOp, MmuEffect, Outcome};
+use crate::cpu::state::flags;
+use crate::cpu::{vector, Cpu, Fault, Seg, SegReg};
+use crate::host::ldt::{ldt_selector, HostSegment};
+use crate::host::{Exit, Segments, SyscallKind, Vcpu, Window};
+use crate::memory::GuestMemory;
+
+/// Switches of the bt backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BtConfig {
+    pub engine: engine::Config,
+    /// Log every translated block next to its translation (tracing, target
+    /// `popek::translations`, level info).
+    pub log_translations: bool,
+}
+
+/// An I/O instruction waiting for the machine.
+#[derive(Clone, Copy, Debug)]
+enum PendingIo {
+    In { size: u8, next_eip: u32 },
+    Ins { insn: Instruction, op: IoOp, next_eip: u32 },
+    Outs { insn: Instruction, op: IoOp, next_eip: u32 },
+    Out { next_eip: u32 },
+}
+
+/// Counters with stable names, plus where the time went.
+#[derive(Clone, Debug, Default)]
+pub struct BtStats {
+    pub exits: HashMap<&'static str, u64>,
+    pub time_direct: Duration,
+    pub time_translated: Duration,
+    pub time_total: Duration,
+    pub ldt_writes: u64,
+}
+
+fn failed(what: impl std::fmt::Display) -> BackendError {
+    BackendError::Failed { backend: "bt", what: what.to_string() }
+}
+
+/// Popek's own CPU.
+pub struct BtBackend {
+    host: Vcpu,
+    window: &'static Window,
+    mem: Arc<GuestMemory>,
+    cpu: Cpu,
+    mmu: ShadowMmu,
+    engine: Engine,
+    policy: CpuPolicy,
+    /// Host LDT entries as written, by index.
+    ldt: HashMap<u16, HostSegment>,
+    pending: Option<PendingIo>,
+    want_window: bool,
+    config: BtConfig,
+    stats: BtStats,
+}
+
+impl BtBackend {
+    /// A bt CPU over `mem` starting in `cpu`'s state.
+    pub fn new(mem: Arc<GuestMemory>, cpu: Cpu, config: BtConfig) -> Result<BtBackend, BackendError> {
+        let host = Vcpu::new().map_err(|e| BackendError::Unavailable("the bt execution host", e.to_string()))?;
+        let window = host.window();
+        window.unmap_all().map_err(failed)?;
+        let base = window.vmm_base();
+        let ptr = window.vmm_alias_ptr(0);
+        let len = window.vmm_size() as usize;
+        // SAFETY: the alias mapping is `len` bytes, never unmapped, and this
+        // backend (one per process: `Vcpu::new` succeeded) is its only user.
+        let alias: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        let view = engine::VmmAreaView::new(base, Box::new(VmmAlias(alias)));
+        let engine = Engine::new(view, config.engine).map_err(failed)?;
+        let mmu =
+            ShadowMmu::new(MmuConfig { mmap_min_addr: window.min_addr(), vmm_base: base, ..MmuConfig::default() });
+        let mut b = BtBackend {
+            host,
+            window,
+            mem,
+            cpu,
+            mmu,
+            engine,
+            policy: CpuPolicy::default(),
+            ldt: HashMap::new(),
+            pending: None,
+            want_window: false,
+            config,
+            stats: BtStats::default(),
+        };
+        b.page_write_u32(page::EXIT_FAR, window.exit_gate());
+        b.page_write_u16(page::EXIT_FAR + 4, crate::host::ldt::HOST_CS64);
+        let vmm_gs = b.host.vmm_data_selector();
+        b.page_write_u16(page::VMM_GS_SEL, vmm_gs);
+        b.sync_paging()?;
+        Ok(b)
+    }
+
+    fn page_ptr(&self, off: u32) -> *mut u8 {
+        self.window.vmm_alias_ptr(vmm_area::VCPU_PAGE + off)
+    }
+
+    fn page_read_u32(&self, off: u32) -> u32 {
+        // SAFETY: in bounds of the alias; the vCPU page is shared with
+        // translated code, hence volatile.
+        unsafe { self.page_ptr(off).cast::<u32>().read_volatile() }
+    }
+
+    fn page_write_u32(&mut self, off: u32, v: u32) {
+        // SAFETY: as `page_read_u32`.
+        unsafe { self.page_ptr(off).cast::<u32>().write_volatile(v) }
+    }
+
+    fn page_write_u16(&mut self, off: u32, v: u16) {
+        // SAFETY: as `page_read_u32`.
+        unsafe { self.page_ptr(off).cast::<u16>().write_volatile(v) }
+    }
+
+    /// Brings the shadow MMU's paging registers in line with the CPU.
+    fn sync_paging(&mut self) -> Result<(), BackendError> {
+        let mem = self.mem.clone();
+        let mut phys = Phys(&mem);
+        let mut mapper = WindowMapper { window: self.window, mem: &mem };
+        self.mmu.set_cr4(&mut phys, &mut mapper, self.cpu.cr4).map_err(failed)?;
+        self.mmu.set_cr3(&mut phys, &mut mapper, self.cpu.cr3).map_err(failed)?;
+        self.mmu.set_cr0(&mut phys, &mut mapper, self.cpu.cr0).map_err(failed)?;
+        Ok(())
+    }
+
+    /// The virtual CPU (for tests and reports).
+    pub fn cpu(&self) -> &Cpu {
+        &self.cpu
+    }
+
+    pub fn cpu_mut(&mut self) -> &mut Cpu {
+        &mut self.cpu
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn mmu(&self) -> &ShadowMmu {
+        &self.mmu
+    }
+
+    pub fn bt_stats(&self) -> &BtStats {
+        &self.stats
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.stats.exits.entry(what).or_default() += 1;
+    }
+
+    /// Host selector for a guest segment register, writing its shadow into
+    /// the host LDT when it changed.
+    fn shadow(&mut self, seg: SegReg, nullable: bool) -> Result<u16, BackendError> {
+        if seg.selector & !3 == 0 && (nullable || !seg.cache.present) {
+            if nullable {
+                return Ok(0);
+            }
+        }
+        let index = shadow_index(seg.selector)
+            .or(if seg.selector & !3 == 0 { Some(0) } else { None })
+            .ok_or_else(|| failed(format!("selector {:#x} has no shadow slot", seg.selector)))?;
+        let hs = seg
+            .cache
+            .shadow(self.window.vmm_base())
+            .ok_or_else(|| failed(format!("selector {:#x} is not a code/data segment", seg.selector)))?;
+        if self.ldt.get(&index) != Some(&hs) {
+            self.host.set_ldt_entry(index, hs).map_err(failed)?;
+            self.ldt.insert(index, hs);
+            self.stats.ldt_writes += 1;
+        }
+        Ok(ldt_selector(index))
+    }
+
+    fn key(&self) -> BlockKey {
+        let cs = self.cpu.seg(Seg::Cs).cache;
+        let ss32 = if self.cpu.stack32() { engine::key_flags::SS32 } else { 0 };
+        BlockKey { eip: self.cpu.eip, cs_base: cs.base, cs32: cs.db, cpl: self.cpu.cpl, flags: ss32 }
+    }
+
+    fn load_host_regs(&mut self, eip: u32) {
+        let c = &self.cpu;
+        let g = c.gpr;
+        self.host.set_regs(&crate::host::Regs {
+            eax: g[0],
+            ecx: g[1],
+            edx: g[2],
+            ebx: g[3],
+            esp: g[4],
+            ebp: g[5],
+            esi: g[6],
+            edi: g[7],
+            eip,
+            eflags: c.eflags & flags::LIVE,
+        });
+    }
+
+    fn save_host_regs(&mut self) -> u32 {
+        let r = self.host.regs();
+        self.cpu.gpr = [r.eax, r.ecx, r.edx, r.ebx, r.esp, r.ebp, r.esi, r.edi];
+        self.cpu.eflags = (self.cpu.eflags & !flags::LIVE) | (r.eflags & flags::LIVE) | 2;
+        r.eip
+    }
+
+    fn run_host(&mut self, translated: bool) -> Result<Exit, BackendError> {
+        let t = Instant::now();
+        let exit = self.host.run().map_err(failed);
+        let dt = t.elapsed();
+        if translated {
+            self.stats.time_translated += dt;
+        } else {
+            self.stats.time_direct += dt;
+        }
+        exit
+    }
+
+    /// Delivers an exception or interrupt through the guest's IDT.
+    fn raise(&mut self, event: Event) -> Result<Option<VmExit>, BackendError> {
+        let mem = self.mem.clone();
+        let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };
+        match interrupt::deliver(&mut self.cpu, &mut lin, event) {
+            Ok(()) => Ok(None),
+            Err(DeliveryError::TripleFault { first, second }) => {
+                tracing::warn!(first, second, "guest triple fault");
+                Ok(Some(VmExit::TripleFault))
+            }
+            Err(DeliveryError::Unsupported(what)) => {
+                Err(BackendError::Unsupported { backend: "bt", what: what.to_string() })
+            }
+        }
+    }
+
+    fn fault(&mut self, f: Fault) -> Result<Option<VmExit>, BackendError> {
+        self.raise(Event::Exception(f))
+    }
+
+    /// One entry into guest-mode code and the handling of its exit.
+    fn step(&mut self) -> Result<Option<VmExit>, BackendError> {
+        let c = &self.cpu;
+        let direct = c.cpl == 3 && c.iopl() < 3 && c.protected_mode() && c.eflags & flags::VM == 0;
+        self.cpu.interrupt_shadow = false;
+        if direct {
+            self.step_direct()
+        } else {
+            self.step_translated()
+        }
+    }
+
+    fn step_direct(&mut self) -> Result<Option<VmExit>, BackendError> {
+        let segs = Segments {
+            cs: self.shadow(*self.cpu.seg(Seg::Cs), false)?,
+            ss: self.shadow(*self.cpu.seg(Seg::Ss), false)?,
+            ds: self.shadow(*self.cpu.seg(Seg::Ds), true)?,
+            es: self.shadow(*self.cpu.seg(Seg::Es), true)?,
+            fs: self.shadow(*self.cpu.seg(Seg::Fs), true)?,
+            gs: self.shadow(*self.cpu.seg(Seg::Gs), true)?,
+        };
+        self.host.set_segments(segs).map_err(failed)?;
+        self.load_host_regs(self.cpu.eip);
+        let exit = self.run_host(false)?;
+        self.cpu.eip = self.save_host_regs();
+        self.sync_user_selectors(segs);
+        self.handle_direct_exit(exit)
+    }
+
+    /// Guest user code may load selectors itself: map what the host holds
+    /// now back to guest selectors.
+    fn sync_user_selectors(&mut self, loaded: Segments) {
+        let now = self.host.segments();
+        for (s, was, is) in [
+            (Seg::Ds, loaded.ds, now.ds),
+            (Seg::Es, loaded.es, now.es),
+            (Seg::Fs, loaded.fs, now.fs),
+            (Seg::Gs, loaded.gs, now.gs),
+        ] {
+            if was != is {
+                let guest = guest_selector(is, 3).unwrap_or(is);
+                let mem = self.mem.clone();
+                let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };
+                if interrupt::load_segment(&mut self.cpu, &mut lin, s, guest).is_err() {
+                    tracing::debug!(selector = guest, "user code loaded a selector the guest GDT does not back");
+                }
+            }
+        }
+    }
+
+    fn handle_direct_exit(&mut self, exit: Exit) -> Result<Option<VmExit>, BackendError> {
+        match exit {
+            Exit::PageFault { address, error_code } => {
+                self.count("user_page_fault");
+                let access =
+                    shadow_mmu::Access { write: error_code & 2 != 0, user: true, fetch: error_code & 0x10 != 0 };
+                self.hidden_fault(address, access)
+            }
+            Exit::GeneralProtection { error_code, insn, len } => {
+                self.count("user_gp");
+                let d =
+                    Decoder::with_ip(32, &insn[..len as usize], u64::from(self.cpu.eip), DecoderOptions::NONE).decode();
+                if d.is_invalid() {
+                    return self.fault(Fault::gp(error_code));
+                }
+                if d.mnemonic() == Mnemonic::Int {
+                    self.cpu.eip = d.next_ip32();
+                    return self.raise(Event::Software(d.immediate8()));
+                }
+                if engine::classify::classify(&d).is_ident() {
+                    self.fault(Fault::gp(error_code))
+                } else {
+                    self.emulate(&d, d.next_ip32())
+                }
+            }
+            Exit::SystemCall { kind, eip_known, .. } => {
+                self.count("user_syscall");
+                if !eip_known {
+                    return Err(failed(format!("guest user code made a {kind:?} fast system call whose return address the host kernel discards (hidden from the guest's CPUID)")));
+                }
+                match kind {
+                    SyscallKind::Int80 => self.raise(Event::Software(0x80)),
+                    _ => {
+                        // SYSENTER: guest CPUID hides it; a 686 without SEP gives #UD.
+                        self.cpu.eip = self.cpu.eip.wrapping_sub(2);
+                        self.fault(Fault::ud())
+                    }
+                }
+            }
+            Exit::Kick => {
+                self.count("kick");
+                Ok(Some(VmExit::Interrupted))
+            }
+            Exit::Callout => Err(failed("guest user code jumped into the exit gate")),
+            other => {
+                self.count("user_exception");
+                let ev = exception_of(other);
+                self.raise(ev)
+            }
+        }
+    }
+
+    /// A host fault at `address` in the window: resolve it or give the guest
+    /// its page fault.
+    fn hidden_fault(&mut self, address: u32, access: shadow_mmu::Access) -> Result<Option<VmExit>, BackendError> {
+        let mem = self.mem.clone();
+        let mut phys = Phys(&mem);
+        let mut mapper = WindowMapper { window: self.window, mem: &mem };
+        let out = self.mmu.handle_fault(&mut phys, &mut mapper, address, access, self.cpu.cpl).map_err(failed)?;
+        match out {
+            FaultOutcome::Resolved => Ok(None),
+            FaultOutcome::GuestPageFault { cr2, error_code } => self.fault(Fault::page(cr2, error_code)),
+            FaultOutcome::Emulate { gpa, reason: EmulateReason::CodeWrite } => {
+                self.count("code_write");
+                self.engine.invalidate_phys_page(gpa & !0xFFF);
+                self.mmu.unprotect_code_page(&mut mapper, gpa & !0xFFF).map_err(failed)?;
+                Ok(None)
+            }
+            FaultOutcome::Emulate { gpa, reason } => {
+                self.count("emulate");
+                self.emulate_memory_access(gpa, reason)
+            }
+        }
+    }
+
+    /// An access the window cannot serve (page below `mmap_min_addr`, a
+    /// CR0.WP=0 supervisor write to a read-only page, MMIO): perform the
+    /// instruction on the virtual CPU's view of memory.
+    fn emulate_memory_access(&mut self, gpa: u64, reason: EmulateReason) -> Result<Option<VmExit>, BackendError> {
+        Err(BackendError::Unsupported {
+            backend: "bt",
+            what: format!("emulating a memory access ({reason:?} at guest-physical {gpa:#x})"),
+        })
+    }
+
+    fn step_translated(&mut self) -> Result<Option<VmExit>, BackendError> {
+        let key = self.key();
+        let mem = self.mem.clone();
+        let tc = {
+            let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: key.cpl == 3 };
+            match self.engine.enter(key, &mut code) {
+                Ok(tc) => tc,
+                Err(EngineError::Fetch(f)) => return self.fetch_fault(f.linear),
+                Err(e) => return Err(failed(e)),
+            }
+        };
+        self.after_translation(&key);
+        let segs = Segments {
+            cs: self.host.vmm_code_selector(),
+            ss: self.shadow(*self.cpu.seg(Seg::Ss), false)?,
+            ds: self.shadow(*self.cpu.seg(Seg::Ds), true)?,
+            es: self.shadow(*self.cpu.seg(Seg::Es), true)?,
+            fs: self.shadow(*self.cpu.seg(Seg::Fs), true)?,
+            gs: self.host.vmm_data_selector(),
+        };
+        let guest_gs = self.shadow(*self.cpu.seg(Seg::Gs), true)?;
+        self.page_write_u16(page::GUEST_GS_SEL, guest_gs);
+        self.page_write_u32(page::VIF, self.cpu.eflags & flags::IF);
+        self.page_write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
+        self.page_write_u32(page::IRQ_PENDING, u32::from(self.want_window));
+        self.page_write_u32(page::POLL, 0);
+        self.host.set_segments(segs).map_err(failed)?;
+        self.load_host_regs(tc);
+        let exit = self.run_host(true)?;
+        let host_eip = self.save_host_regs();
+        let vif = self.page_read_u32(page::VIF) & flags::IF;
+        let viopl = self.page_read_u32(page::VIOPL) & flags::IOPL;
+        self.cpu.eflags = (self.cpu.eflags & !(flags::IF | flags::IOPL)) | vif | viopl;
+        self.handle_translated_exit(exit, host_eip)
+    }
+
+    /// Write-protects newly translated code pages and logs the block.
+    fn after_translation(&mut self, key: &BlockKey) {
+        let pages = self.engine.take_new_code_pages();
+        if !pages.is_empty() {
+            let mem = self.mem.clone();
+            let mut mapper = WindowMapper { window: self.window, mem: &mem };
+            for p in pages {
+                if let Err(e) = self.mmu.protect_code_page(&mut mapper, p) {
+                    tracing::warn!(%e, page = p, "cannot write-protect a code page");
+                }
+            }
+        }
+        if self.config.log_translations {
+            if let Some(text) = self.engine.disassemble_block(key) {
+                tracing::info!(target: "popek::translations", "\n{text}");
+            }
+        }
+    }
+
+    fn fetch_fault(&mut self, linear: u32) -> Result<Option<VmExit>, BackendError> {
+        let mem = self.mem.clone();
+        let access = shadow_mmu::Access { write: false, user: self.cpu.cpl == 3, fetch: true };
+        match self.mmu.translate(&mut Phys(&mem), linear, access) {
+            Err(pf) => self.fault(Fault::page(pf.cr2, pf.error_code)),
+            Ok(t) => Err(BackendError::Unsupported {
+                backend: "bt",
+                what: format!("executing code outside guest RAM (linear {linear:#x}, physical {:#x})", t.gpa),
+            }),
+        }
+    }
+
+    /// Puts the guest state back to the start of the guest instruction the
+    /// TC was executing at `host_eip`.
+    fn recover(&mut self, host_eip: u32) -> Result<bool, BackendError> {
+        let rec = self
+            .engine
+            .recover(host_eip)
+            .ok_or_else(|| failed(format!("no translation covers TC address {host_eip:#x}")))?;
+        for (reg, slot) in &rec.restore {
+            let v = self.page_read_u32(page::scratch(*slot));
+            gpr_write(&mut self.cpu, *reg, v);
+        }
+        self.cpu.eip = if rec.eip_is_callout_target { self.page_read_u32(page::CALLOUT_TARGET) } else { rec.guest_eip };
+        Ok(rec.exact)
+    }
+
+    fn handle_translated_exit(&mut self, exit: Exit, host_eip: u32) -> Result<Option<VmExit>, BackendError> {
+        if exit == Exit::Callout {
+            return self.callout();
+        }
+        if !self.recover(host_eip)? {
+            // Inside the committed tail of a rewritten sequence: only a kick
+            // can land here; the guest is not at an instruction boundary yet.
+            return Err(failed(format!("{exit:?} inside a committed TC sequence at {host_eip:#x}")));
+        }
+        match exit {
+            Exit::Kick => {
+                self.count("kick");
+                Ok(Some(VmExit::Interrupted))
+            }
+            Exit::PageFault { address, error_code } => {
+                self.count("kernel_page_fault");
+                let access = shadow_mmu::Access { write: error_code & 2 != 0, user: self.cpu.cpl == 3, fetch: false };
+                self.hidden_fault(address, access)
+            }
+            Exit::GeneralProtection { error_code, .. } => {
+                self.count("kernel_gp");
+                self.fault(Fault::gp(error_code))
+            }
+            other => {
+                self.count("kernel_exception");
+                self.raise(exception_of(other))
+            }
+        }
+    }
+
+    fn callout(&mut self) -> Result<Option<VmExit>, BackendError> {
+        let id = self.page_read_u32(page::CALLOUT_ID);
+        let site = self.engine.callout_site(id).cloned().ok_or_else(|| failed(format!("unknown callout site {id}")))?;
+        self.engine.note_callout(id);
+        self.count("callout");
+        match site.kind {
+            CalloutKind::BlockExit => {
+                self.cpu.eip = site.next_eip;
+                let key = self.key();
+                let mem = self.mem.clone();
+                let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: key.cpl == 3 };
+                match self.engine.translate(key, &mut code) {
+                    Ok(_) => {
+                        self.after_translation(&key);
+                        let _ = self.engine.chain(id);
+                        Ok(None)
+                    }
+                    Err(EngineError::Fetch(f)) => self.fetch_fault(f.linear),
+                    Err(e) => Err(failed(e)),
+                }
+            }
+            CalloutKind::IndirectMiss => {
+                self.cpu.eip = self.page_read_u32(page::CALLOUT_TARGET);
+                let key = self.key();
+                let mem = self.mem.clone();
+                let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: key.cpl == 3 };
+                match self.engine.translate(key, &mut code) {
+                    Ok(_) => {
+                        self.after_translation(&key);
+                        let _ = self.engine.install_indirect(&key);
+                        Ok(None)
+                    }
+                    Err(EngineError::Fetch(f)) => self.fetch_fault(f.linear),
+                    Err(e) => Err(failed(e)),
+                }
+            }
+            CalloutKind::Poll => {
+                self.cpu.eip = site.guest_eip;
+                Ok(Some(VmExit::Interrupted))
+            }
+            CalloutKind::GeneralProtection => {
+                self.cpu.eip = site.guest_eip;
+                self.fault(Fault::gp(0))
+            }
+            CalloutKind::Sensitive(_) | CalloutKind::ControlFlow(_) => {
+                self.cpu.eip = site.guest_eip;
+                self.emulate(&site.instruction, site.next_eip)
+            }
+        }
+    }
+
+    /// Performs a sensitive instruction on the virtual CPU.
+    fn emulate(&mut self, insn: &Instruction, next_eip: u32) -> Result<Option<VmExit>, BackendError> {
+        let mem = self.mem.clone();
+        let policy = self.policy.clone();
+        let result = {
+            let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };
+            let mut env = Env { mem: &mut lin, policy: &policy, host_tsc: rdtsc() };
+            sensitive::execute(&mut self.cpu, &mut env, insn)
+        };
+        match result {
+            Ok(Outcome::Next) | Ok(Outcome::SegmentLoaded(_)) => {
+                self.cpu.eip = next_eip;
+                Ok(None)
+            }
+            Ok(Outcome::Jumped) => Ok(None),
+            Ok(Outcome::Mmu(effect)) => {
+                self.cpu.eip = next_eip;
+                self.mmu_effect(effect)?;
+                Ok(None)
+            }
+            Ok(Outcome::Io(op)) => self.start_io(insn, op, next_eip),
+            Ok(Outcome::Halt) => {
+                self.cpu.eip = next_eip;
+                self.cpu.halted = true;
+                Ok(Some(VmExit::Halt))
+            }
+            Ok(Outcome::Interrupt(v)) => {
+                self.cpu.eip = next_eip;
+                self.raise(Event::Software(v))
+            }
+            Err(ExecError::Fault(f)) => self.fault(f),
+            Err(ExecError::Unsupported(_)) if matches!(insn.mnemonic(), Mnemonic::INVALID) => self.fault(Fault::ud()),
+            Err(ExecError::Unsupported(what)) => {
+                tracing::debug!(%insn, what, "unsupported sensitive instruction: #UD");
+                self.fault(Fault::ud())
+            }
+            Err(ExecError::Delivery(DeliveryError::TripleFault { .. })) => Ok(Some(VmExit::TripleFault)),
+            Err(ExecError::Delivery(DeliveryError::Unsupported(what))) => {
+                Err(BackendError::Unsupported { backend: "bt", what: what.to_string() })
+            }
+        }
+    }
+
+    fn mmu_effect(&mut self, effect: MmuEffect) -> Result<(), BackendError> {
+        let mem = self.mem.clone();
+        let mut phys = Phys(&mem);
+        let mut mapper = WindowMapper { window: self.window, mem: &mem };
+        match effect {
+            MmuEffect::Cr3 { new } => self.mmu.set_cr3(&mut phys, &mut mapper, new).map_err(failed),
+            MmuEffect::Invlpg(lin) => self.mmu.invlpg(&mut mapper, lin).map_err(failed),
+            MmuEffect::Cr0 { new, .. } => {
+                self.mmu.set_cr0(&mut phys, &mut mapper, new).map_err(failed)?;
+                self.revalidate();
+                Ok(())
+            }
+            MmuEffect::Cr4 { new, .. } => {
+                self.mmu.set_cr4(&mut phys, &mut mapper, new).map_err(failed)?;
+                self.revalidate();
+                Ok(())
+            }
+        }
+    }
+
+    /// Paging changed: translations whose linear pages now map elsewhere go.
+    fn revalidate(&mut self) {
+        let mem = self.mem.clone();
+        let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: false };
+        self.engine.revalidate_mappings(&mut code);
+    }
+
+    fn start_io(&mut self, insn: &Instruction, op: IoOp, next_eip: u32) -> Result<Option<VmExit>, BackendError> {
+        if sensitive::string_io_is_empty(&self.cpu, insn) {
+            self.cpu.eip = next_eip;
+            return Ok(None);
+        }
+        self.count("io");
+        Ok(Some(match op {
+            IoOp::In { port, size } => {
+                self.pending = Some(PendingIo::In { size, next_eip });
+                VmExit::IoIn { port, size }
+            }
+            IoOp::Out { port, size, value } => {
+                self.pending = Some(PendingIo::Out { next_eip });
+                VmExit::IoOut { port, size, value }
+            }
+            IoOp::Ins { port, size } => {
+                self.pending = Some(PendingIo::Ins { insn: *insn, op, next_eip });
+                VmExit::IoIn { port, size }
+            }
+            IoOp::Outs { port, size, value } => {
+                self.pending = Some(PendingIo::Outs { insn: *insn, op, next_eip });
+                VmExit::IoOut { port, size, value }
+            }
+        }))
+    }
+
+    /// Finishes the pending I/O instruction (OUT completes on the next run).
+    fn finish_io(&mut self, value: u32) {
+        let Some(p) = self.pending.take() else { return };
+        let mem = self.mem.clone();
+        match p {
+            PendingIo::In { size, next_eip } => {
+                let reg = match size {
+                    1 => iced_x86::Register::AL,
+                    2 => iced_x86::Register::AX,
+                    _ => iced_x86::Register::EAX,
+                };
+                gpr_write(&mut self.cpu, reg, value);
+                self.cpu.eip = next_eip;
+            }
+            PendingIo::Out { next_eip } => self.cpu.eip = next_eip,
+            PendingIo::Ins { insn, op, next_eip } | PendingIo::Outs { insn, op, next_eip } => {
+                let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };
+                match sensitive::complete_string_io(&mut self.cpu, &mut lin, &insn, op, value) {
+                    Ok(true) => self.cpu.eip = next_eip,
+                    Ok(false) => {}
+                    Err(f) => {
+                        let _ = self.fault(f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The guest event for a host exit that is an exception of the guest.
+fn exception_of(exit: Exit) -> Event {
+    match exit {
+        Exit::DivideError => Event::Exception(Fault::new(vector::DE)),
+        Exit::Debug => Event::Exception(Fault::new(vector::DB)),
+        Exit::Breakpoint => Event::Software(vector::BP),
+        Exit::Overflow => Event::Software(vector::OF),
+        Exit::BoundRange => Event::Exception(Fault::new(vector::BR)),
+        Exit::InvalidOpcode => Event::Exception(Fault::ud()),
+        Exit::StackFault { error_code } => Event::Exception(Fault::with_code(vector::SS, guest_error_code(error_code))),
+        Exit::SegmentNotPresent { error_code } => {
+            Event::Exception(Fault::with_code(vector::NP, guest_error_code(error_code)))
+        }
+        Exit::AlignmentCheck => Event::Exception(Fault::with_code(vector::AC, 0)),
+        Exit::X87Fault => Event::Exception(Fault::new(vector::MF)),
+        Exit::SimdFault => Event::Exception(Fault::new(vector::XM)),
+        Exit::GeneralProtection { error_code, .. } => Event::Exception(Fault::gp(guest_error_code(error_code))),
+        Exit::PageFault { address, error_code } => Event::Exception(Fault::page(address, error_code)),
+        Exit::SystemCall { .. } | Exit::Kick | Exit::Callout => Event::Exception(Fault::gp(0)),
+    }
+}
+
+/// A selector error code from the host refers to a host selector: report
+/// the guest selector it shadows.
+fn guest_error_code(code: u32) -> u32 {
+    if code == 0 {
+        return 0;
+    }
+    let sel = (code & 0xFFFC) as u16;
+    guest_selector(sel | 3, 0).map_or(code, |g| u32::from(g & 0xFFFC) | (code & 1))
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions in user mode on this host.
+    unsafe { std::arch::x86_64::_rdtsc() }
+}
+
+impl Backend for BtBackend {
+    fn name(&self) -> &'static str {
+        "bt"
+    }
+
+    fn run(&mut self) -> Result<VmExit, BackendError> {
+        let t = Instant::now();
+        // An OUT completes when the machine comes back.
+        if let Some(PendingIo::Out { .. } | PendingIo::Outs { .. }) = self.pending {
+            self.finish_io(0);
+        }
+        let r = loop {
+            if self.cpu.halted {
+                break Ok(VmExit::Halt);
+            }
+            if self.want_window && self.interrupts_enabled() {
+                self.want_window = false;
+                break Ok(VmExit::InterruptWindow);
+            }
+            match self.step() {
+                Ok(Some(e)) => break Ok(e),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.stats.time_total += t.elapsed();
+        r
+    }
+
+    fn complete_io_in(&mut self, value: u32) {
+        self.finish_io(value);
+    }
+
+    fn complete_mmio_read(&mut self, _value: u64) {}
+
+    fn interrupts_enabled(&self) -> bool {
+        self.cpu.interrupts_enabled() && !self.cpu.interrupt_shadow
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {
+        self.count("interrupt");
+        self.cpu.halted = false;
+        match self.raise(Event::External(vector))? {
+            None => Ok(()),
+            Some(_) => Err(failed("triple fault while delivering an external interrupt")),
+        }
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) {
+        self.want_window = on;
+    }
+
+    fn kicker(&self) -> Kick {
+        let k = self.host.kicker();
+        Arc::new(move || {
+            let _ = k.kick();
+        })
+    }
+
+    fn cpu_state(&mut self) -> Cpu {
+        self.cpu.clone()
+    }
+
+    fn stats(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.stats.exits.iter().map(|(k, n)| (format!("bt/exits/{k}"), *n)).collect();
+        let e = self.engine.stats();
+        v.push(("engine/blocks_translated".into(), e.blocks_translated));
+        v.push(("engine/guest_bytes".into(), e.guest_bytes_translated));
+        v.push(("engine/tc_bytes".into(), e.tc_bytes_used));
+        v.push(("engine/exits_unchained".into(), e.exits_unchained));
+        v.push(("engine/indirect_misses".into(), e.indirect_misses));
+        v.push(("engine/invalidations".into(), e.invalidations));
+        v.push(("engine/flushes".into(), e.flushes));
+        for (k, n) in &e.callouts_taken {
+            v.push((format!("engine/callouts/{k}"), *n));
+        }
+        let m = self.mmu.stats();
+        v.push(("mmu/hidden_faults".into(), m.hidden_faults));
+        v.push(("mmu/guest_page_faults".into(), m.guest_page_faults));
+        v.push(("bt/ldt_writes".into(), self.stats.ldt_writes));
+        v.push(("bt/time_direct_us".into(), self.stats.time_direct.as_micros() as u64));
+        v.push(("bt/time_translated_us".into(), self.stats.time_translated.as_micros() as u64));
+        let guest = self.stats.time_direct + self.stats.time_translated;
+        v.push(("bt/time_monitor_us".into(), self.stats.time_total.saturating_sub(guest).as_micros() as u64));
+        v.sort();
+        v
+    }
+}
