@@ -164,11 +164,29 @@ pub struct Row {
 }
 
 const fn cf(pat: Pat, f: Flow) -> Row {
-    Row { pat, info: Classification { class: Class::ControlFlow(f), cpl0_only: false, iopl_sensitive: false, ends_block: true, flags: 0 } }
+    Row {
+        pat,
+        info: Classification {
+            class: Class::ControlFlow(f),
+            cpl0_only: false,
+            iopl_sensitive: false,
+            ends_block: true,
+            flags: 0,
+        },
+    }
 }
 
 const fn se(pat: Pat, s: Sensitive) -> Row {
-    Row { pat, info: Classification { class: Class::Sensitive(s), cpl0_only: false, iopl_sensitive: false, ends_block: false, flags: 0 } }
+    Row {
+        pat,
+        info: Classification {
+            class: Class::Sensitive(s),
+            cpl0_only: false,
+            iopl_sensitive: false,
+            ends_block: false,
+            flags: 0,
+        },
+    }
 }
 
 impl Row {
@@ -352,7 +370,8 @@ pub static TABLE: &[Row] = &[
     se(M(Mn::Xend), S::Unsupported).end(),
 ];
 
-const IDENT: Classification = Classification { class: Class::Ident, cpl0_only: false, iopl_sensitive: false, ends_block: false, flags: 0 };
+const IDENT: Classification =
+    Classification { class: Class::Ident, cpl0_only: false, iopl_sensitive: false, ends_block: false, flags: 0 };
 const INVALID: Classification = se(M(Mn::INVALID), S::Invalid).end().info;
 const UNSUPPORTED: Classification = se(M(Mn::INVALID), S::Unsupported).end().info;
 
@@ -428,23 +447,23 @@ mod tests {
     fn is_privileged_misses_what_the_table_catches() {
         // (bytes, expected kind): these are the silent ones of Robin & Irvine.
         let cases: &[(&[u8], Sensitive)] = &[
-            (&[0x9D], S::Popf),                    // popfd
-            (&[0x9C], S::Pushf),                   // pushfd
-            (&[0x0F, 0x01, 0x00], S::Sgdt),        // sgdt [eax]
-            (&[0x0F, 0x01, 0x08], S::Sidt),        // sidt [eax]
-            (&[0x0F, 0x01, 0xE0], S::Smsw),        // smsw eax
-            (&[0x0F, 0x00, 0xC8], S::Str),         // str eax
-            (&[0x0F, 0x00, 0xC0], S::Sldt),        // sldt eax
-            (&[0x8C, 0xC8], S::MovFromSeg),        // mov eax, cs
-            (&[0x8C, 0xD0], S::MovFromSeg),        // mov eax, ss
-            (&[0x0F, 0x02, 0xC1], S::Lar),         // lar eax, ecx
-            (&[0x0F, 0x03, 0xC1], S::Lsl),         // lsl eax, ecx
-            (&[0x0F, 0x00, 0xE0], S::Verr),        // verr ax
-            (&[0x0E], S::PushSeg),                 // push cs
-            (&[0x17], S::PopSeg),                  // pop ss
-            (&[0xC5, 0x00], S::LoadFarPtr),        // lds eax, [eax]
-            (&[0x0F, 0xA2], S::Cpuid),             // cpuid
-            (&[0x0F, 0x31], S::Rdtsc),             // rdtsc
+            (&[0x9D], S::Popf),             // popfd
+            (&[0x9C], S::Pushf),            // pushfd
+            (&[0x0F, 0x01, 0x00], S::Sgdt), // sgdt [eax]
+            (&[0x0F, 0x01, 0x08], S::Sidt), // sidt [eax]
+            (&[0x0F, 0x01, 0xE0], S::Smsw), // smsw eax
+            (&[0x0F, 0x00, 0xC8], S::Str),  // str eax
+            (&[0x0F, 0x00, 0xC0], S::Sldt), // sldt eax
+            (&[0x8C, 0xC8], S::MovFromSeg), // mov eax, cs
+            (&[0x8C, 0xD0], S::MovFromSeg), // mov eax, ss
+            (&[0x0F, 0x02, 0xC1], S::Lar),  // lar eax, ecx
+            (&[0x0F, 0x03, 0xC1], S::Lsl),  // lsl eax, ecx
+            (&[0x0F, 0x00, 0xE0], S::Verr), // verr ax
+            (&[0x0E], S::PushSeg),          // push cs
+            (&[0x17], S::PopSeg),           // pop ss
+            (&[0xC5, 0x00], S::LoadFarPtr), // lds eax, [eax]
+            (&[0x0F, 0xA2], S::Cpuid),      // cpuid
+            (&[0x0F, 0x31], S::Rdtsc),      // rdtsc
         ];
         for (bytes, kind) in cases {
             let mut d = Decoder::with_ip(32, bytes, 0, DecoderOptions::NONE);
@@ -457,7 +476,8 @@ mod tests {
 
     #[test]
     fn privileged_rows() {
-        for bytes in [&[0x0F, 0x20, 0xC0][..], &[0x0F, 0x22, 0xD8], &[0xF4], &[0x0F, 0x01, 0x10], &[0x0F, 0x06], &[0x0F, 0x30]]
+        for bytes in
+            [&[0x0F, 0x20, 0xC0][..], &[0x0F, 0x22, 0xD8], &[0xF4], &[0x0F, 0x01, 0x10], &[0x0F, 0x06], &[0x0F, 0x30]]
         {
             let c = class_of(bytes);
             assert!(c.cpl0_only, "{bytes:x?} {c:?}");
@@ -487,12 +507,15 @@ mod tests {
 
     #[test]
     fn ident_rows() {
-        for bytes in [&[0x89, 0xC8][..], &[0xF3, 0xA4], &[0x8D, 0x44, 0x24, 0x04], &[0x0F, 0xB1, 0x0A], &[0x90], &[0xC9]] {
+        for bytes in
+            [&[0x89, 0xC8][..], &[0xF3, 0xA4], &[0x8D, 0x44, 0x24, 0x04], &[0x0F, 0xB1, 0x0A], &[0x90], &[0xC9]]
+        {
             assert!(class_of(bytes).is_ident(), "{bytes:x?}");
         }
         assert_eq!(class_of(&[0x0F, 0x0B]).class, Class::Sensitive(S::Ud));
-        assert_eq!(class_of(&[0x0F, 0xFF]).class, Class::Sensitive(S::Ud)); // ud0
-        assert_eq!(class_of(&[0xD6]).class, Class::Sensitive(S::Invalid)); // salc is invalid for iced? or ident
+        assert_eq!(class_of(&[0x0F, 0xFF, 0xC0]).class, Class::Sensitive(S::Ud)); // ud0 eax, eax
+        assert_eq!(class_of(&[0x0F, 0x04]).class, Class::Sensitive(S::Invalid));
+        // no such opcode
     }
 
     #[test]

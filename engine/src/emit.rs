@@ -24,7 +24,7 @@ use crate::mangle::{MangledInsn, Op};
 use crate::recover::RecoveryEntry;
 use crate::vmm_area::{vcpu, LOOKUP_TABLE, SCRATCH_ECX};
 use dynasmrt::x86::X86Relocation;
-use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi, VecAssembler};
+use dynasmrt::{dynasm, DynasmApi, VecAssembler};
 use iced_x86::Instruction;
 
 macro_rules! x86 {
@@ -104,6 +104,16 @@ pub struct Emitted {
     /// Start of the out-of-line exit stubs.
     pub stubs_off: u32,
 }
+
+/// End offset of a rel8 jump whose displacement is patched by `bind`.
+#[must_use]
+struct ShortFixup(u32);
+
+/// rel8 opcodes (32-bit address size: ECX).
+const JECXZ: u8 = 0xE3;
+const LOOP: u8 = 0xE2;
+const LOOPE: u8 = 0xE1;
+const LOOPNE: u8 = 0xE0;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct State {
@@ -213,6 +223,22 @@ impl Emitter {
         self.pending_exits.push((field, target, insns));
     }
 
+    /// A rel8 jump to a later point ([`Emitter::bind`]). Raw opcodes:
+    /// dynasm 5.1 encodes `jecxz` with a 0x67 prefix in x86 mode, which
+    /// makes it JCXZ.
+    fn short_jump(&mut self, opcode: u8) -> ShortFixup {
+        self.asm.extend([opcode, 0]);
+        ShortFixup(self.off())
+    }
+
+    fn bind(&mut self, f: ShortFixup) {
+        let rel = self.off() - f.0;
+        debug_assert!(rel < 0x80, "short jump out of range");
+        let mut alter = self.asm.alter();
+        alter.goto(dynasmrt::AssemblyOffset(f.0 as usize - 1));
+        alter.push(rel as u8);
+    }
+
     fn rel32_to(&mut self, opcode: &[u8], abs: u32) {
         self.asm.extend(opcode);
         let rel = abs.wrapping_sub(self.addr() + 4);
@@ -226,11 +252,11 @@ impl Emitter {
         x86!(self.asm
             ; gs mov ecx, DWORD [CALLOUT_TARGET]
             ; lea ecx, [ecx + neg]
-            ; jecxz >hit
         );
+        let hit = self.short_jump(JECXZ);
         let miss = self.ctx.miss_stub;
         self.rel32_to(&[0xE9], miss);
-        x86!(self.asm; hit:);
+        self.bind(hit);
         if self.ctx.count_indirect_hits {
             x86!(self.asm
                 ; gs mov ecx, DWORD [HITS]
@@ -248,16 +274,21 @@ impl Emitter {
         self.at(eip);
         self.spill_ecx();
         self.mark(eip, true, false, true);
+        let mut skips = Vec::new();
         if vif.is_some() {
-            x86!(self.asm; gs mov ecx, DWORD [VIF]; jecxz >skip);
+            x86!(self.asm; gs mov ecx, DWORD [VIF]);
+            skips.push(self.short_jump(JECXZ));
         }
-        x86!(self.asm; gs mov ecx, DWORD [flag]; jecxz >skip);
+        x86!(self.asm; gs mov ecx, DWORD [flag]);
+        skips.push(self.short_jump(JECXZ));
         self.reload_ecx();
         self.at(eip);
         let id = self.ctx.first_site + self.sites.len() as u32;
         emit_callout(&mut self.asm, id);
         self.mark(eip, true, false, true);
-        x86!(self.asm; skip:);
+        for s in skips {
+            self.bind(s);
+        }
         self.reload_ecx();
         self.at(eip);
         let resume = self.off();
@@ -356,20 +387,21 @@ impl Emitter {
             return;
         }
         // mov gs, cs:[guest_gs_sel]; instr; mov gs, cs:[vmm_gs_sel]
-        let guest_sel = (self.ctx.vmm_base + vcpu::GUEST_GS_SEL) as i32;
-        let vmm_sel = (self.ctx.vmm_base + vcpu::VMM_GS_SEL) as i32;
-        x86!(self.asm; cs mov gs, WORD [guest_sel]);
+        let guest_sel = self.ctx.vmm_base + vcpu::GUEST_GS_SEL;
+        let vmm_sel = self.ctx.vmm_base + vcpu::VMM_GS_SEL;
+        load_gs(&mut self.asm, guest_sel);
         self.mark(eip, false, true, true);
         self.asm.extend(bytes.iter());
         self.mark(next, false, true, true);
-        x86!(self.asm; cs mov gs, WORD [vmm_sel]);
+        load_gs(&mut self.asm, vmm_sel);
         self.at(next);
     }
 
     fn push_imm(&mut self, value: u32, op16: bool) {
         if op16 {
-            let v = value as u16 as i16;
-            x86!(self.asm; push WORD v);
+            // `push imm16` (66 68 iw): dynasm encodes WORD pushes with an imm32.
+            self.asm.extend([0x66, 0x68]);
+            self.asm.extend((value as u16).to_le_bytes());
         } else {
             let v = value as i32;
             x86!(self.asm; push DWORD v);
@@ -383,16 +415,17 @@ impl Emitter {
         }
         // The instruction itself, with its counter and flags semantics,
         // jumping over the fall-through exit to the taken exit.
-        match kind {
-            LoopKind::Loop => x86!(self.asm; loop >taken),
-            LoopKind::Loope => x86!(self.asm; loope >taken),
-            LoopKind::Loopne => x86!(self.asm; loopne >taken),
-            LoopKind::Jcxz => x86!(self.asm; jecxz >taken),
-        }
+        let opcode = match kind {
+            LoopKind::Loop => LOOP,
+            LoopKind::Loope => LOOPE,
+            LoopKind::Loopne => LOOPNE,
+            LoopKind::Jcxz => JECXZ,
+        };
+        let taken = self.short_jump(opcode);
         let n = self.insns_done + 1;
         self.at(fallthrough);
         self.exit_jump(&[0xE9], fallthrough, n);
-        x86!(self.asm; taken:);
+        self.bind(taken);
         self.at(target);
         self.exit_jump(&[0xE9], target, n);
     }
@@ -484,7 +517,13 @@ impl Emitter {
                 insns_before: insns,
                 exit: Some(self.exits.len()),
             });
-            self.exits.push(ExitReloc { field_off: field, stub_off: stub, target_eip: target, site: id, insns_before: insns });
+            self.exits.push(ExitReloc {
+                field_off: field,
+                stub_off: stub,
+                target_eip: target,
+                site: id,
+                insns_before: insns,
+            });
         }
         let exits = self.exits.clone();
         let mut alter = self.asm.alter();
@@ -500,6 +539,13 @@ impl State {
     fn of(e: &RecoveryEntry) -> State {
         State { eip: e.guest_eip, spilled: e.ecx_spilled, gs: e.gs_is_guest, exact: e.exact }
     }
+}
+
+/// `mov gs, cs:[abs]` (2E 8E /5, disp32): dynasm 5.1 encodes the
+/// Sreg-from-memory form in the wrong direction, so raw bytes.
+fn load_gs(asm: &mut VecAssembler<X86Relocation>, abs: u32) {
+    asm.extend([0x2E, 0x8E, 0x2D]);
+    asm.extend(abs.to_le_bytes());
 }
 
 /// The callout sequence of docs/tc-abi.md. `jmp far m16:32` is not in

@@ -84,7 +84,7 @@ impl Engine {
     /// Sets up the TC in `view`: writes the shared stubs and an empty lookup
     /// table (every entry aimed at the miss stub).
     pub fn new(view: VmmAreaView, config: Config) -> Result<Engine, EngineError> {
-        if view.base % 0x40_0000 != 0 {
+        if view.base & 0x3F_FFFF != 0 {
             return Err(EngineError::Misaligned(view.base));
         }
         let tc_size = config.tc_size.min(vmm_area::TC_SIZE);
