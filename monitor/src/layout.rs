@@ -57,3 +57,18 @@ pub const IRQ_PIT: u8 = 0;
 pub const IRQ_COM1: u8 = 4;
 /// CMOS RTC.
 pub const IRQ_RTC: u8 = 8;
+
+// ---- Devices (appended by the devices module) -----------------------------
+
+/// ELCR: edge/level control of IRQ0-7 (0x4d0) and IRQ8-15 (0x4d1).
+pub const PORT_ELCR: u16 = 0x4D0;
+/// PCI reset control register (Linux `reboot=pci`), inside the config window.
+pub const PORT_PCI_RESET_CONTROL: u16 = 0xCF9;
+/// Bochs/QEMU APM shutdown port: writing the string "Shutdown" powers off.
+pub const PORT_BOCHS_SHUTDOWN: u16 = 0x8900;
+/// Keyboard (i8042 first port).
+pub const IRQ_KEYBOARD: u8 = 1;
+/// Cascade from the slave PIC.
+pub const IRQ_CASCADE: u8 = 2;
+/// Input clock of the i8254 PIT, Hz.
+pub const PIT_FREQUENCY_HZ: u64 = 1_193_182;

@@ -1,0 +1,112 @@
+//! Time sources for the devices: a monotonic clock that drives the PIT and the
+//! RTC, and a wall clock read once to set the RTC's date.
+//!
+//! The host clocks serve normal runs; `ManualClock` serves tests and the
+//! deterministic mode, where virtual time is derived from instruction counts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// A monotonic clock in nanoseconds from an arbitrary origin.
+pub trait Clock: Send + Sync {
+    fn now_ns(&self) -> u64;
+}
+
+/// Wall-clock time, nanoseconds since the Unix epoch (UTC).
+pub trait WallClock: Send + Sync {
+    fn now_unix_ns(&self) -> u64;
+}
+
+/// The host's CLOCK_MONOTONIC (`Instant` on Linux), from the moment of creation.
+#[derive(Debug, Clone, Copy)]
+pub struct HostClock {
+    origin: Instant,
+}
+
+impl Default for HostClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HostClock {
+    pub fn new() -> Self {
+        Self { origin: Instant::now() }
+    }
+}
+
+impl Clock for HostClock {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The host's CLOCK_REALTIME.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostWallClock;
+
+impl WallClock for HostWallClock {
+    fn now_unix_ns(&self) -> u64 {
+        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A clock that moves only when told to: tests and deterministic runs.
+/// Clones share the same time.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock {
+    ns: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    pub fn new(start_ns: u64) -> Self {
+        Self { ns: Arc::new(AtomicU64::new(start_ns)) }
+    }
+
+    pub fn set(&self, ns: u64) {
+        self.ns.store(ns, Ordering::SeqCst);
+    }
+
+    pub fn advance(&self, ns: u64) {
+        self.ns.fetch_add(ns, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ns(&self) -> u64 {
+        self.ns.load(Ordering::SeqCst)
+    }
+}
+
+impl WallClock for ManualClock {
+    fn now_unix_ns(&self) -> u64 {
+        self.ns.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_clocks_move_forward() {
+        let c = HostClock::new();
+        let a = c.now_ns();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert!(c.now_ns() >= a + 2_000_000);
+        // After 2020-01-01.
+        assert!(HostWallClock.now_unix_ns() > 1_577_836_800 * 1_000_000_000);
+    }
+
+    #[test]
+    fn manual_clock_clones_share_time() {
+        let c = ManualClock::new(5);
+        let d = c.clone();
+        c.advance(10);
+        assert_eq!(d.now_ns(), 15);
+        d.set(100);
+        assert_eq!(Clock::now_ns(&c), 100);
+    }
+}

@@ -1,0 +1,422 @@
+//! The PC platform every backend runs: the devices on their `layout.rs`
+//! ports, their interrupt lines wired into the PIC pair, the timers, and the
+//! event queue. No CPU assumptions: a backend turns port exits into
+//! [`Platform::io_in`]/[`Platform::io_out`], asks [`Platform::pending_interrupt`]
+//! when the guest can take an interrupt, delivers the vector from
+//! [`Platform::acknowledge_interrupt`], calls [`Platform::poll_timers`] on every
+//! exit and before sleeping until [`Platform::next_deadline_ns`], and drains
+//! [`Platform::take_events`].
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+
+use super::bus::{lock, AccessCounts, BusError, DeviceId, DeviceStats, MmioBus, PortBus, SharedMmioDevice};
+use super::clock::{Clock, HostClock, HostWallClock, WallClock};
+use super::cmos::Cmos;
+use super::misc::{BochsShutdown, DebugExit, EventSink, PciConfig, PlatformEvent, PostPort, SystemControlA, I8042};
+use super::pic::PicPair;
+use super::pit::Pit;
+use super::serial::{Serial, SerialStats};
+use crate::layout::{
+    IRQ_COM1, IRQ_KEYBOARD, IRQ_PIT, IRQ_RTC, PORT_BOCHS_SHUTDOWN, PORT_CMOS, PORT_COM1, PORT_DEBUG_EXIT, PORT_ELCR,
+    PORT_I8042_CMD, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PIC_MASTER, PORT_PIC_SLAVE, PORT_PIT, PORT_POST,
+    PORT_SYSTEM_CONTROL_A, PORT_SYSTEM_CONTROL_B,
+};
+
+#[derive(Debug, Error)]
+pub enum PlatformError {
+    #[error("cannot place a platform device: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// What a platform is built from.
+pub struct PlatformConfig {
+    /// Guest RAM in bytes (for the CMOS memory-size bytes).
+    pub ram_size: u64,
+    /// Where COM1's output goes; flushed after every byte.
+    pub console: Box<dyn Write + Send>,
+    /// Drives the PIT and the RTC.
+    pub clock: Arc<dyn Clock>,
+    /// Read once, to set the RTC.
+    pub wall_clock: Arc<dyn WallClock>,
+}
+
+impl PlatformConfig {
+    /// A platform on the host's clocks.
+    pub fn new(ram_size: u64, console: Box<dyn Write + Send>) -> Self {
+        Self { ram_size, console, clock: Arc::new(HostClock::new()), wall_clock: Arc::new(HostWallClock) }
+    }
+}
+
+/// Counters for `popek` stats output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlatformStats {
+    /// Accesses per registered port range, by base port.
+    pub ports: Vec<DeviceStats>,
+    pub unclaimed_ports: AccessCounts,
+    pub mmio: Vec<DeviceStats>,
+    pub unclaimed_mmio: AccessCounts,
+    pub serial: SerialStats,
+    /// Rising edges of PIT channel 0 seen by `poll_timers`.
+    pub pit_irq0_edges: u64,
+    /// Vectors handed out by `acknowledge_interrupt`.
+    pub interrupts_acknowledged: u64,
+}
+
+/// Bus registrations whose accesses can move an interrupt line.
+struct IrqSources {
+    serial: DeviceId,
+    cmos: DeviceId,
+    i8042: DeviceId,
+}
+
+pub struct Platform {
+    ports: PortBus,
+    mmio: MmioBus,
+    clock: Arc<dyn Clock>,
+    events: EventSink,
+    pic: Arc<Mutex<PicPair>>,
+    pit: Arc<Mutex<Pit>>,
+    serial: Arc<Mutex<Serial>>,
+    cmos: Arc<Mutex<Cmos>>,
+    i8042: Arc<Mutex<I8042>>,
+    port92: Arc<Mutex<SystemControlA>>,
+    irq_sources: IrqSources,
+    pit_irq0_edges: u64,
+    interrupts_acknowledged: u64,
+}
+
+impl Platform {
+    pub fn new(config: PlatformConfig) -> Result<Self, PlatformError> {
+        let PlatformConfig { ram_size, console, clock, wall_clock } = config;
+        let events = EventSink::new();
+        let pic = Arc::new(Mutex::new(PicPair::new()));
+        let pit = Arc::new(Mutex::new(Pit::new(clock.clone())));
+        let serial = Arc::new(Mutex::new(Serial::new(PORT_COM1, console)));
+        let cmos = Arc::new(Mutex::new(Cmos::new(ram_size, clock.clone(), wall_clock.as_ref())));
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+        let port92 = Arc::new(Mutex::new(SystemControlA::new(events.clone())));
+
+        let mut ports = PortBus::new();
+        ports.register("pic-master", PORT_PIC_MASTER, 2, pic.clone())?;
+        ports.register("pic-slave", PORT_PIC_SLAVE, 2, pic.clone())?;
+        ports.register("elcr", PORT_ELCR, 2, pic.clone())?;
+        ports.register("pit", PORT_PIT, 4, pit.clone())?;
+        ports.register("system-control-b", PORT_SYSTEM_CONTROL_B, 1, pit.clone())?;
+        let i8042_data = ports.register("i8042-data", PORT_I8042_DATA, 1, i8042.clone())?;
+        ports.register("i8042-cmd", PORT_I8042_CMD, 1, i8042.clone())?;
+        let cmos_id = ports.register("cmos", PORT_CMOS, 2, cmos.clone())?;
+        ports.register("post", PORT_POST, 1, Arc::new(Mutex::new(PostPort::default())))?;
+        ports.register("system-control-a", PORT_SYSTEM_CONTROL_A, 1, port92.clone())?;
+        ports.register("debug-exit", PORT_DEBUG_EXIT, 4, Arc::new(Mutex::new(DebugExit::new(events.clone()))))?;
+        let serial_id = ports.register("com1", PORT_COM1, 8, serial.clone())?;
+        ports.register(
+            "pci-config",
+            PORT_PCI_CONFIG_ADDRESS,
+            8,
+            Arc::new(Mutex::new(PciConfig::new(events.clone()))),
+        )?;
+        ports.register(
+            "bochs-shutdown",
+            PORT_BOCHS_SHUTDOWN,
+            1,
+            Arc::new(Mutex::new(BochsShutdown::new(events.clone()))),
+        )?;
+
+        Ok(Self {
+            ports,
+            mmio: MmioBus::new(),
+            clock,
+            events,
+            pic,
+            pit,
+            serial,
+            cmos,
+            i8042,
+            port92,
+            irq_sources: IrqSources { serial: serial_id, cmos: cmos_id, i8042: i8042_data },
+            pit_irq0_edges: 0,
+            interrupts_acknowledged: 0,
+        })
+    }
+
+    /// A guest `IN` of `size` bytes (1, 2 or 4) from `port`.
+    pub fn io_in(&mut self, port: u16, size: u8) -> u32 {
+        let (value, id) = self.ports.read(port, size);
+        self.after_access(id);
+        value
+    }
+
+    /// A guest `OUT` of `size` bytes (1, 2 or 4) to `port`.
+    pub fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        let id = self.ports.write(port, size, value);
+        self.after_access(id);
+    }
+
+    /// A guest read of MMIO at `addr`.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        self.mmio.read(addr, data);
+    }
+
+    /// A guest write of MMIO at `addr`.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+
+    /// Adds an MMIO device (local APIC, test devices).
+    pub fn register_mmio(
+        &mut self,
+        name: &'static str,
+        base: u64,
+        len: u64,
+        device: SharedMmioDevice,
+    ) -> Result<DeviceId, PlatformError> {
+        Ok(self.mmio.register(name, base, len, device)?)
+    }
+
+    /// Is an interrupt waiting for the CPU (the PIC's INT output)?
+    pub fn pending_interrupt(&mut self) -> bool {
+        lock(&self.pic).pending()
+    }
+
+    /// The INTA cycle: the vector to deliver now, or `None` if nothing is
+    /// pending any more. Call only when the guest can take it (IF=1, no
+    /// interrupt shadow): the PIC marks it in service.
+    pub fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        let v = lock(&self.pic).acknowledge();
+        self.interrupts_acknowledged += u64::from(v.is_some());
+        v
+    }
+
+    /// Raises the interrupts that timers owe up to `now_ns` (IRQ0 from PIT
+    /// channel 0, IRQ8 from the RTC).
+    pub fn poll_timers(&mut self, now_ns: u64) {
+        let edges = lock(&self.pit).poll(now_ns);
+        let rtc = lock(&self.cmos).poll(now_ns);
+        let mut pic = lock(&self.pic);
+        if edges > 0 {
+            self.pit_irq0_edges += edges;
+            pic.pulse_irq(IRQ_PIT);
+        }
+        pic.set_irq(IRQ_RTC, rtc);
+    }
+
+    /// The earliest time at which `poll_timers` will have something to do,
+    /// on the platform clock; `None` if no timer is armed.
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        let pit = lock(&self.pit).next_irq_deadline_ns();
+        let rtc = lock(&self.cmos).next_deadline_ns();
+        pit.into_iter().chain(rtc).min()
+    }
+
+    /// The platform clock's current time (the base of deadlines).
+    pub fn now_ns(&self) -> u64 {
+        self.clock.now_ns()
+    }
+
+    /// Host console input for COM1.
+    pub fn push_console_input(&mut self, data: &[u8]) {
+        let level = {
+            let mut s = lock(&self.serial);
+            s.push_input(data);
+            s.irq_level()
+        };
+        lock(&self.pic).set_irq(IRQ_COM1, level);
+    }
+
+    /// Reset, debug-exit and power-off requests since the last call.
+    pub fn take_events(&mut self) -> Vec<PlatformEvent> {
+        self.events.take()
+    }
+
+    /// Is the A20 gate open (port 0x92 bit 1 and the i8042 output port)?
+    pub fn a20_enabled(&self) -> bool {
+        lock(&self.port92).a20() && lock(&self.i8042).a20()
+    }
+
+    pub fn stats(&self) -> PlatformStats {
+        PlatformStats {
+            ports: self.ports.stats(),
+            unclaimed_ports: self.ports.unclaimed(),
+            mmio: self.mmio.stats(),
+            unclaimed_mmio: self.mmio.unclaimed(),
+            serial: lock(&self.serial).stats(),
+            pit_irq0_edges: self.pit_irq0_edges,
+            interrupts_acknowledged: self.interrupts_acknowledged,
+        }
+    }
+
+    /// Propagates the interrupt line of the device just accessed.
+    fn after_access(&mut self, id: Option<DeviceId>) {
+        let Some(id) = id else { return };
+        let src = &self.irq_sources;
+        let (line, level) = if id == src.serial {
+            (IRQ_COM1, lock(&self.serial).irq_level())
+        } else if id == src.cmos {
+            (IRQ_RTC, lock(&self.cmos).irq_level())
+        } else if id == src.i8042 {
+            (IRQ_KEYBOARD, lock(&self.i8042).irq1_level())
+        } else {
+            return;
+        };
+        lock(&self.pic).set_irq(line, level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::clock::ManualClock;
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn platform() -> (Platform, ManualClock, Capture) {
+        let clock = ManualClock::new(1_000_000_000);
+        let wall = ManualClock::new(1_700_000_000_000_000_000);
+        let cap = Capture::default();
+        let cfg = PlatformConfig {
+            ram_size: 256 << 20,
+            console: Box::new(cap.clone()),
+            clock: Arc::new(clock.clone()),
+            wall_clock: Arc::new(wall),
+        };
+        (Platform::new(cfg).unwrap(), clock, cap)
+    }
+
+    /// Linux's init_8259A, then unmask `mask_master`/`mask_slave`.
+    fn init_pic(p: &mut Platform, imr_master: u8, imr_slave: u8) {
+        for (port, v) in [(0x20, 0x11), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01)] {
+            p.io_out(port, 1, v);
+        }
+        for (port, v) in [(0xA0, 0x11), (0xA1, 0x38), (0xA1, 0x02), (0xA1, 0x01)] {
+            p.io_out(port, 1, v);
+        }
+        p.io_out(0x21, 1, u32::from(imr_master));
+        p.io_out(0xA1, 1, u32::from(imr_slave));
+    }
+
+    #[test]
+    fn timer_interrupt_end_to_end() {
+        let (mut p, clock, _) = platform();
+        init_pic(&mut p, 0xFE, 0xFF);
+        assert_eq!(p.next_deadline_ns(), None);
+        p.io_out(0x43, 1, 0x34);
+        p.io_out(0x40, 1, 0x9B); // 11931 = 100 Hz
+        p.io_out(0x40, 1, 0x2E);
+        let deadline = p.next_deadline_ns().unwrap();
+        assert!((deadline - clock.now_ns()).abs_diff(10_000_000) < 1_000);
+        p.poll_timers(clock.now_ns());
+        assert!(!p.pending_interrupt());
+        let mut vectors = Vec::new();
+        for _ in 0..10 {
+            let d = p.next_deadline_ns().unwrap();
+            clock.set(d);
+            p.poll_timers(d);
+            assert!(p.pending_interrupt());
+            vectors.push(p.acknowledge_interrupt().unwrap());
+            assert!(!p.pending_interrupt(), "in service until EOI");
+            p.io_out(0x20, 1, 0x20);
+        }
+        assert_eq!(vectors, vec![0x30; 10]);
+        assert_eq!(p.stats().pit_irq0_edges, 10);
+        assert_eq!(p.stats().interrupts_acknowledged, 10);
+    }
+
+    #[test]
+    fn console_output_and_interrupts() {
+        let (mut p, _, cap) = platform();
+        init_pic(&mut p, 0xEF, 0xFF); // IRQ4 only
+        for &b in b"ok\n" {
+            p.io_out(0x3F8, 1, u32::from(b));
+        }
+        assert_eq!(&*cap.0.lock().unwrap(), b"ok\n");
+        p.io_out(0x3FC, 1, 0x0B);
+        p.io_out(0x3F9, 1, 0x01); // RX interrupts
+        assert!(!p.pending_interrupt());
+        p.push_console_input(b"x");
+        assert!(p.pending_interrupt());
+        assert_eq!(p.acknowledge_interrupt(), Some(0x34));
+        assert_eq!(p.io_in(0x3FA, 1), 0x04);
+        assert_eq!(p.io_in(0x3F8, 1), u32::from(b'x'));
+        p.io_out(0x20, 1, 0x64);
+        // THRE interrupt on enabling THRI: a new edge on IRQ4.
+        p.io_out(0x3F9, 1, 0x03);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x34));
+        let stats = p.stats();
+        assert_eq!(stats.serial.tx_bytes, 3);
+        let com1 = stats.ports.iter().find(|d| d.name == "com1").unwrap();
+        assert_eq!(com1.counts, AccessCounts { reads: 2, writes: 6 });
+    }
+
+    #[test]
+    fn rtc_update_interrupt_through_the_slave() {
+        let (mut p, clock, _) = platform();
+        init_pic(&mut p, 0xFB, 0xFE); // cascade and IRQ8
+        p.io_out(0x70, 1, 0x0B);
+        p.io_out(0x71, 1, 0x12); // UIE, 24h, BCD
+        let d = p.next_deadline_ns().unwrap();
+        assert!(d - clock.now_ns() <= 1_000_000_000);
+        clock.set(d);
+        p.poll_timers(d);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x38));
+        p.io_out(0x70, 1, 0x0C);
+        assert_eq!(p.io_in(0x71, 1) & 0x90, 0x90, "IRQF and UF");
+        p.io_out(0xA0, 1, 0x20);
+        p.io_out(0x20, 1, 0x20);
+        assert!(!p.pending_interrupt());
+    }
+
+    #[test]
+    fn events_and_unclaimed_ports() {
+        let (mut p, _, _) = platform();
+        assert_eq!(p.io_in(0x3E8, 1), 0xFF, "no COM3");
+        assert_eq!(p.io_in(0x1234, 2), 0xFFFF);
+        assert_eq!(p.io_in(0xCFC, 4), 0xFFFF_FFFF, "no PCI device");
+        p.io_out(0x80, 1, 0x42);
+        p.io_out(0xF4, 1, 0x01);
+        p.io_out(0x64, 1, 0xFE);
+        assert_eq!(p.take_events(), vec![PlatformEvent::DebugExit(3), PlatformEvent::Reset]);
+        assert!(p.take_events().is_empty());
+        assert_eq!(p.stats().unclaimed_ports, AccessCounts { reads: 2, writes: 0 });
+        assert!(p.a20_enabled());
+        p.io_out(0x92, 1, 0x00);
+        assert!(!p.a20_enabled());
+    }
+
+    #[test]
+    fn cmos_reports_memory_and_time() {
+        let (mut p, _, _) = platform();
+        p.io_out(0x70, 1, 0x34);
+        let lo = p.io_in(0x71, 1);
+        p.io_out(0x70, 1, 0x35);
+        let hi = p.io_in(0x71, 1);
+        assert_eq!(lo | hi << 8, (240 << 20) >> 16);
+        // 2023-11-14 22:13:20 UTC.
+        p.io_out(0x70, 1, 0x09);
+        assert_eq!(p.io_in(0x71, 1), 0x23);
+        p.io_out(0x70, 1, 0x04);
+        assert_eq!(p.io_in(0x71, 1), 0x22);
+    }
+
+    #[test]
+    fn keyboard_irq1() {
+        let (mut p, _, _) = platform();
+        init_pic(&mut p, 0xFD, 0xFF);
+        p.io_out(0x60, 1, 0xF4); // enable scanning: ACK
+        assert_eq!(p.acknowledge_interrupt(), Some(0x31));
+        assert_eq!(p.io_in(0x60, 1), 0xFA);
+    }
+}
