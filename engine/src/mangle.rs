@@ -91,8 +91,9 @@ pub fn mangle(block: &DecodedBlock, ctx: &MangleCtx) -> Vec<MangledInsn> {
     for insn in &block.insns {
         let mut m = mangle_one(insn, ctx);
         // STI: interrupts become deliverable after the NEXT instruction.
+        // (The check reads vif too: the shadowed instruction may be a CLI.)
         if sti_shadow && !insn.class.ends_block {
-            m.ops.push(Op::IrqCheck { check_vif: false });
+            m.ops.push(Op::IrqCheck { check_vif: true });
         }
         sti_shadow = m.ops.contains(&Op::SetVif(0x200));
         out.push(m);

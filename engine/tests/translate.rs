@@ -64,8 +64,12 @@ fn sensitive_block_ident_bytes_callouts_and_inline_if() {
     assert_eq!(l[mov + 2], format!("mov dword ptr {},0x200", gs_off(vcpu::VIF)));
     // The STI shadow: nop runs, then irq_pending is checked.
     assert_eq!(l[mov + 3], "nop");
+    assert_eq!(l[mov + 5], format!("mov ecx,{}", gs_off(vcpu::VIF)));
     let chk = find(&l, mov + 4, &format!("mov ecx,{}", gs_off(vcpu::IRQ_PENDING)));
-    assert_eq!(chk, mov + 5);
+    assert_eq!(chk, mov + 7);
+    let poll = e.callout_site(ins[chk + 3].immediate32()).unwrap();
+    assert_eq!(poll.kind, CalloutKind::Poll);
+    assert_eq!(poll.guest_eip, b.insns[3].instr.next_ip32(), "after the shadowed nop");
     // PUSHFD: real flags with the virtual IF/IOPL, restored with popfd.
     let pf = find(&l, chk, "pushfd");
     let popfd = find(&l, pf, "popfd");
@@ -401,7 +405,13 @@ fn cpl3_blocks_turn_privileged_instructions_into_gp() {
 
 #[test]
 fn far_and_interrupt_control_flow_are_callouts() {
-    for (bytes, flow) in [(&[0xCF][..], Flow::Iret), (&[0xCD, 0x80], Flow::Int), (&[0xCB], Flow::FarRet)] {
+    for (bytes, flow) in [
+        (&[0xCF][..], Flow::Iret),
+        (&[0xEA, 0, 0, 0, 0, 8, 0], Flow::FarJmp),
+        (&[0x0F, 0x34], Flow::Sysenter),
+        (&[0xCD, 0x80], Flow::Int),
+        (&[0xCB], Flow::FarRet),
+    ] {
         let mut mem = Mem::new(BASE, bytes);
         let mut e = engine();
         let key = BlockKey::flat32(BASE);
