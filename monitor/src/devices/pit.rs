@@ -627,6 +627,42 @@ mod tests {
     }
 
     #[test]
+    fn mode1_and_mode5_wait_for_a_gate_trigger() {
+        let (mut pit, clock) = pit();
+        out(&mut pit, 0x43, 0xB2); // ch2, lohi, mode 1 (hardware one-shot)
+        out(&mut pit, 0x42, 50);
+        out(&mut pit, 0x42, 0);
+        clock.advance(ticks_to_ns(500));
+        assert!(pit.out2(), "OUT high until triggered");
+        out(&mut pit, 0x61, 0x01); // rising gate edge triggers
+        let t0 = ns_to_ticks(clock.now_ns());
+        clock.set(ticks_to_ns(t0 + 10));
+        assert!(!pit.out2(), "OUT low while counting");
+        clock.set(ticks_to_ns(t0 + 30));
+        out(&mut pit, 0x61, 0x00);
+        out(&mut pit, 0x61, 0x01); // retrigger restarts the count
+        let t1 = ns_to_ticks(clock.now_ns());
+        clock.set(ticks_to_ns(t1 + 49));
+        assert!(!pit.out2());
+        clock.set(ticks_to_ns(t1 + 50));
+        assert!(pit.out2());
+        out(&mut pit, 0x43, 0xBA); // ch2, lohi, mode 5 (hardware strobe)
+        out(&mut pit, 0x42, 20);
+        out(&mut pit, 0x42, 0);
+        out(&mut pit, 0x61, 0x00);
+        out(&mut pit, 0x61, 0x01);
+        let t2 = ns_to_ticks(clock.now_ns());
+        let outs: Vec<bool> = [19, 20, 21]
+            .iter()
+            .map(|&d| {
+                clock.set(ticks_to_ns(t2 + d));
+                pit.out2()
+            })
+            .collect();
+        assert_eq!(outs, vec![true, false, true], "one-tick strobe at terminal count");
+    }
+
+    #[test]
     fn mode3_square_wave_on_channel2() {
         let (mut pit, clock) = pit();
         out(&mut pit, 0x61, 0x03);

@@ -483,6 +483,19 @@ mod tests {
     }
 
     #[test]
+    fn loopback_overrun_raises_line_status_interrupt() {
+        let (mut s, _) = uart();
+        out(&mut s, 1, 0x05); // RLS and RX interrupts
+        out(&mut s, 4, 0x10);
+        out(&mut s, 0, 1);
+        out(&mut s, 0, 2); // no FIFO: the holding register is full
+        assert_eq!(inb(&mut s, 2), 0x06, "line status outranks RX data");
+        assert_eq!(inb(&mut s, 5) & 0x03, 0x03, "DR and OE");
+        assert_eq!(inb(&mut s, 2), 0x04, "reading LSR clears OE");
+        assert_eq!(inb(&mut s, 0), 1);
+    }
+
+    #[test]
     fn modem_status_interrupt_in_loopback() {
         let (mut s, _) = uart();
         out(&mut s, 4, 0x10);
