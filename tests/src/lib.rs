@@ -70,3 +70,27 @@ pub fn assemble(ip: u32, f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x
     f(&mut a).expect("assemble");
     a.assemble(u64::from(ip)).expect("encode")
 }
+
+/// Assembles 32-bit code whose immediates need label addresses: `f` gets
+/// the addresses of the labels it returned on the previous pass (a
+/// placeholder on the first), so it must use fixed-size forms for them
+/// (`mov r32, imm32`, `mov dword [m], imm32`).
+pub fn assemble_resolving(
+    ip: u32,
+    f: impl Fn(&mut CodeAssembler, &dyn Fn(usize) -> u32) -> Result<Vec<iced_x86::code_asm::CodeLabel>, iced_x86::IcedError>,
+) -> Vec<u8> {
+    let mut addrs: Vec<u32> = Vec::new();
+    for _ in 0..2 {
+        let mut a = CodeAssembler::new(32).expect("bitness 32");
+        let known = addrs.clone();
+        let labels = f(&mut a, &|i| known.get(i).copied().unwrap_or(0x1234_5678)).expect("assemble");
+        let r = a
+            .assemble_options(u64::from(ip), iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+            .expect("encode");
+        addrs = labels.iter().map(|l| r.label_ip(l).expect("label address") as u32).collect();
+        if !known.is_empty() {
+            return r.inner.code_buffer;
+        }
+    }
+    unreachable!("two passes always return")
+}

@@ -9,7 +9,7 @@ use monitor::backend::bt::{BtBackend, BtConfig};
 use monitor::backend::{Backend, VmExit};
 use monitor::cpu::Cpu;
 use monitor::memory::GuestMemory;
-use popek_tests::{assemble, vm_lock};
+use popek_tests::{assemble, assemble_resolving, vm_lock};
 
 const CODE: u32 = 0x10_0000;
 const DATA: u32 = 0x20_0000;
@@ -26,9 +26,13 @@ struct Kernel {
 
 impl Kernel {
     fn new(f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>) -> Kernel {
+        Kernel::with_code(&assemble(CODE, f))
+    }
+
+    fn with_code(code: &[u8]) -> Kernel {
         let lock = vm_lock();
         let mem = Arc::new(GuestMemory::new(16 << 20).unwrap());
-        mem.write(CODE as u64, &assemble(CODE, f)).unwrap();
+        mem.write(CODE as u64, code).unwrap();
         let mut cpu = Cpu::flat_protected(0x08, 0x10);
         cpu.eip = CODE;
         cpu.gpr[4] = STACK;
@@ -132,4 +136,258 @@ fn sensitive_instructions_see_virtual_state() {
     assert_eq!(v[5] & 0xFF, 0x5A, "IN reached the port bus");
     assert_eq!(v[6], k.bt.cpu().gdtr.base);
     assert_eq!(v[7], u32::from_le_bytes(*b"Genu"), "CPUID follows the policy");
+}
+
+const GDT: u32 = 0x1000;
+const IDT: u32 = 0x2000;
+
+/// Writes a GDT (0x08 code, 0x10 data, 0x18 second code segment based at
+/// 0, 0x20 LDT at 0x3000, 0x28 TSS at 0x4000) and an IDT whose gates point
+/// at `handlers` (vector, handler address) into guest memory, and loads
+/// GDTR/IDTR in the virtual CPU.
+fn tables(k: &mut Kernel, handlers: &[(u8, u32)]) {
+    let gdt: [u64; 6] = [
+        0,
+        0x00cf_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_9b00_0000_ffff,
+        0x0000_8200_3000_0fff, // LDT, present, limit 0xfff, base 0x3000
+        0x0000_8900_4000_0067, // 32-bit TSS, available, base 0x4000
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        k.mem.write((GDT + 8 * i as u32) as u64, &d.to_le_bytes()).unwrap();
+    }
+    for &(v, h) in handlers {
+        let lo = (h & 0xFFFF) | (0x08 << 16);
+        let hi = (h & 0xFFFF_0000) | 0x8E00;
+        k.mem.write((IDT + 8 * u32::from(v)) as u64, &(u64::from(lo) | (u64::from(hi) << 32)).to_le_bytes()).unwrap();
+    }
+    let c = k.bt.cpu_mut();
+    c.gdtr = monitor::cpu::TableReg { base: GDT, limit: 8 * 6 - 1 };
+    c.idtr = monitor::cpu::TableReg { base: IDT, limit: 0x7FF };
+}
+
+/// Like `Kernel::run`, but raises interrupt `vector` when the guest writes
+/// port 0x82, as soon as the guest can take it.
+fn run_with_irq(k: &mut Kernel, vector: u8) -> u32 {
+    let mut pending = false;
+    for _ in 0..100_000 {
+        if pending {
+            if k.bt.interrupts_enabled() {
+                k.bt.inject_interrupt(vector).unwrap();
+                pending = false;
+                k.bt.request_interrupt_window(false);
+            } else {
+                k.bt.request_interrupt_window(true);
+            }
+        }
+        match k.bt.run().expect("run") {
+            VmExit::IoOut { port: 0xF4, value, .. } => return value,
+            VmExit::IoOut { port: 0x82, .. } => pending = true,
+            VmExit::IoOut { port, value, .. } => k.outs.push((port, value)),
+            VmExit::Interrupted | VmExit::InterruptWindow => {}
+            e => panic!("unexpected exit {e:?}\n{}", k.bt.cpu().dump()),
+        }
+    }
+    panic!("guest did not finish");
+}
+
+#[test]
+fn descriptor_table_stores_return_what_was_loaded() {
+    let mut k = Kernel::new(|a| {
+        a.mov(eax, 0x20)?;
+        a.lldt(ax)?;
+        a.mov(eax, 0x28)?;
+        a.ltr(ax)?;
+        a.sldt(eax)?;
+        a.out(0x80, eax)?;
+        a.str(eax)?;
+        a.out(0x80, eax)?;
+        a.sidt(ptr(DATA))?;
+        a.mov(eax, dword_ptr(DATA + 2))?;
+        a.out(0x80, eax)?;
+        a.movzx(eax, word_ptr(DATA))?;
+        a.out(0x80, eax)?;
+        a.out(0xF4, al)
+    });
+    tables(&mut k, &[]);
+    k.run();
+    let v: Vec<u32> = k.outs.iter().map(|x| x.1).collect();
+    assert_eq!(v, vec![0x20, 0x28, IDT, 0x7FF]);
+    // LTR marked the TSS busy in the guest's GDT.
+    let hi = k.mem.read_u32((GDT + 0x28 + 4) as u64).unwrap();
+    assert_eq!((hi >> 8) & 0xF, 0xB);
+}
+
+#[test]
+fn interrupt_waits_for_sti_plus_one_instruction() {
+    let handler = 0x10_0800;
+    let mut k = Kernel::new(|a| {
+        let mut h = a.create_label();
+        a.cli()?;
+        a.out(0x82, al)?; // the device raises its interrupt now
+        a.mov(eax, 10)?;
+        a.mov(eax, 11)?;
+        a.sti()?;
+        a.mov(eax, 1)?; // the STI shadow: still executes
+        a.mov(eax, 2)?;
+        a.mov(eax, 3)?;
+        a.out(0xF4, al)?;
+        for _ in 0..(0x800 - 40) {
+            a.nop()?;
+        }
+        a.set_label(&mut h)?;
+        a.out(0x81, eax)?; // EAX when the interrupt arrived
+        a.iretd()
+    });
+    tables(&mut k, &[(0x20, handler)]);
+    // Find the handler's real address: the first `out 0x81, eax` (E7 81) after 0x800.
+    let code = k.mem.slice(CODE as u64, 0x1000).unwrap().to_vec();
+    let at = (0x700..0x1000).find(|&i| code[i] == 0xE7 && code[i + 1] == 0x81).unwrap() as u32;
+    tables(&mut k, &[(0x20, CODE + at)]);
+    let _ = handler;
+    run_with_irq(&mut k, 0x20);
+    let seen: Vec<u32> = k.outs.iter().filter(|x| x.0 == 0x81).map(|x| x.1).collect();
+    assert_eq!(seen, vec![1], "delivered after STI and exactly one more instruction");
+}
+
+#[test]
+fn indirect_jumps_and_computed_returns() {
+    let code = assemble_resolving(CODE, |a, addr| {
+        let mut c0 = a.create_label();
+        let mut c1 = a.create_label();
+        let mut c2 = a.create_label();
+        let mut next = a.create_label();
+        let mut done = a.create_label();
+        let mut back = a.create_label();
+        // The jump table, built at run time in DATA.
+        for i in 0..3 {
+            a.mov(dword_ptr(DATA + 0x100 + 4 * i as u32), addr(i))?;
+        }
+        a.xor(esi, esi)?; // accumulator
+        a.xor(ebx, ebx)?; // i
+        a.set_label(&mut next)?;
+        a.mov(eax, ebx)?;
+        a.and(eax, 3)?;
+        a.cmp(eax, 3)?;
+        a.je(done)?;
+        a.mov(ecx, DATA + 0x100)?;
+        a.jmp(dword_ptr(ecx + eax * 4))?;
+        a.set_label(&mut c0)?;
+        a.add(esi, 1)?;
+        a.jmp(back)?;
+        a.set_label(&mut c1)?;
+        a.add(esi, 10)?;
+        a.jmp(back)?;
+        a.set_label(&mut c2)?;
+        a.add(esi, 100)?;
+        a.set_label(&mut back)?;
+        // computed return: push an address and RET to it
+        a.mov(edx, addr(3))?;
+        a.inc(ebx)?;
+        a.push(edx)?;
+        a.ret()?;
+        a.set_label(&mut done)?;
+        a.mov(eax, esi)?;
+        a.out(0xF4, eax)?;
+        Ok(vec![c0, c1, c2, next])
+    });
+    let mut k = Kernel::with_code(&code);
+    assert_eq!(k.run(), 111);
+    let s = k.bt.stats();
+    assert!(s.iter().any(|(n, v)| n == "engine/indirect_misses" && *v > 0), "{s:?}");
+}
+
+#[test]
+fn loop_across_a_page_boundary_and_exception_eip() {
+    // The loop body straddles 0x101000; a #DE inside a block reports the
+    // EIP of the DIV, not of the block start.
+    let mut k = Kernel::new(|a| {
+        let mut l = a.create_label();
+        let mut h = a.create_label();
+        for _ in 0..0xFF0 {
+            a.nop()?;
+        }
+        a.mov(ecx, 300)?;
+        a.xor(eax, eax)?;
+        a.set_label(&mut l)?;
+        a.add(eax, ecx)?;
+        a.nop()?;
+        a.nop()?;
+        a.nop()?;
+        a.nop()?;
+        a.nop()?;
+        a.dec(ecx)?;
+        a.jnz(l)?;
+        a.out(0x80, eax)?;
+        a.nop()?;
+        a.xor(edx, edx)?;
+        a.div(ecx)?; // ECX = 0
+        a.out(0xF4, al)?;
+        a.set_label(&mut h)?;
+        a.mov(eax, dword_ptr(esp))?;
+        a.out(0x81, eax)?;
+        a.out(0xF4, al)
+    });
+    let code = k.mem.slice(CODE as u64, 0x2000).unwrap().to_vec();
+    let div_at = (0x1000..0x1100).find(|&i| code[i] == 0xF7 && code[i + 1] == 0xF1).unwrap() as u32;
+    let handler = div_at + 2 + 2; // after div (2) and out 0xf4,al (2)
+    tables(&mut k, &[(0, CODE + handler)]);
+    k.run();
+    assert_eq!(k.outs[0], (0x80, 45150));
+    assert_eq!(k.outs[1], (0x81, CODE + div_at), "#DE pushed the EIP of the DIV");
+}
+
+#[test]
+fn self_modifying_code_sees_the_new_instruction() {
+    let code = assemble_resolving(CODE, |a, addr| {
+        let mut f = a.create_label();
+        a.call(f)?;
+        a.out(0x80, eax)?;
+        // Rewrite the immediate of `mov eax, imm32` in f, then call f again.
+        a.mov(ebx, addr(0))?;
+        a.mov(dword_ptr(ebx + 1), 0x2222_2222)?;
+        a.call(f)?;
+        a.out(0x80, eax)?;
+        a.out(0xF4, al)?;
+        a.set_label(&mut f)?;
+        a.mov(eax, 0x1111_1111)?;
+        a.ret()?;
+        Ok(vec![f])
+    });
+    let mut k = Kernel::with_code(&code);
+    k.run();
+    assert_eq!(k.outs, vec![(0x80, 0x1111_1111), (0x80, 0x2222_2222)]);
+    let s = k.bt.stats();
+    assert!(s.iter().any(|(n, v)| n == "engine/invalidations" && *v > 0), "{s:?}");
+}
+
+#[test]
+fn far_jump_and_iret_change_cs_and_eip() {
+    let code = assemble_resolving(CODE, |a, addr| {
+        let mut far_target = a.create_label();
+        let mut iret_target = a.create_label();
+        a.mov(dword_ptr(DATA), addr(0))?;
+        a.mov(word_ptr(DATA + 4), 0x18)?;
+        a.jmp(fword_ptr(DATA))?;
+        a.out(0xF4, al)?; // never
+        a.set_label(&mut far_target)?;
+        a.mov(eax, cs)?;
+        a.out(0x80, eax)?;
+        a.mov(eax, addr(1))?;
+        a.pushfd()?;
+        a.push(0x08)?;
+        a.push(eax)?;
+        a.iretd()?;
+        a.out(0xF4, al)?; // never
+        a.set_label(&mut iret_target)?;
+        a.mov(eax, cs)?;
+        a.out(0x80, eax)?;
+        a.out(0xF4, al)?;
+        Ok(vec![far_target, iret_target])
+    });
+    let mut k = Kernel::with_code(&code);
+    tables(&mut k, &[]);
+    k.run();
+    assert_eq!(k.outs, vec![(0x80, 0x18), (0x80, 0x08)]);
 }

@@ -33,6 +33,9 @@ use crate::host::ldt::{ldt_selector, HostSegment};
 use crate::host::{Exit, Segments, SyscallKind, Vcpu, Window};
 use crate::memory::GuestMemory;
 
+/// Where, in the exit-gate page, single instructions run natively.
+const NATIVE_STEP_OFFSET: u32 = 0x100;
+
 /// Switches of the bt backend.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BtConfig {
@@ -78,6 +81,9 @@ pub struct BtBackend {
     ldt: HashMap<u16, HostSegment>,
     pending: Option<PendingIo>,
     want_window: bool,
+    /// A kick landed in a committed TC sequence: re-enter the host state
+    /// as it is, not at a guest instruction boundary.
+    raw_resume: bool,
     config: BtConfig,
     stats: BtStats,
 }
@@ -109,6 +115,7 @@ impl BtBackend {
             ldt: HashMap::new(),
             pending: None,
             want_window: false,
+            raw_resume: false,
             config,
             stats: BtStats::default(),
         };
@@ -263,6 +270,13 @@ impl BtBackend {
 
     /// One entry into guest-mode code and the handling of its exit.
     fn step(&mut self) -> Result<Option<VmExit>, BackendError> {
+        if self.raw_resume {
+            self.raw_resume = false;
+            let exit = self.run_host(true)?;
+            let host_eip = self.save_host_regs();
+            self.sync_virtual_flags();
+            return self.handle_translated_exit(exit, host_eip);
+        }
         let c = &self.cpu;
         let direct = c.cpl == 3 && c.iopl() < 3 && c.protected_mode() && c.eflags & flags::VM == 0;
         self.cpu.interrupt_shadow = false;
@@ -317,7 +331,7 @@ impl BtBackend {
                 self.count("user_page_fault");
                 let access =
                     shadow_mmu::Access { write: error_code & 2 != 0, user: true, fetch: error_code & 0x10 != 0 };
-                self.hidden_fault(address, access)
+                self.hidden_fault(address, access, false)
             }
             Exit::GeneralProtection { error_code, insn, len } => {
                 self.count("user_gp");
@@ -365,7 +379,12 @@ impl BtBackend {
 
     /// A host fault at `address` in the window: resolve it or give the guest
     /// its page fault.
-    fn hidden_fault(&mut self, address: u32, access: shadow_mmu::Access) -> Result<Option<VmExit>, BackendError> {
+    fn hidden_fault(
+        &mut self,
+        address: u32,
+        access: shadow_mmu::Access,
+        from_tc: bool,
+    ) -> Result<Option<VmExit>, BackendError> {
         let mem = self.mem.clone();
         let mut phys = Phys(&mem);
         let mut mapper = WindowMapper { window: self.window, mem: &mem };
@@ -377,6 +396,11 @@ impl BtBackend {
                 self.count("code_write");
                 self.engine.invalidate_phys_page(gpa & !0xFFF);
                 self.mmu.unprotect_code_page(&mut mapper, gpa & !0xFFF).map_err(failed)?;
+                if from_tc {
+                    // Retranslating would protect the page again before the
+                    // write could happen (the writer may be on it): step over it.
+                    return self.step_native();
+                }
                 Ok(None)
             }
             FaultOutcome::Emulate { gpa, reason } => {
@@ -426,10 +450,92 @@ impl BtBackend {
         self.load_host_regs(tc);
         let exit = self.run_host(true)?;
         let host_eip = self.save_host_regs();
+        self.sync_virtual_flags();
+        self.handle_translated_exit(exit, host_eip)
+    }
+
+    /// Virtual IF and IOPL as translated code left them in the vCPU page.
+    fn sync_virtual_flags(&mut self) {
         let vif = self.page_read_u32(page::VIF) & flags::IF;
         let viopl = self.page_read_u32(page::VIOPL) & flags::IOPL;
         self.cpu.eflags = (self.cpu.eflags & !(flags::IF | flags::IOPL)) | vif | viopl;
-        self.handle_translated_exit(exit, host_eip)
+    }
+
+    /// Runs the one guest instruction at EIP natively, outside any
+    /// translation: the way forward after a write to a code page whose
+    /// translations were just dropped (the writing instruction may sit on
+    /// that very page), and the base of emulation by re-execution.
+    fn step_native(&mut self) -> Result<Option<VmExit>, BackendError> {
+        let key = self.key();
+        if !key.cs32 {
+            return Err(BackendError::Unsupported { backend: "bt", what: "native single step of 16-bit code".into() });
+        }
+        let mem = self.mem.clone();
+        let mut bytes = [0u8; 15];
+        let lin = key.linear();
+        let first = (4096 - (lin & 0xFFF) as usize).min(15);
+        {
+            let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: key.cpl == 3 };
+            use engine::GuestCode;
+            if code.fetch(lin, &mut bytes[..first]).is_err() {
+                return self.fetch_fault(lin);
+            }
+            if first < 15 && code.fetch(lin.wrapping_add(first as u32), &mut bytes[first..]).is_err() {
+                bytes[first..].fill(0);
+            }
+        }
+        let insn = Decoder::with_ip(32, &bytes, u64::from(self.cpu.eip), DecoderOptions::NONE).decode();
+        if insn.is_invalid() || !engine::classify::classify(&insn).is_ident() {
+            return Err(BackendError::Unsupported {
+                backend: "bt",
+                what: format!("a write to a code page by `{insn}`, which cannot run outside translation"),
+            });
+        }
+        let len = insn.len();
+        let snippet = self.window.exit_gate() + NATIVE_STEP_OFFSET;
+        let off = (vmm_area::EXIT_GATE + NATIVE_STEP_OFFSET) as usize;
+        // SAFETY: the alias covers the VMM area; the snippet bytes lie in the
+        // exit-gate page past the gate and the bare-call trampoline, and no
+        // guest-mode code runs while they are written.
+        let alias =
+            unsafe { std::slice::from_raw_parts_mut(self.window.vmm_alias_ptr(0), self.window.vmm_size() as usize) };
+        alias[off..off + len].copy_from_slice(&bytes[..len]);
+        alias[off + len..off + len + 2].copy_from_slice(&[0x0F, 0x0B]);
+        let gs = if insn.segment_prefix() == iced_x86::Register::GS {
+            self.shadow(*self.cpu.seg(Seg::Gs), true)?
+        } else {
+            self.host.vmm_data_selector()
+        };
+        let segs = Segments {
+            cs: self.host.vmm_code_selector(),
+            ss: self.shadow(*self.cpu.seg(Seg::Ss), false)?,
+            ds: self.shadow(*self.cpu.seg(Seg::Ds), true)?,
+            es: self.shadow(*self.cpu.seg(Seg::Es), true)?,
+            fs: self.shadow(*self.cpu.seg(Seg::Fs), true)?,
+            gs,
+        };
+        self.host.set_segments(segs).map_err(failed)?;
+        self.load_host_regs(snippet);
+        let exit = self.run_host(true)?;
+        let host_eip = self.save_host_regs();
+        let done = host_eip == snippet + len as u32;
+        self.count("native_step");
+        match exit {
+            Exit::InvalidOpcode if done => {
+                self.cpu.eip = insn.next_ip32();
+                Ok(None)
+            }
+            Exit::Kick if done => {
+                self.cpu.eip = insn.next_ip32();
+                Ok(Some(VmExit::Interrupted))
+            }
+            Exit::Kick => Ok(Some(VmExit::Interrupted)),
+            Exit::PageFault { address, error_code } => {
+                let access = shadow_mmu::Access { write: error_code & 2 != 0, user: self.cpu.cpl == 3, fetch: false };
+                self.hidden_fault(address, access, false)
+            }
+            other => self.raise(exception_of(other)),
+        }
     }
 
     /// Write-protects newly translated code pages and logs the block.
@@ -483,8 +589,13 @@ impl BtBackend {
             return self.callout();
         }
         if !self.recover(host_eip)? {
-            // Inside the committed tail of a rewritten sequence: only a kick
-            // can land here; the guest is not at an instruction boundary yet.
+            // Inside the committed tail of a rewritten sequence (nothing there
+            // can fault): a kick landed between guest instruction boundaries.
+            // Resume the host state as it is; the next exit is a clean one.
+            if exit == Exit::Kick {
+                self.raw_resume = true;
+                return Ok(None);
+            }
             return Err(failed(format!("{exit:?} inside a committed TC sequence at {host_eip:#x}")));
         }
         match exit {
@@ -495,7 +606,7 @@ impl BtBackend {
             Exit::PageFault { address, error_code } => {
                 self.count("kernel_page_fault");
                 let access = shadow_mmu::Access { write: error_code & 2 != 0, user: self.cpu.cpl == 3, fetch: false };
-                self.hidden_fault(address, access)
+                self.hidden_fault(address, access, true)
             }
             Exit::GeneralProtection { error_code, .. } => {
                 self.count("kernel_gp");
