@@ -9,3 +9,4 @@ pub mod host;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod vm;

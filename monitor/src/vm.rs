@@ -1,0 +1,237 @@
+//! The machine: guest RAM, the platform devices and one CPU backend, and the
+//! run loop both backends share.
+//!
+//! ```text
+//!        ┌────────────────────────────── Vm::run ───────────────────────────────┐
+//!        │ poll timers (PIT/RTC) ─ console input ─ platform events (exit/reset)  │
+//!        │ pending IRQ? ── IF=1 → acknowledge at the PIC, inject the vector       │
+//!        │              └─ IF=0 → ask the backend for an interrupt window        │
+//!        │ publish the next timer deadline for the ticker thread                 │
+//!        │ backend.run() ─► IoIn/IoOut → platform ports   Halt → sleep to the    │
+//!        │                  Mmio → platform MMIO           next deadline/input   │
+//!        │                  Interrupted/Window → loop      TripleFault → report  │
+//!        └───────────────────────────────────────────────────────────────────────┘
+//!   ticker thread: sleeps until the published deadline, then kicks the vCPU
+//!   input thread:  forwards console bytes over a channel, then kicks
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::backend::{Backend, BackendError, Kick, VmExit};
+use crate::devices::clock::Clock;
+use crate::devices::misc::PlatformEvent;
+use crate::devices::platform::{Platform, PlatformError};
+use crate::memory::GuestMemory;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest wrote `code` to isa-debug-exit (already `(v << 1) | 1`).
+    DebugExit(u32),
+    PowerOff,
+    Reset,
+    /// HLT with interrupts disabled: nothing can wake the CPU.
+    HaltedWithInterruptsOff,
+    /// The CPU shut down; the guest state at that point.
+    TripleFault(String),
+}
+
+impl RunOutcome {
+    /// The process exit code Popek reports for this outcome.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunOutcome::DebugExit(c) => (*c & 0xFF) as u8,
+            RunOutcome::PowerOff | RunOutcome::Reset => 0,
+            RunOutcome::HaltedWithInterruptsOff => 0,
+            RunOutcome::TripleFault(_) => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunOutcome::DebugExit(c) => write!(f, "guest exited through isa-debug-exit with code {c}"),
+            RunOutcome::PowerOff => write!(f, "guest powered off"),
+            RunOutcome::Reset => write!(f, "guest reset the machine"),
+            RunOutcome::HaltedWithInterruptsOff => write!(f, "guest halted with interrupts disabled"),
+            RunOutcome::TripleFault(state) => write!(f, "guest triple fault; CPU state:\n{state}"),
+        }
+    }
+}
+
+/// Guest RAM, devices and a CPU.
+pub struct Vm {
+    pub mem: Arc<GuestMemory>,
+    pub platform: Platform,
+    pub backend: Box<dyn Backend>,
+    clock: Arc<dyn Clock>,
+    input: Option<Receiver<Vec<u8>>>,
+    /// Counters of the loop itself.
+    pub interrupts_injected: u64,
+    pub halts: u64,
+}
+
+/// Kicks the vCPU when the published timer deadline passes.
+struct Ticker {
+    deadline: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(clock: Arc<dyn Clock>, kick: Kick) -> Ticker {
+        let deadline = Arc::new(AtomicU64::new(u64::MAX));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, s) = (deadline.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("popek-ticker".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    let due = d.load(Ordering::Acquire);
+                    let now = clock.now_ns();
+                    if due != u64::MAX && now >= due {
+                        // Once per deadline: the loop publishes the next one.
+                        if d.compare_exchange(due, u64::MAX, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                            kick();
+                        }
+                        continue;
+                    }
+                    let wait = if due == u64::MAX { 2_000_000 } else { (due - now).min(2_000_000) };
+                    std::thread::sleep(Duration::from_nanos(wait.max(20_000)));
+                }
+            })
+            .expect("spawn ticker thread");
+        Ticker { deadline, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Vm {
+    pub fn new(mem: Arc<GuestMemory>, platform: Platform, backend: Box<dyn Backend>, clock: Arc<dyn Clock>) -> Vm {
+        Vm { mem, platform, backend, clock, input: None, interrupts_injected: 0, halts: 0 }
+    }
+
+    /// Console input arrives on `rx` (the sender kicks the vCPU after sending).
+    pub fn set_input(&mut self, rx: Receiver<Vec<u8>>) {
+        self.input = Some(rx);
+    }
+
+    fn drain_input(&mut self) {
+        if let Some(rx) = &self.input {
+            while let Ok(bytes) = rx.try_recv() {
+                self.platform.push_console_input(&bytes);
+            }
+        }
+    }
+
+    /// Runs the guest until it exits, powers off, resets or dies.
+    pub fn run(&mut self) -> Result<RunOutcome, VmError> {
+        let ticker = Ticker::start(self.clock.clone(), self.backend.kicker());
+        loop {
+            let now = self.clock.now_ns();
+            self.platform.poll_timers(now);
+            self.drain_input();
+            for ev in self.platform.take_events() {
+                return Ok(match ev {
+                    PlatformEvent::DebugExit(c) => RunOutcome::DebugExit(c),
+                    PlatformEvent::PowerOff => RunOutcome::PowerOff,
+                    PlatformEvent::Reset => RunOutcome::Reset,
+                });
+            }
+            if self.platform.pending_interrupt() {
+                if self.backend.interrupts_enabled() {
+                    if let Some(v) = self.platform.acknowledge_interrupt() {
+                        self.backend.inject_interrupt(v)?;
+                        self.interrupts_injected += 1;
+                    }
+                    self.backend.request_interrupt_window(false);
+                } else {
+                    self.backend.request_interrupt_window(true);
+                }
+            }
+            ticker.deadline.store(self.platform.next_deadline_ns().unwrap_or(u64::MAX), Ordering::Release);
+            match self.backend.run()? {
+                VmExit::IoIn { port, size } => {
+                    let v = self.platform.io_in(port, size);
+                    self.backend.complete_io_in(v);
+                }
+                VmExit::IoOut { port, size, value } => self.platform.io_out(port, size, value),
+                VmExit::MmioRead { addr, size } => {
+                    let mut b = [0u8; 8];
+                    self.platform.mmio_read(addr, &mut b[..usize::from(size).min(8)]);
+                    self.backend.complete_mmio_read(u64::from_le_bytes(b));
+                }
+                VmExit::MmioWrite { addr, size, value } => {
+                    self.platform.mmio_write(addr, &value.to_le_bytes()[..usize::from(size).min(8)])
+                }
+                VmExit::Halt => {
+                    self.halts += 1;
+                    if !self.backend.interrupts_enabled() && !self.platform.pending_interrupt() {
+                        return Ok(RunOutcome::HaltedWithInterruptsOff);
+                    }
+                    self.wait_for_event();
+                }
+                VmExit::Interrupted | VmExit::InterruptWindow => {}
+                VmExit::TripleFault => return Ok(RunOutcome::TripleFault(self.backend.cpu_state().dump())),
+            }
+        }
+    }
+
+    /// HLT with interrupts enabled: sleep until the next timer deadline or
+    /// console input, instead of spinning.
+    fn wait_for_event(&mut self) {
+        let now = self.clock.now_ns();
+        self.platform.poll_timers(now);
+        if self.platform.pending_interrupt() {
+            return;
+        }
+        let wait = self.platform.next_deadline_ns().map_or(50_000_000, |d| d.saturating_sub(now)).min(50_000_000);
+        let sleep = || std::thread::sleep(Duration::from_nanos(wait));
+        match &self.input {
+            Some(rx) => match rx.recv_timeout(Duration::from_nanos(wait)) {
+                Ok(bytes) => self.platform.push_console_input(&bytes),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Input ended (EOF): stop listening.
+                    self.input = None;
+                    sleep();
+                }
+            },
+            None => sleep(),
+        }
+    }
+
+    /// Every counter: the backend's and the machine's, with stable names.
+    pub fn stats(&self) -> Vec<(String, u64)> {
+        let mut v = self.backend.stats();
+        let p = self.platform.stats();
+        v.push(("vm/interrupts_injected".into(), self.interrupts_injected));
+        v.push(("vm/halts".into(), self.halts));
+        v.push(("platform/pit_irq0_edges".into(), p.pit_irq0_edges));
+        v.push(("platform/interrupts_acknowledged".into(), p.interrupts_acknowledged));
+        v.sort();
+        v
+    }
+}
