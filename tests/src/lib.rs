@@ -94,3 +94,76 @@ pub fn assemble_resolving(
     }
     unreachable!("two passes always return")
 }
+
+/// Guest-physical addresses of the descriptor tables [`flat_tables`] builds.
+pub const GDT: u32 = 0x1000;
+pub const IDT: u32 = 0x2000;
+
+/// A Linux-like GDT at [`GDT`] (0x08 kernel code, 0x10 kernel data, 0x18
+/// second kernel code, 0x20 LDT at 0x3000, 0x28 TSS at 0x4000 with
+/// SS0:ESP0 = 0x10:`ring0_stack`, 0x33 user code, 0x3b user data) and an IDT
+/// at [`IDT`] with interrupt gates (`vector`, handler, DPL) in guest memory;
+/// loads GDTR, IDTR and TR in `cpu`.
+pub fn flat_tables(mem: &GuestMemory, cpu: &mut monitor::cpu::Cpu, gates: &[(u8, u32, u8)], ring0_stack: u32) {
+    use monitor::cpu::{Descriptor, SegReg, TableReg};
+    let gdt: [u64; 8] = [
+        0,
+        0x00cf_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_9b00_0000_ffff,
+        0x0000_8200_3000_0fff,
+        0x0000_8900_4000_0067,
+        0x00cf_fb00_0000_ffff,
+        0x00cf_f300_0000_ffff,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        mem.write(u64::from(GDT) + 8 * i as u64, &d.to_le_bytes()).unwrap();
+    }
+    for &(v, h, dpl) in gates {
+        let lo = (h & 0xFFFF) | (0x08 << 16);
+        let hi = (h & 0xFFFF_0000) | 0x8E00 | (u32::from(dpl) << 13);
+        mem.write(u64::from(IDT) + 8 * u64::from(v), &(u64::from(lo) | (u64::from(hi) << 32)).to_le_bytes()).unwrap();
+    }
+    mem.write_u32(0x4004, ring0_stack).unwrap();
+    mem.write_u32(0x4008, 0x10).unwrap();
+    cpu.gdtr = TableReg { base: GDT, limit: 8 * 8 - 1 };
+    cpu.idtr = TableReg { base: IDT, limit: 0x7FF };
+    cpu.tr = SegReg { selector: 0x28, cache: Descriptor::from_u64(0x0000_8b00_4000_0067) };
+}
+
+/// A console sink tests can read back.
+#[derive(Clone, Default)]
+pub struct Capture(pub std::sync::Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Emits code that prints `s` on COM1, polling LSR.THRE before each byte.
+pub fn print_serial(a: &mut CodeAssembler, s: &[u8]) -> Result<(), iced_x86::IcedError> {
+    use iced_x86::code_asm::*;
+    for &c in s {
+        let mut wait = a.create_label();
+        a.set_label(&mut wait)?;
+        a.mov(dx, 0x3FDu32)?;
+        a.in_(al, dx)?;
+        a.test(al, 0x20)?;
+        a.jz(wait)?;
+        a.mov(dx, 0x3F8u32)?;
+        a.mov(al, u32::from(c))?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
