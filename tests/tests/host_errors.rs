@@ -68,6 +68,10 @@ fn foreign_selectors_are_refused_before_entry() {
     for cs in [0x33u16, 0x0b, 0x7b, 0xFFFC] {
         assert!(matches!(v.set_segments(Segments { cs, ..flat }), Err(HostError::BadSelector(s)) if s == cs));
     }
-    assert!(matches!(v.set_segments(Segments { ds: 0, ..flat }), Err(HostError::BadSelector(0))));
+    assert!(matches!(v.set_segments(Segments { ss: 0, ..flat }), Err(HostError::BadSelector(0))));
+    assert!(
+        matches!(v.set_segments(Segments { ds: 0x2f, ..flat }), Err(HostError::BadSelector(0x2f))),
+        "an LDT entry nobody wrote"
+    );
     assert_eq!(v.segments(), flat, "nothing changed");
 }

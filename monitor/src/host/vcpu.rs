@@ -337,14 +337,13 @@ impl Vcpu {
 
     /// Sets the selectors guest-mode code runs with; each must be a host LDT
     /// entry this vCPU wrote ([`Vcpu::set_ldt_entry`]) or a flat host
-    /// selector (0x23 code, 0x2b data); FS and GS may also be null.
+    /// selector (0x23 code, 0x2b data); DS, ES, FS and GS may also be null.
     pub fn set_segments(&mut self, s: Segments) -> Result<(), HostError> {
         self.check_selector(s.cs, true, false)?;
         self.check_selector(s.ss, false, false)?;
-        for sel in [s.ds, s.es] {
-            self.check_selector(sel, false, false)?;
-        }
-        for sel in [s.fs, s.gs] {
+        // A null data selector loads; guest accesses through it then fault,
+        // as the guest expects after an IRET to an outer level nulled it.
+        for sel in [s.ds, s.es, s.fs, s.gs] {
             self.check_selector(sel, false, true)?;
         }
         let f = self.frame_mut();
