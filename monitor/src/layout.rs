@@ -72,3 +72,38 @@ pub const IRQ_KEYBOARD: u8 = 1;
 pub const IRQ_CASCADE: u8 = 2;
 /// Input clock of the i8254 PIT, Hz.
 pub const PIT_FREQUENCY_HZ: u64 = 1_193_182;
+
+// ---- Boot-time guest-physical layout (appended by the loaders) ------------
+//
+// Everything a loader writes below 1 MiB, in address order. The kernel itself
+// goes at or above `HIGH_MEMORY_START`; initrds and multiboot modules go above
+// the kernel. See docs/loaders.md.
+
+/// Boot GDT written by every loader: null, null, flat code at selector 0x10,
+/// flat data at 0x18 (Linux's `__BOOT_CS`/`__BOOT_DS`).
+pub const BOOT_GDT_ADDR: u32 = 0x0000_0500;
+/// Flat 32-bit code selector in the boot GDT.
+pub const BOOT_CODE_SELECTOR: u16 = 0x10;
+/// Flat data selector in the boot GDT.
+pub const BOOT_DATA_SELECTOR: u16 = 0x18;
+/// Bottom of the initial stack page; ESP starts at `BOOT_STACK_TOP`.
+pub const BOOT_STACK_BOTTOM: u32 = 0x0000_6000;
+/// Initial ESP (the stack grows down from here to `BOOT_STACK_BOTTOM`).
+pub const BOOT_STACK_TOP: u32 = 0x0000_7000;
+/// Linux `boot_params` ("zero page"), 4 KiB.
+pub const ZERO_PAGE_ADDR: u32 = 0x0000_7000;
+/// Multiboot information area: the info struct, then the memory map, the
+/// module list and all strings, up to `MULTIBOOT_INFO_END`.
+pub const MULTIBOOT_INFO_ADDR: u32 = 0x0000_9000;
+/// End (exclusive) of the multiboot information area.
+pub const MULTIBOOT_INFO_END: u32 = 0x0002_0000;
+/// Linux kernel command line.
+pub const CMDLINE_ADDR: u32 = 0x0002_0000;
+/// Room for the Linux command line, terminating NUL included.
+pub const CMDLINE_MAX_SIZE: u32 = 0x0001_0000;
+/// Start of the EBDA-style reserved range below the legacy hole (e820 type 2).
+pub const EBDA_START: u32 = 0x0009_FC00;
+/// BIOS ROM range reported reserved in the e820 map.
+pub const BIOS_ROM_START: u32 = 0x000F_0000;
+/// First byte of memory above the legacy hole ("high memory", 1 MiB).
+pub const HIGH_MEMORY_START: u32 = 0x0010_0000;
