@@ -19,6 +19,26 @@ use crate::layout::{
 };
 use crate::memory::{GuestMemory, MemoryError};
 
+/// The kinds of kernel image Popek loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// A Linux bzImage (boot protocol 2.06+): [`linux::load`].
+    BzImage,
+    /// A multiboot v1 kernel (ELF32 or a.out kludge): [`multiboot::load`].
+    Multiboot,
+}
+
+/// Which loader `image` is for, if any (a bzImage is checked first).
+pub fn detect(image: &[u8]) -> Option<ImageFormat> {
+    if linux::is_bzimage(image) {
+        Some(ImageFormat::BzImage)
+    } else if multiboot::is_multiboot(image) {
+        Some(ImageFormat::Multiboot)
+    } else {
+        None
+    }
+}
+
 /// What a guest-physical range holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RangeKind {
@@ -255,6 +275,17 @@ mod tests {
         assert_eq!(c.seg[crate::cpu::Seg::Cs as usize].selector, 0x10);
         assert_eq!(c.seg[crate::cpu::Seg::Cs as usize].cache.limit, u32::MAX);
         assert_eq!(c.gdtr.base, BOOT_GDT_ADDR);
+    }
+
+    #[test]
+    fn detects_formats() {
+        let elf = multiboot::build_elf(&[0xF4], 0x10_0000, 0x10_0000, 0);
+        assert_eq!(detect(&elf), Some(ImageFormat::Multiboot));
+        assert_eq!(detect(&[0u8; 4096]), None);
+        match std::fs::read("/work/shared/guests/linux-686/vmlinuz") {
+            Ok(k) => assert_eq!(detect(&k), Some(ImageFormat::BzImage)),
+            Err(e) => println!("skipped the bzImage case: shared kernel not readable ({e})"),
+        }
     }
 
     #[test]
