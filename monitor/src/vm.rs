@@ -30,6 +30,8 @@ use crate::memory::GuestMemory;
 
 #[derive(Debug, Error)]
 pub enum VmError {
+    #[error("{error}\nguest CPU state:\n{state}")]
+    Stopped { error: BackendError, state: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error(transparent)]
@@ -47,6 +49,8 @@ pub enum RunOutcome {
     HaltedWithInterruptsOff,
     /// The CPU shut down; the guest state at that point.
     TripleFault(String),
+    /// The user asked to quit (console escape).
+    Quit,
 }
 
 impl RunOutcome {
@@ -57,6 +61,7 @@ impl RunOutcome {
             RunOutcome::PowerOff | RunOutcome::Reset => 0,
             RunOutcome::HaltedWithInterruptsOff => 0,
             RunOutcome::TripleFault(_) => 3,
+            RunOutcome::Quit => 0,
         }
     }
 }
@@ -69,6 +74,7 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::Reset => write!(f, "guest reset the machine"),
             RunOutcome::HaltedWithInterruptsOff => write!(f, "guest halted with interrupts disabled"),
             RunOutcome::TripleFault(state) => write!(f, "guest triple fault; CPU state:\n{state}"),
+            RunOutcome::Quit => write!(f, "stopped at the user's request"),
         }
     }
 }
@@ -80,6 +86,7 @@ pub struct Vm {
     pub backend: Box<dyn Backend>,
     clock: Arc<dyn Clock>,
     input: Option<Receiver<Vec<u8>>>,
+    quit: Option<Arc<AtomicBool>>,
     /// Counters of the loop itself.
     pub interrupts_injected: u64,
     pub halts: u64,
@@ -130,12 +137,18 @@ impl Drop for Ticker {
 
 impl Vm {
     pub fn new(mem: Arc<GuestMemory>, platform: Platform, backend: Box<dyn Backend>, clock: Arc<dyn Clock>) -> Vm {
-        Vm { mem, platform, backend, clock, input: None, interrupts_injected: 0, halts: 0 }
+        Vm { mem, platform, backend, clock, input: None, quit: None, interrupts_injected: 0, halts: 0 }
     }
 
     /// Console input arrives on `rx` (the sender kicks the vCPU after sending).
     pub fn set_input(&mut self, rx: Receiver<Vec<u8>>) {
         self.input = Some(rx);
+    }
+
+    /// Stop the run (with [`RunOutcome::Quit`]) once `flag` is set; the
+    /// setter kicks the vCPU.
+    pub fn set_quit(&mut self, flag: Arc<AtomicBool>) {
+        self.quit = Some(flag);
     }
 
     fn drain_input(&mut self) {
@@ -153,6 +166,9 @@ impl Vm {
             let now = self.clock.now_ns();
             self.platform.poll_timers(now);
             self.drain_input();
+            if self.quit.as_ref().is_some_and(|q| q.load(Ordering::SeqCst)) {
+                return Ok(RunOutcome::Quit);
+            }
             for ev in self.platform.take_events() {
                 return Ok(match ev {
                     PlatformEvent::DebugExit(c) => RunOutcome::DebugExit(c),
@@ -172,7 +188,11 @@ impl Vm {
                 }
             }
             ticker.deadline.store(self.platform.next_deadline_ns().unwrap_or(u64::MAX), Ordering::Release);
-            match self.backend.run()? {
+            let exit = match self.backend.run() {
+                Ok(e) => e,
+                Err(error) => return Err(VmError::Stopped { error, state: self.backend.cpu_state().dump() }),
+            };
+            match exit {
                 VmExit::IoIn { port, size } => {
                     let v = self.platform.io_in(port, size);
                     self.backend.complete_io_in(v);

@@ -35,6 +35,9 @@ use crate::memory::GuestMemory;
 
 /// Where, in the exit-gate page, single instructions run natively.
 const NATIVE_STEP_OFFSET: u32 = 0x100;
+/// Scratch bytes in the vCPU page for redirected memory operands.
+const SCRATCH_OFFSET: u32 = 0x800;
+const SCRATCH_BYTES: usize = 64;
 
 /// Switches of the bt backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -52,6 +55,15 @@ enum PendingIo {
     Ins { insn: Instruction, op: IoOp, next_eip: u32 },
     Outs { insn: Instruction, op: IoOp, next_eip: u32 },
     Out { next_eip: u32 },
+}
+
+/// An MMIO read instruction waiting for the device's value.
+#[derive(Clone, Copy, Debug)]
+struct PendingMmio {
+    insn: Instruction,
+    gpa: u64,
+    size: usize,
+    writes: bool,
 }
 
 /// Counters with stable names, plus where the time went.
@@ -81,6 +93,10 @@ pub struct BtBackend {
     ldt: HashMap<u16, HostSegment>,
     pending: Option<PendingIo>,
     want_window: bool,
+    /// An MMIO read waiting for its value.
+    pending_mmio: Option<PendingMmio>,
+    /// What `run` returns first (the second half of an MMIO access).
+    pending_exit: Option<Result<VmExit, BackendError>>,
     /// A kick landed in a committed TC sequence: re-enter the host state
     /// as it is, not at a guest instruction boundary.
     raw_resume: bool,
@@ -116,6 +132,8 @@ impl BtBackend {
             pending: None,
             want_window: false,
             raw_resume: false,
+            pending_mmio: None,
+            pending_exit: None,
             config,
             stats: BtStats::default(),
         };
@@ -414,10 +432,19 @@ impl BtBackend {
     /// CR0.WP=0 supervisor write to a read-only page, MMIO): perform the
     /// instruction on the virtual CPU's view of memory.
     fn emulate_memory_access(&mut self, gpa: u64, reason: EmulateReason) -> Result<Option<VmExit>, BackendError> {
-        Err(BackendError::Unsupported {
-            backend: "bt",
-            what: format!("emulating a memory access ({reason:?} at guest-physical {gpa:#x})"),
-        })
+        match reason {
+            EmulateReason::LowPage | EmulateReason::SupervisorWriteWp0 | EmulateReason::VmmArea => {
+                self.emulate_by_reexecution()
+            }
+            EmulateReason::Mmio => self.emulate_mmio(gpa),
+            _ => {
+                let insn = self.fetch_insn().map(|i| i.to_string()).unwrap_or_else(|_| "?".into());
+                Err(BackendError::Unsupported {
+                    backend: "bt",
+                    what: format!("emulating a memory access ({reason:?} at guest-physical {gpa:#x}) by `{insn}`"),
+                })
+            }
+        }
     }
 
     fn step_translated(&mut self) -> Result<Option<VmExit>, BackendError> {
@@ -461,37 +488,38 @@ impl BtBackend {
         self.cpu.eflags = (self.cpu.eflags & !(flags::IF | flags::IOPL)) | vif | viopl;
     }
 
-    /// Runs the one guest instruction at EIP natively, outside any
-    /// translation: the way forward after a write to a code page whose
-    /// translations were just dropped (the writing instruction may sit on
-    /// that very page), and the base of emulation by re-execution.
-    fn step_native(&mut self) -> Result<Option<VmExit>, BackendError> {
+    /// Fetches and decodes the guest instruction at CS:EIP (32-bit code).
+    /// `Err(Ok(exit))` when the fetch itself faulted (the fault is delivered).
+    fn fetch_insn(&mut self) -> Result<Instruction, Result<Option<VmExit>, BackendError>> {
         let key = self.key();
         if !key.cs32 {
-            return Err(BackendError::Unsupported { backend: "bt", what: "native single step of 16-bit code".into() });
+            return Err(Err(BackendError::Unsupported { backend: "bt", what: "re-executing 16-bit code".into() }));
         }
         let mem = self.mem.clone();
         let mut bytes = [0u8; 15];
         let lin = key.linear();
         let first = (4096 - (lin & 0xFFF) as usize).min(15);
-        {
+        let fetched = {
             let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: key.cpl == 3 };
             use engine::GuestCode;
-            if code.fetch(lin, &mut bytes[..first]).is_err() {
-                return self.fetch_fault(lin);
-            }
-            if first < 15 && code.fetch(lin.wrapping_add(first as u32), &mut bytes[first..]).is_err() {
+            let ok = code.fetch(lin, &mut bytes[..first]).is_ok();
+            if ok && first < 15 && code.fetch(lin.wrapping_add(first as u32), &mut bytes[first..]).is_err() {
                 bytes[first..].fill(0);
             }
+            ok
+        };
+        if !fetched {
+            return Err(self.fetch_fault(lin));
         }
-        let insn = Decoder::with_ip(32, &bytes, u64::from(self.cpu.eip), DecoderOptions::NONE).decode();
-        if insn.is_invalid() || !engine::classify::classify(&insn).is_ident() {
-            return Err(BackendError::Unsupported {
-                backend: "bt",
-                what: format!("a write to a code page by `{insn}`, which cannot run outside translation"),
-            });
-        }
-        let len = insn.len();
+        Ok(Decoder::with_ip(32, &bytes, u64::from(self.cpu.eip), DecoderOptions::NONE).decode())
+    }
+
+    /// Runs `bytes` (one instruction, 32-bit) natively in the exit-gate page
+    /// with the guest's registers, flags and data segments, GS being the VMM
+    /// segment unless `guest_gs`. Returns the exit and whether the
+    /// instruction completed.
+    fn run_snippet(&mut self, bytes: &[u8], guest_gs: bool) -> Result<(Exit, bool), BackendError> {
+        let len = bytes.len();
         let snippet = self.window.exit_gate() + NATIVE_STEP_OFFSET;
         let off = (vmm_area::EXIT_GATE + NATIVE_STEP_OFFSET) as usize;
         // SAFETY: the alias covers the VMM area; the snippet bytes lie in the
@@ -499,13 +527,9 @@ impl BtBackend {
         // guest-mode code runs while they are written.
         let alias =
             unsafe { std::slice::from_raw_parts_mut(self.window.vmm_alias_ptr(0), self.window.vmm_size() as usize) };
-        alias[off..off + len].copy_from_slice(&bytes[..len]);
+        alias[off..off + len].copy_from_slice(bytes);
         alias[off + len..off + len + 2].copy_from_slice(&[0x0F, 0x0B]);
-        let gs = if insn.segment_prefix() == iced_x86::Register::GS {
-            self.shadow(*self.cpu.seg(Seg::Gs), true)?
-        } else {
-            self.host.vmm_data_selector()
-        };
+        let gs = if guest_gs { self.shadow(*self.cpu.seg(Seg::Gs), true)? } else { self.host.vmm_data_selector() };
         let segs = Segments {
             cs: self.host.vmm_code_selector(),
             ss: self.shadow(*self.cpu.seg(Seg::Ss), false)?,
@@ -518,15 +542,18 @@ impl BtBackend {
         self.load_host_regs(snippet);
         let exit = self.run_host(true)?;
         let host_eip = self.save_host_regs();
-        let done = host_eip == snippet + len as u32;
-        self.count("native_step");
+        Ok((exit, host_eip == snippet + len as u32))
+    }
+
+    /// What to do after a snippet ran the instruction at EIP.
+    fn after_snippet(&mut self, exit: Exit, done: bool, next_eip: u32) -> Result<Option<VmExit>, BackendError> {
         match exit {
             Exit::InvalidOpcode if done => {
-                self.cpu.eip = insn.next_ip32();
+                self.cpu.eip = next_eip;
                 Ok(None)
             }
             Exit::Kick if done => {
-                self.cpu.eip = insn.next_ip32();
+                self.cpu.eip = next_eip;
                 Ok(Some(VmExit::Interrupted))
             }
             Exit::Kick => Ok(Some(VmExit::Interrupted)),
@@ -536,6 +563,182 @@ impl BtBackend {
             }
             other => self.raise(exception_of(other)),
         }
+    }
+
+    /// Runs the one guest instruction at EIP natively, outside any
+    /// translation: the way forward after a write to a code page whose
+    /// translations were just dropped (the writing instruction may sit on
+    /// that very page).
+    fn step_native(&mut self) -> Result<Option<VmExit>, BackendError> {
+        let insn = match self.fetch_insn() {
+            Ok(i) => i,
+            Err(r) => return r,
+        };
+        if insn.is_invalid() || !engine::classify::classify(&insn).is_ident() {
+            return Err(BackendError::Unsupported {
+                backend: "bt",
+                what: format!("a write to a code page by `{insn}`, which cannot run outside translation"),
+            });
+        }
+        let lin = self.key().linear();
+        let mut bytes = vec![0u8; insn.len()];
+        let mem = self.mem.clone();
+        {
+            let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: self.cpu.cpl == 3 };
+            use engine::GuestCode;
+            let first = (4096 - (lin & 0xFFF) as usize).min(bytes.len());
+            let _ = code.fetch(lin, &mut bytes[..first]);
+            if first < bytes.len() {
+                let _ = code.fetch(lin.wrapping_add(first as u32), &mut bytes[first..]);
+            }
+        }
+        self.count("native_step");
+        let (exit, done) = self.run_snippet(&bytes, insn.segment_prefix() == iced_x86::Register::GS)?;
+        self.after_snippet(exit, done, insn.next_ip32())
+    }
+
+    /// Runs `insn` natively with its memory operand redirected to the
+    /// vCPU page's scratch slot holding `data`; `data` gets the slot back.
+    fn redirect_and_run(&mut self, insn: &Instruction, data: &mut [u8]) -> Result<(Exit, bool), BackendError> {
+        let size = data.len();
+        // SAFETY: the scratch slot lies inside the vCPU page of the alias
+        // (size checked by the callers against SCRATCH_BYTES).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.page_ptr(SCRATCH_OFFSET), size) };
+        let mut redirected = *insn;
+        redirected.set_memory_base(iced_x86::Register::None);
+        redirected.set_memory_index(iced_x86::Register::None);
+        redirected.set_memory_index_scale(1);
+        redirected.set_memory_displacement32(vmm_area::VCPU_PAGE + SCRATCH_OFFSET);
+        redirected.set_memory_displ_size(4);
+        redirected.set_segment_prefix(iced_x86::Register::GS);
+        let snippet_ip = u64::from(self.window.exit_gate() + NATIVE_STEP_OFFSET);
+        let mut enc = iced_x86::Encoder::new(32);
+        enc.encode(&redirected, snippet_ip)
+            .map_err(|e| BackendError::Unsupported { backend: "bt", what: format!("re-encoding `{insn}`: {e}") })?;
+        let bytes = enc.take_buffer();
+        let r = self.run_snippet(&bytes, false)?;
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(self.page_ptr(SCRATCH_OFFSET), data.as_mut_ptr(), size) };
+        Ok(r)
+    }
+
+    /// The explicit memory operand of `insn` and how it is used:
+    /// `(size, reads, writes)`, or why it cannot be redirected.
+    fn memory_operand(insn: &Instruction) -> Result<(usize, bool, bool), String> {
+        if !(0..insn.op_count()).any(|i| insn.op_kind(i) == iced_x86::OpKind::Memory) {
+            return Err(format!("`{insn}` has no explicit memory operand"));
+        }
+        if insn.is_string_instruction()
+            || insn.stack_pointer_increment() != 0
+            || insn.memory_index().is_vector_register()
+        {
+            return Err(format!("`{insn}` has implicit or vector memory operands"));
+        }
+        let size = insn.memory_size().size();
+        if size == 0 || size > SCRATCH_BYTES {
+            return Err(format!("`{insn}` has a {size}-byte memory operand"));
+        }
+        let mut factory = iced_x86::InstructionInfoFactory::new();
+        let used = factory.info(insn).used_memory();
+        use iced_x86::OpAccess as A;
+        let writes =
+            used.iter().any(|m| matches!(m.access(), A::Write | A::ReadWrite | A::CondWrite | A::ReadCondWrite));
+        let reads = used.iter().any(|m| matches!(m.access(), A::Read | A::ReadWrite | A::CondRead | A::ReadCondWrite));
+        Ok((size, reads, writes))
+    }
+
+    /// MMIO (or a hole): the access goes to the machine's MMIO bus. A read
+    /// first asks the machine for the value ([`VmExit::MmioRead`]), then the
+    /// instruction runs on it; a write reports the value the instruction
+    /// produced ([`VmExit::MmioWrite`]).
+    fn emulate_mmio(&mut self, gpa: u64) -> Result<Option<VmExit>, BackendError> {
+        let insn = match self.fetch_insn() {
+            Ok(i) => i,
+            Err(r) => return r,
+        };
+        let (size, reads, writes) = Self::memory_operand(&insn)
+            .map_err(|what| BackendError::Unsupported { backend: "bt", what: format!("MMIO emulation: {what}") })?;
+        if size > 8 {
+            return Err(BackendError::Unsupported { backend: "bt", what: format!("MMIO emulation of `{insn}`") });
+        }
+        self.count("mmio");
+        if reads {
+            self.pending_mmio = Some(PendingMmio { insn, gpa, size, writes });
+            return Ok(Some(VmExit::MmioRead { addr: gpa, size: size as u8 }));
+        }
+        self.mmio_execute(insn, gpa, size, writes, 0)
+    }
+
+    fn mmio_execute(
+        &mut self,
+        insn: Instruction,
+        gpa: u64,
+        size: usize,
+        writes: bool,
+        value: u64,
+    ) -> Result<Option<VmExit>, BackendError> {
+        let mut data = value.to_le_bytes()[..size].to_vec();
+        let (exit, done) = self.redirect_and_run(&insn, &mut data)?;
+        if done && matches!(exit, Exit::InvalidOpcode | Exit::Kick) {
+            self.cpu.eip = insn.next_ip32();
+            if writes {
+                let mut b = [0u8; 8];
+                b[..size].copy_from_slice(&data);
+                return Ok(Some(VmExit::MmioWrite { addr: gpa, size: size as u8, value: u64::from_le_bytes(b) }));
+            }
+            return Ok(None);
+        }
+        self.after_snippet(exit, done, insn.next_ip32())
+    }
+
+    /// Emulation by re-execution: the instruction at EIP touches guest
+    /// memory the window cannot map where the guest sees it (a page below
+    /// the host's `mmap_min_addr`, the VMM area's range, a CR0.WP=0
+    /// supervisor write to a read-only page). Its memory operand is
+    /// redirected to a scratch slot of the vCPU page (through GS), the guest
+    /// bytes copied in, the instruction run natively (the hardware computes
+    /// the result and the flags), and the bytes copied back.
+    fn emulate_by_reexecution(&mut self) -> Result<Option<VmExit>, BackendError> {
+        let insn = match self.fetch_insn() {
+            Ok(i) => i,
+            Err(r) => return r,
+        };
+        let (size, reads, writes) = match Self::memory_operand(&insn) {
+            Ok(x) => x,
+            Err(what) => return Err(BackendError::Unsupported { backend: "bt", what: format!("emulation: {what}") }),
+        };
+        let lin = match crate::cpu::operand::memory_linear(&self.cpu, &insn, size as u32, writes && !reads) {
+            Ok(l) => l,
+            Err(f) => return self.fault(f),
+        };
+        let mem = self.mem.clone();
+        let mut data = vec![0u8; size];
+        if reads || writes {
+            let cpu = self.cpu.clone();
+            let mut lin_mem = Linear { mmu: &mut self.mmu, mem: &mem };
+            let acc = crate::cpu::Access::at_cpl(cpu.cpl);
+            if let Err(f) = crate::cpu::LinearMemory::read(&mut lin_mem, &cpu, lin, &mut data, acc) {
+                return self.fault(f);
+            }
+        }
+        self.count("reexecuted");
+        let (exit, done) = match self.redirect_and_run(&insn, &mut data) {
+            Ok(r) => r,
+            Err(e) => return Err(e),
+        };
+        if done && writes {
+            let cpu = self.cpu.clone();
+            let mut lin_mem = Linear { mmu: &mut self.mmu, mem: &mem };
+            let acc = crate::cpu::Access::at_cpl(cpu.cpl);
+            if let Err(f) = crate::cpu::LinearMemory::write(&mut lin_mem, &cpu, lin, &data, acc) {
+                return self.fault(f);
+            }
+        }
+        if !matches!(exit, Exit::InvalidOpcode | Exit::Kick) {
+            // A fault of the instruction itself (e.g. #DE): report it at EIP.
+            return self.raise(exception_of(exit));
+        }
+        self.after_snippet(exit, done, insn.next_ip32())
     }
 
     /// Write-protects newly translated code pages and logs the block.
@@ -672,6 +875,7 @@ impl BtBackend {
 
     /// Performs a sensitive instruction on the virtual CPU.
     fn emulate(&mut self, insn: &Instruction, next_eip: u32) -> Result<Option<VmExit>, BackendError> {
+        tracing::trace!(eip = format_args!("{:#x}", self.cpu.eip), next = format_args!("{next_eip:#x}"), %insn, "sensitive");
         let mem = self.mem.clone();
         let policy = self.policy.clone();
         let result = {
@@ -752,7 +956,10 @@ impl BtBackend {
                 VmExit::IoIn { port, size }
             }
             IoOp::Out { port, size, value } => {
+                // The OUT is complete once the machine has the value: EIP
+                // moves now, before the machine may inject an interrupt.
                 self.pending = Some(PendingIo::Out { next_eip });
+                self.finish_io(0);
                 VmExit::IoOut { port, size, value }
             }
             IoOp::Ins { port, size } => {
@@ -761,6 +968,7 @@ impl BtBackend {
             }
             IoOp::Outs { port, size, value } => {
                 self.pending = Some(PendingIo::Outs { insn: *insn, op, next_eip });
+                self.finish_io(0);
                 VmExit::IoOut { port, size, value }
             }
         }))
@@ -838,11 +1046,10 @@ impl Backend for BtBackend {
     }
 
     fn run(&mut self) -> Result<VmExit, BackendError> {
-        let t = Instant::now();
-        // An OUT completes when the machine comes back.
-        if let Some(PendingIo::Out { .. } | PendingIo::Outs { .. }) = self.pending {
-            self.finish_io(0);
+        if let Some(r) = self.pending_exit.take() {
+            return r;
         }
+        let t = Instant::now();
         let r = loop {
             if self.cpu.halted {
                 break Ok(VmExit::Halt);
@@ -865,7 +1072,15 @@ impl Backend for BtBackend {
         self.finish_io(value);
     }
 
-    fn complete_mmio_read(&mut self, _value: u64) {}
+    fn complete_mmio_read(&mut self, value: u64) {
+        if let Some(p) = self.pending_mmio.take() {
+            match self.mmio_execute(p.insn, p.gpa, p.size, p.writes, value) {
+                Ok(Some(e)) => self.pending_exit = Some(Ok(e)),
+                Ok(None) => {}
+                Err(e) => self.pending_exit = Some(Err(e)),
+            }
+        }
+    }
 
     fn interrupts_enabled(&self) -> bool {
         self.cpu.interrupts_enabled() && !self.cpu.interrupt_shadow
