@@ -5,6 +5,7 @@ pub mod backend;
 pub mod bench;
 pub mod cpu;
 pub mod devices;
+pub mod guests;
 pub mod host;
 pub mod layout;
 pub mod loader;

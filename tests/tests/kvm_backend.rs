@@ -180,3 +180,12 @@ fn kvm_measures_its_speed() {
         Err(e) => panic!("{e}"),
     }
 }
+
+#[test]
+fn kvm_reports_whether_32bit_paging_works() {
+    match kvm::supports_32bit_paging() {
+        Ok(p) => println!("KVM 32-bit paging: {}", if p { "works" } else { "refused (#GP on mov cr0 with PG)" }),
+        Err(e @ BackendError::Unavailable(..)) => println!("SKIP: {e}"),
+        Err(e) => panic!("{e}"),
+    }
+}

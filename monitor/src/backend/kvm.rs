@@ -815,6 +815,41 @@ pub fn measure_speed() -> Result<f64, BackendError> {
     }
 }
 
+/// Whether a 32-bit guest can turn paging on (`mov cr0` with PG, 4 MiB
+/// identity page). PVM-backed /dev/kvm (this project's machines) answers
+/// with #GP, so paging guests cannot run on the `kvm` backend there.
+pub fn supports_32bit_paging() -> Result<bool, BackendError> {
+    const CODE: u32 = 0x1000;
+    const PD: u32 = 0x10000;
+    const GDT: u32 = 0x500;
+    let mem = GuestMemory::new(MIN_GUEST_MEM).map_err(|e| failed(format!("guest RAM: {e}")))?;
+    let w = |gpa: u32, b: &[u8]| mem.write(u64::from(gpa), b).map_err(|e| failed(format!("probe setup: {e}")));
+    for (i, d) in [0u64, 0x00CF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF].iter().enumerate() {
+        w(GDT + 8 * i as u32, &d.to_le_bytes())?;
+    }
+    w(PD, &0x83u32.to_le_bytes())?; // PDE 0: 4 MiB page, present, writable
+                                    // mov eax, PD ; mov cr3, eax ; mov eax, cr4 ; or eax, PSE ; mov cr4, eax ;
+                                    // mov eax, cr0 ; or eax, PG ; mov cr0, eax ; out 0x10, al ; hlt
+    let mut code = vec![0xB8];
+    code.extend_from_slice(&PD.to_le_bytes());
+    code.extend_from_slice(&[0x0F, 0x22, 0xD8, 0x0F, 0x20, 0xE0, 0x83, 0xC8, 0x10, 0x0F, 0x22, 0xE0]);
+    code.extend_from_slice(&[0x0F, 0x20, 0xC0, 0x0D, 0x00, 0x00, 0x00, 0x80, 0x0F, 0x22, 0xC0, 0xE6, 0x10, 0xF4]);
+    w(CODE, &code)?;
+    let mut cpu = Cpu::flat_protected(0x08, 0x10);
+    cpu.gdtr = TableReg { base: GDT, limit: 23 };
+    cpu.eip = CODE;
+    let mut be = KvmBackend::new(&mem, &cpu)?;
+    for _ in 0..4 {
+        match be.run()? {
+            VmExit::IoOut { port: 0x10, .. } => return Ok(be.cpu_state().paging()),
+            VmExit::Interrupted => continue,
+            VmExit::TripleFault => return Ok(false),
+            other => return Err(failed(format!("paging probe: unexpected exit {other:?}"))),
+        }
+    }
+    Err(failed("paging probe: no result"))
+}
+
 /// Whether KVM runs guest code at hardware speed (≥ 100 M instructions/s).
 pub fn is_hardware_speed(instructions_per_second: f64) -> bool {
     instructions_per_second >= 100e6
