@@ -2,7 +2,9 @@
 //! figure and, with `--json FILE`, write the rows as JSON objects
 //! `{suite, name, backend, value, unit}` (one array per run).
 
+pub mod bt;
 pub mod host;
+pub mod mmu;
 
 use std::fmt::Write as _;
 
@@ -24,6 +26,8 @@ pub enum BenchError {
 pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
     match name {
         "host" => host::run(quick),
+        "bt" => bt::run(quick),
+        "mmu" => mmu::run(quick),
         other => Err(BenchError::UnknownSuite(other.into())),
     }
 }
