@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod console;
 pub mod cpu;
 pub mod devices;
 pub mod guests;
@@ -10,4 +11,5 @@ pub mod host;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod run;
 pub mod vm;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use monitor::run::{parse_size, BackendKind, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -21,9 +22,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a guest: a Linux bzImage or multiboot kernel, or the built-in demo.
+    Run {
+        /// Kernel image (bzImage or multiboot ELF); the built-in demo guest without it.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk (Linux) or first module (multiboot).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long)]
+        append: Option<String>,
+        /// Guest RAM (e.g. 256M).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        mem: u64,
+        /// CPU backend: bt (binary translation) or kvm.
+        #[arg(long, default_value = "bt")]
+        backend: BackendKind,
+        /// Print exits, translation and shadow-MMU counters and where the time went.
+        #[arg(long)]
+        stats: bool,
+        /// Log every translated block beside its translation (needs -v).
+        #[arg(long)]
+        log_translations: bool,
+        /// Do not forward stdin to the guest console.
+        #[arg(long)]
+        no_input: bool,
+    },
+    /// Build a gzip'd cpio initramfs (no external cpio needed).
+    Initramfs {
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A directory whose contents become the archive root.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Files to add, as ARCHIVE_PATH=HOST_PATH (repeatable).
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// A host file whose text becomes /init.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// A static busybox: laid out as /bin/busybox with applet links,
+        /// /proc, /sys, /dev, /tmp (and a default /init unless --init).
+        #[arg(long)]
+        busybox: Option<PathBuf>,
+    },
     /// Measure Popek: one row per figure, optionally as JSON.
     Bench {
-        /// Which suite (host).
+        /// Which suite.
         #[arg(long, default_value = "host")]
         suite: String,
         /// Also write the rows as JSON to FILE.
@@ -47,10 +94,97 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
+#[allow(clippy::too_many_arguments)]
+fn run(
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    append: Option<String>,
+    mem: u64,
+    backend: BackendKind,
+    stats: bool,
+    log_translations: bool,
+    no_input: bool,
+) -> ExitCode {
+    let mut bt = monitor::backend::bt::BtConfig::default();
+    bt.log_translations = log_translations;
+    let opts = RunOptions { kernel, initrd, append, mem, backend, bt, interactive: !no_input };
+    match monitor::run::run(&opts, Box::new(monitor::console::Stdout)) {
+        Ok(report) => {
+            eprintln!("\npopek: {} ({:.2} s)", report.outcome, report.wall.as_secs_f64());
+            if stats {
+                for n in &report.notes {
+                    eprintln!("popek: {n}");
+                }
+                eprintln!("popek: counters");
+                for (k, v) in &report.stats {
+                    eprintln!("  {k:<40} {v}");
+                }
+            }
+            ExitCode::from(report.outcome.exit_code())
+        }
+        Err(e) => {
+            eprintln!("popek: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn initramfs(
+    output: PathBuf,
+    dir: Option<PathBuf>,
+    files: Vec<String>,
+    init: Option<PathBuf>,
+    busybox: Option<PathBuf>,
+) -> ExitCode {
+    let mut pairs = Vec::new();
+    for f in files {
+        match f.split_once('=') {
+            Some((a, h)) => pairs.push((a.to_owned(), PathBuf::from(h))),
+            None => {
+                eprintln!("popek: --file wants ARCHIVE_PATH=HOST_PATH, got {f:?}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let init = match init.map(std::fs::read_to_string).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("popek: cannot read the init script: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    use monitor::loader::initramfs;
+    let built = match &busybox {
+        Some(bb) => {
+            let script = init.unwrap_or_else(|| initramfs::DEFAULT_BUSYBOX_INIT.to_owned());
+            initramfs::busybox_initramfs(bb, &script, &pairs)
+        }
+        None => initramfs::build(&initramfs::InitramfsSpec { dir, files: pairs, init }),
+    };
+    match built.map_err(|e| e.to_string()).and_then(|data| {
+        std::fs::write(&output, &data)
+            .map_err(|e| format!("cannot write {}: {e}", output.display()))
+            .map(|_| data.len())
+    }) {
+        Ok(n) => {
+            eprintln!("popek: wrote {} ({n} bytes)", output.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("popek: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
     match cli.command {
+        Command::Run { kernel, initrd, append, mem, backend, stats, log_translations, no_input } => {
+            run(kernel, initrd, append, mem, backend, stats, log_translations, no_input)
+        }
+        Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),
         Command::Bench { suite, json, quick } => match monitor::bench::run_suite(&suite, quick) {
             Ok(rows) => {
                 print!("{}", monitor::bench::to_table(&rows));

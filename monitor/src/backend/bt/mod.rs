@@ -203,18 +203,18 @@ impl BtBackend {
 
     /// Host selector for a guest segment register, writing its shadow into
     /// the host LDT when it changed.
-    fn shadow(&mut self, seg: SegReg, nullable: bool) -> Result<u16, BackendError> {
+    fn shadow(&mut self, seg: SegReg, nullable: bool, user: bool) -> Result<u16, BackendError> {
         if seg.selector & !3 == 0 && (nullable || !seg.cache.present) {
             if nullable {
                 return Ok(0);
             }
         }
-        let index = shadow_index(seg.selector)
+        let index = shadow_index(seg.selector, user)
             .or(if seg.selector & !3 == 0 { Some(0) } else { None })
             .ok_or_else(|| failed(format!("selector {:#x} has no shadow slot", seg.selector)))?;
         let hs = seg
             .cache
-            .shadow(self.window.vmm_base())
+            .shadow(if user { None } else { Some(self.window.vmm_base()) })
             .ok_or_else(|| failed(format!("selector {:#x} is not a code/data segment", seg.selector)))?;
         if self.ldt.get(&index) != Some(&hs) {
             self.host.set_ldt_entry(index, hs).map_err(failed)?;
@@ -307,25 +307,43 @@ impl BtBackend {
 
     fn step_direct(&mut self) -> Result<Option<VmExit>, BackendError> {
         let segs = Segments {
-            cs: self.shadow(*self.cpu.seg(Seg::Cs), false)?,
-            ss: self.shadow(*self.cpu.seg(Seg::Ss), false)?,
-            ds: self.shadow(*self.cpu.seg(Seg::Ds), true)?,
-            es: self.shadow(*self.cpu.seg(Seg::Es), true)?,
-            fs: self.shadow(*self.cpu.seg(Seg::Fs), true)?,
-            gs: self.shadow(*self.cpu.seg(Seg::Gs), true)?,
+            cs: self.shadow(*self.cpu.seg(Seg::Cs), false, true)?,
+            ss: self.shadow(*self.cpu.seg(Seg::Ss), false, true)?,
+            ds: self.shadow(*self.cpu.seg(Seg::Ds), true, true)?,
+            es: self.shadow(*self.cpu.seg(Seg::Es), true, true)?,
+            fs: self.shadow(*self.cpu.seg(Seg::Fs), true, true)?,
+            gs: self.shadow(*self.cpu.seg(Seg::Gs), true, true)?,
         };
         self.host.set_segments(segs).map_err(failed)?;
         self.load_host_regs(self.cpu.eip);
         let exit = self.run_host(false)?;
         self.cpu.eip = self.save_host_regs();
-        self.sync_user_selectors(segs);
+        let raw = self.sync_user_selectors(segs);
+        if raw
+            && matches!(
+                exit,
+                Exit::PageFault { .. }
+                    | Exit::GeneralProtection { .. }
+                    | Exit::StackFault { .. }
+                    | Exit::SegmentNotPresent { .. }
+            )
+        {
+            self.count("raw_selector_retry");
+            return Ok(None);
+        }
         self.handle_direct_exit(exit)
     }
 
     /// Guest user code may load selectors itself: map what the host holds
-    /// now back to guest selectors.
-    fn sync_user_selectors(&mut self, loaded: Segments) {
+    /// now back to guest selectors. A raw guest GDT selector that loaded on
+    /// the host (0x33, 0x2b, 0x7b are host GDT entries too) names a host
+    /// segment, not the guest's: the virtual CPU loads the guest's
+    /// descriptor and the next entry uses its shadow. Returns whether that
+    /// happened (a fault then was probably the raw selector's, and the
+    /// instruction is retried).
+    fn sync_user_selectors(&mut self, loaded: Segments) -> bool {
         let now = self.host.segments();
+        let mut raw = false;
         for (s, was, is) in [
             (Seg::Ds, loaded.ds, now.ds),
             (Seg::Es, loaded.es, now.es),
@@ -334,6 +352,7 @@ impl BtBackend {
         ] {
             if was != is {
                 let guest = guest_selector(is, 3).unwrap_or(is);
+                raw |= is & 4 == 0 && is & !3 != 0;
                 let mem = self.mem.clone();
                 let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };
                 if interrupt::load_segment(&mut self.cpu, &mut lin, s, guest).is_err() {
@@ -341,6 +360,7 @@ impl BtBackend {
                 }
             }
         }
+        raw
     }
 
     fn handle_direct_exit(&mut self, exit: Exit) -> Result<Option<VmExit>, BackendError> {
@@ -461,13 +481,13 @@ impl BtBackend {
         self.after_translation(&key);
         let segs = Segments {
             cs: self.host.vmm_code_selector(),
-            ss: self.shadow(*self.cpu.seg(Seg::Ss), false)?,
-            ds: self.shadow(*self.cpu.seg(Seg::Ds), true)?,
-            es: self.shadow(*self.cpu.seg(Seg::Es), true)?,
-            fs: self.shadow(*self.cpu.seg(Seg::Fs), true)?,
+            ss: self.shadow(*self.cpu.seg(Seg::Ss), false, false)?,
+            ds: self.shadow(*self.cpu.seg(Seg::Ds), true, false)?,
+            es: self.shadow(*self.cpu.seg(Seg::Es), true, false)?,
+            fs: self.shadow(*self.cpu.seg(Seg::Fs), true, false)?,
             gs: self.host.vmm_data_selector(),
         };
-        let guest_gs = self.shadow(*self.cpu.seg(Seg::Gs), true)?;
+        let guest_gs = self.shadow(*self.cpu.seg(Seg::Gs), true, false)?;
         self.page_write_u16(page::GUEST_GS_SEL, guest_gs);
         self.page_write_u32(page::VIF, self.cpu.eflags & flags::IF);
         self.page_write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
@@ -529,13 +549,14 @@ impl BtBackend {
             unsafe { std::slice::from_raw_parts_mut(self.window.vmm_alias_ptr(0), self.window.vmm_size() as usize) };
         alias[off..off + len].copy_from_slice(bytes);
         alias[off + len..off + len + 2].copy_from_slice(&[0x0F, 0x0B]);
-        let gs = if guest_gs { self.shadow(*self.cpu.seg(Seg::Gs), true)? } else { self.host.vmm_data_selector() };
+        let gs =
+            if guest_gs { self.shadow(*self.cpu.seg(Seg::Gs), true, false)? } else { self.host.vmm_data_selector() };
         let segs = Segments {
             cs: self.host.vmm_code_selector(),
-            ss: self.shadow(*self.cpu.seg(Seg::Ss), false)?,
-            ds: self.shadow(*self.cpu.seg(Seg::Ds), true)?,
-            es: self.shadow(*self.cpu.seg(Seg::Es), true)?,
-            fs: self.shadow(*self.cpu.seg(Seg::Fs), true)?,
+            ss: self.shadow(*self.cpu.seg(Seg::Ss), false, false)?,
+            ds: self.shadow(*self.cpu.seg(Seg::Ds), true, false)?,
+            es: self.shadow(*self.cpu.seg(Seg::Es), true, false)?,
+            fs: self.shadow(*self.cpu.seg(Seg::Fs), true, false)?,
             gs,
         };
         self.host.set_segments(segs).map_err(failed)?;
