@@ -48,6 +48,11 @@ enum Command {
         /// Do not forward stdin to the guest console.
         #[arg(long)]
         no_input: bool,
+        /// Translator switches for bug hunting, comma-separated:
+        /// nochain, nopoll, noinline / inline (PUSHF/POPF as callouts or
+        /// inline sequences; callouts by default).
+        #[arg(long, value_delimiter = ',')]
+        engine: Vec<String>,
     },
     /// Build a gzip'd cpio initramfs (no external cpio needed).
     Initramfs {
@@ -96,6 +101,7 @@ fn init_tracing(verbose: u8) {
 
 #[allow(clippy::too_many_arguments)]
 fn run(
+    engine: Vec<String>,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     append: Option<String>,
@@ -107,6 +113,18 @@ fn run(
 ) -> ExitCode {
     let mut bt = monitor::backend::bt::BtConfig::default();
     bt.log_translations = log_translations;
+    for e in &engine {
+        match e.as_str() {
+            "nochain" => bt.engine.chaining = false,
+            "nopoll" => bt.engine.poll_at_block_entry = false,
+            "noinline" => bt.engine.inline_flags = false,
+            "inline" => bt.engine.inline_flags = true,
+            other => {
+                eprintln!("popek: unknown --engine switch {other:?} (nochain, nopoll, noinline, inline)");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let opts = RunOptions { kernel, initrd, append, mem, backend, bt, interactive: !no_input };
     match monitor::run::run(&opts, Box::new(monitor::console::Stdout)) {
         Ok(report) => {
@@ -181,8 +199,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
     match cli.command {
-        Command::Run { kernel, initrd, append, mem, backend, stats, log_translations, no_input } => {
-            run(kernel, initrd, append, mem, backend, stats, log_translations, no_input)
+        Command::Run { kernel, initrd, append, mem, backend, stats, log_translations, no_input, engine } => {
+            run(engine, kernel, initrd, append, mem, backend, stats, log_translations, no_input)
         }
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),
         Command::Bench { suite, json, quick } => match monitor::bench::run_suite(&suite, quick) {

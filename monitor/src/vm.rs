@@ -162,6 +162,13 @@ impl Vm {
     /// Runs the guest until it exits, powers off, resets or dies.
     pub fn run(&mut self) -> Result<RunOutcome, VmError> {
         let ticker = Ticker::start(self.clock.clone(), self.backend.kicker());
+        if let Some(us) = std::env::var("POPEK_STRESS_KICK_US").ok().and_then(|v| v.parse::<u64>().ok()) {
+            let k = self.backend.kicker();
+            std::thread::spawn(move || loop {
+                std::thread::sleep(Duration::from_micros(us));
+                k();
+            });
+        }
         loop {
             let now = self.clock.now_ns();
             self.platform.poll_timers(now);

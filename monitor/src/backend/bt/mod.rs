@@ -812,6 +812,18 @@ impl BtBackend {
         if exit == Exit::Callout {
             return self.callout();
         }
+        if exit == Exit::Kick && self.config.engine.poll_at_block_entry && self.engine.block_at(host_eip).is_some() {
+            // Asynchronous stops happen at the translator's own safe points:
+            // raise the poll flag and let the TC run on to the next block
+            // entry, where it exits with a Poll callout in a clean state
+            // (VMware delivered interrupts the same way). Recovery maps stay
+            // for synchronous faults, which happen at the faulting
+            // instruction.
+            self.count("kick_deferred");
+            self.page_write_u32(page::POLL, 1);
+            self.raw_resume = true;
+            return Ok(None);
+        }
         if !self.recover(host_eip)? {
             // Inside the committed tail of a rewritten sequence (nothing there
             // can fault): a kick landed between guest instruction boundaries.
@@ -1075,7 +1087,7 @@ impl Backend for BtBackend {
             if self.cpu.halted {
                 break Ok(VmExit::Halt);
             }
-            if self.want_window && self.interrupts_enabled() {
+            if self.want_window && self.interrupts_enabled() && !self.raw_resume {
                 self.want_window = false;
                 break Ok(VmExit::InterruptWindow);
             }
@@ -1104,7 +1116,9 @@ impl Backend for BtBackend {
     }
 
     fn interrupts_enabled(&self) -> bool {
-        self.cpu.interrupts_enabled() && !self.cpu.interrupt_shadow
+        // Not between guest instructions (a kick in a committed TC
+        // sequence): the virtual CPU state is not the guest's yet.
+        !self.raw_resume && self.cpu.interrupts_enabled() && !self.cpu.interrupt_shadow
     }
 
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {
