@@ -57,7 +57,8 @@ impl RunOutcome {
     /// The process exit code Popek reports for this outcome.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunOutcome::DebugExit(c) => (*c & 0xFF) as u8,
+            // The value the guest wrote (QEMU's status is `(v << 1) | 1`).
+            RunOutcome::DebugExit(c) => ((*c >> 1) & 0xFF) as u8,
             RunOutcome::PowerOff | RunOutcome::Reset => 0,
             RunOutcome::HaltedWithInterruptsOff => 0,
             RunOutcome::TripleFault(_) => 3,
@@ -69,7 +70,9 @@ impl RunOutcome {
 impl std::fmt::Display for RunOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            RunOutcome::DebugExit(c) => write!(f, "guest exited through isa-debug-exit with code {c}"),
+            RunOutcome::DebugExit(c) => {
+                write!(f, "guest wrote {} to isa-debug-exit (QEMU would exit with status {c})", c >> 1)
+            }
             RunOutcome::PowerOff => write!(f, "guest powered off"),
             RunOutcome::Reset => write!(f, "guest reset the machine"),
             RunOutcome::HaltedWithInterruptsOff => write!(f, "guest halted with interrupts disabled"),
@@ -260,5 +263,18 @@ impl Vm {
         v.push(("platform/interrupts_acknowledged".into(), p.interrupts_acknowledged));
         v.sort();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_guest() {
+        assert_eq!(RunOutcome::DebugExit(1).exit_code(), 0, "guest wrote 0");
+        assert_eq!(RunOutcome::DebugExit((42 << 1) | 1).exit_code(), 42);
+        assert_eq!(RunOutcome::TripleFault(String::new()).exit_code(), 3);
+        assert_eq!(RunOutcome::HaltedWithInterruptsOff.exit_code(), 0);
     }
 }
