@@ -120,7 +120,9 @@ impl Ticker {
                         }
                         continue;
                     }
-                    let wait = if due == u64::MAX { 2_000_000 } else { (due - now).min(2_000_000) };
+                    // No deadline published yet (the loop publishes the next one
+                    // after each kick): look again soon rather than late.
+                    let wait = if due == u64::MAX { 200_000 } else { (due - now).min(2_000_000) };
                     std::thread::sleep(Duration::from_nanos(wait.max(20_000)));
                 }
             })
