@@ -111,8 +111,7 @@ fn run(
     log_translations: bool,
     no_input: bool,
 ) -> ExitCode {
-    let mut bt = monitor::backend::bt::BtConfig::default();
-    bt.log_translations = log_translations;
+    let mut bt = monitor::backend::bt::BtConfig { log_translations, ..Default::default() };
     for e in &engine {
         match e.as_str() {
             "nochain" => bt.engine.chaining = false,

@@ -181,7 +181,7 @@ impl Vm {
             if self.quit.as_ref().is_some_and(|q| q.load(Ordering::SeqCst)) {
                 return Ok(RunOutcome::Quit);
             }
-            for ev in self.platform.take_events() {
+            if let Some(ev) = self.platform.take_events().into_iter().next() {
                 return Ok(match ev {
                     PlatformEvent::DebugExit(c) => RunOutcome::DebugExit(c),
                     PlatformEvent::PowerOff => RunOutcome::PowerOff,

@@ -14,6 +14,9 @@ use popek_tests::*;
 
 const ITER: u32 = 2_000_000;
 
+/// Guest code for one loop iteration.
+type Body = dyn Fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>;
+
 /// Runs `code` at CPL 0 under a kick storm; returns (EAX, ESP, exits) at
 /// the final `out 0xf4`.
 fn stress(
@@ -72,7 +75,7 @@ fn loop_of(
 
 #[test]
 fn kicks_do_not_disturb_calls_flags_and_interrupt_masking() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>>)> = vec![
+    let cases: Vec<(&str, Box<Body>)> = vec![
         ("add", Box::new(|a: &mut CodeAssembler| a.add(eax, ecx))),
         (
             "pushf_popf",

@@ -90,7 +90,7 @@ fn kernel() -> Vec<u8> {
         a.add(dword_ptr(VARS), 0x1000)?;
         a.inc(dword_ptr(VARS + 4))?;
         a.or(ecx, 7)?;
-        a.mov(dword_ptr(PT_USER + 0x100 * 4 + eax * 4 - 0x100 * 4 + 0x400 * 0), ecx)?;
+        a.mov(dword_ptr(PT_USER + eax * 4), ecx)?; // the heap PTE (index from CR2)
         a.add(esp, 4)?; // error code
         a.iretd()?;
         a.set_label(&mut kill)?;

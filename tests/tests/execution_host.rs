@@ -443,7 +443,6 @@ fn guest_system_calls_never_reach_the_host() {
     assert_eq!(run(&mut g), Exit::InvalidOpcode);
     assert!(pipe_is_empty(fds[0]), "the host never executed write()");
     assert_eq!(std::process::id(), pid, "still the same process");
-    assert_eq!(std::env::current_exe().unwrap().exists(), true);
 }
 
 #[test]

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monitor::backend::bt::{BtBackend, BtConfig};
-use monitor::backend::Backend;
 use monitor::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
 use monitor::loader::{initramfs, linux};
 use monitor::memory::GuestMemory;

@@ -168,11 +168,11 @@ impl BtBackend {
     /// Brings the shadow MMU's paging registers in line with the CPU.
     fn sync_paging(&mut self) -> Result<(), BackendError> {
         let mem = self.mem.clone();
-        let mut phys = Phys(&mem);
+        let phys = Phys(&mem);
         let mut mapper = WindowMapper { window: self.window, mem: &mem };
-        self.mmu.set_cr4(&mut phys, &mut mapper, self.cpu.cr4).map_err(failed)?;
-        self.mmu.set_cr3(&mut phys, &mut mapper, self.cpu.cr3).map_err(failed)?;
-        self.mmu.set_cr0(&mut phys, &mut mapper, self.cpu.cr0).map_err(failed)?;
+        self.mmu.set_cr4(&phys, &mut mapper, self.cpu.cr4).map_err(failed)?;
+        self.mmu.set_cr3(&phys, &mut mapper, self.cpu.cr3).map_err(failed)?;
+        self.mmu.set_cr0(&phys, &mut mapper, self.cpu.cr0).map_err(failed)?;
         Ok(())
     }
 
@@ -204,10 +204,8 @@ impl BtBackend {
     /// Host selector for a guest segment register, writing its shadow into
     /// the host LDT when it changed.
     fn shadow(&mut self, seg: SegReg, nullable: bool, user: bool) -> Result<u16, BackendError> {
-        if seg.selector & !3 == 0 && (nullable || !seg.cache.present) {
-            if nullable {
-                return Ok(0);
-            }
+        if seg.selector & !3 == 0 && nullable {
+            return Ok(0);
         }
         let index = shadow_index(seg.selector, user)
             .or(if seg.selector & !3 == 0 { Some(0) } else { None })
@@ -743,10 +741,7 @@ impl BtBackend {
             }
         }
         self.count("reexecuted");
-        let (exit, done) = match self.redirect_and_run(&insn, &mut data) {
-            Ok(r) => r,
-            Err(e) => return Err(e),
-        };
+        let (exit, done) = self.redirect_and_run(&insn, &mut data)?;
         if done && writes {
             let cpu = self.cpu.clone();
             let mut lin_mem = Linear { mmu: &mut self.mmu, mem: &mem };
@@ -952,18 +947,18 @@ impl BtBackend {
 
     fn mmu_effect(&mut self, effect: MmuEffect) -> Result<(), BackendError> {
         let mem = self.mem.clone();
-        let mut phys = Phys(&mem);
+        let phys = Phys(&mem);
         let mut mapper = WindowMapper { window: self.window, mem: &mem };
         match effect {
-            MmuEffect::Cr3 { new } => self.mmu.set_cr3(&mut phys, &mut mapper, new).map_err(failed),
+            MmuEffect::Cr3 { new } => self.mmu.set_cr3(&phys, &mut mapper, new).map_err(failed),
             MmuEffect::Invlpg(lin) => self.mmu.invlpg(&mut mapper, lin).map_err(failed),
             MmuEffect::Cr0 { new, .. } => {
-                self.mmu.set_cr0(&mut phys, &mut mapper, new).map_err(failed)?;
+                self.mmu.set_cr0(&phys, &mut mapper, new).map_err(failed)?;
                 self.revalidate();
                 Ok(())
             }
             MmuEffect::Cr4 { new, .. } => {
-                self.mmu.set_cr4(&mut phys, &mut mapper, new).map_err(failed)?;
+                self.mmu.set_cr4(&phys, &mut mapper, new).map_err(failed)?;
                 self.revalidate();
                 Ok(())
             }
