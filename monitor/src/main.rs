@@ -73,6 +73,12 @@ enum Command {
         #[arg(long)]
         busybox: Option<PathBuf>,
     },
+    /// The built-in guests: list them, or export one as a multiboot ELF so
+    /// other VMMs (QEMU's `-kernel`) run the very same bytes.
+    Guest {
+        #[command(subcommand)]
+        action: GuestAction,
+    },
     /// Measure Popek: one row per figure, optionally as JSON.
     Bench {
         /// Which suite.
@@ -85,6 +91,47 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum GuestAction {
+    /// List the built-in guests.
+    List,
+    /// Write a built-in guest as a multiboot v1 ELF.
+    Export {
+        name: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn guest(action: GuestAction) -> ExitCode {
+    match action {
+        GuestAction::List => {
+            for (name, description) in monitor::guests::list() {
+                println!("{name:<8} {description}");
+            }
+            ExitCode::SUCCESS
+        }
+        GuestAction::Export { name, output } => {
+            let Some(g) = monitor::guests::by_name(&name) else {
+                let known: Vec<&str> = monitor::guests::list().iter().map(|g| g.0).collect();
+                eprintln!("popek: no built-in guest {name:?} (known: {})", known.join(", "));
+                return ExitCode::from(2);
+            };
+            let elf = monitor::guests::export_multiboot(&g);
+            match std::fs::write(&output, &elf) {
+                Ok(()) => {
+                    eprintln!("popek: wrote {} ({} bytes, multiboot ELF)", output.display(), elf.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("popek: cannot write {}: {e}", output.display());
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }
 
 fn init_tracing(verbose: u8) {
@@ -202,6 +249,7 @@ fn main() -> ExitCode {
             run(engine, kernel, initrd, append, mem, backend, stats, log_translations, no_input)
         }
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),
+        Command::Guest { action } => guest(action),
         Command::Bench { suite, json, quick } => match monitor::bench::run_suite(&suite, quick) {
             Ok(rows) => {
                 print!("{}", monitor::bench::to_table(&rows));
