@@ -93,7 +93,10 @@ fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> 
     };
     let image = read(kernel)?;
     let append = opts.append.clone().unwrap_or_default();
-    let state: BootState = if linux::is_bzimage(&image) {
+    // The setup header's magic is enough to pick the Linux loader, which then
+    // says precisely what is wrong with a damaged image (truncated, too old).
+    let looks_linux = image.get(0x202..0x206) == Some(b"HdrS".as_slice());
+    let state: BootState = if looks_linux || linux::is_bzimage(&image) {
         let initrd = opts.initrd.as_deref().map(read).transpose()?;
         let boot = linux::load(mem, &image, &append, initrd.as_deref())?;
         if boot.reservetop_added {
