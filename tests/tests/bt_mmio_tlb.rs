@@ -164,3 +164,21 @@ fn tlb_semantics_invlpg_stale_entries_and_global_pages() {
     // the guest (A clear), the PD entry for 8 MiB was walked (A set).
     assert_ne!(m.read_u32(u64::from(PD) + 8).unwrap() & 0x20, 0, "PDE accessed");
 }
+
+/// A guest without exception handlers: #UD → no gate → #GP → #DF → triple
+/// fault. The run ends with a report of the guest state, not a hang.
+#[test]
+fn triple_fault_ends_the_run_with_the_guest_state() {
+    let code = assemble(CODE, |a| {
+        a.mov(eax, 0xDEAD_BEEFu32)?;
+        a.ud2()
+    });
+    let (_l, mut vm, _out) = machine(&code, None);
+    match vm.run().unwrap() {
+        RunOutcome::TripleFault(state) => {
+            assert!(state.contains("EAX=deadbeef"), "{state}");
+            assert!(state.contains(&format!("EIP={:08x}", CODE + 5)), "the #UD's EIP: {state}");
+        }
+        other => panic!("expected a triple fault, got {other:?}"),
+    }
+}
