@@ -4,6 +4,7 @@
 
 pub mod bt;
 pub mod host;
+pub mod linux;
 pub mod mmu;
 
 use std::fmt::Write as _;
@@ -18,7 +19,7 @@ pub enum BenchError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("the benchmark guest stopped unexpectedly: {0}")]
     UnexpectedExit(String),
-    #[error("unknown suite {0:?} (known: host)")]
+    #[error("unknown suite {0:?} (known: host, bt, mmu, linux)")]
     UnknownSuite(String),
 }
 
@@ -28,6 +29,7 @@ pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
         "host" => host::run(quick),
         "bt" => bt::run(quick),
         "mmu" => mmu::run(quick),
+        "linux" => linux::run(quick),
         other => Err(BenchError::UnknownSuite(other.into())),
     }
 }
