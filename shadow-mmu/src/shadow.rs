@@ -105,6 +105,9 @@ pub struct ShadowMmu {
     pdptes: [u64; 4],
     /// Keyed by guest-virtual page base.
     entries: BTreeMap<u32, ShadowEntry>,
+    /// The non-global subset of `entries`' keys: MOV CR3 drops exactly
+    /// these, without walking the (mostly global) kernel shadows.
+    nonglobal: BTreeSet<u32>,
     /// Guest-physical frame → virtual aliases shadowing it.
     rmap: HashMap<u64, BTreeSet<u32>>,
     /// Large guest pages that have (or had) shadows, for INVLPG.
@@ -144,6 +147,7 @@ impl ShadowMmu {
             regs: PagingRegs::default(),
             pdptes: [0; 4],
             entries: BTreeMap::new(),
+            nonglobal: BTreeSet::new(),
             rmap: HashMap::new(),
             large: BTreeSet::new(),
             code_pages: HashSet::new(),
@@ -336,7 +340,7 @@ impl ShadowMmu {
         }
         if large && new.prot.write && !old.prot.write {
             // Upgrade this page together with its siblings, in few calls.
-            self.entries.insert(page, ShadowEntry { prot: old.prot, ..new });
+            self.put(page, ShadowEntry { prot: old.prot, ..new });
             self.upgrade_large_siblings(mapper, new)?;
             if self.entries[&page].prot == new.prot {
                 return Ok(());
@@ -346,7 +350,7 @@ impl ShadowMmu {
         if current != new.prot {
             self.host_protect(mapper, page, PAGE_SIZE, new.prot)?;
         }
-        self.entries.insert(page, new);
+        self.put(page, new);
         Ok(())
     }
 
@@ -481,7 +485,7 @@ impl ShadowMmu {
         trace!(start, gpa = run[0].gpa, len, ?prot, "mapped shadow run");
         for (i, e) in run.iter().enumerate() {
             let gva = start + PAGE_SIZE * i as u32;
-            if let Some(old) = self.entries.insert(gva, *e) {
+            if let Some(old) = self.put(gva, *e) {
                 self.rmap_remove(old.gpa, gva);
             }
             self.rmap.entry(e.gpa).or_default().insert(gva);
@@ -516,6 +520,16 @@ impl ShadowMmu {
     /// Drops the shadows in `range` that `doomed` selects, unmapping each
     /// span of them that no surviving shadow interrupts in one call (holes
     /// in a span are already unmapped, so covering them is harmless).
+    /// Inserts a shadow entry, keeping the non-global index in step.
+    fn put(&mut self, gva: u32, e: ShadowEntry) -> Option<ShadowEntry> {
+        if e.global {
+            self.nonglobal.remove(&gva);
+        } else {
+            self.nonglobal.insert(gva);
+        }
+        self.entries.insert(gva, e)
+    }
+
     fn drop_where<H: HostMapper + ?Sized>(
         &mut self,
         mapper: &mut H,
@@ -537,12 +551,37 @@ impl ShadowMmu {
             }
             open = true;
         }
+        self.drop_victims(mapper, spans, victims)
+    }
+
+    /// Drops every non-global shadow (MOV CR3 with CR4.PGE), walking only
+    /// those. Unmapped spans never cover a surviving (global) shadow.
+    fn drop_nonglobal<H: HostMapper + ?Sized>(&mut self, mapper: &mut H) -> Result<usize, MmuError> {
+        let mut spans: Vec<(u32, u32)> = Vec::new();
+        let victims: Vec<u32> = self.nonglobal.iter().copied().collect();
+        for &gva in &victims {
+            match spans.last_mut() {
+                // Extend only over adjacent pages: a gap may hold a global shadow.
+                Some((_, last)) if last.wrapping_add(1) == gva => *last = gva + (PAGE_SIZE - 1),
+                _ => spans.push((gva, gva + (PAGE_SIZE - 1))),
+            }
+        }
+        self.drop_victims(mapper, spans, victims)
+    }
+
+    fn drop_victims<H: HostMapper + ?Sized>(
+        &mut self,
+        mapper: &mut H,
+        spans: Vec<(u32, u32)>,
+        victims: Vec<u32>,
+    ) -> Result<usize, MmuError> {
         for &(start, last) in &spans {
             mapper.unmap(start, last - start + 1)?;
             self.stats.host_unmap_calls += 1;
         }
         for &gva in &victims {
             if let Some(e) = self.entries.remove(&gva) {
+                self.nonglobal.remove(&gva);
                 self.rmap_remove(e.gpa, gva);
             }
         }
@@ -578,7 +617,11 @@ impl ShadowMmu {
     }
 
     fn flush<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, keep_global: bool) -> Result<(), MmuError> {
-        let n = self.drop_where(mapper, 0..=u32::MAX, |_, e| !(keep_global && e.global))?;
+        let n = if keep_global {
+            self.drop_nonglobal(mapper)?
+        } else {
+            self.drop_where(mapper, 0..=u32::MAX, |_, _| true)?
+        };
         if !keep_global {
             self.large.clear();
         }
@@ -671,7 +714,7 @@ impl ShadowMmu {
             let e = self.entries[&gva];
             if e.prot.write {
                 self.host_protect(mapper, gva, PAGE_SIZE, e.prot.read_only())?;
-                self.entries.insert(gva, ShadowEntry { prot: e.prot.read_only(), ..e });
+                self.put(gva, ShadowEntry { prot: e.prot.read_only(), ..e });
             }
         }
         Ok(())
@@ -691,7 +734,7 @@ impl ShadowMmu {
             let e = self.entries[&gva];
             if e.write_ok && !e.prot.write {
                 self.host_protect(mapper, gva, PAGE_SIZE, e.prot.writable())?;
-                self.entries.insert(gva, ShadowEntry { prot: e.prot.writable(), ..e });
+                self.put(gva, ShadowEntry { prot: e.prot.writable(), ..e });
             }
         }
         Ok(())
