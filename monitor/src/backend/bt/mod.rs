@@ -95,6 +95,9 @@ pub struct BtBackend {
     want_window: bool,
     /// An MMIO read waiting for its value.
     pending_mmio: Option<PendingMmio>,
+    /// Last translated-mode selectors: (guest segments, LDT-write stamp,
+    /// host selectors, guest GS shadow).
+    tc_segments: Option<([SegReg; 5], u64, Segments, u16)>,
     /// What `run` returns first (the second half of an MMIO access).
     pending_exit: Option<Result<VmExit, BackendError>>,
     /// A kick landed in a committed TC sequence: re-enter the host state
@@ -133,6 +136,7 @@ impl BtBackend {
             want_window: false,
             raw_resume: false,
             pending_mmio: None,
+            tc_segments: None,
             pending_exit: None,
             config,
             stats: BtStats::default(),
@@ -477,26 +481,44 @@ impl BtBackend {
             }
         };
         self.after_translation(&key);
-        let segs = Segments {
-            cs: self.host.vmm_code_selector(),
-            ss: self.shadow(*self.cpu.seg(Seg::Ss), false, false)?,
-            ds: self.shadow(*self.cpu.seg(Seg::Ds), true, false)?,
-            es: self.shadow(*self.cpu.seg(Seg::Es), true, false)?,
-            fs: self.shadow(*self.cpu.seg(Seg::Fs), true, false)?,
-            gs: self.host.vmm_data_selector(),
-        };
-        let guest_gs = self.shadow(*self.cpu.seg(Seg::Gs), true, false)?;
+        let (segs, guest_gs) = self.translated_segments()?;
         self.page_write_u16(page::GUEST_GS_SEL, guest_gs);
         self.page_write_u32(page::VIF, self.cpu.eflags & flags::IF);
         self.page_write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
         self.page_write_u32(page::IRQ_PENDING, u32::from(self.want_window));
         self.page_write_u32(page::POLL, 0);
-        self.host.set_segments(segs).map_err(failed)?;
+        if self.host.segments() != segs {
+            self.host.set_segments(segs).map_err(failed)?;
+        }
         self.load_host_regs(tc);
         let exit = self.run_host(true)?;
         let host_eip = self.save_host_regs();
         self.sync_virtual_flags();
         self.handle_translated_exit(exit, host_eip)
+    }
+
+    /// Host selectors for translated code (and the guest GS shadow for
+    /// GS-prefix rewrites). Callouts come back here constantly with the
+    /// same guest segments: the result is cached until a segment or the
+    /// host LDT changes.
+    fn translated_segments(&mut self) -> Result<(Segments, u16), BackendError> {
+        let regs = [Seg::Ss, Seg::Ds, Seg::Es, Seg::Fs, Seg::Gs].map(|s| *self.cpu.seg(s));
+        if let Some((cached, stamp, segs, gs)) = &self.tc_segments {
+            if *cached == regs && *stamp == self.stats.ldt_writes {
+                return Ok((*segs, *gs));
+            }
+        }
+        let segs = Segments {
+            cs: self.host.vmm_code_selector(),
+            ss: self.shadow(regs[0], false, false)?,
+            ds: self.shadow(regs[1], true, false)?,
+            es: self.shadow(regs[2], true, false)?,
+            fs: self.shadow(regs[3], true, false)?,
+            gs: self.host.vmm_data_selector(),
+        };
+        let guest_gs = self.shadow(regs[4], true, false)?;
+        self.tc_segments = Some((regs, self.stats.ldt_writes, segs, guest_gs));
+        Ok((segs, guest_gs))
     }
 
     /// Virtual IF and IOPL as translated code left them in the vCPU page.
