@@ -118,6 +118,26 @@ fn mangle_one(insn: &DecodedInsn, ctx: &MangleCtx) -> MangledInsn {
     }
 }
 
+/// `push Sreg` (32-bit): push the guest's selector, which the monitor keeps
+/// in the vCPU page, with one flag-free, restartable instruction:
+/// `push dword gs:[guest_sel + 4*sreg]` (65 FF 35 disp32).
+fn push_segment(insn: &DecodedInsn) -> MangledInsn {
+    use iced_x86::Register;
+    let index = match insn.instr.op0_register() {
+        Register::ES => 0,
+        Register::CS => 1,
+        Register::SS => 2,
+        Register::DS => 3,
+        Register::FS => 4,
+        Register::GS => 5,
+        _ => return callout(insn, CalloutKind::Sensitive(Sensitive::PushSeg), !insn.class.ends_block),
+    };
+    let disp = crate::vmm_area::vcpu::GUEST_SEL + 4 * index;
+    let mut bytes = vec![0x65, 0xFF, 0x35];
+    bytes.extend_from_slice(&disp.to_le_bytes());
+    rewritten(insn, vec![Op::Copy { bytes, gs: false }])
+}
+
 fn rewritten(insn: &DecodedInsn, ops: Vec<Op>) -> MangledInsn {
     MangledInsn { insn: insn.clone(), disposition: Disposition::Rewritten, ops }
 }
@@ -210,6 +230,7 @@ fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx) -> Mangle
         Sensitive::Popf if ring0 && ctx.inline_flags && flat_stack => {
             rewritten(insn, vec![Op::Popf, Op::IrqCheck { check_vif: true }])
         }
+        Sensitive::PushSeg if flat_stack => push_segment(insn),
         _ => callout(insn, CalloutKind::Sensitive(s), !insn.class.ends_block),
     }
 }

@@ -67,6 +67,10 @@ pub struct VcpuPage {
     /// Indirect-lookup hits, counted by the indirect entry prologues when
     /// `Config::count_indirect_hits` is on (wraps).
     pub indirect_hits: u32,
+    /// The guest's segment selectors (ES, CS, SS, DS, FS, GS; CS and SS
+    /// with the virtual RPL), written by the monitor at every entry into
+    /// the TC: `push Sreg` becomes `push dword gs:[guest_sel + 4*sreg]`.
+    pub guest_sel: [u32; 6],
 }
 
 /// Offsets of [`VcpuPage`] fields from the VMM area base (`GS`-relative).
@@ -83,6 +87,7 @@ pub mod vcpu {
     pub const VMM_GS_SEL: u32 = VCPU_PAGE + offset_of!(VcpuPage, vmm_gs_sel) as u32;
     pub const VIOPL: u32 = VCPU_PAGE + offset_of!(VcpuPage, viopl) as u32;
     pub const INDIRECT_HITS: u32 = VCPU_PAGE + offset_of!(VcpuPage, indirect_hits) as u32;
+    pub const GUEST_SEL: u32 = VCPU_PAGE + offset_of!(VcpuPage, guest_sel) as u32;
 
     /// Offset of scratch slot `slot`.
     pub const fn scratch(slot: u8) -> u32 {

@@ -124,6 +124,12 @@ fn sensitive_instructions_see_virtual_state() {
         a.cpuid()?;
         a.mov(eax, ebx)?;
         a.out(0x80, eax)?;
+        a.push(cs)?; // inline: the guest's selector from the vCPU page
+        a.pop(eax)?;
+        a.out(0x80, eax)?;
+        a.push(ss)?;
+        a.pop(eax)?;
+        a.out(0x80, eax)?;
         a.out(0xF4, al)
     });
     k.run();
@@ -136,6 +142,8 @@ fn sensitive_instructions_see_virtual_state() {
     assert_eq!(v[5] & 0xFF, 0x5A, "IN reached the port bus");
     assert_eq!(v[6], k.bt.cpu().gdtr.base);
     assert_eq!(v[7], u32::from_le_bytes(*b"Genu"), "CPUID follows the policy");
+    assert_eq!(v[8], 0x08, "push cs pushes the guest's CS");
+    assert_eq!(v[9], 0x10, "push ss pushes the guest's SS");
 }
 
 const GDT: u32 = 0x1000;

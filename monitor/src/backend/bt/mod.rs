@@ -483,6 +483,10 @@ impl BtBackend {
         self.after_translation(&key);
         let (segs, guest_gs) = self.translated_segments()?;
         self.page_write_u16(page::GUEST_GS_SEL, guest_gs);
+        for (i, sreg) in Seg::ALL.iter().enumerate() {
+            let sel = u32::from(self.cpu.seg(*sreg).selector);
+            self.page_write_u32(page::GUEST_SEL + 4 * i as u32, sel);
+        }
         self.page_write_u32(page::VIF, self.cpu.eflags & flags::IF);
         self.page_write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
         self.page_write_u32(page::IRQ_PENDING, u32::from(self.want_window));
