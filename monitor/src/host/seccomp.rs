@@ -4,6 +4,10 @@
 //! architecture is i386 into SIGSYS (the call is not executed), which the
 //! signal handler reports as a system-call exit. The monitor itself only
 //! makes x86-64 system calls, which the filter allows.
+//!
+//! The filter is inherited by threads and processes the vCPU thread
+//! creates: an i386 program started from it dies of SIGSYS. Start such
+//! helpers (e.g. a native benchmark run) from another thread.
 
 use std::cell::Cell;
 
