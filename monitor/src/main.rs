@@ -90,6 +90,12 @@ enum Command {
         /// Shorter runs (less precise).
         #[arg(long)]
         quick: bool,
+        /// Backends to compare, comma-separated (suite nano): bt, kvm, qemu.
+        #[arg(long, value_delimiter = ',', default_value = "bt,kvm,qemu")]
+        backends: Vec<String>,
+        /// Also draw the results as a log-scale SVG bar chart (suite nano).
+        #[arg(long)]
+        svg: Option<PathBuf>,
     },
 }
 
@@ -250,21 +256,34 @@ fn main() -> ExitCode {
         }
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),
         Command::Guest { action } => guest(action),
-        Command::Bench { suite, json, quick } => match monitor::bench::run_suite(&suite, quick) {
-            Ok(rows) => {
-                print!("{}", monitor::bench::to_table(&rows));
-                if let Some(path) = json {
-                    if let Err(e) = std::fs::write(&path, monitor::bench::to_json(&rows)) {
-                        eprintln!("popek: cannot write {}: {e}", path.display());
-                        return ExitCode::from(1);
-                    }
+        Command::Bench { suite, json, quick, backends, svg } => {
+            let result = if suite == "nano" {
+                let opts = monitor::bench::nano::Options { quick, backends, svg };
+                monitor::bench::nano::run_with(&opts).map(|report| {
+                    print!("{}", monitor::bench::nano::to_matrix(&report));
+                    report.rows
+                })
+            } else {
+                if svg.is_some() {
+                    eprintln!("popek: --svg is for --suite nano; ignored");
                 }
-                ExitCode::SUCCESS
+                monitor::bench::run_suite(&suite, quick).inspect(|rows| print!("{}", monitor::bench::to_table(rows)))
+            };
+            match result {
+                Ok(rows) => {
+                    if let Some(path) = json {
+                        if let Err(e) = std::fs::write(&path, monitor::bench::to_json(&rows)) {
+                            eprintln!("popek: cannot write {}: {e}", path.display());
+                            return ExitCode::from(1);
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("popek: bench failed: {e}");
+                    ExitCode::from(1)
+                }
             }
-            Err(e) => {
-                eprintln!("popek: bench failed: {e}");
-                ExitCode::from(1)
-            }
-        },
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod bt;
 pub mod host;
 pub mod linux;
 pub mod mmu;
+pub mod nano;
 
 use std::fmt::Write as _;
 
@@ -19,7 +20,7 @@ pub enum BenchError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("the benchmark guest stopped unexpectedly: {0}")]
     UnexpectedExit(String),
-    #[error("unknown suite {0:?} (known: host, bt, mmu, linux)")]
+    #[error("unknown suite {0:?} (known: host, bt, mmu, linux, nano)")]
     UnknownSuite(String),
 }
 
@@ -30,6 +31,7 @@ pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
         "bt" => bt::run(quick),
         "mmu" => mmu::run(quick),
         "linux" => linux::run(quick),
+        "nano" => nano::run(quick),
         other => Err(BenchError::UnknownSuite(other.into())),
     }
 }

@@ -1,0 +1,546 @@
+//! `popek bench --suite nano`: the built-in `nano` guest
+//! ([`crate::guests::nano`]) on each backend, Adams & Agesen style: the
+//! same bytes measure syscall, in, call_ret, pgfault, divzero, ptemod, cr3,
+//! cli_sti, popf and compute in guest TSC cycles per iteration.
+//!
+//! - `bt`: `BtBackend` under the real platform and run loop (`Vm`);
+//! - `kvm`: `KvmBackend`, after two probes: `kvm::measure_speed()` (an
+//!   emulator below [`kvm::is_hardware_speed`] would take hours) and
+//!   `kvm::supports_32bit_paging()` (the guest turns paging on). When either
+//!   says no, or /dev/kvm is missing, the column is skipped with the reason;
+//! - `qemu`: `qemu-system-i386` (TCG) loading the exported multiboot ELF with
+//!   `-kernel` and isa-debug-exit at 0xf4, its serial console on a pipe.
+//!
+//! Every `NANO <row> <cycles> cycles` line becomes a row
+//! `{suite: "nano", name: <row>, backend, value: <cycles>, unit: "cycles"}`.
+//! [`to_matrix`] prints benchmarks × backends with the ratio to the fastest
+//! backend of each row; [`to_svg`] draws the same as a log-scale bar chart.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{BenchError, Row};
+use crate::backend::bt::{BtBackend, BtConfig};
+use crate::backend::kvm::{self, KvmBackend};
+use crate::backend::{Backend, BackendError};
+use crate::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
+use crate::guests::{self, nano::ROWS, Guest};
+use crate::memory::GuestMemory;
+use crate::vm::{RunOutcome, Vm};
+
+/// The backends of a default run, in column order.
+pub const DEFAULT_BACKENDS: [&str; 3] = ["bt", "kvm", "qemu"];
+/// Iterations per row: a full run and `--quick`.
+pub const ITERATIONS_FULL: u32 = guests::nano::DEFAULT_ITERATIONS;
+pub const ITERATIONS_QUICK: u32 = 2_000;
+/// Guest RAM for the bt and kvm runs.
+const RAM: u64 = 16 << 20;
+
+/// What `popek bench --suite nano` was asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub quick: bool,
+    /// Backends, in column order: `bt`, `kvm`, `qemu`.
+    pub backends: Vec<String>,
+    /// Where to write the SVG chart, if anywhere.
+    pub svg: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { quick: false, backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect(), svg: None }
+    }
+}
+
+/// The result of a run: the rows, and for each backend that could not run
+/// the guest, why.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub backends: Vec<String>,
+    pub rows: Vec<Row>,
+    pub skipped: Vec<(String, String)>,
+}
+
+fn fail(msg: String) -> BenchError {
+    BenchError::UnexpectedExit(format!("nano suite: {msg}"))
+}
+
+/// Why a backend produced no rows: skipped (reported, not an error).
+enum Outcome {
+    Rows(Vec<Row>),
+    Skipped(String),
+}
+
+/// Runs the suite with the defaults (`bt,kvm,qemu`): `run_suite("nano")`.
+pub fn run(quick: bool) -> Result<Vec<Row>, BenchError> {
+    Ok(run_with(&Options { quick, ..Options::default() })?.rows)
+}
+
+/// Runs the nano guest on every requested backend. Prints
+/// `<backend>: skipped: <reason>` for a backend that cannot run it; writes
+/// the SVG if asked.
+pub fn run_with(opts: &Options) -> Result<Report, BenchError> {
+    if let Some(b) = opts.backends.iter().find(|b| !DEFAULT_BACKENDS.contains(&b.as_str())) {
+        return Err(fail(format!("unknown backend {b:?} (known: bt, kvm, qemu)")));
+    }
+    let iterations = if opts.quick { ITERATIONS_QUICK } else { ITERATIONS_FULL };
+    let g = guests::nano::guest(iterations);
+    println!("nano: {iterations} iterations per row, backends {}", opts.backends.join(","));
+    let mut report = Report { backends: opts.backends.clone(), ..Report::default() };
+    for b in &opts.backends {
+        let outcome = match b.as_str() {
+            "bt" => run_bt(&g, timeout(opts.quick))?,
+            "kvm" => run_kvm(&g, timeout(opts.quick))?,
+            "qemu" => run_qemu(&g, timeout(opts.quick))?,
+            other => return Err(fail(format!("unknown backend {other:?} (known: bt, kvm, qemu)"))),
+        };
+        match outcome {
+            Outcome::Rows(r) => report.rows.extend(r),
+            Outcome::Skipped(reason) => {
+                println!("{b}: skipped: {reason}");
+                report.skipped.push((b.clone(), reason));
+            }
+        }
+    }
+    if let Some(path) = &opts.svg {
+        std::fs::write(path, to_svg(&report)).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+        println!("nano: wrote {}", path.display());
+    }
+    Ok(report)
+}
+
+fn timeout(quick: bool) -> Duration {
+    Duration::from_secs(if quick { 120 } else { 900 })
+}
+
+/// `NANO <name> <value> cycles` lines of the guest's console as rows.
+pub fn parse(out: &str, backend: &str) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for name in ROWS {
+        let line = out
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .find(|l| l.split(' ').nth(1) == Some(name) && l.starts_with("NANO "))
+            .ok_or_else(|| format!("no `NANO {name} <cycles> cycles` line"))?;
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let value = match w.as_slice() {
+            ["NANO", _, v, "cycles"] => v.parse::<f64>().map_err(|e| format!("{line:?}: {e}"))?,
+            _ => return Err(format!("malformed line {line:?}")),
+        };
+        rows.push(Row::new("nano", name, backend, value, "cycles"));
+    }
+    Ok(rows)
+}
+
+/// A console sink that keeps everything.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).replace('\r', "")
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let l: Vec<&str> = s.lines().collect();
+    l[l.len().saturating_sub(n)..].join("\n")
+}
+
+type MakeBackend = Box<dyn FnOnce(Arc<GuestMemory>) -> Result<Box<dyn Backend>, BackendError> + Send>;
+
+/// Runs `g` through `Vm` on a thread of its own (the vCPU thread's seccomp
+/// filter and signal handling stay there), with the console captured.
+fn run_vm(g: &Guest, backend: &str, timeout: Duration, make: MakeBackend) -> Result<String, BenchError> {
+    let mem = Arc::new(GuestMemory::new(RAM.max(g.memory_needed()))?);
+    mem.write(u64::from(g.load_addr), &g.image)?;
+    let out = Capture::default();
+    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
+    let platform = Platform::new(PlatformConfig {
+        ram_size: mem.size(),
+        console: Box::new(out.clone()),
+        clock: clock.clone(),
+        wall_clock: Arc::new(HostWallClock),
+    })
+    .map_err(|e| fail(format!("platform: {e}")))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("nano-{backend}"))
+        .stack_size(16 << 20)
+        .spawn(move || {
+            let r = make(mem.clone()).map_err(|e| e.to_string()).and_then(|be| {
+                let mut vm = Vm::new(mem, platform, be, clock);
+                vm.run().map_err(|e| e.to_string())
+            });
+            let _ = tx.send(r);
+        })
+        .map_err(|e| fail(format!("cannot start the vCPU thread: {e}")))?;
+    let start = Instant::now();
+    let outcome = match rx.recv_timeout(timeout) {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return Err(fail(format!("{backend}: run failed: {e}\n{}", tail(&out.text(), 20)))),
+        // The thread is left behind (it cannot be cancelled); the process
+        // is about to report the error and exit.
+        Err(_) => {
+            return Err(fail(format!("{backend}: no exit in {timeout:?}; output so far:\n{}", tail(&out.text(), 20))))
+        }
+    };
+    let text = out.text();
+    if outcome != RunOutcome::DebugExit(1) {
+        return Err(fail(format!("{backend}: the guest ended with {outcome}, not exit 0:\n{}", tail(&text, 20))));
+    }
+    tracing::info!(backend, secs = start.elapsed().as_secs_f64(), "nano run");
+    Ok(text)
+}
+
+fn run_bt(g: &Guest, timeout: Duration) -> Result<Outcome, BenchError> {
+    let cpu = g.entry_cpu();
+    let text = run_vm(
+        g,
+        "bt",
+        timeout,
+        Box::new(move |mem| Ok(Box::new(BtBackend::new(mem, cpu, BtConfig::default())?) as Box<dyn Backend>)),
+    )?;
+    Ok(Outcome::Rows(parse(&text, "bt").map_err(|e| fail(format!("bt: {e}\n{}", tail(&text, 20))))?))
+}
+
+/// Whether KVM can run the nano guest here; `Err(reason)` if not.
+pub fn kvm_usable() -> Result<(), String> {
+    let speed = match kvm::measure_speed() {
+        Ok(s) => s,
+        Err(e @ BackendError::Unavailable(..)) => return Err(e.to_string()),
+        Err(e) => return Err(format!("the KVM speed probe failed: {e}")),
+    };
+    let mut why = Vec::new();
+    match kvm::supports_32bit_paging() {
+        Ok(true) => {}
+        Ok(false) => why.push(
+            "32-bit paging refused (mov cr0 with PG raises #GP: PVM-backed /dev/kvm), and the nano guest enables paging"
+                .to_owned(),
+        ),
+        Err(e) => why.push(format!("the 32-bit paging probe failed: {e}")),
+    }
+    if !kvm::is_hardware_speed(speed) {
+        why.push(format!(
+            "/dev/kvm runs 32-bit code at {:.2} M instructions/s (an emulator; hardware gives >= 100 M/s)",
+            speed / 1e6
+        ));
+    }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why.join("; "))
+    }
+}
+
+fn run_kvm(g: &Guest, timeout: Duration) -> Result<Outcome, BenchError> {
+    // The probes run KVM guests too: on a thread of their own.
+    let probe = std::thread::spawn(kvm_usable).join().map_err(|_| fail("the KVM probe panicked".into()))?;
+    if let Err(reason) = probe {
+        return Ok(Outcome::Skipped(reason));
+    }
+    let cpu = g.entry_cpu();
+    let text =
+        run_vm(g, "kvm", timeout, Box::new(move |mem| Ok(Box::new(KvmBackend::new(&mem, &cpu)?) as Box<dyn Backend>)))?;
+    Ok(Outcome::Rows(parse(&text, "kvm").map_err(|e| fail(format!("kvm: {e}\n{}", tail(&text, 20))))?))
+}
+
+/// Where QEMU is, if installed (searches `PATH`).
+pub fn find_qemu() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join("qemu-system-i386")).find(|p| p.is_file())
+}
+
+fn run_qemu(g: &Guest, timeout: Duration) -> Result<Outcome, BenchError> {
+    let Some(qemu) = find_qemu() else {
+        return Ok(Outcome::Skipped("qemu-system-i386 is not on PATH (apt-get install qemu-system-x86)".into()));
+    };
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let elf = std::env::temp_dir().join(format!("popek-nano-{}-{seq}.elf", std::process::id()));
+    std::fs::write(&elf, guests::export_multiboot(g))
+        .map_err(|e| fail(format!("cannot write {}: {e}", elf.display())))?;
+    let r = qemu_output(&qemu, &elf, timeout);
+    let _ = std::fs::remove_file(&elf);
+    let text = r?;
+    Ok(Outcome::Rows(parse(&text, "qemu").map_err(|e| fail(format!("qemu: {e}\n{}", tail(&text, 20))))?))
+}
+
+fn qemu_output(qemu: &std::path::Path, elf: &std::path::Path, timeout: Duration) -> Result<String, BenchError> {
+    let mut child = Command::new(qemu)
+        .args(["-machine", "pc", "-accel", "tcg", "-m", "32", "-display", "none", "-no-reboot"])
+        .args(["-serial", "stdio", "-monitor", "none", "-parallel", "none"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-kernel")
+        .arg(elf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", qemu.display())))?;
+    // Drain the pipes on threads so a chatty QEMU cannot block on them.
+    let mut so = child.stdout.take().expect("piped stdout");
+    let mut se = child.stderr.take().expect("piped stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| fail(format!("waiting for QEMU: {e}")))? {
+            break Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).replace('\r', "");
+    let err = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    match status {
+        None => Err(fail(format!("qemu: no exit in {timeout:?}; output so far:\n{}", tail(&out, 20)))),
+        // isa-debug-exit with 0 makes QEMU exit with (0 << 1) | 1.
+        Some(s) if s.code() == Some(1) => Ok(out),
+        Some(s) => Err(fail(format!("qemu ended with {s}, not the guest's exit 0:\n{}\n{err}", tail(&out, 20)))),
+    }
+}
+
+// ---- presentation --------------------------------------------------------------
+
+/// The value of `name` on `backend`, if measured.
+fn value(rows: &[Row], name: &str, backend: &str) -> Option<f64> {
+    rows.iter().find(|r| r.name == name && r.backend == backend).map(|r| r.value)
+}
+
+/// The smallest positive value of a row across backends.
+fn fastest(rows: &[Row], name: &str) -> Option<f64> {
+    rows.iter().filter(|r| r.name == name && r.value > 0.0).map(|r| r.value).min_by(|a, b| a.total_cmp(b))
+}
+
+/// The table of the paper: benchmarks × backends, each cell cycles and the
+/// ratio to the fastest backend of that row; skipped backends as notes.
+pub fn to_matrix(report: &Report) -> String {
+    let cols = &report.backends;
+    let note = |b: &str| report.skipped.iter().position(|(s, _)| s == b);
+    let mut o = format!("{:<10}", "cycles");
+    for b in cols {
+        let head = match note(b) {
+            Some(i) => format!("{b} [{}]", i + 1),
+            None => b.clone(),
+        };
+        let _ = write!(o, " {head:>20}");
+    }
+    o.push('\n');
+    for name in ROWS {
+        let _ = write!(o, "{name:<10}");
+        let best = fastest(&report.rows, name);
+        for b in cols {
+            let cell = match (value(&report.rows, name, b), best) {
+                (Some(v), Some(f)) => format!("{v:.0} (×{:.2})", v / f),
+                (Some(v), None) => format!("{v:.0}"),
+                (None, _) if note(b).is_some() => "skipped".to_owned(),
+                (None, _) => "-".to_owned(),
+            };
+            let _ = write!(o, " {cell:>20}");
+        }
+        o.push('\n');
+    }
+    for (i, (b, why)) in report.skipped.iter().enumerate() {
+        let _ = writeln!(o, "[{}] {b}: skipped: {why}", i + 1);
+    }
+    o
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Bar colours per backend column.
+const COLOURS: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+
+/// A self-contained log-scale grouped bar chart: one group per benchmark,
+/// one `<rect class="bar">` per measured value, a legend (skipped backends
+/// with their reason), axis labels and a gridline per power of ten.
+pub fn to_svg(report: &Report) -> String {
+    let measured: Vec<&String> =
+        report.backends.iter().filter(|b| report.rows.iter().any(|r| &r.backend == *b)).collect();
+    let (w, h) = (960.0f64, 520.0f64);
+    let (left, right, top, bottom) = (80.0, 20.0, 50.0, 110.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    // Log axis from the power of ten at or below the smallest value (at
+    // least 1 cycle) to the one at or above the largest.
+    let vals: Vec<f64> = report.rows.iter().map(|r| r.value.max(1.0)).collect();
+    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).log10().floor().clamp(0.0, 12.0);
+    let hi = vals.iter().copied().fold(1.0, f64::max).log10().ceil().max(lo + 1.0);
+    let (lo, hi) = if vals.is_empty() { (0.0, 1.0) } else { (lo, hi) };
+    let y = |v: f64| top + ph * (1.0 - (v.max(1.0).log10() - lo) / (hi - lo));
+
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(o, r#"<title>popek bench --suite nano: TSC cycles per iteration (log scale)</title>"#);
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">nano: guest TSC cycles per operation, lower is better (log scale)</text>"#,
+        w / 2.0
+    );
+    // Gridlines and labels, one per power of ten.
+    for p in lo as i32..=hi as i32 {
+        let yy = y(10f64.powi(p));
+        let _ = writeln!(
+            o,
+            r##"<line x1="{left}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ccc" stroke-width="1"/>"##,
+            left + pw
+        );
+        let label = if p <= 6 { format!("{}", 10u64.pow(p as u32)) } else { format!("1e{p}") };
+        let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#, left - 6.0, yy + 4.0);
+    }
+    let _ = writeln!(
+        o,
+        r#"<text transform="translate(18,{:.1}) rotate(-90)" text-anchor="middle">cycles per iteration</text>"#,
+        top + ph / 2.0
+    );
+    let _ = writeln!(
+        o,
+        r##"<line x1="{left}" y1="{top}" x2="{left}" y2="{:.1}" stroke="#000"/><line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#000"/>"##,
+        top + ph,
+        top + ph,
+        left + pw,
+        top + ph
+    );
+    // Bars.
+    let group = pw / ROWS.len() as f64;
+    let n = measured.len().max(1) as f64;
+    let bw = group * 0.8 / n;
+    for (gi, name) in ROWS.iter().enumerate() {
+        let gx = left + group * gi as f64 + group * 0.1;
+        for (bi, b) in measured.iter().enumerate() {
+            let Some(v) = value(&report.rows, name, b) else { continue };
+            let (x, yy) = (gx + bw * bi as f64, y(v));
+            let _ = writeln!(
+                o,
+                r#"<rect class="bar" x="{x:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} on {}: {v} cycles</title></rect>"#,
+                (bw - 1.0).max(1.0),
+                (top + ph - yy).max(0.0),
+                COLOURS[report.backends.iter().position(|c| c == *b).unwrap_or(0) % COLOURS.len()],
+                xml(name),
+                xml(b)
+            );
+        }
+        let _ = writeln!(
+            o,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            left + group * (gi as f64 + 0.5),
+            top + ph + 16.0,
+            xml(name)
+        );
+    }
+    let _ = writeln!(
+        o,
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">benchmark</text>"#,
+        left + pw / 2.0,
+        top + ph + 34.0
+    );
+    // Legend: measured backends as swatches, skipped ones with the reason.
+    let mut ly = top + ph + 56.0;
+    let mut lx = left;
+    for b in &measured {
+        let c = COLOURS[report.backends.iter().position(|x| x == *b).unwrap_or(0) % COLOURS.len()];
+        let _ = writeln!(
+            o,
+            r#"<rect class="swatch" x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{c}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
+            ly - 10.0,
+            lx + 16.0,
+            xml(b)
+        );
+        lx += 90.0;
+    }
+    for (b, why) in &report.skipped {
+        // The reason, word-wrapped to the chart's width.
+        let mut lines = vec![format!("{b}: skipped:")];
+        for word in why.split_whitespace() {
+            let last = lines.last_mut().expect("one line");
+            if last.chars().count() + word.len() > 130 {
+                lines.push(word.to_owned());
+            } else {
+                last.push(' ');
+                last.push_str(word);
+            }
+        }
+        for l in lines {
+            ly += 16.0;
+            let _ = writeln!(o, r##"<text x="{left}" y="{ly:.1}" fill="#555">{}</text>"##, xml(&l));
+        }
+    }
+    o.push_str("</svg>\n");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(scale: u64) -> String {
+        let mut s = String::from("nano: TSC cycles per iteration, 10 iterations per row after a warm-up\r\n");
+        for (i, r) in ROWS.iter().enumerate() {
+            let _ = write!(s, "NANO {r} {} cycles\r\n", (i as u64 + 1) * scale);
+        }
+        s + "nano: done\n"
+    }
+
+    #[test]
+    fn parses_every_row() {
+        let rows = parse(&lines(10), "bt").unwrap();
+        assert_eq!(rows.len(), ROWS.len());
+        assert_eq!(rows[0], Row::new("nano", "syscall", "bt", 10.0, "cycles"));
+        assert_eq!(rows[9].value, 100.0);
+        assert!(parse("NANO syscall 5 cycles\n", "bt").is_err());
+        assert!(parse(&lines(1).replace("NANO in 2 cycles", "NANO in x cycles"), "bt").is_err());
+    }
+
+    #[test]
+    fn matrix_and_svg() {
+        let mut rows = parse(&lines(10), "bt").unwrap();
+        rows.extend(parse(&lines(1000), "qemu").unwrap());
+        let report = Report {
+            backends: vec!["bt".into(), "kvm".into(), "qemu".into()],
+            rows,
+            skipped: vec![("kvm".into(), "no <kvm> here".into())],
+        };
+        let t = to_matrix(&report);
+        assert!(t.contains("kvm [1]"), "{t}");
+        assert!(t.contains("10 (×1.00)"), "{t}");
+        assert!(t.contains("1000 (×100.00)"), "{t}");
+        assert!(t.contains("[1] kvm: skipped: no <kvm> here"), "{t}");
+        let svg = to_svg(&report);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<rect class=\"bar\"").count(), 2 * ROWS.len());
+        assert!(svg.contains("no &lt;kvm&gt; here"));
+    }
+}
