@@ -167,3 +167,21 @@ pub fn print_serial(a: &mut CodeAssembler, s: &[u8]) -> Result<(), iced_x86::Ice
     }
     Ok(())
 }
+
+/// The PC platform on the host's clocks with its console captured, for a
+/// machine with `ram_size` bytes of RAM.
+pub fn captured_platform(
+    ram_size: u64,
+) -> (monitor::devices::Platform, Capture, std::sync::Arc<dyn monitor::devices::Clock>) {
+    use monitor::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
+    let out = Capture::default();
+    let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(HostClock::new());
+    let platform = Platform::new(PlatformConfig {
+        ram_size,
+        console: Box::new(out.clone()),
+        clock: clock.clone(),
+        wall_clock: std::sync::Arc::new(HostWallClock),
+    })
+    .expect("platform");
+    (platform, out, clock)
+}

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use iced_x86::code_asm::*;
 use monitor::backend::bt::{BtBackend, BtConfig};
 use monitor::cpu::Cpu;
-use monitor::devices::{Clock, HostClock, HostWallClock, MmioDevice, Platform, PlatformConfig};
+use monitor::devices::MmioDevice;
 use monitor::memory::GuestMemory;
 use monitor::vm::{RunOutcome, Vm};
 use popek_tests::*;
@@ -39,15 +39,7 @@ fn machine(code: &[u8], device: Option<Arc<Mutex<Recorder>>>) -> (std::sync::Mut
     cpu.eip = CODE;
     cpu.gpr[4] = STACK_TOP;
     flat_tables(&mem, &mut cpu, &[], STACK_TOP);
-    let out = Capture::default();
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let mut platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(out.clone()),
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })
-    .unwrap();
+    let (mut platform, out, clock) = captured_platform(mem.size());
     if let Some(d) = device {
         platform.register_mmio("recorder", u64::from(MMIO), 0x1000, d).unwrap();
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use iced_x86::code_asm::*;
 use monitor::backend::bt::{BtBackend, BtConfig};
 use monitor::cpu::Cpu;
-use monitor::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
+
 use monitor::memory::GuestMemory;
 use monitor::vm::{RunOutcome, Vm};
 use popek_tests::*;
@@ -131,15 +131,7 @@ fn user_task_with_system_calls_and_demand_paging() {
     cpu.eip = CODE;
     cpu.gpr[4] = STACK_TOP;
     flat_tables(&mem, &mut cpu, &[], STACK_TOP);
-    let out = Capture::default();
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(out.clone()),
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })
-    .unwrap();
+    let (platform, out, clock) = captured_platform(mem.size());
     let bt = BtBackend::new(mem.clone(), cpu, BtConfig::default()).unwrap();
     let mut vm = Vm::new(mem.clone(), platform, Box::new(bt), clock);
     let r = vm.run().unwrap();

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use monitor::backend::bt::{BtBackend, BtConfig};
 use monitor::backend::kvm::{self, KvmBackend};
 use monitor::backend::BackendError;
-use monitor::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
+
 use monitor::guests::{self, Guest};
 use monitor::memory::GuestMemory;
 use monitor::vm::{RunOutcome, Vm};
-use popek_tests::Capture;
+use popek_tests::captured_platform;
 
 /// Iterations per nano row in these tests: /dev/kvm here emulates.
 const NANO_ITERATIONS: u32 = 64;
@@ -38,15 +38,7 @@ fn run_machine(
     timeout: Duration,
     make: impl FnOnce(Arc<GuestMemory>) -> Box<dyn monitor::backend::Backend> + Send + 'static,
 ) -> (RunOutcome, String) {
-    let out = Capture::default();
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(out.clone()),
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })
-    .unwrap();
+    let (platform, out, clock) = captured_platform(mem.size());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let backend = make(mem.clone());
@@ -91,15 +83,7 @@ fn run_on_kvm(g: &Guest, timeout: Duration) -> Option<(RunOutcome, String)> {
         }
         Err(e) => panic!("KVM is present but the backend failed: {e}"),
     };
-    let out = Capture::default();
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(out.clone()),
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })
-    .unwrap();
+    let (platform, out, clock) = captured_platform(mem.size());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut vm = Vm::new(mem, platform, Box::new(backend), clock);

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use monitor::backend::bt::{BtBackend, BtConfig};
-use monitor::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
+
 use monitor::loader::{initramfs, linux};
 use monitor::memory::GuestMemory;
 use monitor::vm::{RunOutcome, Vm};
-use popek_tests::{vm_lock, Capture};
+use popek_tests::{captured_platform, vm_lock, Capture};
 
 fn guests() -> Option<(PathBuf, PathBuf)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/guests/linux-686");
@@ -35,15 +35,7 @@ fn boot(script: &str) -> Option<(Vm, Capture)> {
     let image = std::fs::read(kernel).unwrap();
     let boot = linux::load(&mem, &image, "console=ttyS0 panic=-1 quiet", Some(&initrd)).unwrap();
     assert!(boot.reservetop_added, "the loader reserves the VMM area in the guest");
-    let out = Capture::default();
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(out.clone()),
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })
-    .unwrap();
+    let (platform, out, clock) = captured_platform(mem.size());
     let bt = BtBackend::new(mem.clone(), boot.state.to_cpu(), BtConfig::default()).unwrap();
     Some((Vm::new(mem, platform, Box::new(bt), clock), out))
 }

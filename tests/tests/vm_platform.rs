@@ -6,7 +6,7 @@ use std::sync::Arc;
 use iced_x86::code_asm::*;
 use monitor::backend::bt::{BtBackend, BtConfig};
 use monitor::cpu::Cpu;
-use monitor::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
+
 use monitor::memory::GuestMemory;
 use monitor::vm::{RunOutcome, Vm};
 use popek_tests::*;
@@ -21,15 +21,7 @@ fn machine(code: &[u8], gates: &[(u8, u32, u8)]) -> (std::sync::MutexGuard<'stat
     cpu.eip = CODE;
     cpu.gpr[4] = STACK_TOP;
     flat_tables(&mem, &mut cpu, gates, STACK_TOP);
-    let out = Capture::default();
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(out.clone()),
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })
-    .unwrap();
+    let (platform, out, clock) = captured_platform(mem.size());
     let bt = BtBackend::new(mem.clone(), cpu, BtConfig::default()).unwrap();
     (lock, Vm::new(mem, platform, Box::new(bt), clock), out)
 }
