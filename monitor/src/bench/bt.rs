@@ -140,23 +140,6 @@ const RAM: u64 = 16 << 20;
 const NATIVE: u32 = 0x4000_0000;
 const NATIVE_LEN: u32 = 0x1_0000;
 
-/// The host suite's compute loop, byte for byte (`host.rs` `compute_code`):
-/// `ecx` iterations of an LCG and a rotate-xor, then `ret`.
-fn compute_code() -> Vec<u8> {
-    vec![
-        0xB8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
-        0xBE, 0x78, 0x56, 0x34, 0x12, // mov esi, 0x12345678
-        // loop:
-        0x69, 0xC0, 0xCD, 0x0D, 0x01, 0x00, // imul eax, eax, 69069
-        0x40, // inc eax
-        0xC1, 0xC6, 0x03, // rol esi, 3
-        0x31, 0xC6, // xor esi, eax
-        0x49, // dec ecx
-        0x75, 0xF1, // jnz loop
-        0xC3, // ret
-    ]
-}
-
 /// Entry points of the kernel guest (each runs `ecx` iterations, then
 /// `out 0xf4, al`).
 struct Entries {
@@ -174,7 +157,7 @@ fn kernel(mem: &GuestMemory) -> Result<Entries, BenchError> {
     let compute = a.here();
     a.call(CODE + 0x100).out_al(0xF4);
     a.buf.resize(0x100, 0x90);
-    a.bytes(&compute_code());
+    a.bytes(&super::host::compute_code());
     a.buf.resize(0x200, 0x90);
     // A tiny function for the call/ret loop.
     let f = a.here();
@@ -266,7 +249,7 @@ impl Native {
         let mem = GuestMemory::new(2 << 20)?; // the smallest guest RAM; only NATIVE_LEN is mapped
                                               // +0: call compute; retf    +0x100: compute (as host.rs lays it out)
         mem.write(0, &[0xE8, 0xFB, 0x00, 0x00, 0x00, 0xCB])?;
-        mem.write(0x100, &compute_code())?;
+        mem.write(0x100, &super::host::compute_code())?;
         window.map(NATIVE, &mem, 0, NATIVE_LEN, Prot::RWX)?;
         Ok(Native { window, _mem: mem })
     }

@@ -23,8 +23,8 @@ const STACK: u32 = 0x30_0000;
 
 /// The compute loop: `ecx` iterations of an LCG and a rotate-xor, then `ret`
 /// (called by a `call` stub that ends in `ud2` for the vCPU or `retf` for
-/// the bare far call).
-fn compute_code() -> Vec<u8> {
+/// the bare far call). The bt suite runs the same bytes through the TC.
+pub(super) fn compute_code() -> Vec<u8> {
     vec![
         0xB8, 0x01, 0x00, 0x00, 0x00, // mov eax, 1
         0xBE, 0x78, 0x56, 0x34, 0x12, // mov esi, 0x12345678
