@@ -26,34 +26,22 @@ use crate::memory::GuestMemory;
 const FOUR_GIB: u64 = 1 << 32;
 const PAGE: u32 = 4096;
 
-/// Access rights of a window mapping, as the guest-mode code sees them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Prot {
-    pub read: bool,
-    pub write: bool,
-    pub exec: bool,
-}
+/// Access rights of a window mapping, as guest-mode code sees them (the
+/// shadow MMU's type: it decides them).
+pub use shadow_mmu::Prot;
 
-impl Prot {
-    pub const NONE: Prot = Prot { read: false, write: false, exec: false };
-    pub const R: Prot = Prot { read: true, write: false, exec: false };
-    pub const RW: Prot = Prot { read: true, write: true, exec: false };
-    pub const RX: Prot = Prot { read: true, write: false, exec: true };
-    pub const RWX: Prot = Prot { read: true, write: true, exec: true };
-
-    fn flags(self) -> ProtFlags {
-        let mut f = ProtFlags::PROT_NONE;
-        if self.read {
-            f |= ProtFlags::PROT_READ;
-        }
-        if self.write {
-            f |= ProtFlags::PROT_WRITE;
-        }
-        if self.exec {
-            f |= ProtFlags::PROT_EXEC;
-        }
-        f
+fn prot_flags(p: Prot) -> ProtFlags {
+    let mut f = ProtFlags::PROT_NONE;
+    if p.read {
+        f |= ProtFlags::PROT_READ;
     }
+    if p.write {
+        f |= ProtFlags::PROT_WRITE;
+    }
+    if p.exec {
+        f |= ProtFlags::PROT_EXEC;
+    }
+    f
 }
 
 /// Layout of the VMM area (offsets from its base). The translator's own view
@@ -233,7 +221,7 @@ impl Window {
             nix::sys::mman::mmap(
                 NonZeroUsize::new(gva as usize),
                 NonZeroUsize::new(len as usize).expect("nonzero length"),
-                prot.flags(),
+                prot_flags(prot),
                 MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
                 fd,
                 offset as i64,
@@ -335,7 +323,7 @@ impl Window {
             nix::sys::mman::mprotect(
                 NonNull::new(gva as usize as *mut std::ffi::c_void).expect("gva >= min_addr > 0"),
                 len as usize,
-                prot.flags(),
+                prot_flags(prot),
             )
         }
         .map_err(|e| HostError::Syscall { what: "mprotect(window)", errno: e })?;

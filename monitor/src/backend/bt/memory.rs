@@ -7,7 +7,7 @@
 use shadow_mmu::{HostMapper, MapError, MapOp, OutsideRam, PhysMem, ShadowMmu};
 
 use crate::cpu::{self, Cpu, Fault, LinearMemory};
-use crate::host::{Prot, Window};
+use crate::host::Window;
 use crate::memory::GuestMemory;
 
 /// Guest RAM as the page walker reads and writes it.
@@ -33,10 +33,6 @@ impl PhysMem for Phys<'_> {
     }
 }
 
-fn host_prot(p: shadow_mmu::Prot) -> Prot {
-    Prot { read: p.read, write: p.write, exec: p.exec }
-}
-
 /// The window, as the shadow MMU drives it.
 pub struct WindowMapper<'a> {
     pub window: &'static Window,
@@ -45,7 +41,7 @@ pub struct WindowMapper<'a> {
 
 impl HostMapper for WindowMapper<'_> {
     fn map(&mut self, gva: u32, gpa: u64, len: u32, prot: shadow_mmu::Prot) -> Result<(), MapError> {
-        self.window.map(gva, self.mem, gpa, len, host_prot(prot)).map_err(|e| MapError {
+        self.window.map(gva, self.mem, gpa, len, prot).map_err(|e| MapError {
             op: MapOp::Map,
             gva,
             len,
@@ -56,7 +52,7 @@ impl HostMapper for WindowMapper<'_> {
         self.window.unmap(gva, len).map_err(|e| MapError { op: MapOp::Unmap, gva, len, detail: e.to_string() })
     }
     fn protect(&mut self, gva: u32, len: u32, prot: shadow_mmu::Prot) -> Result<(), MapError> {
-        self.window.protect(gva, len, host_prot(prot)).map_err(|e| MapError {
+        self.window.protect(gva, len, prot).map_err(|e| MapError {
             op: MapOp::Protect,
             gva,
             len,
