@@ -69,7 +69,7 @@ impl Inputs {
             if p.is_file() {
                 Ok(p)
             } else {
-                Err(fail(format!("{} not found ({from})", p.display())))
+                Err(BenchError::Input(format!("{} not found ({from})", p.display())))
             }
         };
         Ok(Inputs {
@@ -187,8 +187,8 @@ fn rows(backend: &str, figs: Vec<(String, f64, &'static str)>) -> Vec<Row> {
 /// Boots the guest on bt; returns the timed console lines and the VM's
 /// counters.
 pub fn boot_bt(inputs: &Inputs, initrd: &[u8]) -> Result<(TimedLines, Vec<(String, u64)>), BenchError> {
-    let image =
-        std::fs::read(&inputs.kernel).map_err(|e| fail(format!("cannot read {}: {e}", inputs.kernel.display())))?;
+    let image = std::fs::read(&inputs.kernel)
+        .map_err(|e| BenchError::Input(format!("cannot read {}: {e}", inputs.kernel.display())))?;
     let lines = TimedLines::default();
     let start = Instant::now();
     let mem = Arc::new(GuestMemory::new(RAM)?);

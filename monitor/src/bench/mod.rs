@@ -20,6 +20,8 @@ pub enum BenchError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("the benchmark guest stopped unexpectedly: {0}")]
     UnexpectedExit(String),
+    #[error("a benchmark input is missing: {0}")]
+    Input(String),
     #[error("unknown suite {0:?} (known: host, bt, mmu, linux, nano)")]
     UnknownSuite(String),
 }
