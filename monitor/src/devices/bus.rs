@@ -45,6 +45,23 @@ pub fn all_ones(size: u8) -> u32 {
 
 /// Splits a 1/2/4-byte port read into byte reads at `port`, `port + 1`, ...
 /// (little endian), as the ISA bus does for 8-bit devices.
+/// A device whose registers are bytes at consecutive ports: a 16- or
+/// 32-bit access touches the next ports in turn, as on the ISA bus.
+pub trait ByteRegisters {
+    fn read_byte(&mut self, port: u16) -> u8;
+    fn write_byte(&mut self, port: u16, value: u8);
+}
+
+impl<T: ByteRegisters> PortDevice for T {
+    fn read(&mut self, port: u16, size: u8) -> u32 {
+        read_bytewise(port, size, |p| self.read_byte(p))
+    }
+
+    fn write(&mut self, port: u16, size: u8, value: u32) {
+        write_bytewise(port, size, value, |p, b| self.write_byte(p, b))
+    }
+}
+
 pub fn read_bytewise(port: u16, size: u8, mut read_byte: impl FnMut(u16) -> u8) -> u32 {
     (0..size.min(4)).fold(0u32, |acc, i| acc | u32::from(read_byte(port.wrapping_add(u16::from(i)))) << (8 * i))
 }

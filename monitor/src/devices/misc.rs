@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use super::bus::{all_ones, lock, read_bytewise, write_bytewise, PortDevice};
+use super::bus::{all_ones, lock, read_bytewise, write_bytewise, ByteRegisters, PortDevice};
 use crate::layout::{
     PORT_I8042_CMD, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PCI_RESET_CONTROL, PORT_SYSTEM_CONTROL_A,
 };
@@ -190,7 +190,9 @@ impl I8042 {
             _ => self.out.push_back(KBD_ACK),
         }
     }
+}
 
+impl ByteRegisters for I8042 {
     fn read_byte(&mut self, port: u16) -> u8 {
         match port {
             PORT_I8042_DATA => {
@@ -220,16 +222,6 @@ impl I8042 {
             }
             _ => {}
         }
-    }
-}
-
-impl PortDevice for I8042 {
-    fn read(&mut self, port: u16, size: u8) -> u32 {
-        read_bytewise(port, size, |p| self.read_byte(p))
-    }
-
-    fn write(&mut self, port: u16, size: u8, value: u32) {
-        write_bytewise(port, size, value, |p, b| self.write_byte(p, b))
     }
 }
 

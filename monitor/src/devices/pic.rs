@@ -13,7 +13,7 @@
 
 use crate::layout::{PORT_ELCR, PORT_PIC_MASTER, PORT_PIC_SLAVE};
 
-use super::bus::{read_bytewise, write_bytewise, PortDevice};
+use super::bus::ByteRegisters;
 
 /// The cascade input on the master.
 const CASCADE_IRQ: u8 = 2;
@@ -343,7 +343,9 @@ impl PicPair {
             None => 0,
         }
     }
+}
 
+impl ByteRegisters for PicPair {
     fn read_byte(&mut self, port: u16) -> u8 {
         match port {
             PORT_PIC_MASTER | 0x21 if self.master.poll => self.poll_read(false),
@@ -372,19 +374,10 @@ impl PicPair {
     }
 }
 
-impl PortDevice for PicPair {
-    fn read(&mut self, port: u16, size: u8) -> u32 {
-        read_bytewise(port, size, |p| self.read_byte(p))
-    }
-
-    fn write(&mut self, port: u16, size: u8, value: u32) {
-        write_bytewise(port, size, value, |p, b| self.write_byte(p, b))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::bus::PortDevice;
 
     /// Linux's `init_8259A`: ICW1-4 on both chips, vectors 0x30/0x38, all masked.
     fn linux_init() -> PicPair {

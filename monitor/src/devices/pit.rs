@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::layout::{PIT_FREQUENCY_HZ, PORT_PIT, PORT_SYSTEM_CONTROL_B};
 
-use super::bus::{read_bytewise, write_bytewise, PortDevice};
+use super::bus::ByteRegisters;
 use super::clock::Clock;
 
 const NS_PER_S: u128 = 1_000_000_000;
@@ -417,7 +417,9 @@ impl Pit {
             }
         }
     }
+}
 
+impl ByteRegisters for Pit {
     fn read_byte(&mut self, port: u16) -> u8 {
         let now = self.now_ticks();
         match port {
@@ -439,20 +441,11 @@ impl Pit {
     }
 }
 
-impl PortDevice for Pit {
-    fn read(&mut self, port: u16, size: u8) -> u32 {
-        read_bytewise(port, size, |p| self.read_byte(p))
-    }
-
-    fn write(&mut self, port: u16, size: u8, value: u32) {
-        write_bytewise(port, size, value, |p, b| self.write_byte(p, b))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::clock::ManualClock;
     use super::*;
+    use crate::devices::bus::PortDevice;
 
     fn pit() -> (Pit, ManualClock) {
         let clock = ManualClock::new(1_000_000_000);

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::io::Write;
 
-use super::bus::{read_bytewise, write_bytewise, PortDevice};
+use super::bus::ByteRegisters;
 
 const FIFO_SIZE: usize = 16;
 /// Host input waiting for room in the receive FIFO, at most.
@@ -264,7 +264,9 @@ impl Serial {
         }
         self.ier = value;
     }
+}
 
+impl ByteRegisters for Serial {
     fn read_byte(&mut self, port: u16) -> u8 {
         let dlab = self.lcr & LCR_DLAB != 0;
         match port.wrapping_sub(self.base) {
@@ -315,18 +317,9 @@ impl Serial {
     }
 }
 
-impl PortDevice for Serial {
-    fn read(&mut self, port: u16, size: u8) -> u32 {
-        read_bytewise(port, size, |p| self.read_byte(p))
-    }
-
-    fn write(&mut self, port: u16, size: u8, value: u32) {
-        write_bytewise(port, size, value, |p, b| self.write_byte(p, b))
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use crate::devices::bus::PortDevice;
     use std::sync::{Arc, Mutex};
 
     use super::*;
