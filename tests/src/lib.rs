@@ -185,3 +185,26 @@ pub fn captured_platform(
     .expect("platform");
     (platform, out, clock)
 }
+
+/// Emits, at label `fib`, a naive recursive `fib(EAX) -> EAX` through the
+/// guest stack (clobbers ECX): the same computation for direct and
+/// translated runs.
+pub fn emit_fib(a: &mut CodeAssembler, fib: &mut iced_x86::code_asm::CodeLabel) -> Result<(), iced_x86::IcedError> {
+    use iced_x86::code_asm::*;
+    let mut base = a.create_label();
+    a.set_label(fib)?;
+    a.cmp(eax, 2)?;
+    a.jb(base)?;
+    a.push(eax)?;
+    a.dec(eax)?;
+    a.call(*fib)?;
+    a.mov(ecx, eax)?;
+    a.pop(eax)?;
+    a.push(ecx)?;
+    a.sub(eax, 2)?;
+    a.call(*fib)?;
+    a.pop(ecx)?;
+    a.add(eax, ecx)?;
+    a.set_label(&mut base)?;
+    a.ret()
+}

@@ -9,7 +9,7 @@ use monitor::backend::bt::{BtBackend, BtConfig};
 use monitor::backend::{Backend, VmExit};
 use monitor::cpu::Cpu;
 use monitor::memory::GuestMemory;
-use popek_tests::{assemble, assemble_resolving, vm_lock};
+use popek_tests::{assemble, assemble_resolving, emit_fib, vm_lock};
 
 const CODE: u32 = 0x10_0000;
 const DATA: u32 = 0x20_0000;
@@ -61,7 +61,6 @@ impl Kernel {
 fn compute_and_calls_run_translated() {
     let mut k = Kernel::new(|a| {
         let mut fib = a.create_label();
-        let mut base = a.create_label();
         let mut l = a.create_label();
         a.mov(eax, 20)?;
         a.call(fib)?;
@@ -75,21 +74,7 @@ fn compute_and_calls_run_translated() {
         a.jnz(l)?;
         a.mov(eax, ebx)?;
         a.out(0xF4, eax)?;
-        a.set_label(&mut fib)?;
-        a.cmp(eax, 2)?;
-        a.jb(base)?;
-        a.push(eax)?;
-        a.dec(eax)?;
-        a.call(fib)?;
-        a.mov(ecx, eax)?;
-        a.pop(eax)?;
-        a.push(ecx)?;
-        a.sub(eax, 2)?;
-        a.call(fib)?;
-        a.pop(ecx)?;
-        a.add(eax, ecx)?;
-        a.set_label(&mut base)?;
-        a.ret()
+        emit_fib(a, &mut fib)
     });
     assert_eq!(k.run(), 6765);
     assert_eq!(k.bt.cpu().gpr[1], 500_500);

@@ -42,25 +42,10 @@ fn recursive_calls_match_rust() {
     // fib(20) by naive recursion through the guest stack.
     g.load(|a| {
         let mut fib = a.create_label();
-        let mut base = a.create_label();
         a.mov(eax, 20)?;
         a.call(fib)?;
         a.ud2()?;
-        a.set_label(&mut fib)?;
-        a.cmp(eax, 2)?;
-        a.jb(base)?;
-        a.push(eax)?;
-        a.dec(eax)?;
-        a.call(fib)?;
-        a.mov(ecx, eax)?;
-        a.pop(eax)?;
-        a.push(ecx)?;
-        a.sub(eax, 2)?;
-        a.call(fib)?;
-        a.pop(ecx)?;
-        a.add(eax, ecx)?;
-        a.set_label(&mut base)?;
-        a.ret()
+        emit_fib(a, &mut fib)
     });
     assert_eq!(run(&mut g), Exit::InvalidOpcode);
     fn fib(n: u32) -> u32 {
