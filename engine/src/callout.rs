@@ -69,6 +69,8 @@ pub struct CalloutSite {
     /// Guest instructions of the block retired before this site (for the
     /// deterministic mode's instruction count).
     pub insns_before: u32,
+    /// Guest instructions of the whole block (what its entry charged).
+    pub block_insns: u32,
 }
 
 /// Reserved id of the shared indirect-miss stub.

@@ -39,6 +39,7 @@ const CALLOUT_TARGET: i32 = vcpu::CALLOUT_TARGET as i32;
 const VIF: i32 = vcpu::VIF as i32;
 const VIOPL: i32 = vcpu::VIOPL as i32;
 const POLL: i32 = vcpu::POLL as i32;
+const BUDGET: i32 = vcpu::BUDGET as i32;
 const IRQ_PENDING: i32 = vcpu::IRQ_PENDING as i32;
 const HITS: i32 = vcpu::INDIRECT_HITS as i32;
 const TABLE: i32 = LOOKUP_TABLE as i32;
@@ -59,6 +60,8 @@ pub struct EmitCtx {
     pub guest_eip: u32,
     pub poll_at_entry: bool,
     pub count_indirect_hits: bool,
+    /// Charge the block's instruction count to `VcpuPage.budget` at entry.
+    pub count_insns: bool,
 }
 
 /// A callout site of the block, before it is registered.
@@ -147,8 +150,9 @@ pub fn emit_block(ctx: EmitCtx, insns: &[MangledInsn]) -> Result<Emitted, dynasm
     };
     e.indirect_entry();
     let entry_off = e.off();
-    if ctx.poll_at_entry {
-        e.poll_check(ctx.guest_eip, POLL, None);
+    if ctx.poll_at_entry || ctx.count_insns {
+        let charge = ctx.count_insns.then_some(insns.len() as u32);
+        e.poll_check(ctx.guest_eip, ctx.poll_at_entry.then_some(POLL), None, charge, 0);
     }
     let mut insn_ranges = Vec::with_capacity(insns.len());
     for m in insns {
@@ -268,19 +272,48 @@ impl Emitter {
         self.at(eip);
     }
 
-    /// Spill ECX, load `flag` (and the virtual IF first when `vif`), exit
-    /// with `Poll` when nonzero. Resumes after the check with ECX reloaded.
-    fn poll_check(&mut self, eip: u32, flag: i32, vif: Option<()>) {
+    /// Spill ECX; with `charge`, subtract it from the budget and exit when
+    /// the budget went negative; then load `flag` (and the virtual IF first
+    /// when `vif`) and exit with `Poll` when nonzero. Resumes after the
+    /// check with ECX reloaded. `retired`: guest instructions of the block
+    /// done at this point (the site's `insns_before`).
+    fn poll_check(&mut self, eip: u32, flag: Option<i32>, vif: Option<()>, charge: Option<u32>, retired: u32) {
         self.at(eip);
         self.spill_ecx();
         self.mark(eip, true, false, true);
         let mut skips = Vec::new();
+        let mut exhausted = None;
+        if let Some(n) = charge {
+            // Flag-free: budget -= n; the high half is 0xFFFF exactly when
+            // the result is negative (budgets stay below BUDGET_MAX, blocks
+            // are short), and LEA + JECXZ test that without touching EFLAGS.
+            let neg = -(n as i32);
+            x86!(self.asm
+                ; gs mov ecx, DWORD [BUDGET]
+                ; lea ecx, [ecx + neg]
+                ; gs mov DWORD [BUDGET], ecx
+                ; gs movzx ecx, WORD [BUDGET + 2]
+                ; lea ecx, [ecx - 0xFFFF]
+            );
+            exhausted = Some(self.short_jump(JECXZ));
+        }
         if vif.is_some() {
             x86!(self.asm; gs mov ecx, DWORD [VIF]);
             skips.push(self.short_jump(JECXZ));
         }
-        x86!(self.asm; gs mov ecx, DWORD [flag]);
-        skips.push(self.short_jump(JECXZ));
+        match flag {
+            Some(flag) => {
+                x86!(self.asm; gs mov ecx, DWORD [flag]);
+                skips.push(self.short_jump(JECXZ));
+            }
+            None => {
+                self.asm.extend([0xEB, 0]);
+                skips.push(ShortFixup(self.off()));
+            }
+        }
+        if let Some(f) = exhausted {
+            self.bind(f);
+        }
         self.reload_ecx();
         self.at(eip);
         let id = self.ctx.first_site + self.sites.len() as u32;
@@ -299,7 +332,7 @@ impl Emitter {
             next_eip: eip,
             instruction: Instruction::default(),
             resume_off: Some(resume),
-            insns_before: self.insns_done,
+            insns_before: retired,
             exit: None,
         });
     }
@@ -376,7 +409,11 @@ impl Emitter {
             }
             Op::Pushf => self.pushf(eip, next),
             Op::Popf => self.popf(eip, next),
-            Op::IrqCheck { check_vif } => self.poll_check(next, IRQ_PENDING, check_vif.then_some(())),
+            Op::IrqCheck { check_vif } => {
+                // After the instruction it belongs to (STI's successor, POPF).
+                let retired = self.insns_done + 1;
+                self.poll_check(next, Some(IRQ_PENDING), check_vif.then_some(()), None, retired)
+            }
         }
     }
 

@@ -49,6 +49,17 @@ pub struct Block {
     indirect_slots: Vec<u16>,
 }
 
+impl Block {
+    /// Guest instructions of this block retired when execution stands at
+    /// TC address `tc_eip` (counting mode: what a fault there leaves done).
+    pub fn retired_at(&self, tc_eip: u32) -> u32 {
+        if tc_eip >= self.stubs {
+            return self.insns.len() as u32;
+        }
+        self.insns.iter().take_while(|i| i.tc_end <= tc_eip).count() as u32
+    }
+}
+
 #[derive(Clone, Debug)]
 struct SiteRecord {
     site: CalloutSite,
@@ -74,6 +85,9 @@ pub struct Engine {
     new_pages: BTreeSet<u64>,
     indirect: Vec<Option<u32>>,
     indirect_ctx: Option<KeyContext>,
+    /// Lookup-table slots written since the last clear (`None` before the
+    /// first full clear).
+    installed_slots: Option<Vec<u16>>,
     sites: Vec<SiteRecord>,
     site_base: u32,
     generation: u64,
@@ -112,6 +126,7 @@ impl Engine {
                 instruction: Instruction::default(),
                 resume_tc: None,
                 insns_before: 0,
+                block_insns: 0,
             },
             blocks: Vec::new(),
             by_key: HashMap::new(),
@@ -120,6 +135,7 @@ impl Engine {
             new_pages: BTreeSet::new(),
             indirect: vec![None; LOOKUP_ENTRIES as usize],
             indirect_ctx: None,
+            installed_slots: None,
             sites: Vec::new(),
             site_base: FIRST_SITE_ID,
             generation: 0,
@@ -151,8 +167,39 @@ impl Engine {
         if let Some(tc) = self.lookup(&key) {
             return Ok(tc);
         }
-        let decoded = decode::decode_block(&key, code, self.config.max_block_insns)?;
-        let mctx = MangleCtx { cpl: key.cpl, ss32: key.ss32(), cs32: key.cs32, inline_flags: self.config.inline_flags };
+        self.build(key, code, self.config.max_block_insns, true)
+    }
+
+    /// A one-off translation of at most `cap` instructions at `key` (the
+    /// counting mode's way to stop at an exact instruction count). It is
+    /// not registered under `key`: nothing chains or looks it up, and its
+    /// exits lead to the normal blocks. It lives until the next flush or
+    /// invalidation of its pages.
+    pub fn translate_capped(
+        &mut self,
+        key: BlockKey,
+        cap: usize,
+        code: &mut dyn GuestCode,
+    ) -> Result<u32, EngineError> {
+        self.switch_context(key.context());
+        self.build(key, code, cap.clamp(1, self.config.max_block_insns), false)
+    }
+
+    fn build(
+        &mut self,
+        key: BlockKey,
+        code: &mut dyn GuestCode,
+        max_insns: usize,
+        register: bool,
+    ) -> Result<u32, EngineError> {
+        let decoded = decode::decode_block(&key, code, max_insns)?;
+        let mctx = MangleCtx {
+            cpl: key.cpl,
+            ss32: key.ss32(),
+            cs32: key.cs32,
+            inline_flags: self.config.inline_flags,
+            corrupt: self.config.corrupt,
+        };
         let mangled = mangle::mangle(&decoded, &mctx);
         let emitted = match self.emit_at_next(&key, &mangled)? {
             Some(e) => e,
@@ -162,7 +209,7 @@ impl Engine {
                 self.emit_at_next(&key, &mangled)?.ok_or(EngineError::BlockTooLarge)?
             }
         };
-        Ok(self.install(key, decoded.pages, mangled, emitted))
+        Ok(self.install(key, decoded.pages, mangled, emitted, register))
     }
 
     /// What the monitor calls to enter the TC at `key`: makes `key`'s
@@ -231,6 +278,9 @@ impl Engine {
         let slot = key.eip as u16;
         let start = self.blk(id).tc_start;
         self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), start);
+        if self.indirect[slot as usize].is_none() {
+            self.installed_slots.get_or_insert_with(Vec::new).push(slot);
+        }
         self.indirect[slot as usize] = Some(id);
         if let Some(b) = self.blocks[id as usize].as_mut() {
             b.indirect_slots.push(slot);
@@ -272,12 +322,30 @@ impl Engine {
     /// Drops blocks whose linear pages no longer map to the physical pages
     /// they were decoded from (call after MOV CR3 / INVLPG of code pages).
     pub fn revalidate_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
+        self.revalidate_where(code, |_| true)
+    }
+
+    /// [`Engine::revalidate_mappings`] for the blocks translated for CPL 3
+    /// only: user code is what changes with the address space on MOV CR3
+    /// (kernel mappings are shared by every address space). Each linear page
+    /// is walked once.
+    pub fn revalidate_user_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
+        self.revalidate_where(code, |b| b.key.cpl == 3)
+    }
+
+    fn revalidate_where(&mut self, code: &mut dyn GuestCode, which: impl Fn(&Block) -> bool) -> Vec<BlockKey> {
+        let mut walked: HashMap<u32, Option<u64>> = HashMap::new();
         let stale: Vec<u32> = self
             .blocks
             .iter()
             .enumerate()
             .filter_map(|(id, b)| b.as_ref().map(|b| (id, b)))
-            .filter(|(_, b)| b.pages.iter().any(|p| code.phys_page(p.linear) != Some(p.phys)))
+            .filter(|(_, b)| which(b))
+            .filter(|(_, b)| {
+                b.pages
+                    .iter()
+                    .any(|p| *walked.entry(p.linear).or_insert_with(|| code.phys_page(p.linear)) != Some(p.phys))
+            })
             .map(|(id, _)| id as u32)
             .collect();
         let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
@@ -377,13 +445,21 @@ impl Engine {
             guest_eip: key.eip,
             poll_at_entry: self.config.poll_at_block_entry,
             count_indirect_hits: self.config.count_indirect_hits,
+            count_insns: self.config.count_insns,
         };
         let e = emit::emit_block(ctx, mangled)?;
         let fits = u64::from(self.tc_next) + e.code.len() as u64 <= u64::from(self.tc_end);
         Ok(fits.then_some(e))
     }
 
-    fn install(&mut self, key: BlockKey, pages: Vec<CodePage>, mangled: Vec<MangledInsn>, e: Emitted) -> u32 {
+    fn install(
+        &mut self,
+        key: BlockKey,
+        pages: Vec<CodePage>,
+        mangled: Vec<MangledInsn>,
+        e: Emitted,
+        register: bool,
+    ) -> u32 {
         let id = self.blocks.len() as u32;
         let start = self.view.addr(self.tc_next);
         let len = e.code.len() as u32;
@@ -402,6 +478,7 @@ impl Engine {
                     instruction: s.instruction,
                     resume_tc: s.resume_off.map(|o| start + o),
                     insns_before: s.insns_before,
+                    block_insns: mangled.len() as u32,
                 },
                 block: Some(id),
                 exit: s.exit,
@@ -459,7 +536,9 @@ impl Engine {
         };
         let entry = block.entry;
         self.blocks.push(Some(block));
-        self.by_key.insert(key, id);
+        if register {
+            self.by_key.insert(key, id);
+        }
         self.by_tc.insert(start, id);
         tracing::trace!(target: "engine", ?key, start, len, "translated");
         // Eager chaining to targets already translated.
@@ -533,7 +612,9 @@ impl Engine {
                 r.block = None;
             }
         }
-        self.by_key.remove(&b.key);
+        if self.by_key.get(&b.key) == Some(&id) {
+            self.by_key.remove(&b.key);
+        }
         self.by_tc.remove(&b.tc_start);
         for p in &b.pages {
             if let Some(list) = self.by_page.get_mut(&p.phys) {
@@ -555,13 +636,24 @@ impl Engine {
         }
     }
 
+    /// Aims every lookup-table entry at the miss stub. After the first time
+    /// only the installed slots are rewritten: context switches (kernel ⇄
+    /// user in the counting mode) happen constantly.
     fn clear_table(&mut self) {
-        let mut bytes = Vec::with_capacity(vmm_area::LOOKUP_TABLE_SIZE as usize);
-        for _ in 0..LOOKUP_ENTRIES {
-            bytes.extend_from_slice(&self.miss_stub.to_le_bytes());
+        if self.installed_slots.is_none() {
+            let mut bytes = Vec::with_capacity(vmm_area::LOOKUP_TABLE_SIZE as usize);
+            for _ in 0..LOOKUP_ENTRIES {
+                bytes.extend_from_slice(&self.miss_stub.to_le_bytes());
+            }
+            self.view.write(LOOKUP_TABLE, &bytes);
+            self.indirect.iter_mut().for_each(|e| *e = None);
+        } else {
+            for slot in std::mem::take(&mut self.installed_slots).unwrap_or_default() {
+                self.indirect[slot as usize] = None;
+                self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), self.miss_stub);
+            }
         }
-        self.view.write(LOOKUP_TABLE, &bytes);
-        self.indirect.iter_mut().for_each(|e| *e = None);
+        self.installed_slots = Some(Vec::new());
         for b in self.blocks.iter_mut().flatten() {
             b.indirect_slots.clear();
         }

@@ -100,6 +100,15 @@ pub struct Config {
     pub count_indirect_hits: bool,
     /// Inline PUSHF/POPF sequences (else callouts).
     pub inline_flags: bool,
+    /// Count retired guest instructions (the deterministic mode): every
+    /// block entry charges its instruction count to `VcpuPage.budget` and
+    /// exits with a `Poll` callout, before running, when the budget would go
+    /// negative (docs/translator.md, "Counting").
+    pub count_insns: bool,
+    /// Test-only fault injection: every IDENT instruction with this mnemonic
+    /// and a 32-bit general-purpose destination gets `lea r, [r + 1]`
+    /// appended. Replay must catch it (issue 7's acceptance test).
+    pub corrupt: Option<iced_x86::Mnemonic>,
 }
 
 impl Default for Config {
@@ -111,6 +120,8 @@ impl Default for Config {
             tc_size: vmm_area::TC_SIZE,
             count_indirect_hits: false,
             inline_flags: true,
+            count_insns: false,
+            corrupt: None,
         }
     }
 }

@@ -82,6 +82,8 @@ pub struct MangleCtx {
     pub cs32: bool,
     /// Inline PUSHF/POPF (else callouts).
     pub inline_flags: bool,
+    /// Test-only corruption ([`crate::Config::corrupt`]).
+    pub corrupt: Option<iced_x86::Mnemonic>,
 }
 
 /// The mangle walk.
@@ -160,7 +162,28 @@ fn mangle_ident(insn: &DecodedInsn, ctx: &MangleCtx) -> MangledInsn {
         }
     };
     let disposition = if gs || !ctx.cs32 { Disposition::Rewritten } else { Disposition::Ident };
-    MangledInsn { insn: insn.clone(), disposition, ops: vec![Op::Copy { bytes, gs }] }
+    let mut ops = vec![Op::Copy { bytes, gs }];
+    if ctx.corrupt == Some(insn.instr.mnemonic()) {
+        if let Some(lea) = corrupting_lea(&insn.instr) {
+            ops.push(Op::Copy { bytes: lea, gs: false });
+        }
+    }
+    MangledInsn { insn: insn.clone(), disposition, ops }
+}
+
+/// `lea r32, [r32 + 1]` for an instruction whose first operand is a 32-bit
+/// general-purpose register other than ESP (the corrupting test switch).
+fn corrupting_lea(i: &Instruction) -> Option<Vec<u8>> {
+    if i.op_count() == 0 || i.op0_kind() != OpKind::Register {
+        return None;
+    }
+    let r = i.op0_register();
+    if !r.is_gpr32() || r == Register::ESP {
+        return None;
+    }
+    let n = (r.number() - Register::EAX.number()) as u8;
+    // 8D /r with mod=01 (disp8), reg=r, rm=r: lea r, [r + 1].
+    Some(vec![0x8D, 0x40 | (n << 3) | n, 0x01])
 }
 
 fn encode32(i: &Instruction) -> Option<Vec<u8>> {

@@ -71,7 +71,16 @@ pub struct VcpuPage {
     /// with the virtual RPL), written by the monitor at every entry into
     /// the TC: `push Sreg` becomes `push dword gs:[guest_sel + 4*sreg]`.
     pub guest_sel: [u32; 6],
+    /// Instructions the TC may still retire before it must exit (counting
+    /// mode): block entries subtract their length and exit when the result
+    /// is negative. The monitor keeps it in `0..=BUDGET_MAX`.
+    pub budget: i32,
 }
+
+/// Largest budget the monitor may set: the entry check reads the sign from
+/// the high half (`0xFFFF` = just went negative), so a block's charge must
+/// never wrap a budget past `i32::MIN`.
+pub const BUDGET_MAX: i32 = 0x7FFF_0000;
 
 /// Offsets of [`VcpuPage`] fields from the VMM area base (`GS`-relative).
 pub mod vcpu {
@@ -88,6 +97,7 @@ pub mod vcpu {
     pub const VIOPL: u32 = VCPU_PAGE + offset_of!(VcpuPage, viopl) as u32;
     pub const INDIRECT_HITS: u32 = VCPU_PAGE + offset_of!(VcpuPage, indirect_hits) as u32;
     pub const GUEST_SEL: u32 = VCPU_PAGE + offset_of!(VcpuPage, guest_sel) as u32;
+    pub const BUDGET: u32 = VCPU_PAGE + offset_of!(VcpuPage, budget) as u32;
 
     /// Offset of scratch slot `slot`.
     pub const fn scratch(slot: u8) -> u32 {

@@ -22,37 +22,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a guest: a Linux bzImage or multiboot kernel, or the built-in demo.
-    Run {
-        /// Kernel image (bzImage or multiboot ELF); the built-in demo guest without it.
+    /// Run a guest: a Linux bzImage or multiboot kernel, or a built-in guest.
+    Run(RunArgs),
+    /// Re-run a recorded trace and verify every checkpoint (exit 1 at the
+    /// first divergence, with a report).
+    Replay {
+        /// The trace (`popek run --record FILE`).
+        trace: PathBuf,
+        /// Stop at this instruction count and dump the guest state.
+        #[arg(long)]
+        until: Option<u64>,
+        /// The kernel image, if it is no longer where the recording found it
+        /// (its SHA-256 must match the recorded one).
         #[arg(long)]
         kernel: Option<PathBuf>,
-        /// Initial ramdisk (Linux) or first module (multiboot).
+        /// The initrd, likewise.
         #[arg(long)]
         initrd: Option<PathBuf>,
-        /// Kernel command line.
-        #[arg(long)]
-        append: Option<String>,
-        /// Guest RAM (e.g. 256M).
-        #[arg(long, default_value = "256M", value_parser = parse_size)]
-        mem: u64,
-        /// CPU backend: bt (binary translation) or kvm.
-        #[arg(long, default_value = "bt")]
-        backend: BackendKind,
-        /// Print exits, translation and shadow-MMU counters and where the time went.
-        #[arg(long)]
-        stats: bool,
-        /// Log every translated block beside its translation (needs -v).
-        #[arg(long)]
-        log_translations: bool,
-        /// Do not forward stdin to the guest console.
-        #[arg(long)]
-        no_input: bool,
-        /// Translator switches for bug hunting, comma-separated:
-        /// nochain, nopoll, noinline / inline (PUSHF/POPF as callouts or
-        /// inline sequences; callouts by default).
+        /// Translator switches on top of the recorded ones (see `run --engine`).
         #[arg(long, value_delimiter = ',')]
         engine: Vec<String>,
+        /// Do not echo the guest console.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Look into traces.
+    Trace {
+        #[command(subcommand)]
+        action: TraceAction,
     },
     /// Build a gzip'd cpio initramfs (no external cpio needed).
     Initramfs {
@@ -90,13 +87,74 @@ enum Command {
         /// Shorter runs (less precise).
         #[arg(long)]
         quick: bool,
-        /// Backends to compare, comma-separated (suite nano): bt, kvm, qemu.
-        #[arg(long, value_delimiter = ',', default_value = "bt,kvm,qemu")]
-        backends: Vec<String>,
+        /// Backends to compare, comma-separated (suites nano and linux): bt,
+        /// kvm, qemu; default all three. The linux suite always runs native.
+        #[arg(long, value_delimiter = ',')]
+        backends: Option<Vec<String>>,
         /// Also draw the results as a log-scale SVG bar chart (suite nano).
         #[arg(long)]
         svg: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image (bzImage or multiboot ELF); the built-in demo guest without it.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// A built-in guest instead of --kernel (`popek guest list`).
+    #[arg(long, conflicts_with = "kernel")]
+    guest: Option<String>,
+    /// Initial ramdisk (Linux) or first module (multiboot).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    append: Option<String>,
+    /// Guest RAM (e.g. 256M).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// CPU backend: bt (binary translation) or kvm.
+    #[arg(long, default_value = "bt")]
+    backend: BackendKind,
+    /// Print exits, translation and shadow-MMU counters and where the time went.
+    #[arg(long)]
+    stats: bool,
+    /// Log every translated block beside its translation (needs -v).
+    #[arg(long)]
+    log_translations: bool,
+    /// Do not forward stdin to the guest console.
+    #[arg(long)]
+    no_input: bool,
+    /// Translator switches for bug hunting, comma-separated: nochain, nopoll,
+    /// noinline / inline (PUSHF/POPF as callouts or inline sequences), and
+    /// the test-only corrupt=MNEMONIC.
+    #[arg(long, value_delimiter = ',')]
+    engine: Vec<String>,
+    /// Deterministic mode: all code translated, instructions counted,
+    /// virtual time (implied by --record).
+    #[arg(long)]
+    deterministic: bool,
+    /// Record a trace of the run to FILE (docs/record-replay.md).
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Deterministic mode: instructions between register checkpoints.
+    #[arg(long, default_value_t = monitor::deterministic::DetOptions::default().checkpoint_every)]
+    checkpoint_every: u64,
+    /// Deterministic mode: instructions between memory digests.
+    #[arg(long, default_value_t = monitor::deterministic::DetOptions::default().memory_every)]
+    memory_every: u64,
+    /// Deterministic mode: stop at this instruction count and dump the state.
+    #[arg(long)]
+    until: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum TraceAction {
+    /// Compare two traces of the same guest and show where they part.
+    Diff { a: PathBuf, b: PathBuf },
+    /// Summarize a trace: header, event counts, size.
+    Info { trace: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -152,43 +210,79 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    engine: Vec<String>,
-    kernel: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    append: Option<String>,
-    mem: u64,
-    backend: BackendKind,
-    stats: bool,
-    log_translations: bool,
-    no_input: bool,
-) -> ExitCode {
+fn bt_config(log_translations: bool, engine: &[String]) -> Result<monitor::backend::bt::BtConfig, String> {
     let mut bt = monitor::backend::bt::BtConfig { log_translations, ..Default::default() };
-    for e in &engine {
-        match e.as_str() {
-            "nochain" => bt.engine.chaining = false,
-            "nopoll" => bt.engine.poll_at_block_entry = false,
-            "noinline" => bt.engine.inline_flags = false,
-            "inline" => bt.engine.inline_flags = true,
-            other => {
-                eprintln!("popek: unknown --engine switch {other:?} (nochain, nopoll, noinline, inline)");
-                return ExitCode::from(2);
-            }
-        }
+    for e in engine {
+        bt.apply_switch(e)?;
     }
-    let opts = RunOptions { kernel, initrd, append, mem, backend, bt, interactive: !no_input };
+    Ok(bt)
+}
+
+fn print_stats(notes: &[String], stats: &[(String, u64)]) {
+    for n in notes {
+        eprintln!("popek: {n}");
+    }
+    eprintln!("popek: counters");
+    for (k, v) in stats {
+        eprintln!("  {k:<40} {v}");
+    }
+}
+
+fn run(a: RunArgs) -> ExitCode {
+    let bt = match bt_config(a.log_translations, &a.engine) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("popek: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let opts = RunOptions {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        append: a.append,
+        mem: a.mem,
+        backend: a.backend,
+        bt,
+        interactive: !a.no_input,
+        guest: a.guest,
+    };
+    if a.deterministic || a.record.is_some() || a.until.is_some() {
+        let det = monitor::deterministic::DetOptions {
+            checkpoint_every: a.checkpoint_every,
+            memory_every: a.memory_every,
+            until: a.until,
+            ..Default::default()
+        };
+        let session = match &a.record {
+            Some(p) => monitor::run::DetSession::Record(p.clone()),
+            None => monitor::run::DetSession::Plain,
+        };
+        let switches = a.engine.join(",");
+        return match monitor::run::run_deterministic(
+            &opts,
+            &det,
+            session,
+            &switches,
+            Box::new(monitor::console::Stdout),
+        ) {
+            Ok(report) => {
+                det_summary(&report);
+                if a.stats {
+                    print_stats(&report.notes, &report.stats);
+                }
+                det_exit(&report.outcome)
+            }
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     match monitor::run::run(&opts, Box::new(monitor::console::Stdout)) {
         Ok(report) => {
             eprintln!("\npopek: {} ({:.2} s)", report.outcome, report.wall.as_secs_f64());
-            if stats {
-                for n in &report.notes {
-                    eprintln!("popek: {n}");
-                }
-                eprintln!("popek: counters");
-                for (k, v) in &report.stats {
-                    eprintln!("  {k:<40} {v}");
-                }
+            if a.stats {
+                print_stats(&report.notes, &report.stats);
             }
             ExitCode::from(report.outcome.exit_code())
         }
@@ -196,6 +290,122 @@ fn run(
             eprintln!("popek: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+fn det_summary(report: &monitor::run::DetReport) {
+    use monitor::deterministic::DetOutcome;
+    let secs = report.wall.as_secs_f64();
+    let rate = report.count as f64 / secs.max(1e-9) / 1e6;
+    match &report.outcome {
+        DetOutcome::Finished(o) => {
+            eprintln!("\npopek: {o} at instruction {} ({secs:.2} s, {rate:.0} M insns/s)", report.count)
+        }
+        DetOutcome::Stopped { count, state } => {
+            eprintln!("\npopek: stopped at instruction {count}; guest state:\n{state}")
+        }
+    }
+    if let Some(n) = report.trace_bytes {
+        eprintln!("popek: trace written ({n} bytes)");
+    }
+    if let Some(v) = &report.verified {
+        eprintln!(
+            "popek: replay verified {} checkpoints ({} with memory), {} port accesses, {} interrupts, {} inputs{}",
+            v.checkpoints,
+            v.memory_digests,
+            v.port_accesses,
+            v.interrupts,
+            v.inputs,
+            if v.end { ", and the end state" } else { "" }
+        );
+    }
+}
+
+fn det_exit(outcome: &monitor::deterministic::DetOutcome) -> ExitCode {
+    match outcome {
+        monitor::deterministic::DetOutcome::Finished(o) => ExitCode::from(o.exit_code()),
+        monitor::deterministic::DetOutcome::Stopped { .. } => ExitCode::SUCCESS,
+    }
+}
+
+fn replay(
+    trace: PathBuf,
+    until: Option<u64>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    engine: Vec<String>,
+    quiet: bool,
+) -> ExitCode {
+    let t = match monitor::trace::format::Trace::read(&trace) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("popek: {}: {e}", trace.display());
+            return ExitCode::from(1);
+        }
+    };
+    let mut opts = match monitor::run::options_from_header(&t.header) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("popek: {}: {e}", trace.display());
+            return ExitCode::from(1);
+        }
+    };
+    opts.kernel = kernel.or(opts.kernel);
+    opts.initrd = initrd.or(opts.initrd);
+    let recorded: Vec<String> = t.header.engine.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
+    let switches: Vec<String> = recorded.into_iter().chain(engine).collect();
+    opts.bt = match bt_config(false, &switches) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("popek: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let det = monitor::deterministic::DetOptions { until, ..Default::default() };
+    let console: Box<dyn std::io::Write + Send> =
+        if quiet { Box::new(std::io::sink()) } else { Box::new(monitor::console::Stdout) };
+    let session = monitor::run::DetSession::Replay(Box::new(t));
+    match monitor::run::run_deterministic(&opts, &det, session, &switches.join(","), console) {
+        Ok(report) => {
+            det_summary(&report);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("popek: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn trace_cmd(action: TraceAction) -> ExitCode {
+    use monitor::trace::format::Trace;
+    let read = |p: &PathBuf| Trace::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    match action {
+        TraceAction::Diff { a, b } => match (read(&a), read(&b)) {
+            (Ok(ta), Ok(tb)) => {
+                let report = monitor::trace::diff::diff(&ta, &tb);
+                println!("{report}");
+                if report.first.is_some() {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        },
+        TraceAction::Info { trace } => match read(&trace) {
+            Ok(t) => {
+                print!("{}", monitor::trace::info(&t, std::fs::metadata(&trace).map(|m| m.len()).unwrap_or(0)));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
@@ -251,23 +461,45 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
     match cli.command {
-        Command::Run { kernel, initrd, append, mem, backend, stats, log_translations, no_input, engine } => {
-            run(engine, kernel, initrd, append, mem, backend, stats, log_translations, no_input)
+        Command::Run(args) => run(args),
+        Command::Replay { trace, until, kernel, initrd, engine, quiet } => {
+            replay(trace, until, kernel, initrd, engine, quiet)
         }
+        Command::Trace { action } => trace_cmd(action),
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),
         Command::Guest { action } => guest(action),
         Command::Bench { suite, json, quick, backends, svg } => {
-            let result = if suite == "nano" {
-                let opts = monitor::bench::nano::Options { quick, backends, svg };
-                monitor::bench::nano::run_with(&opts).map(|report| {
-                    print!("{}", monitor::bench::nano::to_matrix(&report));
-                    report.rows
-                })
-            } else {
-                if svg.is_some() {
-                    eprintln!("popek: --svg is for --suite nano; ignored");
+            if svg.is_some() && suite != "nano" {
+                eprintln!("popek: --svg is for --suite nano; ignored");
+            }
+            let result = match suite.as_str() {
+                "nano" => {
+                    let mut opts = monitor::bench::nano::Options { quick, svg, ..Default::default() };
+                    if let Some(b) = backends {
+                        opts.backends = b;
+                    }
+                    monitor::bench::nano::run_with(&opts).map(|report| {
+                        print!("{}", monitor::bench::nano::to_matrix(&report));
+                        report.rows
+                    })
                 }
-                monitor::bench::run_suite(&suite, quick).inspect(|rows| print!("{}", monitor::bench::to_table(rows)))
+                "linux" => {
+                    let mut opts = monitor::bench::linux::Options { quick, ..Default::default() };
+                    if let Some(b) = backends {
+                        opts.backends = b;
+                    }
+                    monitor::bench::linux::run_opts(&opts).map(|report| {
+                        print!("{}", monitor::bench::to_table(&report.rows));
+                        report.rows
+                    })
+                }
+                _ => {
+                    if backends.is_some() {
+                        eprintln!("popek: --backends is for --suite nano and linux; ignored");
+                    }
+                    monitor::bench::run_suite(&suite, quick)
+                        .inspect(|rows| print!("{}", monitor::bench::to_table(rows)))
+                }
             };
             match result {
                 Ok(rows) => {

@@ -45,6 +45,23 @@ pub struct RunOptions {
     pub bt: BtConfig,
     /// Forward stdin to the guest console (raw mode on a terminal).
     pub interactive: bool,
+    /// A built-in guest by name (`popek guest list`) instead of `kernel`.
+    pub guest: Option<String>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            kernel: None,
+            initrd: None,
+            append: None,
+            mem: 256 << 20,
+            backend: BackendKind::Bt,
+            bt: BtConfig::default(),
+            interactive: false,
+            guest: None,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
@@ -65,6 +82,14 @@ pub enum RunError {
     Vm(#[from] VmError),
     #[error("cannot set up the platform devices: {0}")]
     Platform(#[from] crate::devices::PlatformError),
+    #[error("no built-in guest {0:?} (see `popek guest list`)")]
+    NoSuchGuest(String),
+    #[error("the deterministic mode needs the bt backend (kvm cannot count guest instructions)")]
+    DeterministicNeedsBt,
+    #[error(transparent)]
+    Deterministic(#[from] crate::deterministic::DetError),
+    #[error("{0}")]
+    Trace(String),
 }
 
 /// The result of a run: how it ended and every counter.
@@ -83,12 +108,15 @@ fn read(path: &Path) -> Result<Vec<u8>, RunError> {
 /// Loads the image and returns the initial CPU state.
 fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> Result<Cpu, RunError> {
     let Some(kernel) = &opts.kernel else {
-        let guest = crate::guests::by_name("demo").expect("the demo guest is built in");
+        let name = opts.guest.as_deref().unwrap_or("demo");
+        let guest = crate::guests::by_name(name).ok_or_else(|| RunError::NoSuchGuest(name.to_string()))?;
         mem.write(u64::from(guest.load_addr), &guest.image)?;
         let mut cpu = Cpu::flat_protected(0x08, 0x10);
         cpu.eip = guest.entry;
         cpu.gpr[4] = guest.load_addr;
-        notes.push(format!("no --kernel: running the built-in `{}` guest ({})", guest.name, guest.description));
+        if opts.guest.is_none() {
+            notes.push(format!("no --kernel: running the built-in `{}` guest ({})", guest.name, guest.description));
+        }
         return Ok(cpu);
     };
     let image = read(kernel)?;
@@ -155,6 +183,233 @@ pub fn run(opts: &RunOptions, console: Box<dyn std::io::Write + Send>) -> Result
     drop(raw);
     let outcome = outcome?;
     Ok(RunReport { outcome, stats: vm.stats(), notes, wall: t.elapsed() })
+}
+
+/// What a deterministic run does besides running.
+pub enum DetSession {
+    /// Only the deterministic mode (`--deterministic`).
+    Plain,
+    /// `--record FILE`.
+    Record(PathBuf),
+    /// `popek replay`: the trace and the switches given at replay time.
+    Replay(Box<crate::trace::format::Trace>),
+}
+
+/// The result of a deterministic run.
+pub struct DetReport {
+    pub outcome: crate::deterministic::DetOutcome,
+    /// Guest instructions retired.
+    pub count: u64,
+    pub console: crate::deterministic::ConsoleLog,
+    pub stats: Vec<(String, u64)>,
+    pub notes: Vec<String>,
+    pub wall: std::time::Duration,
+    /// Replays: what was checked.
+    pub verified: Option<crate::trace::replay::Verified>,
+    /// Recordings: the trace's size on disk.
+    pub trace_bytes: Option<u64>,
+}
+
+/// The images a run loads, with their SHA-256 (a trace's identity check).
+pub fn image_digests(opts: &RunOptions) -> Result<Vec<crate::trace::format::ImageDigest>, RunError> {
+    use sha2::Digest;
+    let digest = |role: &str, name: String, data: &[u8]| crate::trace::format::ImageDigest {
+        role: role.into(),
+        name,
+        len: data.len() as u64,
+        sha256: sha2::Sha256::digest(data).into(),
+    };
+    let mut v = Vec::new();
+    match &opts.kernel {
+        Some(k) => v.push(digest("kernel", k.display().to_string(), &read(k)?)),
+        None => {
+            let name = opts.guest.as_deref().unwrap_or("demo");
+            let g = crate::guests::by_name(name).ok_or_else(|| RunError::NoSuchGuest(name.to_string()))?;
+            v.push(digest("guest", name.to_string(), &g.image));
+        }
+    }
+    if let Some(i) = &opts.initrd {
+        v.push(digest("initrd", i.display().to_string(), &read(i)?));
+    }
+    Ok(v)
+}
+
+/// The machine description a trace header keeps (and a replay rebuilds).
+pub fn header_command_line(opts: &RunOptions) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(k) = &opts.kernel {
+        v.extend(["--kernel".to_string(), k.display().to_string()]);
+    }
+    if let Some(g) = &opts.guest {
+        v.extend(["--guest".to_string(), g.clone()]);
+    }
+    if let Some(i) = &opts.initrd {
+        v.extend(["--initrd".to_string(), i.display().to_string()]);
+    }
+    if let Some(a) = &opts.append {
+        v.extend(["--append".to_string(), a.clone()]);
+    }
+    v.extend(["--mem".to_string(), opts.mem.to_string()]);
+    v
+}
+
+/// Rebuilds run options from a trace header's command line.
+pub fn options_from_header(h: &crate::trace::format::Header) -> Result<RunOptions, RunError> {
+    let mut o = RunOptions { mem: h.mem_bytes, ..RunOptions::default() };
+    let mut it = h.command_line.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().cloned().ok_or_else(|| RunError::Trace(format!("header: {flag} without a value")));
+        match flag.as_str() {
+            "--kernel" => o.kernel = Some(PathBuf::from(value()?)),
+            "--guest" => o.guest = Some(value()?),
+            "--initrd" => o.initrd = Some(PathBuf::from(value()?)),
+            "--append" => o.append = Some(value()?),
+            "--mem" => o.mem = parse_size(&value()?).map_err(RunError::Trace)?,
+            other => return Err(RunError::Trace(format!("header: unknown machine option {other:?}"))),
+        }
+    }
+    Ok(o)
+}
+
+/// The CPUID answers of the guest's policy (recorded in trace headers).
+pub fn cpuid_entries() -> Vec<crate::trace::format::CpuidEntry> {
+    let p = crate::cpu::policy::CpuPolicy::default();
+    let mut v = Vec::new();
+    for base in [0u32, 0x8000_0000] {
+        let max = p.cpuid(base, 0)[0];
+        for leaf in base..=max.min(base + 0x20) {
+            v.push(crate::trace::format::CpuidEntry { leaf, subleaf: 0, regs: p.cpuid(leaf, 0) });
+        }
+    }
+    v
+}
+
+/// Builds the machine in the deterministic mode and runs it: plain, while
+/// recording a trace, or replaying one.
+pub fn run_deterministic(
+    opts: &RunOptions,
+    det: &crate::deterministic::DetOptions,
+    session: DetSession,
+    engine_switches: &str,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<DetReport, RunError> {
+    use crate::deterministic::{ConsoleTap, Session};
+    use crate::devices::clock::ManualClock;
+    use crate::trace::format::Header;
+    if opts.backend != BackendKind::Bt {
+        return Err(RunError::DeterministicNeedsBt);
+    }
+    let t = std::time::Instant::now();
+    let (header, det) = match &session {
+        DetSession::Replay(trace) => {
+            let h = trace.header.clone();
+            let d = crate::deterministic::DetOptions {
+                checkpoint_every: h.checkpoint_every,
+                memory_every: h.memory_every,
+                input_quantum: h.input_quantum,
+                until: det.until,
+            };
+            (h, d)
+        }
+        _ => {
+            let start = crate::devices::HostWallClock;
+            let h = Header {
+                popek_version: env!("CARGO_PKG_VERSION").to_string(),
+                command_line: header_command_line(opts),
+                mem_bytes: opts.mem,
+                images: image_digests(opts)?,
+                cpuid: cpuid_entries(),
+                start_unix_ns: crate::devices::clock::WallClock::now_unix_ns(&start),
+                checkpoint_every: det.checkpoint_every,
+                memory_every: det.memory_every,
+                input_quantum: det.input_quantum,
+                engine: engine_switches.to_string(),
+            };
+            (h, *det)
+        }
+    };
+    if let DetSession::Replay(_) = &session {
+        let now = image_digests(opts)?;
+        for (want, have) in header.images.iter().zip(&now) {
+            if want.sha256 != have.sha256 || want.len != have.len {
+                return Err(RunError::Trace(format!(
+                    "the {} image {} is not the one recorded ({} bytes, SHA-256 {}); give the recorded one",
+                    have.role,
+                    have.name,
+                    want.len,
+                    hex(&want.sha256)
+                )));
+            }
+        }
+    }
+    let mem = Arc::new(GuestMemory::new(opts.mem)?);
+    let mut notes = Vec::new();
+    let cpu = load_image(opts, &mem, &mut notes)?;
+    let clock = ManualClock::new(0);
+    let (tap, log) = ConsoleTap::new(console);
+    let platform = Platform::new(PlatformConfig {
+        ram_size: mem.size(),
+        console: Box::new(tap),
+        clock: Arc::new(clock.clone()),
+        wall_clock: Arc::new(ManualClock::new(header.start_unix_ns)),
+    })?;
+    let bt = BtConfig { deterministic: true, ..opts.bt };
+    let backend: Box<dyn Backend> = Box::new(BtBackend::new(mem.clone(), cpu, bt)?);
+    let mut vm = Vm::new(mem, platform, backend, Arc::new(clock.clone()));
+    let quit = Arc::new(AtomicBool::new(false));
+    let mut input = None;
+    let raw = if opts.interactive && !matches!(session, DetSession::Replay(_)) {
+        Some(crate::console::RawMode::enter())
+    } else {
+        None
+    };
+    if let Some(r) = &raw {
+        input = Some(crate::console::spawn_input(vm.backend.kicker(), quit.clone(), r.is_raw()));
+        vm.set_quit(quit);
+    }
+    let mut recorder = crate::trace::record::Recorder::without_trace(None);
+    let mut replayer = None;
+    let s: &mut dyn Session = match &session {
+        DetSession::Plain => {
+            recorder = crate::trace::record::Recorder::without_trace(input);
+            &mut recorder
+        }
+        DetSession::Record(path) => {
+            recorder = crate::trace::record::Recorder::create(path, &header, input)?;
+            &mut recorder
+        }
+        DetSession::Replay(trace) => replayer.insert(crate::trace::replay::Replayer::new(trace)),
+    };
+    let result = vm.run_deterministic(&clock, &log, s, &det);
+    drop(raw);
+    let count = vm.backend.instruction_count().unwrap_or(0);
+    let outcome = match result {
+        Ok(o) => o,
+        Err(crate::deterministic::DetError::Diverged(report)) => {
+            let state = vm.backend.cpu_state();
+            let around = vm.disassemble_at(state.eip, 6);
+            return Err(RunError::Trace(format!(
+                "{report}
+guest state now:
+{}
+guest code at EIP:
+{around}",
+                state.dump()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (verified, trace_bytes) = match &session {
+        DetSession::Replay(_) => (replayer.map(|r| r.verified), None),
+        DetSession::Record(_) => (None, Some(recorder.trace_bytes)),
+        DetSession::Plain => (None, None),
+    };
+    let console = log.lock().map(|l| l.clone()).unwrap_or_default();
+    Ok(DetReport { outcome, count, console, stats: vm.stats(), notes, wall: t.elapsed(), verified, trace_bytes })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Parses sizes like `256M`, `1G`, `65536K` or plain bytes.

@@ -51,6 +51,8 @@ pub enum RunOutcome {
     TripleFault(String),
     /// The user asked to quit (console escape).
     Quit,
+    /// HLT with no timer armed and no input left (deterministic mode).
+    Idle,
 }
 
 impl RunOutcome {
@@ -63,6 +65,7 @@ impl RunOutcome {
             RunOutcome::HaltedWithInterruptsOff => 0,
             RunOutcome::TripleFault(_) => 3,
             RunOutcome::Quit => 0,
+            RunOutcome::Idle => 0,
         }
     }
 }
@@ -78,6 +81,7 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::HaltedWithInterruptsOff => write!(f, "guest halted with interrupts disabled"),
             RunOutcome::TripleFault(state) => write!(f, "guest triple fault; CPU state:\n{state}"),
             RunOutcome::Quit => write!(f, "stopped at the user's request"),
+            RunOutcome::Idle => write!(f, "guest halted with no timer armed and no input to wake it"),
         }
     }
 }
@@ -154,6 +158,36 @@ impl Vm {
     /// setter kicks the vCPU.
     pub fn set_quit(&mut self, flag: Arc<AtomicBool>) {
         self.quit = Some(flag);
+    }
+
+    /// `n` guest instructions from CS:`eip`, disassembled (for reports).
+    pub fn disassemble_at(&mut self, eip: u32, n: usize) -> String {
+        let cpu = self.backend.cpu_state();
+        let cs = cpu.seg(crate::cpu::Seg::Cs).cache;
+        let mut bytes = vec![0u8; 15 * n];
+        let linear = cs.base.wrapping_add(eip);
+        // Shorten the read until it fits in mapped memory.
+        let mut len = bytes.len();
+        while len > 0 && !self.backend.read_linear(linear, &mut bytes[..len]) {
+            len = (len / 2).min(4096 - (linear & 0xFFF) as usize);
+        }
+        if len == 0 {
+            return format!("  {eip:#010x}: (not readable)\n");
+        }
+        let bitness = if cs.db { 32 } else { 16 };
+        let mut d = iced_x86::Decoder::with_ip(bitness, &bytes[..len], u64::from(eip), iced_x86::DecoderOptions::NONE);
+        let mut out = String::new();
+        for insn in d.iter().take(n) {
+            if insn.is_invalid() {
+                break;
+            }
+            out.push_str(&format!("  {:#010x}: {insn}\n", insn.ip32()));
+        }
+        out
+    }
+
+    pub(crate) fn quit_flag(&self) -> Option<&Arc<AtomicBool>> {
+        self.quit.as_ref()
     }
 
     fn drain_input(&mut self) {

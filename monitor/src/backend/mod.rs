@@ -82,4 +82,20 @@ pub trait Backend {
     fn cpu_state(&mut self) -> Cpu;
     /// Backend counters as `(name, value)` pairs with stable names.
     fn stats(&self) -> Vec<(String, u64)>;
+    /// Deterministic mode: guest instructions retired so far (`None` when
+    /// the backend does not count).
+    fn instruction_count(&self) -> Option<u64> {
+        None
+    }
+    /// Deterministic mode: make `run` return [`VmExit::Interrupted`] when
+    /// the count reaches `at` exactly.
+    fn set_stop_at(&mut self, _at: Option<u64>) {}
+    /// Deterministic mode: idle time the machine skipped (the offset of
+    /// virtual time from the instruction count).
+    fn set_idle_ns(&mut self, _ns: u64) {}
+    /// Reads guest-linear memory as the CPU sees it now (for reports);
+    /// false when it cannot.
+    fn read_linear(&mut self, _linear: u32, _buf: &mut [u8]) -> bool {
+        false
+    }
 }

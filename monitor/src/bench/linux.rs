@@ -8,10 +8,23 @@
 //!   `NB <phase> ...`: `compute` in s, `syscall`, `pgfault`, `ptemod`,
 //!   `ctxsw`, `forkwait` in µs per operation (duration / count).
 //!
-//! The same `nb32` runs natively (a static i386 binary: the host runs it as
-//! a 32-bit process; its stdout lines timed the same way, on a pipe) and,
-//! if `qemu-system-i386` is installed and not `--quick`, the same kernel and
-//! initramfs boot under QEMU TCG, its serial console timed the same way.
+//! The same `nb32` always runs natively (a static i386 binary: the host
+//! runs it as a 32-bit process; its stdout lines timed the same way, on a
+//! pipe): the reference. Then each peer of `--backends` (default
+//! `bt,kvm,qemu`) boots the same kernel and initramfs:
+//!
+//! - `bt` and `kvm`: [`crate::run::run`] with [`BackendKind`] `Bt` / `Kvm`
+//!   (the `popek run` path), on a thread of their own;
+//! - `kvm` only after [`kvm_probe`]: the calibration loop
+//!   (`kvm::measure_speed`, bounded by [`KVM_PROBE_TIMEOUT`]) and the paging
+//!   probe. An emulating /dev/kvm (below [`kvm::is_hardware_speed`], as the
+//!   PVM-backed one of the project's machines), refused 32-bit paging, or a
+//!   missing or forbidden /dev/kvm skip the peer with the reason;
+//! - `qemu`: `qemu-system-i386` TCG, its serial console timed the same way
+//!   (skipped with `--quick` or when not installed).
+//!
+//! A skipped peer prints `linux: <peer> skipped: <reason>` and gets one
+//! [`Row::skipped`] per figure (JSON `value: null, skipped: <reason>`).
 //!
 //! Inputs: `POPEK_KERNEL`, `POPEK_BUSYBOX`, `POPEK_NB32`, by default
 //! `../shared/guests/linux-686/{vmlinuz,busybox}` and
@@ -25,11 +38,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{BenchError, Row};
-use crate::backend::bt::{BtBackend, BtConfig};
-use crate::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
-use crate::loader::{initramfs, linux};
-use crate::memory::GuestMemory;
-use crate::vm::{RunOutcome, Vm};
+use crate::backend::bt::BtConfig;
+use crate::backend::{kvm, BackendError};
+use crate::loader::initramfs;
+use crate::run::{self, BackendKind, RunOptions};
+use crate::vm::RunOutcome;
 
 /// The kernel command line (the loader may add `reservetop=`).
 pub const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -184,31 +197,169 @@ fn rows(backend: &str, figs: Vec<(String, f64, &'static str)>) -> Vec<Row> {
     figs.into_iter().map(|(n, v, u)| Row::new("linux", &n, backend, v, u)).collect()
 }
 
-/// Boots the guest on bt; returns the timed console lines and the VM's
-/// counters.
-pub fn boot_bt(inputs: &Inputs, initrd: &[u8]) -> Result<(TimedLines, Vec<(String, u64)>), BenchError> {
-    let image = std::fs::read(&inputs.kernel)
-        .map_err(|e| BenchError::Input(format!("cannot read {}: {e}", inputs.kernel.display())))?;
-    let lines = TimedLines::default();
-    let start = Instant::now();
-    let mem = Arc::new(GuestMemory::new(RAM)?);
-    let boot = linux::load(&mem, &image, CMDLINE, Some(initrd)).map_err(|e| fail(format!("kernel load: {e}")))?;
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(LineClock::new(start, lines.clone())),
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })
-    .map_err(|e| fail(format!("platform: {e}")))?;
-    let bt = BtBackend::new(mem.clone(), boot.state.to_cpu(), BtConfig::default())
-        .map_err(|e| fail(format!("bt backend: {e}")))?;
-    let mut vm = Vm::new(mem, platform, Box::new(bt), clock);
-    let outcome = vm.run().map_err(|e| fail(format!("run on bt: {e}\n{}", lines.tail(20))))?;
-    if outcome != RunOutcome::HaltedWithInterruptsOff {
-        return Err(fail(format!("bt run ended with {outcome:?}, not a halt:\n{}", lines.tail(20))));
+/// Every figure of a booted backend, `(name, unit)`, in row order.
+pub fn figure_names() -> Vec<(&'static str, &'static str)> {
+    let mut v = vec![("boot_to_init", "s")];
+    v.extend(PHASES.iter().map(|&p| (p, if p == "compute" { "s" } else { "us" })));
+    v
+}
+
+/// One skipped row per figure, each with the reason.
+fn skipped_rows(backend: &str, reason: &str) -> Vec<Row> {
+    figure_names().into_iter().map(|(n, u)| Row::skipped("linux", n, backend, u, reason)).collect()
+}
+
+/// Removes a temporary file when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
-    Ok((lines, vm.stats()))
+}
+
+/// Boots the kernel and initramfs on `kind` through [`crate::run::run`]
+/// (the same path as `popek run --backend <kind>`), on a thread of its own,
+/// its console lines timed from just before the run starts (before guest
+/// RAM is allocated and the kernel loaded). Gives up after `timeout` (the
+/// thread is then left behind: it cannot be cancelled). Returns the timed
+/// lines and the VM's counters.
+pub fn boot(
+    kind: BackendKind,
+    inputs: &Inputs,
+    initrd_path: &Path,
+    timeout: Duration,
+) -> Result<(TimedLines, Vec<(String, u64)>), BenchError> {
+    let name = match kind {
+        BackendKind::Bt => "bt",
+        BackendKind::Kvm => "kvm",
+    };
+    let opts = RunOptions {
+        kernel: Some(inputs.kernel.clone()),
+        initrd: Some(initrd_path.to_owned()),
+        append: Some(CMDLINE.to_owned()),
+        mem: RAM,
+        backend: kind,
+        bt: BtConfig::default(),
+        interactive: false,
+        guest: None,
+    };
+    let lines = TimedLines::default();
+    let console = lines.clone();
+    let (tx, rx) = channel();
+    // The vCPU thread gets a seccomp filter that turns every i386 system
+    // call into SIGSYS, and children inherit it: boot on a thread of its
+    // own so that the native nb32 (started from the caller) is not under it.
+    std::thread::Builder::new()
+        .name(format!("linux-bench-{name}"))
+        .stack_size(16 << 20)
+        .spawn(move || {
+            let start = Instant::now();
+            let _ = tx.send(run::run(&opts, Box::new(LineClock::new(start, console))));
+        })
+        .map_err(|e| fail(format!("cannot start the vCPU thread: {e}")))?;
+    let report = match rx.recv_timeout(timeout) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(fail(format!("run on {name}: {e}\n{}", lines.tail(20)))),
+        Err(RecvTimeoutError::Timeout) => {
+            return Err(fail(format!("{name}: no power-off within {timeout:?}; output so far:\n{}", lines.tail(20))))
+        }
+        Err(RecvTimeoutError::Disconnected) => return Err(fail(format!("the {name} vCPU thread panicked"))),
+    };
+    if report.outcome != RunOutcome::HaltedWithInterruptsOff {
+        return Err(fail(format!("{name} run ended with {:?}, not a halt:\n{}", report.outcome, lines.tail(20))));
+    }
+    Ok((lines, report.stats))
+}
+
+/// Guest instructions the Linux decompressor needs per byte of the
+/// kernel's compressed payload: `valgrind --tool=callgrind xz -dc` of the
+/// 5.64 MB xz payload of Debian's 6.1 `-686` bzImage (16.3 MB out) counts
+/// 1.73 G instructions, ≈ 306 per payload byte (x86-64 liblzma; the
+/// kernel's own i386 `xz_dec` is no cheaper). A lower bound for a boot:
+/// the kernel proper has yet to run.
+pub const DECOMPRESS_INSNS_PER_PAYLOAD_BYTE: f64 = 300.0;
+/// What hardware virtualization runs the calibration loop (`dec ecx; jnz`)
+/// at, for the "N× faster" of the skip reason: ≥ 1 G instructions/s.
+pub const HARDWARE_INSNS_PER_SEC: f64 = 1e9;
+/// How long the KVM probes (calibration loop and paging probe) may take
+/// before the kvm peer is skipped as too slow (normally ~0.2 s).
+pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The size of a bzImage's compressed payload (`payload_length`, boot
+/// protocol ≥ 2.08), or of the whole file if the header does not say.
+pub fn payload_bytes(kernel: &Path) -> u64 {
+    let file_len = std::fs::metadata(kernel).map(|m| m.len()).unwrap_or(0);
+    let mut hdr = [0u8; 0x250];
+    let ok = std::fs::File::open(kernel).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut hdr)).is_ok();
+    let version = u16::from_le_bytes([hdr[0x206], hdr[0x207]]);
+    if ok && &hdr[0x202..0x206] == b"HdrS" && version >= 0x0208 {
+        let n = u32::from_le_bytes([hdr[0x24c], hdr[0x24d], hdr[0x24e], hdr[0x24f]]);
+        if n > 0 {
+            return u64::from(n);
+        }
+    }
+    file_len
+}
+
+/// Why the kvm peer cannot boot Linux here, from the probes' answers:
+/// `speed` in guest instructions/s, `paging` whether 32-bit paging works,
+/// `payload` the kernel's compressed size. `None`: hardware speed and
+/// paging works, so boot it.
+pub fn kvm_skip_reason(speed: f64, paging: Result<bool, String>, payload: u64) -> Option<String> {
+    let slow = (!kvm::is_hardware_speed(speed)).then(|| {
+        let secs = payload as f64 * DECOMPRESS_INSNS_PER_PAYLOAD_BYTE / speed.max(1.0);
+        let need = if secs >= 120.0 { format!("{:.0} min", (secs / 60.0).floor()) } else { format!("{secs:.0} s") };
+        format!(
+            "/dev/kvm emulates 32-bit guests at {:.1} M insns/s (hardware runs ~{:.0}x faster); \
+             the kernel's {:.1} MB compressed payload would need > {need} to decompress",
+            speed / 1e6,
+            HARDWARE_INSNS_PER_SEC / speed.max(1.0),
+            payload as f64 / 1e6
+        )
+    });
+    let paging = match paging {
+        Ok(true) => None,
+        Ok(false) => {
+            Some("/dev/kvm refuses 32-bit paging (mov cr0 with PG raises #GP), which Linux turns on".to_owned())
+        }
+        Err(e) => Some(format!("the 32-bit paging probe failed: {e}")),
+    };
+    match (slow, paging) {
+        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Probes /dev/kvm on a thread of its own, within [`KVM_PROBE_TIMEOUT`]:
+/// the calibration loop first (`kvm::measure_speed`), then 32-bit paging
+/// (`kvm::supports_32bit_paging`). `Some(reason)` if the kvm peer cannot
+/// boot Linux here (missing or forbidden /dev/kvm included).
+pub fn kvm_probe(kernel: &Path) -> Option<String> {
+    let payload = payload_bytes(kernel);
+    let (tx, rx) = channel();
+    let spawned = std::thread::Builder::new().name("linux-bench-kvm-probe".into()).spawn(move || {
+        let r = match kvm::measure_speed() {
+            Err(e @ BackendError::Unavailable(..)) => Some(e.to_string()),
+            Err(e) => Some(format!("the KVM calibration loop failed: {e}")),
+            Ok(speed) => {
+                tracing::info!(speed, "KVM speed");
+                kvm_skip_reason(speed, kvm::supports_32bit_paging().map_err(|e| e.to_string()), payload)
+            }
+        };
+        let _ = tx.send(r);
+    });
+    if let Err(e) = spawned {
+        return Some(format!("cannot start the KVM probe thread: {e}"));
+    }
+    match rx.recv_timeout(KVM_PROBE_TIMEOUT) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => Some(format!(
+            "the KVM calibration loop did not finish within {} s (/dev/kvm is far too slow to boot Linux)",
+            KVM_PROBE_TIMEOUT.as_secs()
+        )),
+        Err(RecvTimeoutError::Disconnected) => Some("the KVM probe panicked".into()),
+    }
 }
 
 /// Runs nb32 on the host, its stdout lines timed on a pipe.
@@ -304,57 +455,131 @@ pub fn boot_qemu(qemu: &Path, kernel: &Path, initrd_path: &Path) -> Result<Timed
     Ok(lines)
 }
 
-/// Runs the linux suite on the guest files named by the environment (or
-/// the defaults).
-pub fn run(quick: bool) -> Result<Vec<Row>, BenchError> {
-    run_with(&Inputs::from_env()?, quick)
+/// The peers of a default run, in order (native always runs too).
+pub const DEFAULT_BACKENDS: [&str; 3] = ["bt", "kvm", "qemu"];
+/// How long one boot (bt, kvm or QEMU) may take before it is given up.
+const BOOT_TIMEOUT: Duration = QEMU_TIMEOUT;
+
+/// What `popek bench --suite linux` was asked for.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub quick: bool,
+    /// Peers to boot, in order: `bt`, `kvm`, `qemu` (native always runs).
+    pub backends: Vec<String>,
 }
 
-/// Runs the linux suite on the given guest files.
-pub fn run_with(inputs: &Inputs, quick: bool) -> Result<Vec<Row>, BenchError> {
-    let scale = if quick { SCALE_QUICK } else { SCALE_FULL };
-    println!("linux: nb32 scale {scale}");
-    let initrd =
-        initramfs::busybox_initramfs(&inputs.busybox, &init_script(scale), &[("nb32".to_owned(), inputs.nb32.clone())])
-            .map_err(|e| fail(format!("initramfs: {e}")))?;
-
-    // The vCPU thread gets a seccomp filter that turns every i386 system
-    // call into SIGSYS, and children inherit it: boot bt on a thread of its
-    // own so that the native nb32 (started from this thread) is not under it.
-    let (bt_lines, stats) = std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name("linux-bench-bt".into())
-            .stack_size(16 << 20)
-            .spawn_scoped(s, || boot_bt(inputs, &initrd))
-            .map_err(|e| fail(format!("cannot start the vCPU thread: {e}")))?
-            .join()
-            .map_err(|_| fail("the vCPU thread panicked".into()))?
-    })?;
-    let interesting = ["bt/time_", "mmu/", "bt/exits/user", "bt/exits/kernel_page_fault", "vm/interrupts_injected"];
-    for (k, v) in stats.iter().filter(|(k, _)| interesting.iter().any(|p| k.starts_with(p))) {
-        tracing::info!(counter = %k, value = v, "linux bt run");
+impl Default for Options {
+    fn default() -> Options {
+        Options { quick: false, backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect() }
     }
-    let figs = figures(&bt_lines.lines(), true).map_err(|e| fail(format!("bt: {e}\n{}", bt_lines.tail(20))))?;
-    let mut out = rows("bt", figs);
+}
 
+/// The result of a run: the rows (skipped figures included, as
+/// [`Row::skipped`]), and for each peer that did not run, why.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub backends: Vec<String>,
+    pub rows: Vec<Row>,
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Checks a `--backends` list: every name one of bt, kvm, qemu.
+pub fn check_backends(backends: &[String]) -> Result<(), BenchError> {
+    match backends.iter().find(|b| !DEFAULT_BACKENDS.contains(&b.as_str())) {
+        Some(b) => Err(BenchError::UnknownBackend {
+            suite: "linux",
+            backend: b.clone(),
+            known: "bt, kvm, qemu; native always runs".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Runs the linux suite with the default peers on the guest files named by
+/// the environment (or the defaults).
+pub fn run(quick: bool) -> Result<Vec<Row>, BenchError> {
+    Ok(run_opts(&Options { quick, ..Options::default() })?.rows)
+}
+
+/// Runs the linux suite as asked, on the guest files named by the
+/// environment (the backends are checked first).
+pub fn run_opts(opts: &Options) -> Result<Report, BenchError> {
+    check_backends(&opts.backends)?;
+    run_report(&Inputs::from_env()?, opts)
+}
+
+/// Runs the linux suite with the default peers on the given guest files.
+pub fn run_with(inputs: &Inputs, quick: bool) -> Result<Vec<Row>, BenchError> {
+    Ok(run_report(inputs, &Options { quick, ..Options::default() })?.rows)
+}
+
+/// Runs the linux suite on the given guest files: native nb32, then each
+/// requested peer in order. Prints `linux: <peer> skipped: <reason>` for a
+/// peer that cannot run (kvm on an emulating or paging-refusing /dev/kvm,
+/// qemu with `--quick` or not installed); its figures become skipped rows.
+pub fn run_report(inputs: &Inputs, opts: &Options) -> Result<Report, BenchError> {
+    check_backends(&opts.backends)?;
+    let quick = opts.quick;
+    let scale = if quick { SCALE_QUICK } else { SCALE_FULL };
+    println!("linux: nb32 scale {scale}, backends native,{}", opts.backends.join(","));
+    let mut report = Report { backends: opts.backends.clone(), ..Report::default() };
+
+    // Native first, from this thread (never a vCPU thread: see `run_native`).
     let native = run_native(&inputs.nb32, scale)?;
     let figs = figures(&native.lines(), false).map_err(|e| fail(format!("native: {e}\n{}", native.tail(20))))?;
-    out.extend(rows("native", figs));
+    report.rows.extend(rows("native", figs));
 
-    if quick {
-        println!("linux: qemu skipped (--quick)");
-    } else if let Some(qemu) = find_qemu() {
-        let path = std::env::temp_dir().join(format!("popek-linux-bench-{}.cpio.gz", std::process::id()));
-        std::fs::write(&path, &initrd).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
-        let r = boot_qemu(&qemu, &inputs.kernel, &path);
-        let _ = std::fs::remove_file(&path);
-        let q = r?;
-        let figs = figures(&q.lines(), true).map_err(|e| fail(format!("qemu: {e}\n{}", q.tail(20))))?;
-        out.extend(rows("qemu", figs));
-    } else {
-        println!("linux: qemu skipped (qemu-system-i386 is not on PATH)");
+    let mut initrd: Option<TempFile> = None;
+    for b in &opts.backends {
+        let skip = match b.as_str() {
+            "kvm" => kvm_probe(&inputs.kernel),
+            "qemu" if quick => Some("--quick".to_owned()),
+            "qemu" if find_qemu().is_none() => Some("qemu-system-i386 is not on PATH".to_owned()),
+            _ => None,
+        };
+        if let Some(reason) = skip {
+            println!("linux: {b} skipped: {reason}");
+            report.rows.extend(skipped_rows(b, &reason));
+            report.skipped.push((b.clone(), reason));
+            continue;
+        }
+        let path = match &initrd {
+            Some(t) => t.0.clone(),
+            None => {
+                let data = initramfs::busybox_initramfs(
+                    &inputs.busybox,
+                    &init_script(scale),
+                    &[("nb32".to_owned(), inputs.nb32.clone())],
+                )
+                .map_err(|e| fail(format!("initramfs: {e}")))?;
+                let path = std::env::temp_dir().join(format!("popek-linux-bench-{}.cpio.gz", std::process::id()));
+                std::fs::write(&path, &data).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+                initrd.insert(TempFile(path)).0.clone()
+            }
+        };
+        let lines = match b.as_str() {
+            "qemu" => boot_qemu(&find_qemu().expect("checked above"), &inputs.kernel, &path)?,
+            peer => {
+                let kind = if peer == "kvm" { BackendKind::Kvm } else { BackendKind::Bt };
+                let (lines, stats) = boot(kind, inputs, &path, BOOT_TIMEOUT)?;
+                let interesting = [
+                    "bt/time_",
+                    "mmu/",
+                    "bt/exits/user",
+                    "bt/exits/kernel_page_fault",
+                    "vm/interrupts_injected",
+                    "kvm/",
+                ];
+                for (k, v) in stats.iter().filter(|(k, _)| interesting.iter().any(|p| k.starts_with(p))) {
+                    tracing::info!(counter = %k, value = v, "linux {peer} run");
+                }
+                lines
+            }
+        };
+        let figs = figures(&lines.lines(), true).map_err(|e| fail(format!("{b}: {e}\n{}", lines.tail(20))))?;
+        report.rows.extend(rows(b, figs));
     }
-    Ok(out)
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -388,5 +613,25 @@ mod tests {
         assert_eq!(f[2], ("syscall".to_owned(), 500.0, "us"));
         assert_eq!(f.len(), 7);
         assert!(figures(&lines[..4], true).is_err());
+        let names: Vec<&str> = f.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(names, figure_names().iter().map(|x| x.0).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn kvm_skip_reasons() {
+        let r = kvm_skip_reason(1.4e6, Ok(false), 5_640_108).unwrap();
+        assert!(r.starts_with("/dev/kvm emulates 32-bit guests at 1.4 M insns/s (hardware runs ~714x faster)"), "{r}");
+        assert!(r.contains("5.6 MB compressed payload would need > 20 min to decompress"), "{r}");
+        assert!(r.ends_with("; /dev/kvm refuses 32-bit paging (mov cr0 with PG raises #GP), which Linux turns on"));
+        assert!(kvm_skip_reason(2e9, Ok(false), 1).unwrap().starts_with("/dev/kvm refuses 32-bit paging"));
+        assert!(kvm_skip_reason(50e6, Ok(true), 5_000_000).unwrap().contains("would need > 30 s"));
+        assert_eq!(kvm_skip_reason(2e9, Ok(true), 5_000_000), None);
+    }
+
+    #[test]
+    fn unknown_backend_is_an_error() {
+        assert!(check_backends(&["bt".into(), "kvm".into(), "qemu".into()]).is_ok());
+        let e = run_opts(&Options { quick: true, backends: vec!["kvm".into(), "xen".into()] }).unwrap_err();
+        assert!(e.to_string().contains("unknown backend \"xen\""), "{e}");
     }
 }

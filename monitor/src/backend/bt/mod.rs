@@ -46,6 +46,50 @@ pub struct BtConfig {
     /// Log every translated block next to its translation (tracing, target
     /// `popek::translations`, level info).
     pub log_translations: bool,
+    /// The deterministic mode (record/replay): every guest instruction runs
+    /// translated, user code included, and the TC counts retired
+    /// instructions; RDTSC reads virtual time.
+    pub deterministic: bool,
+}
+
+impl BtConfig {
+    /// Applies one `--engine` switch: nochain, nopoll, noinline, inline, or
+    /// the test-only `corrupt=MNEMONIC` (translations of that instruction
+    /// class compute a wrong result; replay must catch it).
+    pub fn apply_switch(&mut self, switch: &str) -> Result<(), String> {
+        match switch {
+            "nochain" => self.engine.chaining = false,
+            "nopoll" => self.engine.poll_at_block_entry = false,
+            "noinline" => self.engine.inline_flags = false,
+            "inline" => self.engine.inline_flags = true,
+            s if s.starts_with("corrupt=") => {
+                let name = &s["corrupt=".len()..];
+                let m = iced_x86::Mnemonic::values()
+                    .find(|m| format!("{m:?}").eq_ignore_ascii_case(name))
+                    .ok_or_else(|| format!("corrupt={name}: not an x86 mnemonic"))?;
+                self.engine.corrupt = Some(m);
+            }
+            other => {
+                return Err(format!(
+                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, corrupt=MNEMONIC)"
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The counting state of the deterministic mode (docs/record-replay.md).
+#[derive(Clone, Copy, Debug, Default)]
+struct Counting {
+    /// Guest instructions retired (exact whenever the monitor has control).
+    retired: u64,
+    /// Stop (`VmExit::Interrupted`) when `retired` reaches this.
+    stop_at: Option<u64>,
+    /// The budget as the TC last saw it: what was charged is the difference.
+    budget_seen: i32,
+    /// Idle time skipped by the machine (the virtual clock's offset).
+    idle_ns: u64,
 }
 
 /// An I/O instruction waiting for the machine.
@@ -98,6 +142,7 @@ pub struct BtBackend {
     /// Last translated-mode selectors: (guest segments, LDT-write stamp,
     /// host selectors, guest GS shadow).
     tc_segments: Option<([SegReg; 5], u64, Segments, u16)>,
+    tc_segments_cpl: u8,
     /// What `run` returns first (the second half of an MMIO access).
     pending_exit: Option<Result<VmExit, BackendError>>,
     /// A kick landed in a committed TC sequence: re-enter the host state
@@ -105,6 +150,8 @@ pub struct BtBackend {
     raw_resume: bool,
     config: BtConfig,
     stats: BtStats,
+    /// Present in the deterministic mode.
+    counting: Option<Counting>,
 }
 
 impl BtBackend {
@@ -120,7 +167,11 @@ impl BtBackend {
         // backend (one per process: `Vcpu::new` succeeded) is its only user.
         let alias: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
         let view = engine::VmmAreaView::new(base, Box::new(VmmAlias(alias)));
-        let engine = Engine::new(view, config.engine).map_err(failed)?;
+        let mut engine_config = config.engine;
+        if config.deterministic {
+            engine_config.count_insns = true;
+        }
+        let engine = Engine::new(view, engine_config).map_err(failed)?;
         let mmu =
             ShadowMmu::new(MmuConfig { mmap_min_addr: window.min_addr(), vmm_base: base, ..MmuConfig::default() });
         let mut b = BtBackend {
@@ -137,9 +188,11 @@ impl BtBackend {
             raw_resume: false,
             pending_mmio: None,
             tc_segments: None,
+            tc_segments_cpl: 0,
             pending_exit: None,
             config,
             stats: BtStats::default(),
+            counting: config.deterministic.then(Counting::default),
         };
         b.page_write_u32(page::EXIT_FAR, window.exit_gate());
         b.page_write_u16(page::EXIT_FAR + 4, crate::host::ldt::HOST_CS64);
@@ -295,10 +348,12 @@ impl BtBackend {
             let exit = self.run_host(true)?;
             let host_eip = self.save_host_regs();
             self.sync_virtual_flags();
+            self.settle_budget();
             return self.handle_translated_exit(exit, host_eip);
         }
         let c = &self.cpu;
-        let direct = c.cpl == 3 && c.iopl() < 3 && c.protected_mode() && c.eflags & flags::VM == 0;
+        let direct =
+            self.counting.is_none() && c.cpl == 3 && c.iopl() < 3 && c.protected_mode() && c.eflags & flags::VM == 0;
         self.cpu.interrupt_shadow = false;
         if direct {
             self.step_direct()
@@ -472,14 +527,37 @@ impl BtBackend {
     fn step_translated(&mut self) -> Result<Option<VmExit>, BackendError> {
         let key = self.key();
         let mem = self.mem.clone();
+        let mut budget = None;
+        if let Some(c) = &self.counting {
+            let left = c.stop_at.map_or(u64::MAX, |s| s.saturating_sub(c.retired));
+            if left == 0 {
+                return Ok(Some(VmExit::Interrupted));
+            }
+            budget = Some(left.min(vmm_area::BUDGET_MAX as u64) as i32);
+        }
+        // The block would overrun the stop: translate a shorter one (once the
+        // full block's entry check has said so, see `callout`).
+        let cap = self
+            .counting
+            .as_ref()
+            .and_then(|c| c.stop_at.map(|s| s - c.retired))
+            .filter(|&l| self.engine.block(&key).is_some_and(|b| b.insns.len() as u64 > l));
         let tc = {
             let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: key.cpl == 3 };
-            match self.engine.enter(key, &mut code) {
+            let r = match cap {
+                Some(cap) => self.engine.translate_capped(key, cap as usize, &mut code),
+                None => self.engine.enter(key, &mut code),
+            };
+            match r {
                 Ok(tc) => tc,
                 Err(EngineError::Fetch(f)) => return self.fetch_fault(f.linear),
                 Err(e) => return Err(failed(e)),
             }
         };
+        if let (Some(b), Some(c)) = (budget, self.counting.as_mut()) {
+            c.budget_seen = b;
+            self.page_write_u32(page::BUDGET, b as u32);
+        }
         self.after_translation(&key);
         let (segs, guest_gs) = self.translated_segments()?;
         self.page_write_u16(page::GUEST_GS_SEL, guest_gs);
@@ -498,7 +576,40 @@ impl BtBackend {
         let exit = self.run_host(true)?;
         let host_eip = self.save_host_regs();
         self.sync_virtual_flags();
+        self.settle_budget();
         self.handle_translated_exit(exit, host_eip)
+    }
+
+    /// Counting mode: adds what the TC charged since the last look.
+    fn settle_budget(&mut self) {
+        let now = self.page_read_u32(page::BUDGET) as i32;
+        if let Some(c) = self.counting.as_mut() {
+            c.retired = c.retired.wrapping_add((i64::from(c.budget_seen) - i64::from(now)) as u64);
+            c.budget_seen = now;
+        }
+    }
+
+    /// Counting mode: the TC left a block after `done` of its `charged`
+    /// instructions (entries charge the whole block up front).
+    fn refund(&mut self, charged: u32, done: u32) {
+        if let Some(c) = self.counting.as_mut() {
+            c.retired -= u64::from(charged.saturating_sub(done));
+        }
+    }
+
+    /// Counting mode: the monitor completed one guest instruction.
+    fn retire(&mut self) {
+        if let Some(c) = self.counting.as_mut() {
+            c.retired += 1;
+        }
+    }
+
+    /// The guest's TSC: the host's, or virtual time in the counting mode.
+    fn guest_tsc_base(&self) -> u64 {
+        match &self.counting {
+            Some(c) => crate::devices::clock::VirtualTime { idle_ns: c.idle_ns }.tsc(c.retired),
+            None => rdtsc(),
+        }
     }
 
     /// Host selectors for translated code (and the guest GS shadow for
@@ -508,20 +619,24 @@ impl BtBackend {
     fn translated_segments(&mut self) -> Result<(Segments, u16), BackendError> {
         let regs = [Seg::Ss, Seg::Ds, Seg::Es, Seg::Fs, Seg::Gs].map(|s| *self.cpu.seg(s));
         if let Some((cached, stamp, segs, gs)) = &self.tc_segments {
-            if *cached == regs && *stamp == self.stats.ldt_writes {
+            if *cached == regs && *stamp == self.stats.ldt_writes && self.tc_segments_cpl == self.cpu.cpl {
                 return Ok((*segs, *gs));
             }
         }
+        // Translated user code (counting mode) keeps the guest's limits, as
+        // direct user code does: glibc's TLS accesses wrap around 4 GiB.
+        let user = self.cpu.cpl == 3;
         let segs = Segments {
             cs: self.host.vmm_code_selector(),
-            ss: self.shadow(regs[0], false, false)?,
-            ds: self.shadow(regs[1], true, false)?,
-            es: self.shadow(regs[2], true, false)?,
-            fs: self.shadow(regs[3], true, false)?,
+            ss: self.shadow(regs[0], false, user)?,
+            ds: self.shadow(regs[1], true, user)?,
+            es: self.shadow(regs[2], true, user)?,
+            fs: self.shadow(regs[3], true, user)?,
             gs: self.host.vmm_data_selector(),
         };
-        let guest_gs = self.shadow(regs[4], true, false)?;
+        let guest_gs = self.shadow(regs[4], true, user)?;
         self.tc_segments = Some((regs, self.stats.ldt_writes, segs, guest_gs));
+        self.tc_segments_cpl = self.cpu.cpl;
         Ok((segs, guest_gs))
     }
 
@@ -595,10 +710,12 @@ impl BtBackend {
         match exit {
             Exit::InvalidOpcode if done => {
                 self.cpu.eip = next_eip;
+                self.retire();
                 Ok(None)
             }
             Exit::Kick if done => {
                 self.cpu.eip = next_eip;
+                self.retire();
                 Ok(Some(VmExit::Interrupted))
             }
             Exit::Kick => Ok(Some(VmExit::Interrupted)),
@@ -726,6 +843,7 @@ impl BtBackend {
         let (exit, done) = self.redirect_and_run(&insn, &mut data)?;
         if done && matches!(exit, Exit::InvalidOpcode | Exit::Kick) {
             self.cpu.eip = insn.next_ip32();
+            self.retire();
             if writes {
                 let mut b = [0u8; 8];
                 b[..size].copy_from_slice(&data);
@@ -833,6 +951,15 @@ impl BtBackend {
         if exit == Exit::Callout {
             return self.callout();
         }
+        let deferred = exit == Exit::Kick && self.config.engine.poll_at_block_entry;
+        if self.counting.is_some() && !deferred {
+            // A fault or stop inside a block: what it did not retire is refunded.
+            if let Some((n, done)) =
+                self.engine.block_at(host_eip).map(|b| (b.insns.len() as u32, b.retired_at(host_eip)))
+            {
+                self.refund(n, done);
+            }
+        }
         if exit == Exit::Kick && self.config.engine.poll_at_block_entry && self.engine.block_at(host_eip).is_some() {
             // Asynchronous stops happen at the translator's own safe points:
             // raise the poll flag and let the TC run on to the next block
@@ -880,6 +1007,7 @@ impl BtBackend {
         let id = self.page_read_u32(page::CALLOUT_ID);
         let site = self.engine.callout_site(id).cloned().ok_or_else(|| failed(format!("unknown callout site {id}")))?;
         self.engine.note_callout(id);
+        self.refund(site.block_insns, site.insns_before);
         self.count("callout");
         match site.kind {
             CalloutKind::BlockExit => {
@@ -914,6 +1042,12 @@ impl BtBackend {
             }
             CalloutKind::Poll => {
                 self.cpu.eip = site.guest_eip;
+                let budget_only = site.insns_before == 0 && self.page_read_u32(page::POLL) == 0;
+                if budget_only && self.counting.is_some_and(|c| c.stop_at.is_none_or(|s| c.retired < s)) {
+                    // The block would overrun the stop: the next step runs a
+                    // shorter translation up to it.
+                    return Ok(None);
+                }
                 Ok(Some(VmExit::Interrupted))
             }
             CalloutKind::GeneralProtection => {
@@ -932,11 +1066,23 @@ impl BtBackend {
         tracing::trace!(eip = format_args!("{:#x}", self.cpu.eip), next = format_args!("{next_eip:#x}"), %insn, "sensitive");
         let mem = self.mem.clone();
         let policy = self.policy.clone();
+        let host_tsc = self.guest_tsc_base();
         let result = {
             let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };
-            let mut env = Env { mem: &mut lin, policy: &policy, host_tsc: rdtsc() };
+            let mut env = Env { mem: &mut lin, policy: &policy, host_tsc };
             sensitive::execute(&mut self.cpu, &mut env, insn)
         };
+        if matches!(
+            result,
+            Ok(Outcome::Next
+                | Outcome::SegmentLoaded(_)
+                | Outcome::Jumped
+                | Outcome::Mmu(_)
+                | Outcome::Halt
+                | Outcome::Interrupt(_))
+        ) {
+            self.retire();
+        }
         match result {
             Ok(Outcome::Next) | Ok(Outcome::SegmentLoaded(_)) => {
                 self.cpu.eip = next_eip;
@@ -976,8 +1122,18 @@ impl BtBackend {
         let phys = Phys(&mem);
         let mut mapper = WindowMapper { window: self.window, mem: &mem };
         match effect {
-            MmuEffect::Cr3 { new } => self.mmu.set_cr3(&phys, &mut mapper, new).map_err(failed),
-            MmuEffect::Invlpg(lin) => self.mmu.invlpg(&mut mapper, lin).map_err(failed),
+            MmuEffect::Cr3 { new } => {
+                self.mmu.set_cr3(&phys, &mut mapper, new).map_err(failed)?;
+                self.revalidate_user();
+                Ok(())
+            }
+            MmuEffect::Invlpg(lin) => {
+                self.mmu.invlpg(&mut mapper, lin).map_err(failed)?;
+                if lin < self.window.vmm_base() && self.counting.is_some() && lin < 0xC000_0000 {
+                    self.revalidate_user();
+                }
+                Ok(())
+            }
             MmuEffect::Cr0 { new, .. } => {
                 self.mmu.set_cr0(&phys, &mut mapper, new).map_err(failed)?;
                 self.revalidate();
@@ -991,6 +1147,17 @@ impl BtBackend {
         }
     }
 
+    /// The address space changed: translated user code whose pages now map
+    /// elsewhere goes (only the counting mode translates user code).
+    fn revalidate_user(&mut self) {
+        if self.counting.is_none() {
+            return;
+        }
+        let mem = self.mem.clone();
+        let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: true };
+        self.engine.revalidate_user_mappings(&mut code);
+    }
+
     /// Paging changed: translations whose linear pages now map elsewhere go.
     fn revalidate(&mut self) {
         let mem = self.mem.clone();
@@ -1001,6 +1168,7 @@ impl BtBackend {
     fn start_io(&mut self, insn: &Instruction, op: IoOp, next_eip: u32) -> Result<Option<VmExit>, BackendError> {
         if sensitive::string_io_is_empty(&self.cpu, insn) {
             self.cpu.eip = next_eip;
+            self.retire();
             return Ok(None);
         }
         self.count("io");
@@ -1041,12 +1209,19 @@ impl BtBackend {
                 };
                 gpr_write(&mut self.cpu, reg, value);
                 self.cpu.eip = next_eip;
+                self.retire();
             }
-            PendingIo::Out { next_eip } => self.cpu.eip = next_eip,
+            PendingIo::Out { next_eip } => {
+                self.cpu.eip = next_eip;
+                self.retire();
+            }
             PendingIo::Ins { insn, op, next_eip } | PendingIo::Outs { insn, op, next_eip } => {
                 let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };
                 match sensitive::complete_string_io(&mut self.cpu, &mut lin, &insn, op, value) {
-                    Ok(true) => self.cpu.eip = next_eip,
+                    Ok(true) => {
+                        self.cpu.eip = next_eip;
+                        self.retire();
+                    }
                     Ok(false) => {}
                     Err(f) => {
                         let _ = self.fault(f);
@@ -1164,6 +1339,38 @@ impl Backend for BtBackend {
 
     fn cpu_state(&mut self) -> Cpu {
         self.cpu.clone()
+    }
+
+    fn instruction_count(&self) -> Option<u64> {
+        self.counting.as_ref().map(|c| c.retired)
+    }
+
+    fn set_stop_at(&mut self, at: Option<u64>) {
+        if let Some(c) = self.counting.as_mut() {
+            c.stop_at = at;
+        }
+    }
+
+    fn read_linear(&mut self, linear: u32, buf: &mut [u8]) -> bool {
+        use engine::GuestCode;
+        let mem = self.mem.clone();
+        let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: false };
+        let mut done = 0;
+        while done < buf.len() {
+            let lin = linear.wrapping_add(done as u32);
+            let n = (4096 - (lin & 0xFFF) as usize).min(buf.len() - done);
+            if code.fetch(lin, &mut buf[done..done + n]).is_err() {
+                return false;
+            }
+            done += n;
+        }
+        true
+    }
+
+    fn set_idle_ns(&mut self, ns: u64) {
+        if let Some(c) = self.counting.as_mut() {
+            c.idle_ns = ns;
+        }
     }
 
     fn stats(&self) -> Vec<(String, u64)> {

@@ -1,0 +1,405 @@
+//! The deterministic mode: the run loop of record and replay.
+//!
+//! The guest's whole execution is a function of its instruction count:
+//! the bt backend counts retired instructions exactly (every block entry
+//! charges its length to a budget, docs/translator.md "Counting"), stops at
+//! exact counts, and virtual time ([`VirtualTime`]) drives the PIT, the RTC
+//! and RDTSC. What the host contributes (console bytes) enters only at
+//! *designated points* whose counts are fixed by the guest alone:
+//!
+//! - every `input_quantum` instructions (the first loop turn at or after the
+//!   count — the backend stops there exactly), and
+//! - at each HLT (one per count: the HLT retires).
+//!
+//! A [`Session`] is told about each point and each observable event: the
+//! recorder writes them to a trace, the replayer feeds the recorded input
+//! back and checks everything else (docs/record-replay.md).
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::backend::{BackendError, VmExit};
+use crate::cpu::Cpu;
+use crate::devices::clock::{ManualClock, VirtualTime};
+use crate::devices::misc::PlatformEvent;
+use crate::trace::format::{Checkpoint, End, Event, InputPoint, MemoryDigest, Regs};
+use crate::vm::{RunOutcome, Vm};
+
+/// How often the loop stops for checkpoints and input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DetOptions {
+    /// Instructions between register checkpoints.
+    pub checkpoint_every: u64,
+    /// Instructions between memory digests (taken at a checkpoint).
+    pub memory_every: u64,
+    /// Instructions between the points where console input may enter.
+    pub input_quantum: u64,
+    /// Stop at this instruction count and report the state.
+    pub until: Option<u64>,
+}
+
+impl Default for DetOptions {
+    fn default() -> Self {
+        DetOptions { checkpoint_every: 4_000_000, memory_every: 256_000_000, input_quantum: 1_000_000, until: None }
+    }
+}
+
+/// How long the recorder may wait for console input at a HLT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    No,
+    /// The guest sleeps this long (virtual time to its next timer).
+    Upto(Duration),
+    /// Nothing else can wake the guest.
+    Forever,
+}
+
+#[derive(Debug, Error)]
+pub enum DetError {
+    #[error("the {0} backend cannot count instructions (the deterministic mode needs bt)")]
+    NotCounting(&'static str),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The replay left the recorded execution (the report says where).
+    #[error("{0}")]
+    Diverged(String),
+    #[error("trace: {0}")]
+    Trace(String),
+}
+
+/// What a deterministic run hears about: the recorder or the replayer.
+pub trait Session {
+    /// Console input entering at this designated point.
+    fn input(&mut self, count: u64, point: InputPoint, wait: Wait) -> Result<Vec<u8>, DetError>;
+    /// A port access, an injected interrupt: stored or checked.
+    fn observe(&mut self, event: Event) -> Result<(), DetError>;
+    /// A checkpoint with the full page-hash map behind its memory digest.
+    fn checkpoint(&mut self, cp: Checkpoint, pages: &PageHashes) -> Result<(), DetError>;
+    /// The run ended (the guest's end, `--until`, or the user quit).
+    fn end(&mut self, end: End) -> Result<(), DetError>;
+    /// A count the run must stop at besides the designated points (the
+    /// replayer: the recorded end).
+    fn stop_hint(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// How a deterministic run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DetOutcome {
+    Finished(RunOutcome),
+    /// Reached `--until`/the recorded end: the state there.
+    Stopped {
+        count: u64,
+        state: String,
+    },
+}
+
+/// Everything the guest wrote to its console, as a length and a hash
+/// (checkpoints compare it), optionally kept in full.
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleLog {
+    pub len: u64,
+    pub hash: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A console writer that feeds a [`ConsoleLog`] on its way to `inner`.
+pub struct ConsoleTap {
+    inner: Box<dyn Write + Send>,
+    log: Arc<Mutex<ConsoleLog>>,
+}
+
+impl ConsoleTap {
+    pub fn new(inner: Box<dyn Write + Send>) -> (ConsoleTap, Arc<Mutex<ConsoleLog>>) {
+        let log = Arc::new(Mutex::new(ConsoleLog { hash: FNV_OFFSET, ..ConsoleLog::default() }));
+        (ConsoleTap { inner, log: log.clone() }, log)
+    }
+}
+
+impl Write for ConsoleTap {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Ok(mut l) = self.log.lock() {
+            l.len += n as u64;
+            l.hash = fnv1a(l.hash, &buf[..n]);
+            l.bytes.extend_from_slice(&buf[..n]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// 32-bit hash of one 4 KiB page (four independent lanes of 64-bit
+/// multiply-xorshift, folded): memory digests hash all of guest RAM.
+pub fn page_hash(page: &[u8]) -> u32 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut lanes = [1u64, 2, 3, 4];
+    for chunk in page.chunks_exact(32) {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let w = u64::from_le_bytes(chunk[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+            *lane = (*lane ^ w).wrapping_mul(K);
+            *lane ^= *lane >> 29;
+        }
+    }
+    let h = lanes.iter().fold(0u64, |a, &l| (a ^ l).wrapping_mul(K).rotate_left(23));
+    (h ^ (h >> 32)) as u32
+}
+
+/// The hash of every guest page at the last memory digest.
+#[derive(Clone, Debug, Default)]
+pub struct PageHashes {
+    pub pages: std::collections::BTreeMap<u32, u32>,
+}
+
+impl PageHashes {
+    /// Hashes guest RAM; returns the digest of what changed since the last
+    /// call (zero pages are left out of the first one).
+    pub fn update(&mut self, ram: &[u8]) -> MemoryDigest {
+        let zero = page_hash(&[0u8; 4096]);
+        let mut changed = Vec::new();
+        let mut whole = FNV_OFFSET;
+        for (i, page) in ram.chunks(4096).enumerate() {
+            let h = page_hash(page);
+            whole = (whole ^ u64::from(h)).wrapping_mul(0x100_0000_01b3);
+            let old = self.pages.get(&(i as u32)).copied().unwrap_or(zero);
+            if old != h {
+                changed.push((i as u32, h));
+                self.pages.insert(i as u32, h);
+            }
+        }
+        MemoryDigest { whole, pages: changed }
+    }
+}
+
+/// The registers a checkpoint keeps.
+pub fn regs_of(cpu: &Cpu) -> Regs {
+    Regs {
+        gpr: cpu.gpr,
+        eip: cpu.eip,
+        eflags: cpu.eflags,
+        sel: std::array::from_fn(|i| cpu.seg[i].selector),
+        cr0: cpu.cr0,
+        cr2: cpu.cr2,
+        cr3: cpu.cr3,
+        cr4: cpu.cr4,
+    }
+}
+
+impl Vm {
+    /// Runs the guest deterministically until it ends, `opts.until`, or the
+    /// session stops it (a divergence). `clock` is the platform's clock.
+    pub fn run_deterministic(
+        &mut self,
+        clock: &ManualClock,
+        console: &Arc<Mutex<ConsoleLog>>,
+        session: &mut dyn Session,
+        opts: &DetOptions,
+    ) -> Result<DetOutcome, DetError> {
+        let name = self.backend.name();
+        let mut count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
+        let mut vt = VirtualTime::default();
+        let every = opts.checkpoint_every.max(1);
+        let quantum = opts.input_quantum.max(1);
+        let mut next_cp = 0u64;
+        let mut next_mem = 0u64;
+        let mut next_input = quantum;
+        let mut pages = PageHashes::default();
+        let outcome = loop {
+            clock.set(vt.ns(count));
+            self.platform.poll_timers(vt.ns(count));
+            if count >= next_cp {
+                let memory = (count >= next_mem).then(|| {
+                    next_mem = (count / opts.memory_every.max(1) + 1) * opts.memory_every.max(1);
+                    pages.update(self.mem.slice(0, self.mem.size()).unwrap_or_default())
+                });
+                let cp = self.checkpoint(count, console, memory);
+                session.checkpoint(cp, &pages)?;
+                next_cp = (count / every + 1) * every;
+            }
+            if count >= next_input {
+                let bytes = session.input(count, InputPoint::Quantum, Wait::No)?;
+                if !bytes.is_empty() {
+                    self.platform.push_console_input(&bytes);
+                }
+                next_input = (count / quantum + 1) * quantum;
+            }
+            if let Some(ev) = self.platform.take_events().into_iter().next() {
+                break DetOutcome::Finished(match ev {
+                    PlatformEvent::DebugExit(c) => RunOutcome::DebugExit(c),
+                    PlatformEvent::PowerOff => RunOutcome::PowerOff,
+                    PlatformEvent::Reset => RunOutcome::Reset,
+                });
+            }
+            if let Some(stop) = opts.until.into_iter().chain(session.stop_hint()).min() {
+                if count >= stop {
+                    break DetOutcome::Stopped { count, state: self.backend.cpu_state().dump() };
+                }
+            }
+            if self.quit_requested() {
+                break DetOutcome::Finished(RunOutcome::Quit);
+            }
+            if self.platform.pending_interrupt() {
+                if self.backend.interrupts_enabled() {
+                    if let Some(v) = self.platform.acknowledge_interrupt() {
+                        self.backend.inject_interrupt(v)?;
+                        self.interrupts_injected += 1;
+                        session.observe(Event::Interrupt { count, vector: v })?;
+                    }
+                    self.backend.request_interrupt_window(false);
+                } else {
+                    self.backend.request_interrupt_window(true);
+                }
+            }
+            let mut stop = next_cp.min(next_input);
+            if let Some(d) = self.platform.next_deadline_ns() {
+                stop = stop.min(vt.count_at(d, count + 1));
+            }
+            for s in opts.until.into_iter().chain(session.stop_hint()) {
+                stop = stop.min(s);
+            }
+            self.backend.set_stop_at(Some(stop.max(count + 1)));
+            let exit = self.backend.run()?;
+            count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
+            clock.set(vt.ns(count));
+            match exit {
+                VmExit::IoIn { port, size } => {
+                    let value = self.platform.io_in(port, size);
+                    session.observe(Event::Io { count, port, size, write: false, value })?;
+                    self.backend.complete_io_in(value);
+                }
+                VmExit::IoOut { port, size, value } => {
+                    session.observe(Event::Io { count, port, size, write: true, value })?;
+                    self.platform.io_out(port, size, value);
+                }
+                VmExit::MmioRead { addr, size } => {
+                    let mut b = [0u8; 8];
+                    self.platform.mmio_read(addr, &mut b[..usize::from(size).min(8)]);
+                    self.backend.complete_mmio_read(u64::from_le_bytes(b));
+                }
+                VmExit::MmioWrite { addr, size, value } => {
+                    self.platform.mmio_write(addr, &value.to_le_bytes()[..usize::from(size).min(8)])
+                }
+                VmExit::Halt => {
+                    self.halts += 1;
+                    if !self.backend.interrupts_enabled() && !self.platform.pending_interrupt() {
+                        break DetOutcome::Finished(RunOutcome::HaltedWithInterruptsOff);
+                    }
+                    if let Some(o) = self.idle(count, &mut vt, session)? {
+                        break DetOutcome::Finished(o);
+                    }
+                }
+                VmExit::Interrupted | VmExit::InterruptWindow => {}
+                VmExit::TripleFault => {
+                    break DetOutcome::Finished(RunOutcome::TripleFault(self.backend.cpu_state().dump()));
+                }
+            }
+        };
+        // A last checkpoint with memory: the end state is verified whole.
+        let cp =
+            self.checkpoint(count, console, Some(pages.update(self.mem.slice(0, self.mem.size()).unwrap_or_default())));
+        session.checkpoint(cp, &pages)?;
+        let cpu = self.backend.cpu_state();
+        let log = console.lock().map(|l| l.clone()).unwrap_or_default();
+        let text = match &outcome {
+            DetOutcome::Finished(o) => o.to_string(),
+            DetOutcome::Stopped { .. } => "stopped".to_string(),
+        };
+        let text = text.lines().next().unwrap_or_default().to_string();
+        session.end(End { count, outcome: text, regs: regs_of(&cpu), console_len: log.len, console_hash: log.hash })?;
+        Ok(outcome)
+    }
+
+    /// A HLT at `count` (a designated point): console input may enter; else
+    /// virtual time skips to the next timer. `Some` when nothing can ever
+    /// wake the guest.
+    fn idle(
+        &mut self,
+        count: u64,
+        vt: &mut VirtualTime,
+        session: &mut dyn Session,
+    ) -> Result<Option<RunOutcome>, DetError> {
+        let now = vt.ns(count);
+        self.platform.poll_timers(now);
+        let deadline = self.platform.next_deadline_ns();
+        let wait = match deadline {
+            _ if self.platform.pending_interrupt() => Wait::No,
+            Some(d) => Wait::Upto(Duration::from_nanos(d.saturating_sub(now).min(50_000_000))),
+            None => Wait::Forever,
+        };
+        let bytes = session.input(count, InputPoint::Halt, wait)?;
+        if !bytes.is_empty() {
+            self.platform.push_console_input(&bytes);
+        }
+        if self.platform.pending_interrupt() {
+            return Ok(None);
+        }
+        match deadline {
+            Some(d) if d > now => {
+                vt.idle_ns += d - now;
+                self.backend.set_idle_ns(vt.idle_ns);
+                Ok(None)
+            }
+            Some(_) => Ok(None),
+            None if bytes.is_empty() => Ok(Some(RunOutcome::Idle)),
+            None => Ok(None),
+        }
+    }
+
+    fn checkpoint(&mut self, count: u64, console: &Arc<Mutex<ConsoleLog>>, memory: Option<MemoryDigest>) -> Checkpoint {
+        let cpu = self.backend.cpu_state();
+        let (console_len, console_hash) = console.lock().map(|l| (l.len, l.hash)).unwrap_or_default();
+        Checkpoint { count, regs: regs_of(&cpu), console_len, console_hash, memory }
+    }
+
+    fn quit_requested(&self) -> bool {
+        self.quit_flag().is_some_and(|q| q.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_hashes_report_changed_pages_only() {
+        let mut ram = vec![0u8; 4096 * 8];
+        let mut p = PageHashes::default();
+        ram[4096 * 3] = 1;
+        let d = p.update(&ram);
+        assert_eq!(d.pages.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3], "only the nonzero page");
+        let d2 = p.update(&ram);
+        assert!(d2.pages.is_empty());
+        assert_eq!(d.whole, d2.whole);
+        ram[4096 * 5 + 100] = 7;
+        let d3 = p.update(&ram);
+        assert_eq!(d3.pages.iter().map(|x| x.0).collect::<Vec<_>>(), vec![5]);
+        assert_ne!(d3.whole, d2.whole);
+    }
+
+    #[test]
+    fn page_hash_sees_every_byte() {
+        let base = [0u8; 4096];
+        let h0 = page_hash(&base);
+        for i in [0usize, 1, 7, 8, 31, 32, 2048, 4095] {
+            let mut p = base;
+            p[i] = 0x80;
+            assert_ne!(page_hash(&p), h0, "byte {i}");
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Deterministic record/replay traces: the on-disk format (docs/trace-format.md) and the comparison of two traces.
+
+pub mod diff;
+pub mod format;
+pub mod record;
+pub mod replay;
+
+use format::{Event, Trace};
+
+/// A short description of a trace (`popek trace info`).
+pub fn info(t: &Trace, bytes_on_disk: u64) -> String {
+    let h = &t.header;
+    let mut s = format!("Popek {} trace, {} bytes\n", h.popek_version, bytes_on_disk);
+    s += &format!("machine: {} (RAM {} MiB)\n", h.command_line.join(" "), h.mem_bytes >> 20);
+    for i in &h.images {
+        let sha: String = i.sha256.iter().map(|b| format!("{b:02x}")).collect();
+        s += &format!("image {}: {} ({} bytes, sha256 {sha})\n", i.role, i.name, i.len);
+    }
+    if !h.engine.is_empty() {
+        s += &format!("engine switches: {}\n", h.engine);
+    }
+    let (mut inputs, mut input_bytes, mut irqs, mut io, mut cps, mut mems) = (0, 0, 0, 0, 0, 0);
+    for e in &t.events {
+        match e {
+            Event::Input { bytes, .. } => {
+                inputs += 1;
+                input_bytes += bytes.len();
+            }
+            Event::Interrupt { .. } => irqs += 1,
+            Event::Io { .. } => io += 1,
+            Event::Checkpoint(c) => {
+                cps += 1;
+                mems += usize::from(c.memory.is_some());
+            }
+            Event::End(_) => {}
+        }
+    }
+    s += &format!(
+        "events: {inputs} inputs ({input_bytes} bytes), {irqs} interrupts, {io} port accesses, {cps} checkpoints ({mems} with memory)\n"
+    );
+    match t.events.last() {
+        Some(Event::End(e)) => {
+            s += &format!("end: {} at instruction {} ({} console bytes)\n", e.outcome, e.count, e.console_len)
+        }
+        _ => s += "end: missing (the recording was cut off)\n",
+    }
+    if let Some(last) = t.events.last() {
+        if last.count() > 0 {
+            s += &format!(
+                "size: {:.2} bytes per million instructions\n",
+                bytes_on_disk as f64 / (last.count() as f64 / 1e6)
+            );
+        }
+    }
+    s
+}
