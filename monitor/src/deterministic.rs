@@ -24,7 +24,7 @@ use thiserror::Error;
 
 use crate::backend::{BackendError, VmExit};
 use crate::cpu::Cpu;
-use crate::devices::clock::{ManualClock, VirtualTime};
+use crate::devices::clock::ManualClock;
 use crate::devices::misc::PlatformEvent;
 use crate::trace::format::{Checkpoint, End, Event, InputPoint, MemoryDigest, Regs};
 use crate::vm::{RunOutcome, Vm};
@@ -213,7 +213,6 @@ impl Vm {
     ) -> Result<DetOutcome, DetError> {
         let name = self.backend.name();
         let mut count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
-        let mut vt = VirtualTime::default();
         let every = opts.checkpoint_every.max(1);
         let quantum = opts.input_quantum.max(1);
         let mut next_cp = 0u64;
@@ -221,8 +220,9 @@ impl Vm {
         let mut next_input = quantum;
         let mut pages = PageHashes::default();
         let outcome = loop {
-            clock.set(vt.ns(count));
-            self.platform.poll_timers(vt.ns(count));
+            let now = self.backend.virtual_ns().unwrap_or(count);
+            clock.set(now);
+            self.platform.poll_timers(now);
             if count >= next_cp {
                 let memory = (count >= next_mem).then(|| {
                     next_mem = (count / opts.memory_every.max(1) + 1) * opts.memory_every.max(1);
@@ -267,16 +267,14 @@ impl Vm {
                 }
             }
             let mut stop = next_cp.min(next_input);
-            if let Some(d) = self.platform.next_deadline_ns() {
-                stop = stop.min(vt.count_at(d, count + 1));
-            }
             for s in opts.until.into_iter().chain(session.stop_hint()) {
                 stop = stop.min(s);
             }
-            self.backend.set_stop_at(Some(stop.max(count + 1)));
+            let deadline = self.platform.next_deadline_ns().filter(|&d| d > now);
+            self.backend.set_stop(Some(stop.max(count + 1)), deadline);
             let exit = self.backend.run()?;
             count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
-            clock.set(vt.ns(count));
+            clock.set(self.backend.virtual_ns().unwrap_or(count));
             match exit {
                 VmExit::IoIn { port, size } => {
                     let value = self.platform.io_in(port, size);
@@ -300,7 +298,7 @@ impl Vm {
                     if !self.backend.interrupts_enabled() && !self.platform.pending_interrupt() {
                         break DetOutcome::Finished(RunOutcome::HaltedWithInterruptsOff);
                     }
-                    if let Some(o) = self.idle(count, &mut vt, session)? {
+                    if let Some(o) = self.idle(count, session)? {
                         break DetOutcome::Finished(o);
                     }
                 }
@@ -328,13 +326,8 @@ impl Vm {
     /// A HLT at `count` (a designated point): console input may enter; else
     /// virtual time skips to the next timer. `Some` when nothing can ever
     /// wake the guest.
-    fn idle(
-        &mut self,
-        count: u64,
-        vt: &mut VirtualTime,
-        session: &mut dyn Session,
-    ) -> Result<Option<RunOutcome>, DetError> {
-        let now = vt.ns(count);
+    fn idle(&mut self, count: u64, session: &mut dyn Session) -> Result<Option<RunOutcome>, DetError> {
+        let now = self.backend.virtual_ns().unwrap_or(count);
         self.platform.poll_timers(now);
         let deadline = self.platform.next_deadline_ns();
         let wait = match deadline {
@@ -351,8 +344,7 @@ impl Vm {
         }
         match deadline {
             Some(d) if d > now => {
-                vt.idle_ns += d - now;
-                self.backend.set_idle_ns(vt.idle_ns);
+                self.backend.skip_time(d - now);
                 Ok(None)
             }
             Some(_) => Ok(None),

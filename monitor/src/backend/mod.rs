@@ -87,12 +87,17 @@ pub trait Backend {
     fn instruction_count(&self) -> Option<u64> {
         None
     }
+    /// Deterministic mode: guest time now, in nanoseconds (derived from the
+    /// instruction count, never from the host clock).
+    fn virtual_ns(&self) -> Option<u64> {
+        None
+    }
     /// Deterministic mode: make `run` return [`VmExit::Interrupted`] when
-    /// the count reaches `at` exactly.
-    fn set_stop_at(&mut self, _at: Option<u64>) {}
-    /// Deterministic mode: idle time the machine skipped (the offset of
-    /// virtual time from the instruction count).
-    fn set_idle_ns(&mut self, _ns: u64) {}
+    /// the count reaches `count` exactly, or guest time reaches `ns`.
+    fn set_stop(&mut self, _count: Option<u64>, _ns: Option<u64>) {}
+    /// Deterministic mode: guest time jumps `ns` ahead (the guest idles in
+    /// HLT until its next timer).
+    fn skip_time(&mut self, _ns: u64) {}
     /// Reads guest-linear memory as the CPU sees it now (for reports);
     /// false when it cannot.
     fn read_linear(&mut self, _linear: u32, _buf: &mut [u8]) -> bool {

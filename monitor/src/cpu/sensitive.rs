@@ -6,7 +6,7 @@
 //! One function per instruction family; [`execute`] dispatches on the
 //! mnemonic. The result says what the caller must do next ([`Outcome`]).
 
-use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
 use thiserror::Error;
 
 use super::descriptor::Descriptor;
@@ -144,12 +144,37 @@ pub fn execute(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<O
         Int3 => Ok(Outcome::Interrupt(vector::BP)),
         Into => Ok(if cpu.eflags & flags::OF != 0 { Outcome::Interrupt(vector::OF) } else { Outcome::Next }),
         Iret | Iretd => iret(cpu, env, insn),
+        Jmp | Call if is_near_indirect(insn) => near_indirect(cpu, env, insn),
         Jmp | Call | Retf => far_transfer(cpu, env, insn),
         Sysenter => sysenter(cpu),
         Sysexit => sysexit(cpu),
         Ud0 | Ud1 | Ud2 | INVALID => Err(Fault::ud().into()),
         _ => Err(ExecError::Unsupported("an instruction the sensitive table does not cover")),
     }
+}
+
+fn is_near_indirect(insn: &Instruction) -> bool {
+    matches!(insn.code(), Code::Jmp_rm32 | Code::Jmp_rm16 | Code::Call_rm32 | Code::Call_rm16)
+}
+
+/// JMP/CALL r/m: the translator hands over those whose operand it cannot
+/// load itself (a GS memory operand: glibc's `call gs:[0x10]`).
+fn near_indirect(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
+    let op16 = matches!(insn.code(), Code::Jmp_rm16 | Code::Call_rm16);
+    let mut target = operand::read_operand(cpu, env.mem, insn, 0)?;
+    let mut ret = insn.next_ip32();
+    if op16 {
+        target &= 0xFFFF;
+        ret &= 0xFFFF;
+    }
+    if target > cpu.seg(Seg::Cs).cache.limit {
+        return Err(Fault::gp(0).into());
+    }
+    if insn.mnemonic() == Mnemonic::Call {
+        push(cpu, env.mem, ret, if op16 { 2 } else { 4 })?;
+    }
+    cpu.eip = target;
+    Ok(Outcome::Jumped)
 }
 
 fn is_cr_move(insn: &Instruction) -> bool {

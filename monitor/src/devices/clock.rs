@@ -88,7 +88,8 @@ impl WallClock for ManualClock {
 
 /// Guest time in the deterministic mode: a function of the retired
 /// instruction count (one nanosecond per instruction, a 1 GHz TSC) plus the
-/// idle time skipped while the guest halted. Nothing of the host's clock
+/// time not covered by instructions (idle skips while the guest halted, a
+/// fixed cost per TSC read), itself a function of the execution. Nothing of the host's clock
 /// enters, so a replay sees the same time at the same instruction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VirtualTime {
@@ -103,10 +104,6 @@ impl VirtualTime {
     /// The guest's TSC at `retired` (1 GHz).
     pub fn tsc(&self, retired: u64) -> u64 {
         self.ns(retired)
-    }
-    /// The instruction count at which guest time reaches `ns` (at least `now`).
-    pub fn count_at(&self, ns: u64, now: u64) -> u64 {
-        ns.saturating_sub(self.idle_ns).max(now)
     }
 }
 

@@ -122,41 +122,33 @@ impl Session for Replayer {
     }
 
     fn checkpoint(&mut self, cp: Checkpoint, pages: &PageHashes) -> Result<(), DetError> {
-        while let Some(expected) = self.checkpoints.front() {
-            if expected.count < cp.count {
-                let msg = format!(
-                    "the recording has a checkpoint at instruction {} the replay never stopped at",
-                    expected.count
-                );
-                return Err(self.diverged(cp.count, msg));
-            }
-            if expected.count > cp.count {
-                return Ok(());
-            }
-            let expected = self.checkpoints.pop_front().unwrap_or_default();
-            if let Some(m) = &expected.memory {
-                self.expected_pages.apply(m);
-            }
-            let compare_memory = expected.memory.is_some() && cp.memory.is_some();
-            let empty = std::collections::BTreeMap::new();
-            let (ep, ap) = if compare_memory { (self.expected_pages.pages(), &pages.pages) } else { (&empty, &empty) };
-            let diffs = compare_checkpoint(&expected, &cp, ep, ap);
-            if !diffs.is_empty() {
-                let msg = format!(
-                    "checkpoint at instruction {} (EIP {:#x}):\n  {}",
-                    cp.count,
-                    cp.regs.eip,
-                    diffs.join("\n  ")
-                );
-                return Err(self.diverged(cp.count, msg));
-            }
-            self.verified.checkpoints += 1;
-            if compare_memory {
-                self.verified.memory_digests += 1;
-            }
-            self.last_good = cp.count;
+        let Some(front) = self.checkpoints.front() else { return Ok(()) };
+        if front.count < cp.count {
+            let msg =
+                format!("the recording has a checkpoint at instruction {} the replay never stopped at", front.count);
+            return Err(self.diverged(cp.count, msg));
+        }
+        if front.count > cp.count {
             return Ok(());
         }
+        let expected = self.checkpoints.pop_front().unwrap_or_default();
+        if let Some(m) = &expected.memory {
+            self.expected_pages.apply(m);
+        }
+        let compare_memory = expected.memory.is_some() && cp.memory.is_some();
+        let empty = std::collections::BTreeMap::new();
+        let (ep, ap) = if compare_memory { (self.expected_pages.pages(), &pages.pages) } else { (&empty, &empty) };
+        let diffs = compare_checkpoint(&expected, &cp, ep, ap);
+        if !diffs.is_empty() {
+            let msg =
+                format!("checkpoint at instruction {} (EIP {:#x}):\n  {}", cp.count, cp.regs.eip, diffs.join("\n  "));
+            return Err(self.diverged(cp.count, msg));
+        }
+        self.verified.checkpoints += 1;
+        if compare_memory {
+            self.verified.memory_digests += 1;
+        }
+        self.last_good = cp.count;
         Ok(())
     }
 

@@ -29,6 +29,7 @@ use crate::cpu::policy::CpuPolicy;
 use crate::cpu::sensitive::{self, Env, ExecError, IoOp, MmuEffect, Outcome};
 use crate::cpu::state::flags;
 use crate::cpu::{vector, Cpu, Fault, Seg, SegReg};
+use crate::devices::clock::VirtualTime;
 use crate::host::ldt::{ldt_selector, HostSegment};
 use crate::host::{Exit, Segments, SyscallKind, Vcpu, Window};
 use crate::memory::GuestMemory;
@@ -86,10 +87,31 @@ struct Counting {
     retired: u64,
     /// Stop (`VmExit::Interrupted`) when `retired` reaches this.
     stop_at: Option<u64>,
+    /// ... or when guest time reaches this.
+    stop_ns: Option<u64>,
     /// The budget as the TC last saw it: what was charged is the difference.
     budget_seen: i32,
-    /// Idle time skipped by the machine (the virtual clock's offset).
-    idle_ns: u64,
+    /// Guest time not covered by instructions: idle skips and TSC reads.
+    time: VirtualTime,
+}
+
+/// Guest nanoseconds one RDTSC takes in the counting mode. Delay loops spin
+/// on the TSC; at one nanosecond per instruction they would need a callout
+/// per ten nanoseconds of guest time. A real TSC read under a VMM that
+/// traps it costs about this much too.
+const RDTSC_NS: u64 = 1000;
+
+impl Counting {
+    fn now_ns(&self) -> u64 {
+        self.time.ns(self.retired)
+    }
+
+    /// Instructions the guest may retire before a stop (0: stop now).
+    fn left(&self) -> u64 {
+        let by_count = self.stop_at.map_or(u64::MAX, |s| s.saturating_sub(self.retired));
+        let by_time = self.stop_ns.map_or(u64::MAX, |s| s.saturating_sub(self.now_ns()));
+        by_count.min(by_time)
+    }
 }
 
 /// An I/O instruction waiting for the machine.
@@ -607,7 +629,7 @@ impl BtBackend {
     /// The guest's TSC: the host's, or virtual time in the counting mode.
     fn guest_tsc_base(&self) -> u64 {
         match &self.counting {
-            Some(c) => crate::devices::clock::VirtualTime { idle_ns: c.idle_ns }.tsc(c.retired),
+            Some(c) => c.time.tsc(c.retired),
             None => rdtsc(),
         }
     }
@@ -1043,7 +1065,7 @@ impl BtBackend {
             CalloutKind::Poll => {
                 self.cpu.eip = site.guest_eip;
                 let budget_only = site.insns_before == 0 && self.page_read_u32(page::POLL) == 0;
-                if budget_only && self.counting.is_some_and(|c| c.stop_at.is_none_or(|s| c.retired < s)) {
+                if budget_only && self.counting.is_some_and(|c| c.left() > 0) {
                     // The block would overrun the stop: the next step runs a
                     // shorter translation up to it.
                     return Ok(None);
@@ -1082,6 +1104,11 @@ impl BtBackend {
                 | Outcome::Interrupt(_))
         ) {
             self.retire();
+            if matches!(insn.mnemonic(), Mnemonic::Rdtsc | Mnemonic::Rdtscp) {
+                if let Some(c) = self.counting.as_mut() {
+                    c.time.idle_ns += RDTSC_NS;
+                }
+            }
         }
         match result {
             Ok(Outcome::Next) | Ok(Outcome::SegmentLoaded(_)) => {
@@ -1345,9 +1372,14 @@ impl Backend for BtBackend {
         self.counting.as_ref().map(|c| c.retired)
     }
 
-    fn set_stop_at(&mut self, at: Option<u64>) {
+    fn virtual_ns(&self) -> Option<u64> {
+        self.counting.as_ref().map(Counting::now_ns)
+    }
+
+    fn set_stop(&mut self, count: Option<u64>, ns: Option<u64>) {
         if let Some(c) = self.counting.as_mut() {
-            c.stop_at = at;
+            c.stop_at = count;
+            c.stop_ns = ns;
         }
     }
 
@@ -1367,9 +1399,9 @@ impl Backend for BtBackend {
         true
     }
 
-    fn set_idle_ns(&mut self, ns: u64) {
+    fn skip_time(&mut self, ns: u64) {
         if let Some(c) = self.counting.as_mut() {
-            c.idle_ns = ns;
+            c.time.idle_ns += ns;
         }
     }
 
