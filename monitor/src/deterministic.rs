@@ -40,11 +40,19 @@ pub struct DetOptions {
     pub input_quantum: u64,
     /// Stop at this instruction count and report the state.
     pub until: Option<u64>,
+    /// No checkpoints before this count (the localizer's fine windows).
+    pub checkpoint_from: u64,
 }
 
 impl Default for DetOptions {
     fn default() -> Self {
-        DetOptions { checkpoint_every: 4_000_000, memory_every: 256_000_000, input_quantum: 1_000_000, until: None }
+        DetOptions {
+            checkpoint_every: 4_000_000,
+            memory_every: 256_000_000,
+            input_quantum: 1_000_000,
+            until: None,
+            checkpoint_from: 0,
+        }
     }
 }
 
@@ -64,9 +72,10 @@ pub enum DetError {
     NotCounting(&'static str),
     #[error(transparent)]
     Backend(#[from] BackendError),
-    /// The replay left the recorded execution (the report says where).
-    #[error("{0}")]
-    Diverged(String),
+    /// The replay left the recorded execution at instruction `at`; the
+    /// registers last agreed at `last_good` (a checkpoint); the report says how.
+    #[error("{report}")]
+    Diverged { at: u64, last_good: u64, report: String },
     #[error("trace: {0}")]
     Trace(String),
 }
@@ -92,8 +101,10 @@ pub trait Session {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DetOutcome {
     Finished(RunOutcome),
-    /// Reached `--until`/the recorded end: the state there.
+    /// Reached `--until`/the recorded end: the state there, and the code
+    /// at EIP.
     Stopped {
+        code: String,
         count: u64,
         state: String,
     },
@@ -215,7 +226,7 @@ impl Vm {
         let mut count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
         let every = opts.checkpoint_every.max(1);
         let quantum = opts.input_quantum.max(1);
-        let mut next_cp = 0u64;
+        let mut next_cp = opts.checkpoint_from;
         let mut next_mem = 0u64;
         let mut next_input = quantum;
         let mut pages = PageHashes::default();
@@ -248,7 +259,9 @@ impl Vm {
             }
             if let Some(stop) = opts.until.into_iter().chain(session.stop_hint()).min() {
                 if count >= stop {
-                    break DetOutcome::Stopped { count, state: self.backend.cpu_state().dump() };
+                    let cpu = self.backend.cpu_state();
+                    let code = self.disassemble_at(cpu.eip, 4);
+                    break DetOutcome::Stopped { count, state: cpu.dump(), code };
                 }
             }
             if self.quit_requested() {

@@ -42,6 +42,11 @@ enum Command {
         /// Translator switches on top of the recorded ones (see `run --engine`).
         #[arg(long, value_delimiter = ',')]
         engine: Vec<String>,
+        /// On a divergence, name the first diverging instruction by running
+        /// the recorded switches (or these) beside the replay's
+        /// (`--engine nochain,noinline` is a conservative reference).
+        #[arg(long, value_delimiter = ',')]
+        reference_engine: Option<Vec<String>>,
         /// Do not echo the guest console.
         #[arg(long)]
         quiet: bool,
@@ -254,7 +259,7 @@ fn run(a: RunArgs) -> ExitCode {
             ..Default::default()
         };
         let session = match &a.record {
-            Some(p) => monitor::run::DetSession::Record(p.clone()),
+            Some(p) => monitor::run::DetSession::Record { path: p.clone(), input: None },
             None => monitor::run::DetSession::Plain,
         };
         let switches = a.engine.join(",");
@@ -301,8 +306,8 @@ fn det_summary(report: &monitor::run::DetReport) {
         DetOutcome::Finished(o) => {
             eprintln!("\npopek: {o} at instruction {} ({secs:.2} s, {rate:.0} M insns/s)", report.count)
         }
-        DetOutcome::Stopped { count, state } => {
-            eprintln!("\npopek: stopped at instruction {count}; guest state:\n{state}")
+        DetOutcome::Stopped { count, state, code } => {
+            eprintln!("\npopek: stopped at instruction {count}; guest state:\n{state}\nguest code at EIP:\n{code}")
         }
     }
     if let Some(n) = report.trace_bytes {
@@ -328,47 +333,71 @@ fn det_exit(outcome: &monitor::deterministic::DetOutcome) -> ExitCode {
     }
 }
 
-fn replay(
+struct ReplayArgs {
     trace: PathBuf,
     until: Option<u64>,
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     engine: Vec<String>,
+    reference_engine: Option<Vec<String>>,
     quiet: bool,
-) -> ExitCode {
-    let t = match monitor::trace::format::Trace::read(&trace) {
+}
+
+fn replay(a: ReplayArgs) -> ExitCode {
+    let t = match monitor::trace::format::Trace::read(&a.trace) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("popek: {}: {e}", trace.display());
+            eprintln!("popek: {}: {e}", a.trace.display());
             return ExitCode::from(1);
         }
     };
     let mut opts = match monitor::run::options_from_header(&t.header) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("popek: {}: {e}", trace.display());
+            eprintln!("popek: {}: {e}", a.trace.display());
             return ExitCode::from(1);
         }
     };
-    opts.kernel = kernel.or(opts.kernel);
-    opts.initrd = initrd.or(opts.initrd);
+    opts.kernel = a.kernel.or(opts.kernel);
+    opts.initrd = a.initrd.or(opts.initrd);
     let recorded: Vec<String> = t.header.engine.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
-    let switches: Vec<String> = recorded.into_iter().chain(engine).collect();
-    opts.bt = match bt_config(false, &switches) {
-        Ok(b) => b,
-        Err(e) => {
+    let switches: Vec<String> = recorded.iter().cloned().chain(a.engine).collect();
+    let reference = a.reference_engine.unwrap_or(recorded);
+    let (bt, ref_bt) = match (bt_config(false, &switches), bt_config(false, &reference)) {
+        (Ok(b), Ok(r)) => (b, r),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("popek: {e}");
             return ExitCode::from(2);
         }
     };
-    let det = monitor::deterministic::DetOptions { until, ..Default::default() };
+    opts.bt = bt;
+    let det = monitor::deterministic::DetOptions { until: a.until, ..Default::default() };
     let console: Box<dyn std::io::Write + Send> =
-        if quiet { Box::new(std::io::sink()) } else { Box::new(monitor::console::Stdout) };
-    let session = monitor::run::DetSession::Replay(Box::new(t));
+        if a.quiet { Box::new(std::io::sink()) } else { Box::new(monitor::console::Stdout) };
+    let session = monitor::run::DetSession::Replay(Box::new(t.clone()));
     match monitor::run::run_deterministic(&opts, &det, session, &switches.join(","), console) {
         Ok(report) => {
             det_summary(&report);
             ExitCode::SUCCESS
+        }
+        Err(monitor::run::RunError::Diverged { at, last_good, report }) => {
+            eprintln!("popek: {report}");
+            if reference != switches {
+                eprintln!(
+                    "popek: localizing: engine [{}] against [{}] between instructions {last_good} and {at}...",
+                    switches.join(","),
+                    reference.join(",")
+                );
+                let reference_opts = monitor::run::RunOptions { bt: ref_bt, ..opts.clone() };
+                match monitor::trace::localize::localize(&reference_opts, &opts, &t, last_good, at) {
+                    Ok(Some(l)) => eprint!("popek: {l}"),
+                    Ok(None) => {
+                        eprintln!("popek: the registers agree all the way: the difference is in memory or devices")
+                    }
+                    Err(e) => eprintln!("popek: localizing failed: {e}"),
+                }
+            }
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("popek: {e}");
@@ -462,8 +491,8 @@ fn main() -> ExitCode {
     init_tracing(cli.verbose);
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Replay { trace, until, kernel, initrd, engine, quiet } => {
-            replay(trace, until, kernel, initrd, engine, quiet)
+        Command::Replay { trace, until, kernel, initrd, engine, reference_engine, quiet } => {
+            replay(ReplayArgs { trace, until, kernel, initrd, engine, reference_engine, quiet })
         }
         Command::Trace { action } => trace_cmd(action),
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),

@@ -90,6 +90,9 @@ pub enum RunError {
     Deterministic(#[from] crate::deterministic::DetError),
     #[error("{0}")]
     Trace(String),
+    /// A replay left the recorded execution.
+    #[error("{report}")]
+    Diverged { at: u64, last_good: u64, report: String },
 }
 
 /// The result of a run: how it ended and every counter.
@@ -186,13 +189,16 @@ pub fn run(opts: &RunOptions, console: Box<dyn std::io::Write + Send>) -> Result
 }
 
 /// What a deterministic run does besides running.
-pub enum DetSession {
+pub enum DetSession<'a> {
     /// Only the deterministic mode (`--deterministic`).
     Plain,
-    /// `--record FILE`.
-    Record(PathBuf),
-    /// `popek replay`: the trace and the switches given at replay time.
+    /// `--record FILE`; console input from `input` (else stdin when the
+    /// run is interactive).
+    Record { path: PathBuf, input: Option<std::sync::mpsc::Receiver<Vec<u8>>> },
+    /// `popek replay`: the trace.
     Replay(Box<crate::trace::format::Trace>),
+    /// A caller's session (the localizer), with the recorded header.
+    Custom { header: Box<crate::trace::format::Header>, session: &'a mut dyn crate::deterministic::Session },
 }
 
 /// The result of a deterministic run.
@@ -307,10 +313,11 @@ pub fn run_deterministic(
                 checkpoint_every: h.checkpoint_every,
                 memory_every: h.memory_every,
                 input_quantum: h.input_quantum,
-                until: det.until,
+                ..*det
             };
             (h, d)
         }
+        DetSession::Custom { header, .. } => ((**header).clone(), *det),
         _ => {
             let start = crate::devices::HostWallClock;
             let h = Header {
@@ -358,52 +365,42 @@ pub fn run_deterministic(
     let mut vm = Vm::new(mem, platform, backend, Arc::new(clock.clone()));
     let quit = Arc::new(AtomicBool::new(false));
     let mut input = None;
-    let raw = if opts.interactive && !matches!(session, DetSession::Replay(_)) {
-        Some(crate::console::RawMode::enter())
-    } else {
-        None
-    };
+    let wants_stdin = matches!(session, DetSession::Plain | DetSession::Record { input: None, .. });
+    let raw = if opts.interactive && wants_stdin { Some(crate::console::RawMode::enter()) } else { None };
     if let Some(r) = &raw {
         input = Some(crate::console::spawn_input(vm.backend.kicker(), quit.clone(), r.is_raw()));
         vm.set_quit(quit);
     }
     let mut recorder = crate::trace::record::Recorder::without_trace(None);
     let mut replayer = None;
-    let s: &mut dyn Session = match &session {
+    let recording = matches!(session, DetSession::Record { .. });
+    let s: &mut dyn Session = match session {
         DetSession::Plain => {
             recorder = crate::trace::record::Recorder::without_trace(input);
             &mut recorder
         }
-        DetSession::Record(path) => {
-            recorder = crate::trace::record::Recorder::create(path, &header, input)?;
+        DetSession::Record { path, input: given } => {
+            recorder = crate::trace::record::Recorder::create(&path, &header, given.or(input))?;
             &mut recorder
         }
-        DetSession::Replay(trace) => replayer.insert(crate::trace::replay::Replayer::new(trace)),
+        DetSession::Replay(trace) => replayer.insert(crate::trace::replay::Replayer::new(&trace)),
+        DetSession::Custom { session, .. } => session,
     };
     let result = vm.run_deterministic(&clock, &log, s, &det);
     drop(raw);
     let count = vm.backend.instruction_count().unwrap_or(0);
     let outcome = match result {
         Ok(o) => o,
-        Err(crate::deterministic::DetError::Diverged(report)) => {
+        Err(crate::deterministic::DetError::Diverged { at, last_good, report }) => {
             let state = vm.backend.cpu_state();
             let around = vm.disassemble_at(state.eip, 6);
-            return Err(RunError::Trace(format!(
-                "{report}
-guest state now:
-{}
-guest code at EIP:
-{around}",
-                state.dump()
-            )));
+            let report = format!("{report}\nguest state now:\n{}\nguest code at EIP:\n{around}", state.dump());
+            return Err(RunError::Diverged { at, last_good, report });
         }
         Err(e) => return Err(e.into()),
     };
-    let (verified, trace_bytes) = match &session {
-        DetSession::Replay(_) => (replayer.map(|r| r.verified), None),
-        DetSession::Record(_) => (None, Some(recorder.trace_bytes)),
-        DetSession::Plain => (None, None),
-    };
+    let verified = replayer.map(|r| r.verified);
+    let trace_bytes = recording.then_some(recorder.trace_bytes);
     let console = log.lock().map(|l| l.clone()).unwrap_or_default();
     Ok(DetReport { outcome, count, console, stats: vm.stats(), notes, wall: t.elapsed(), verified, trace_bytes })
 }

@@ -54,3 +54,4 @@ pub fn info(t: &Trace, bytes_on_disk: u64) -> String {
     }
     s
 }
+pub mod localize;

@@ -28,6 +28,8 @@ pub struct Replayer {
     expected_pages: PageMap,
     end: Option<End>,
     last_good: u64,
+    /// The last count at which a checkpoint (registers) agreed.
+    registers_good: u64,
     pub verified: Verified,
 }
 
@@ -40,6 +42,7 @@ impl Replayer {
             expected_pages: PageMap::default(),
             end: None,
             last_good: 0,
+            registers_good: 0,
             verified: Verified::default(),
         };
         for e in &trace.events {
@@ -64,10 +67,14 @@ impl Replayer {
     }
 
     fn diverged(&self, count: u64, what: String) -> DetError {
-        DetError::Diverged(format!(
-            "replay diverged at instruction {count} (everything agreed up to {}):\n{what}",
-            self.last_good
-        ))
+        DetError::Diverged {
+            at: count,
+            last_good: self.registers_good,
+            report: format!(
+                "replay diverged at instruction {count} (everything agreed up to {}):\n{what}",
+                self.last_good
+            ),
+        }
     }
 }
 
@@ -149,12 +156,13 @@ impl Session for Replayer {
             self.verified.memory_digests += 1;
         }
         self.last_good = cp.count;
+        self.registers_good = cp.count;
         Ok(())
     }
 
     fn end(&mut self, end: End) -> Result<(), DetError> {
         if let Some(e) = self.observed.front() {
-            let msg = format!("the replay ended before this recorded event: {}", describe(e));
+            let msg = format!("the replay ended ({}) before this recorded event: {}", end.outcome, describe(e));
             return Err(self.diverged(end.count, msg));
         }
         let Some(expected) = self.end.clone() else {
