@@ -48,13 +48,13 @@ pub fn regs_diff(a: &Regs, b: &Regs) -> Vec<String> {
             v.push(format!("{name} reference {x:#x} candidate {y:#x}"));
         }
     };
-    for i in 0..8 {
-        cmp(GPR[i], a.gpr[i], b.gpr[i]);
+    for (i, name) in GPR.iter().enumerate() {
+        cmp(name, a.gpr[i], b.gpr[i]);
     }
     cmp("EIP", a.eip, b.eip);
     cmp("EFLAGS", a.eflags, b.eflags);
-    for i in 0..6 {
-        cmp(SEL[i], u32::from(a.sel[i]), u32::from(b.sel[i]));
+    for (i, name) in SEL.iter().enumerate() {
+        cmp(name, u32::from(a.sel[i]), u32::from(b.sel[i]));
     }
     cmp("CR0", a.cr0, b.cr0);
     cmp("CR2", a.cr2, b.cr2);
