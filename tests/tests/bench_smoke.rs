@@ -38,3 +38,14 @@ fn mmu_suite_quick_has_every_row() {
 fn unknown_suite_is_an_error() {
     assert!(run_suite("no-such-suite", true).is_err());
 }
+
+#[test]
+fn replay_suite_quick_has_every_row() {
+    let _l = vm_lock();
+    let rows = run_suite("replay", true).expect("replay suite");
+    check(
+        &rows,
+        "replay",
+        &["det_compute_ratio", "record_overhead", "replay_rate", "trace_bytes_per_minsn", "compute_deterministic_s"],
+    );
+}

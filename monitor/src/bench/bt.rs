@@ -201,12 +201,16 @@ struct Kernel {
 
 impl Kernel {
     fn new() -> Result<Kernel, BenchError> {
+        Kernel::with_config(BtConfig::default())
+    }
+
+    fn with_config(config: BtConfig) -> Result<Kernel, BenchError> {
         let mem = Arc::new(GuestMemory::new(RAM)?);
         let entries = kernel(&mem)?;
         let mut cpu = Cpu::flat_protected(0x08, 0x10);
         cpu.eip = CODE;
         cpu.gpr[4] = STACK;
-        let bt = BtBackend::new(mem, cpu, BtConfig::default()).map_err(backend_err)?;
+        let bt = BtBackend::new(mem, cpu, config).map_err(backend_err)?;
         Ok(Kernel { bt, entries })
     }
 
@@ -291,6 +295,18 @@ fn compute_ratio(k: &mut Kernel, quick: bool, rows: &mut Vec<Row>) -> Result<(),
     rows.push(Row::new("bt", "kernel_compute_tc_s", "bt", t, "s"));
     rows.push(Row::new("bt", "kernel_compute_ratio", "bt", n / t, "ratio"));
     Ok(())
+}
+
+/// Seconds per run of the compute loop (median of `runs`) under `config`:
+/// the replay suite compares the deterministic mode with the normal one.
+pub(super) fn compute_seconds(config: BtConfig, iters: u32, runs: usize) -> Result<f64, BenchError> {
+    let mut k = Kernel::with_config(config)?;
+    k.time(k.entries.compute, 1000)?; // translate and chain
+    let mut t = Vec::new();
+    for _ in 0..runs {
+        t.push(k.time(k.entries.compute, iters)?);
+    }
+    Ok(median(t))
 }
 
 /// ns per iteration of `entry`'s loop minus the empty loop, alternating

@@ -10,6 +10,7 @@ pub mod host;
 pub mod linux;
 pub mod mmu;
 pub mod nano;
+pub mod replay;
 
 use std::fmt::Write as _;
 
@@ -39,6 +40,7 @@ pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
         "mmu" => mmu::run(quick),
         "linux" => linux::run(quick),
         "nano" => nano::run(quick),
+        "replay" => replay::run(quick),
         other => Err(BenchError::UnknownSuite(other.into())),
     }
 }

@@ -63,7 +63,8 @@ impl Recorder {
         while !closed {
             match rx.try_recv() {
                 Ok(b) => bytes.extend(b),
-                Err(e) => closed = e == TryRecvError::Disconnected,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => closed = true,
             }
         }
         if closed {
@@ -77,6 +78,7 @@ impl Session for Recorder {
     fn input(&mut self, count: u64, point: InputPoint, wait: Wait) -> Result<Vec<u8>, DetError> {
         let bytes = self.take_input(wait);
         if !bytes.is_empty() {
+            tracing::debug!(count, ?point, bytes = bytes.len(), "console input enters");
             self.input_bytes += bytes.len() as u64;
             self.write(&Event::Input { count, point, bytes: bytes.clone() })?;
         }
