@@ -1,0 +1,115 @@
+//! The counting mode (deterministic execution): every block entry charges
+//! the block's length to `VcpuPage.budget` flag-free and exits when it goes
+//! negative; callout sites and faults tell the monitor how much of the
+//! block retired; capped blocks stop at an exact count; the test-only
+//! corruption switch changes exactly one instruction class.
+
+mod common;
+
+use common::*;
+use engine::callout::CalloutKind;
+use engine::vmm_area::vcpu;
+use engine::{BlockKey, Config};
+use iced_x86::code_asm::*;
+use iced_x86::{Mnemonic, RflagsBits};
+
+const BASE: u32 = 0x0010_0000;
+
+fn counting() -> engine::Engine {
+    engine_with(Config { count_insns: true, ..Config::default() })
+}
+
+/// add eax, 1 ; mov ebx, ecx ; mov eax, cr0 ; add ebx, 2 ; sub ecx, 1 ; jnz BASE
+fn code() -> Vec<u8> {
+    asm32(BASE, |a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top).unwrap();
+        a.add(eax, 1).unwrap();
+        a.mov(ebx, ecx).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.add(ebx, 2).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(top).unwrap();
+    })
+}
+
+#[test]
+fn block_entry_charges_its_length_flag_free() {
+    let mut mem = Mem::new(BASE, &code());
+    let mut e = counting();
+    let key = BlockKey::flat32(BASE);
+    let entry = e.translate(key, &mut mem).unwrap();
+    let n = e.block(&key).unwrap().insns.len();
+    assert_eq!(n, 6);
+    let ins = tc_insns(&e, &key, entry);
+    let l = texts(&ins);
+    let budget = format!("gs:[{:#x}]", vcpu::BUDGET);
+    assert_eq!(l[1], format!("mov ecx,{budget}"), "{l:?}");
+    assert_eq!(l[2], format!("lea ecx,[ecx-{n:#x}]"), "charges the block's {n} instructions: {l:?}");
+    assert_eq!(l[3], format!("mov {budget},ecx"));
+    assert!(l[4].starts_with("movzx ecx,word ptr gs:"), "{l:?}");
+    assert!(l[6].starts_with("jecxz"), "{l:?}");
+    // The whole entry sequence leaves the guest's flags alone.
+    for i in &ins[..12] {
+        assert_eq!(i.rflags_modified() & !RflagsBits::IF, 0, "{} writes flags", text(i));
+    }
+}
+
+#[test]
+fn sites_say_how_much_of_the_block_retired() {
+    let mut mem = Mem::new(BASE, &code());
+    let mut e = counting();
+    let key = BlockKey::flat32(BASE);
+    e.translate(key, &mut mem).unwrap();
+    let b = e.block(&key).unwrap().clone();
+    let sites: Vec<_> = b.sites.clone().map(|id| e.callout_site(id).unwrap().clone()).collect();
+    for s in &sites {
+        assert_eq!(s.block_insns, 6);
+    }
+    let entry_poll = sites.iter().find(|s| s.kind == CalloutKind::Poll).unwrap();
+    assert_eq!(entry_poll.insns_before, 0);
+    let cr_site = sites.iter().find(|s| matches!(s.kind, CalloutKind::Sensitive(_))).unwrap();
+    assert_eq!(cr_site.insns_before, 2, "mov eax, cr0 is the third instruction");
+    for exit in sites.iter().filter(|s| s.kind == CalloutKind::BlockExit) {
+        assert_eq!(exit.insns_before, 6, "both jnz exits retire the whole block");
+    }
+    // A fault inside the fourth instruction leaves three retired.
+    let fourth = &b.insns[3];
+    assert_eq!(b.retired_at(fourth.tc_start), 3);
+    assert_eq!(b.retired_at(fourth.tc_end - 1), 3);
+    assert_eq!(b.retired_at(b.entry), 0);
+    assert_eq!(b.retired_at(b.stubs), 6);
+}
+
+#[test]
+fn capped_blocks_stop_early_and_stay_out_of_the_lookup() {
+    let mut mem = Mem::new(BASE, &code());
+    let mut e = counting();
+    let key = BlockKey::flat32(BASE);
+    let full = e.translate(key, &mut mem).unwrap();
+    let capped = e.translate_capped(key, 2, &mut mem).unwrap();
+    assert_ne!(full, capped);
+    assert_eq!(e.lookup(&key), Some(full), "the key still finds the full block");
+    let c = e.block_at(capped).unwrap();
+    assert_eq!(c.insns.len(), 2);
+    assert_eq!(c.exits.len(), 1);
+    assert_eq!(c.exits[0].target_eip, c.insns[1].instr.next_ip32(), "falls through to the third instruction");
+    // A write to the code page drops both (the capped one must not take
+    // the full one's key with it before that).
+    for p in e.code_pages() {
+        e.invalidate_phys_page(p);
+    }
+    assert_eq!(e.lookup(&key), None);
+    assert!(e.block_at(capped).is_none());
+}
+
+#[test]
+fn the_corruption_switch_hits_one_class_only() {
+    let mut mem = Mem::new(BASE, &code());
+    let mut e = engine_with(Config { corrupt: Some(Mnemonic::Add), ..Config::default() });
+    let key = BlockKey::flat32(BASE);
+    let entry = e.translate(key, &mut mem).unwrap();
+    let l = texts(&tc_insns(&e, &key, entry));
+    let leas: Vec<_> = l.iter().filter(|t| t.starts_with("lea e") && t.ends_with("+0x1]")).collect();
+    assert_eq!(leas, ["lea eax,[eax+0x1]", "lea ebx,[ebx+0x1]"], "after each ADD, nothing else: {l:?}");
+}
