@@ -331,7 +331,7 @@ impl Vm {
             DetOutcome::Finished(o) => o.to_string(),
             DetOutcome::Stopped { .. } => "stopped".to_string(),
         };
-        let text = text.lines().next().unwrap_or_default().to_string();
+        let text = text.lines().next().unwrap_or_default().trim_end_matches("; CPU state:").to_string();
         session.end(End { count, outcome: text, regs: regs_of(&cpu), console_len: log.len, console_hash: log.hash })?;
         Ok(outcome)
     }

@@ -182,6 +182,36 @@ fn a_broken_translation_fails_replay_and_is_named() {
 }
 
 #[test]
+fn trace_diff_agrees_on_equal_traces_and_points_at_a_changed_access() {
+    let a = load("nano.trace");
+    let same = monitor::trace::diff::diff(&a, &a);
+    assert!(same.first.is_none(), "{same}");
+    let mut b = a.clone();
+    let (at, idx) = b
+        .events
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, e)| match e {
+            Event::Io { count, write: false, value, .. } => {
+                *value ^= 1;
+                Some((*count, i))
+            }
+            _ => None,
+        })
+        .nth(10)
+        .expect("port reads");
+    // Only the 11th read changed: undo the earlier ones.
+    for e in b.events.iter_mut().take(idx) {
+        if let Event::Io { write: false, value, .. } = e {
+            *value ^= 1;
+        }
+    }
+    let d = monitor::trace::diff::diff(&a, &b);
+    let first = d.first.as_ref().expect("the traces part");
+    assert_eq!(first.count, at, "{d}");
+}
+
+#[test]
 fn damaged_traces_and_wrong_images_are_clear_errors() {
     let bytes = std::fs::read(corpus("demo.trace")).unwrap();
     let cut = Trace::from_bytes(&bytes[..bytes.len() / 2]);
