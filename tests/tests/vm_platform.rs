@@ -39,11 +39,11 @@ fn serial_output_and_debug_exit() {
     assert_eq!(out.text(), "hello from the TC\n");
 }
 
-/// Programs the PIC and the PIT at 1 kHz, then HLTs until 50 timer
-/// interrupts have been counted by the IRQ0 handler.
-#[test]
-fn pit_interrupts_wake_hlt() {
-    let code = assemble_resolving(CODE, |a, addr| {
+/// Programs the PIC and the PIT at 1 kHz, then waits until `ticks` timer
+/// interrupts have been counted by the IRQ0 handler: in HLT, or (`busy`)
+/// spinning on a loop whose every iteration is a callout (`mov eax, cr0`).
+fn tick_guest(busy: bool, ticks: u32) -> Vec<u8> {
+    assemble_resolving(CODE, |a, addr| {
         let mut handler = a.create_label();
         let mut wait = a.create_label();
         for (port, v) in [
@@ -78,11 +78,15 @@ fn pit_interrupts_wake_hlt() {
         a.mov(word_ptr(IDT + 0x20 * 8 + 6), ax)?;
         a.sti()?;
         a.set_label(&mut wait)?;
-        a.hlt()?;
-        a.cmp(dword_ptr(DATA), 50)?;
+        if busy {
+            a.mov(eax, cr0)?;
+        } else {
+            a.hlt()?;
+        }
+        a.cmp(dword_ptr(DATA), ticks)?;
         a.jb(wait)?;
         a.cli()?;
-        print_serial(a, b"50 ticks\n")?;
+        print_serial(a, b"ticks done\n")?;
         a.mov(al, 0)?;
         a.out(0xF4, al)?;
         a.set_label(&mut handler)?;
@@ -93,14 +97,46 @@ fn pit_interrupts_wake_hlt() {
         a.pop(eax)?;
         a.iretd()?;
         Ok(vec![handler])
-    });
+    })
+}
+
+#[test]
+fn pit_interrupts_wake_hlt() {
+    let code = tick_guest(false, 50);
     let (_l, mut vm, out) = machine(&code, &[]);
     let r = vm.run().unwrap();
     assert_eq!(r, RunOutcome::DebugExit(1), "{}", out.text());
-    assert_eq!(out.text(), "50 ticks\n");
+    assert_eq!(out.text(), "ticks done\n");
     assert_eq!(vm.mem.read_u32(u64::from(DATA)).unwrap(), 50);
     let stats = vm.stats();
     let get = |n: &str| stats.iter().find(|(k, _)| k == n).map_or(0, |x| x.1);
     assert!(get("vm/interrupts_injected") >= 50);
     assert!(get("vm/halts") >= 50);
+}
+
+/// A timer kick that lands in translated code is deferred to the next block
+/// entry; when a callout comes first it must still reach the machine (a
+/// lost kick used to leave the guest spinning with no timer deadline left).
+#[test]
+fn pit_interrupts_reach_a_busy_loop_of_callouts() {
+    let code = tick_guest(true, 300);
+    let (_l, mut vm, out) = machine(&code, &[]);
+    // A watchdog: after 30 s it asks the loop to quit (the vCPU stays on
+    // this thread).
+    let quit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    vm.set_quit(quit.clone());
+    let kick = vm.backend.kicker();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
+            quit.store(true, std::sync::atomic::Ordering::SeqCst);
+            kick();
+        }
+    });
+    let r = vm.run().unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert_ne!(r, RunOutcome::Quit, "the guest still waited for its ticks after 30 s (a lost kick): {}", out.text());
+    assert_eq!(r, RunOutcome::DebugExit(1), "{}", out.text());
+    assert_eq!(vm.mem.read_u32(u64::from(DATA)).unwrap(), 300);
 }
