@@ -25,9 +25,8 @@ use thiserror::Error;
 use crate::backend::{BackendError, VmExit};
 use crate::cpu::Cpu;
 use crate::devices::clock::ManualClock;
-use crate::devices::misc::PlatformEvent;
 use crate::trace::format::{Checkpoint, End, Event, InputPoint, MemoryDigest, Regs};
-use crate::vm::{RunOutcome, Vm};
+use crate::vm::{RunOutcome, Served, Vm};
 
 /// How often the loop stops for checkpoints and input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,12 +249,8 @@ impl Vm {
                 }
                 next_input = (count / quantum + 1) * quantum;
             }
-            if let Some(ev) = self.platform.take_events().into_iter().next() {
-                break DetOutcome::Finished(match ev {
-                    PlatformEvent::DebugExit(c) => RunOutcome::DebugExit(c),
-                    PlatformEvent::PowerOff => RunOutcome::PowerOff,
-                    PlatformEvent::Reset => RunOutcome::Reset,
-                });
+            if let Some(outcome) = self.platform_outcome() {
+                break DetOutcome::Finished(outcome);
             }
             if let Some(stop) = opts.until.into_iter().chain(session.stop_hint()).min() {
                 if count >= stop {
@@ -267,17 +262,8 @@ impl Vm {
             if self.quit_requested() {
                 break DetOutcome::Finished(RunOutcome::Quit);
             }
-            if self.platform.pending_interrupt() {
-                if self.backend.interrupts_enabled() {
-                    if let Some(v) = self.platform.acknowledge_interrupt() {
-                        self.backend.inject_interrupt(v)?;
-                        self.interrupts_injected += 1;
-                        session.observe(Event::Interrupt { count, vector: v })?;
-                    }
-                    self.backend.request_interrupt_window(false);
-                } else {
-                    self.backend.request_interrupt_window(true);
-                }
+            if let Some(vector) = self.offer_interrupt()? {
+                session.observe(Event::Interrupt { count, vector })?;
             }
             let mut stop = next_cp.min(next_input);
             for s in opts.until.into_iter().chain(session.stop_hint()) {
@@ -288,24 +274,15 @@ impl Vm {
             let exit = self.backend.run()?;
             count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
             clock.set(self.backend.virtual_ns().unwrap_or(count));
+            match self.serve_access(exit) {
+                Served::Port { port, size, write, value } => {
+                    session.observe(Event::Io { count, port, size, write, value })?;
+                    continue;
+                }
+                Served::Mmio => continue,
+                Served::NotAnAccess => {}
+            }
             match exit {
-                VmExit::IoIn { port, size } => {
-                    let value = self.platform.io_in(port, size);
-                    session.observe(Event::Io { count, port, size, write: false, value })?;
-                    self.backend.complete_io_in(value);
-                }
-                VmExit::IoOut { port, size, value } => {
-                    session.observe(Event::Io { count, port, size, write: true, value })?;
-                    self.platform.io_out(port, size, value);
-                }
-                VmExit::MmioRead { addr, size } => {
-                    let mut b = [0u8; 8];
-                    self.platform.mmio_read(addr, &mut b[..usize::from(size).min(8)]);
-                    self.backend.complete_mmio_read(u64::from_le_bytes(b));
-                }
-                VmExit::MmioWrite { addr, size, value } => {
-                    self.platform.mmio_write(addr, &value.to_le_bytes()[..usize::from(size).min(8)])
-                }
                 VmExit::Halt => {
                     self.halts += 1;
                     if !self.backend.interrupts_enabled() && !self.platform.pending_interrupt() {
@@ -315,10 +292,10 @@ impl Vm {
                         break DetOutcome::Finished(o);
                     }
                 }
-                VmExit::Interrupted | VmExit::InterruptWindow => {}
                 VmExit::TripleFault => {
                     break DetOutcome::Finished(RunOutcome::TripleFault(self.backend.cpu_state().dump()));
                 }
+                _ => {}
             }
         };
         // A last checkpoint with memory: the end state is verified whole.

@@ -86,6 +86,14 @@ impl std::fmt::Display for RunOutcome {
     }
 }
 
+/// What [`Vm::serve_access`] did with an exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Served {
+    Port { port: u16, size: u8, write: bool, value: u32 },
+    Mmio,
+    NotAnAccess,
+}
+
 /// Guest RAM, devices and a CPU.
 pub struct Vm {
     pub mem: Arc<GuestMemory>,
@@ -215,43 +223,20 @@ impl Vm {
             if self.quit.as_ref().is_some_and(|q| q.load(Ordering::SeqCst)) {
                 return Ok(RunOutcome::Quit);
             }
-            if let Some(ev) = self.platform.take_events().into_iter().next() {
-                return Ok(match ev {
-                    PlatformEvent::DebugExit(c) => RunOutcome::DebugExit(c),
-                    PlatformEvent::PowerOff => RunOutcome::PowerOff,
-                    PlatformEvent::Reset => RunOutcome::Reset,
-                });
+            if let Some(outcome) = self.platform_outcome() {
+                return Ok(outcome);
             }
-            if self.platform.pending_interrupt() {
-                if self.backend.interrupts_enabled() {
-                    if let Some(v) = self.platform.acknowledge_interrupt() {
-                        self.backend.inject_interrupt(v)?;
-                        self.interrupts_injected += 1;
-                    }
-                    self.backend.request_interrupt_window(false);
-                } else {
-                    self.backend.request_interrupt_window(true);
-                }
-            }
+            self.offer_interrupt()?;
             ticker.deadline.store(self.platform.next_deadline_ns().unwrap_or(u64::MAX), Ordering::Release);
             let exit = match self.backend.run() {
                 Ok(e) => e,
                 Err(error) => return Err(VmError::Stopped { error, state: self.backend.cpu_state().dump() }),
             };
+            if self.serve_access(exit) != Served::NotAnAccess {
+                continue;
+            }
             match exit {
-                VmExit::IoIn { port, size } => {
-                    let v = self.platform.io_in(port, size);
-                    self.backend.complete_io_in(v);
-                }
-                VmExit::IoOut { port, size, value } => self.platform.io_out(port, size, value),
-                VmExit::MmioRead { addr, size } => {
-                    let mut b = [0u8; 8];
-                    self.platform.mmio_read(addr, &mut b[..usize::from(size).min(8)]);
-                    self.backend.complete_mmio_read(u64::from_le_bytes(b));
-                }
-                VmExit::MmioWrite { addr, size, value } => {
-                    self.platform.mmio_write(addr, &value.to_le_bytes()[..usize::from(size).min(8)])
-                }
+                VmExit::IoIn { .. } | VmExit::IoOut { .. } | VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => {}
                 VmExit::Halt => {
                     self.halts += 1;
                     if !self.backend.interrupts_enabled() && !self.platform.pending_interrupt() {
@@ -262,6 +247,61 @@ impl Vm {
                 VmExit::Interrupted | VmExit::InterruptWindow => {}
                 VmExit::TripleFault => return Ok(RunOutcome::TripleFault(self.backend.cpu_state().dump())),
             }
+        }
+    }
+
+    /// What the guest asked the platform for (isa-debug-exit, power-off,
+    /// reset), as the end of the run.
+    pub(crate) fn platform_outcome(&mut self) -> Option<RunOutcome> {
+        self.platform.take_events().into_iter().next().map(|ev| match ev {
+            PlatformEvent::DebugExit(c) => RunOutcome::DebugExit(c),
+            PlatformEvent::PowerOff => RunOutcome::PowerOff,
+            PlatformEvent::Reset => RunOutcome::Reset,
+        })
+    }
+
+    /// Injects the PIC's pending interrupt if the CPU can take it now, else
+    /// asks the backend for an interrupt window. Returns the vector injected.
+    pub(crate) fn offer_interrupt(&mut self) -> Result<Option<u8>, BackendError> {
+        if !self.platform.pending_interrupt() {
+            return Ok(None);
+        }
+        if !self.backend.interrupts_enabled() {
+            self.backend.request_interrupt_window(true);
+            return Ok(None);
+        }
+        let v = self.platform.acknowledge_interrupt();
+        if let Some(v) = v {
+            self.backend.inject_interrupt(v)?;
+            self.interrupts_injected += 1;
+        }
+        self.backend.request_interrupt_window(false);
+        Ok(v)
+    }
+
+    /// Serves a port or MMIO exit on the platform (completing reads).
+    pub(crate) fn serve_access(&mut self, exit: VmExit) -> Served {
+        match exit {
+            VmExit::IoIn { port, size } => {
+                let value = self.platform.io_in(port, size);
+                self.backend.complete_io_in(value);
+                Served::Port { port, size, write: false, value }
+            }
+            VmExit::IoOut { port, size, value } => {
+                self.platform.io_out(port, size, value);
+                Served::Port { port, size, write: true, value }
+            }
+            VmExit::MmioRead { addr, size } => {
+                let mut b = [0u8; 8];
+                self.platform.mmio_read(addr, &mut b[..usize::from(size).min(8)]);
+                self.backend.complete_mmio_read(u64::from_le_bytes(b));
+                Served::Mmio
+            }
+            VmExit::MmioWrite { addr, size, value } => {
+                self.platform.mmio_write(addr, &value.to_le_bytes()[..usize::from(size).min(8)]);
+                Served::Mmio
+            }
+            _ => Served::NotAnAccess,
         }
     }
 
