@@ -399,6 +399,10 @@ fn replay(a: ReplayArgs) -> ExitCode {
             }
             ExitCode::from(1)
         }
+        Err(e @ monitor::run::RunError::Read { .. }) => {
+            eprintln!("popek: {e}\npopek: the trace names its images as they were given when recording; point --kernel/--initrd at the same files (their SHA-256 is checked)");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("popek: {e}");
             ExitCode::from(1)
