@@ -82,6 +82,8 @@ pub struct Engine {
     by_key: HashMap<BlockKey, u32>,
     by_tc: BTreeMap<u32, u32>,
     by_page: BTreeMap<u64, Vec<u32>>,
+    /// CPL 3 blocks by linear page (revalidated on every address-space switch).
+    user_pages: HashMap<u32, Vec<u32>>,
     new_pages: BTreeSet<u64>,
     indirect: Vec<Option<u32>>,
     indirect_ctx: Option<KeyContext>,
@@ -133,6 +135,7 @@ impl Engine {
             by_key: HashMap::new(),
             by_tc: BTreeMap::new(),
             by_page: BTreeMap::new(),
+            user_pages: HashMap::new(),
             new_pages: BTreeSet::new(),
             indirect: vec![None; LOOKUP_ENTRIES as usize],
             indirect_ctx: None,
@@ -332,7 +335,28 @@ impl Engine {
     /// (kernel mappings are shared by every address space). Each linear page
     /// is walked once.
     pub fn revalidate_user_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
-        self.revalidate_where(code, |b| b.key.cpl == 3)
+        // Through the index of CPL 3 blocks by linear page: every MOV CR3
+        // comes here, and walking all blocks cost more than the switch.
+        let mut stale = Vec::new();
+        for (&linear, ids) in &self.user_pages {
+            let now = code.phys_page(linear);
+            for &id in ids {
+                let moved = self.blocks[id as usize]
+                    .as_ref()
+                    .is_some_and(|b| b.pages.iter().any(|p| p.linear == linear && Some(p.phys) != now));
+                if moved {
+                    stale.push(id);
+                }
+            }
+        }
+        stale.sort_unstable();
+        stale.dedup();
+        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
+        if !keys.is_empty() {
+            self.stats.invalidations += 1;
+            self.stats.blocks_invalidated += keys.len() as u64;
+        }
+        keys
     }
 
     fn revalidate_where(&mut self, code: &mut dyn GuestCode, which: impl Fn(&Block) -> bool) -> Vec<BlockKey> {
@@ -376,6 +400,7 @@ impl Engine {
         self.by_key.clear();
         self.by_tc.clear();
         self.by_page.clear();
+        self.user_pages.clear();
         self.new_pages.clear();
         self.clear_table();
         self.site_base += self.sites.len() as u32;
@@ -520,6 +545,9 @@ impl Engine {
                 self.new_pages.insert(p.phys);
             }
             list.push(id);
+            if key.cpl == 3 {
+                self.user_pages.entry(p.linear).or_default().push(id);
+            }
         }
         self.stats.blocks_translated += 1;
         self.stats.guest_insns_translated += mangled.len() as u64;
@@ -628,6 +656,14 @@ impl Engine {
                 list.retain(|&x| x != id);
                 if list.is_empty() {
                     self.by_page.remove(&p.phys);
+                }
+            }
+            if b.key.cpl == 3 {
+                if let Some(list) = self.user_pages.get_mut(&p.linear) {
+                    list.retain(|&x| x != id);
+                    if list.is_empty() {
+                        self.user_pages.remove(&p.linear);
+                    }
                 }
             }
         }

@@ -113,3 +113,34 @@ fn the_corruption_switch_hits_one_class_only() {
     let leas: Vec<_> = l.iter().filter(|t| t.starts_with("lea e") && t.ends_with("+0x1]")).collect();
     assert_eq!(leas, ["lea eax,[eax+0x1]", "lea ebx,[ebx+0x1]"], "after each ADD, nothing else: {l:?}");
 }
+
+/// Guest code whose linear pages map `shift` bytes further in physical
+/// memory than `Mem` says (another address space after a MOV CR3).
+struct Shifted<'a>(&'a mut Mem, u64);
+
+impl engine::GuestCode for Shifted<'_> {
+    fn fetch(&mut self, linear: u32, buf: &mut [u8]) -> Result<(), engine::FetchFault> {
+        self.0.fetch(linear, buf)
+    }
+    fn phys_page(&mut self, linear: u32) -> Option<u64> {
+        self.0.phys_page(linear).map(|p| p + self.1)
+    }
+}
+
+#[test]
+fn user_blocks_go_when_their_pages_map_elsewhere() {
+    use engine::GuestCode;
+    let mut mem = Mem::new(BASE, &code());
+    mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret
+    let mut e = counting();
+    let user = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
+    let kernel = BlockKey::flat32(BASE + 0x1000);
+    e.translate(user, &mut mem).unwrap();
+    e.translate(kernel, &mut mem).unwrap();
+    assert!(e.revalidate_user_mappings(&mut Shifted(&mut mem, 0)).is_empty(), "same mappings: nothing goes");
+    let gone = e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000));
+    assert_eq!(gone, vec![user]);
+    assert!(e.lookup(&user).is_none());
+    assert!(e.lookup(&kernel).is_some(), "kernel blocks are not the user index's business");
+    assert!(mem.phys_page(BASE).is_some());
+}

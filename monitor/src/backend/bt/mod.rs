@@ -1190,9 +1190,7 @@ impl BtBackend {
             }
             MmuEffect::Invlpg(lin) => {
                 self.mmu.invlpg(&mut mapper, lin).map_err(failed)?;
-                if lin < self.window.vmm_base() && self.counting.is_some() && lin < 0xC000_0000 {
-                    self.revalidate_user();
-                }
+                self.revalidate_user();
                 Ok(())
             }
             MmuEffect::Cr0 { new, .. } => {
@@ -1208,12 +1206,10 @@ impl BtBackend {
         }
     }
 
-    /// The address space changed: translated user code whose pages now map
-    /// elsewhere goes (only the counting mode translates user code).
+    /// The address space changed: translated user code (the counting mode,
+    /// or IOPL-3 user code) whose pages now map elsewhere goes. Cheap when
+    /// there is none: the engine indexes CPL 3 blocks by page.
     fn revalidate_user(&mut self) {
-        if self.counting.is_none() {
-            return;
-        }
         let mem = self.mem.clone();
         let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: true };
         self.engine.revalidate_user_mappings(&mut code);
