@@ -5,6 +5,7 @@
 use crate::callout::{CalloutKind, CalloutSite, FIRST_SITE_ID, MISS_SITE_ID};
 use crate::decode::{self, CodePage, GuestCode};
 use crate::emit::{self, EmitCtx, Emitted};
+use crate::fxhash::FxHashMap;
 use crate::link::{self, ExitLink, LinkRef};
 use crate::mangle::{self, Disposition, MangleCtx, MangledInsn};
 use crate::recover::{self, Recovery, RecoveryEntry};
@@ -79,11 +80,11 @@ pub struct Engine {
     miss_len: u32,
     miss_site: CalloutSite,
     blocks: Vec<Option<Block>>,
-    by_key: HashMap<BlockKey, u32>,
+    by_key: FxHashMap<BlockKey, u32>,
     by_tc: BTreeMap<u32, u32>,
     by_page: BTreeMap<u64, Vec<u32>>,
     /// CPL 3 blocks by linear page (revalidated on every address-space switch).
-    user_pages: HashMap<u32, Vec<u32>>,
+    user_pages: FxHashMap<u32, Vec<u32>>,
     new_pages: BTreeSet<u64>,
     indirect: Vec<Option<u32>>,
     indirect_ctx: Option<KeyContext>,
@@ -94,7 +95,7 @@ pub struct Engine {
     site_base: u32,
     generation: u64,
     stats: Stats,
-    callouts_by_kind: HashMap<CalloutKind, u64>,
+    callouts_by_kind: FxHashMap<CalloutKind, u64>,
 }
 
 impl Engine {
@@ -132,10 +133,10 @@ impl Engine {
                 block_insns: 0,
             },
             blocks: Vec::new(),
-            by_key: HashMap::new(),
+            by_key: FxHashMap::default(),
             by_tc: BTreeMap::new(),
             by_page: BTreeMap::new(),
-            user_pages: HashMap::new(),
+            user_pages: FxHashMap::default(),
             new_pages: BTreeSet::new(),
             indirect: vec![None; LOOKUP_ENTRIES as usize],
             indirect_ctx: None,
@@ -144,7 +145,7 @@ impl Engine {
             site_base: FIRST_SITE_ID,
             generation: 0,
             stats: Stats::default(),
-            callouts_by_kind: HashMap::new(),
+            callouts_by_kind: FxHashMap::default(),
         };
         e.view.write(TC, &stub);
         e.clear_table();
@@ -690,15 +691,20 @@ impl Engine {
             }
             self.view.write(LOOKUP_TABLE, &bytes);
             self.indirect.iter_mut().for_each(|e| *e = None);
+            for b in self.blocks.iter_mut().flatten() {
+                b.indirect_slots.clear();
+            }
         } else {
             for slot in std::mem::take(&mut self.installed_slots).unwrap_or_default() {
-                self.indirect[slot as usize] = None;
+                // (After a flush the blocks are already gone.)
+                if let Some(b) = self.indirect[slot as usize].take().and_then(|id| self.blocks.get_mut(id as usize)) {
+                    if let Some(b) = b.as_mut() {
+                        b.indirect_slots.clear();
+                    }
+                }
                 self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), self.miss_stub);
             }
         }
         self.installed_slots = Some(Vec::new());
-        for b in self.blocks.iter_mut().flatten() {
-            b.indirect_slots.clear();
-        }
     }
 }

@@ -20,6 +20,7 @@ pub mod decode;
 pub mod disasm;
 pub mod emit;
 mod engine;
+pub mod fxhash;
 pub mod link;
 pub mod mangle;
 pub mod recover;

@@ -144,3 +144,24 @@ fn user_blocks_go_when_their_pages_map_elsewhere() {
     assert!(e.lookup(&kernel).is_some(), "kernel blocks are not the user index's business");
     assert!(mem.phys_page(BASE).is_some());
 }
+
+#[test]
+fn lookup_entries_survive_context_switches_and_flushes() {
+    let mut mem = Mem::new(BASE, &code());
+    mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret
+    let mut e = counting();
+    let kernel = BlockKey::flat32(BASE + 0x1000);
+    let user = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
+    for _ in 0..3 {
+        e.translate(kernel, &mut mem).unwrap();
+        e.install_indirect(&kernel).unwrap();
+        let entry = e.block(&kernel).unwrap().tc_start;
+        assert_eq!(e.table_entry(kernel.eip), entry);
+        // Entering user code switches the table's context: the kernel entry goes.
+        e.enter(user, &mut mem).unwrap();
+        e.install_indirect(&user).unwrap();
+        assert_eq!(e.table_entry(kernel.eip), e.miss_stub());
+        e.flush();
+        assert_eq!(e.table_entry(user.eip), e.miss_stub(), "a flush empties the table");
+    }
+}

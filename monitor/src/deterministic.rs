@@ -47,7 +47,7 @@ impl Default for DetOptions {
     fn default() -> Self {
         DetOptions {
             checkpoint_every: 4_000_000,
-            memory_every: 256_000_000,
+            memory_every: 1_000_000_000,
             input_quantum: 1_000_000,
             until: None,
             checkpoint_from: 0,
