@@ -344,13 +344,22 @@ struct ReplayArgs {
 }
 
 fn replay(a: ReplayArgs) -> ExitCode {
-    let t = match monitor::trace::format::Trace::read(&a.trace) {
-        Ok(t) => t,
+    let (t, cut_at) = match monitor::trace::read_for_replay(&a.trace) {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("popek: {}: {e}", a.trace.display());
             return ExitCode::from(1);
         }
     };
+    let mut until = a.until;
+    if let Some(last) = cut_at {
+        eprintln!(
+            "popek: {} was cut off after {} events; replaying up to instruction {last}",
+            a.trace.display(),
+            t.events.len()
+        );
+        until = Some(until.map_or(last, |u| u.min(last)));
+    }
     let mut opts = match monitor::run::options_from_header(&t.header) {
         Ok(o) => o,
         Err(e) => {
@@ -371,7 +380,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
         }
     };
     opts.bt = bt;
-    let det = monitor::deterministic::DetOptions { until: a.until, ..Default::default() };
+    let det = monitor::deterministic::DetOptions { until, ..Default::default() };
     let console: Box<dyn std::io::Write + Send> =
         if a.quiet { Box::new(std::io::sink()) } else { Box::new(monitor::console::Stdout) };
     let session = monitor::run::DetSession::Replay(Box::new(t.clone()));

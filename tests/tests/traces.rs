@@ -212,6 +212,26 @@ fn trace_diff_agrees_on_equal_traces_and_points_at_a_changed_access() {
 }
 
 #[test]
+fn a_cut_off_recording_replays_up_to_where_it_stops() {
+    let _g = vm_lock();
+    let trace = load("linux.trace");
+    let dir = scratch("cut");
+    let Some(opts) = options(&trace, &dir) else { return };
+    let bytes = std::fs::read(corpus("linux.trace")).unwrap();
+    let cut = dir.join("cut.trace");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let (partial, last) = monitor::trace::read_for_replay(&cut).unwrap();
+    let last = last.expect("the cut is noticed");
+    assert!(partial.events.len() > 10 && partial.events.len() < trace.events.len());
+    let det = DetOptions { until: Some(last), ..DetOptions::default() };
+    let session = DetSession::Replay(Box::new(partial.clone()));
+    let r = run_deterministic(&opts, &det, session, "", Box::new(std::io::sink())).unwrap();
+    assert_eq!(r.count, last, "stops just after the last recorded event");
+    let v = r.verified.unwrap();
+    assert!(!v.end && v.checkpoints > 0, "{v:?}");
+}
+
+#[test]
 fn damaged_traces_and_wrong_images_are_clear_errors() {
     let bytes = std::fs::read(corpus("demo.trace")).unwrap();
     let cut = Trace::from_bytes(&bytes[..bytes.len() / 2]);

@@ -5,7 +5,22 @@ pub mod format;
 pub mod record;
 pub mod replay;
 
-use format::{Event, Trace};
+use format::{Event, Trace, TraceError};
+
+/// Reads a trace to replay. A recording that was cut off (killed, crashed)
+/// still replays through its last event: then the second value is the
+/// instruction count to stop at (one past that event's).
+pub fn read_for_replay(path: &std::path::Path) -> Result<(Trace, Option<u64>), TraceError> {
+    match Trace::read(path) {
+        Ok(t) => Ok((t, None)),
+        Err(TraceError::Truncated { .. }) => {
+            let p = Trace::read_partial(path)?;
+            let last = p.trace.events.last().map_or(0, Event::count);
+            Ok((p.trace, Some(last + 1)))
+        }
+        Err(e) => Err(e),
+    }
+}
 
 /// A short description of a trace (`popek trace info`).
 pub fn info(t: &Trace, bytes_on_disk: u64) -> String {

@@ -15,6 +15,7 @@ pub struct Recorder {
     pub input_bytes: u64,
     /// Bytes the finished trace takes on disk.
     pub trace_bytes: u64,
+    checkpoints: u64,
 }
 
 fn trace_err(e: impl std::fmt::Display) -> DetError {
@@ -31,12 +32,12 @@ impl Recorder {
     ) -> Result<Recorder, DetError> {
         let writer =
             TraceWriter::create(path, header).map_err(|e| DetError::Trace(format!("{}: {e}", path.display())))?;
-        Ok(Recorder { writer: Some(writer), input, input_bytes: 0, trace_bytes: 0 })
+        Ok(Recorder { writer: Some(writer), input, input_bytes: 0, trace_bytes: 0, checkpoints: 0 })
     }
 
     /// The deterministic mode's console input without a trace (`--deterministic`).
     pub fn without_trace(input: Option<Receiver<Vec<u8>>>) -> Recorder {
-        Recorder { writer: None, input, input_bytes: 0, trace_bytes: 0 }
+        Recorder { writer: None, input, input_bytes: 0, trace_bytes: 0, checkpoints: 0 }
     }
 
     fn write(&mut self, event: &Event) -> Result<(), DetError> {
@@ -90,7 +91,16 @@ impl Session for Recorder {
     }
 
     fn checkpoint(&mut self, cp: Checkpoint, _pages: &PageHashes) -> Result<(), DetError> {
-        self.write(&Event::Checkpoint(cp))
+        self.write(&Event::Checkpoint(cp))?;
+        // Every 64 checkpoints the trace reaches the disk: a recording killed
+        // (Ctrl-C, a crash) still replays up to there.
+        self.checkpoints += 1;
+        if self.checkpoints % 64 == 0 {
+            if let Some(w) = self.writer.as_mut() {
+                w.flush().map_err(trace_err)?;
+            }
+        }
+        Ok(())
     }
 
     fn end(&mut self, end: End) -> Result<(), DetError> {
