@@ -95,7 +95,7 @@ impl Session for Recorder {
         // Every 64 checkpoints the trace reaches the disk: a recording killed
         // (Ctrl-C, a crash) still replays up to there.
         self.checkpoints += 1;
-        if self.checkpoints % 64 == 0 {
+        if self.checkpoints.is_multiple_of(64) {
             if let Some(w) = self.writer.as_mut() {
                 w.flush().map_err(trace_err)?;
             }
