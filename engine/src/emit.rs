@@ -22,7 +22,7 @@ use crate::callout::CalloutKind;
 use crate::classify::LoopKind;
 use crate::mangle::{MangledInsn, Op};
 use crate::recover::RecoveryEntry;
-use crate::vmm_area::{vcpu, LOOKUP_TABLE, SCRATCH_ECX};
+use crate::vmm_area::{vcpu, SCRATCH_ECX};
 use dynasmrt::x86::X86Relocation;
 use dynasmrt::{dynasm, DynasmApi, VecAssembler};
 use iced_x86::Instruction;
@@ -42,7 +42,6 @@ const POLL: i32 = vcpu::POLL as i32;
 const BUDGET: i32 = vcpu::BUDGET as i32;
 const IRQ_PENDING: i32 = vcpu::IRQ_PENDING as i32;
 const HITS: i32 = vcpu::INDIRECT_HITS as i32;
-const TABLE: i32 = LOOKUP_TABLE as i32;
 const IF_MASK: i32 = 0x200;
 const IOPL_MASK: i32 = 0x3000;
 
@@ -62,6 +61,9 @@ pub struct EmitCtx {
     pub count_indirect_hits: bool,
     /// Charge the block's instruction count to `VcpuPage.budget` at entry.
     pub count_insns: bool,
+    /// VMM-area offset of the lookup table indirect branches go through
+    /// (`vmm_area::lookup_table(cpl)`).
+    pub lookup_table: u32,
 }
 
 /// A callout site of the block, before it is registered.
@@ -338,14 +340,15 @@ impl Emitter {
     }
 
     /// Stores ECX as the lookup target and jumps through the table:
-    /// `jmp gs:[LOOKUP_TABLE + (target & 0xffff) * 4]`. ECX stays spilled;
+    /// `jmp gs:[table + (target & 0xffff) * 4]`. ECX stays spilled;
     /// the entry prologue reloads it.
     fn dispatch(&mut self, eip: u32) {
         self.mark(eip, true, false, false);
+        let table = self.ctx.lookup_table as i32;
         x86!(self.asm
             ; gs mov DWORD [CALLOUT_TARGET], ecx
             ; movzx ecx, cx
-            ; gs jmp DWORD [ecx * 4 + TABLE]
+            ; gs jmp DWORD [ecx * 4 + table]
         );
     }
 

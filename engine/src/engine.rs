@@ -10,7 +10,7 @@ use crate::link::{self, ExitLink, LinkRef};
 use crate::mangle::{self, Disposition, MangleCtx, MangledInsn};
 use crate::recover::{self, Recovery, RecoveryEntry};
 use crate::stats::Stats;
-use crate::vmm_area::{self, VmmAreaView, LOOKUP_ENTRIES, LOOKUP_TABLE, SCRATCH_ECX, TC};
+use crate::vmm_area::{self, VmmAreaView, LOOKUP_ENTRIES, SCRATCH_ECX, TC};
 use crate::{BlockKey, Config, EngineError, KeyContext};
 use iced_x86::{Instruction, Register};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -86,11 +86,8 @@ pub struct Engine {
     /// CPL 3 blocks by linear page (revalidated on every address-space switch).
     user_pages: FxHashMap<u32, Vec<u32>>,
     new_pages: BTreeSet<u64>,
-    indirect: Vec<Option<u32>>,
-    indirect_ctx: Option<KeyContext>,
-    /// Lookup-table slots written since the last clear (`None` before the
-    /// first full clear).
-    installed_slots: Option<Vec<u16>>,
+    /// The lookup tables: [CPL 0-2, CPL 3].
+    tables: [LookupTable; 2],
     sites: Vec<SiteRecord>,
     site_base: u32,
     generation: u64,
@@ -138,9 +135,7 @@ impl Engine {
             by_page: BTreeMap::new(),
             user_pages: FxHashMap::default(),
             new_pages: BTreeSet::new(),
-            indirect: vec![None; LOOKUP_ENTRIES as usize],
-            indirect_ctx: None,
-            installed_slots: None,
+            tables: [LookupTable::new(vmm_area::LOOKUP_TABLE), LookupTable::new(vmm_area::LOOKUP_TABLE_USER)],
             sites: Vec::new(),
             site_base: FIRST_SITE_ID,
             generation: 0,
@@ -148,7 +143,8 @@ impl Engine {
             callouts_by_kind: FxHashMap::default(),
         };
         e.view.write(TC, &stub);
-        e.clear_table();
+        e.clear_table(0);
+        e.clear_table(1);
         e.stats.tc_bytes_used = u64::from(tc_first - TC);
         Ok(e)
     }
@@ -283,11 +279,12 @@ impl Engine {
         self.switch_context(key.context());
         let slot = key.eip as u16;
         let start = self.blk(id).tc_start;
-        self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), start);
-        if self.indirect[slot as usize].is_none() {
-            self.installed_slots.get_or_insert_with(Vec::new).push(slot);
+        let t = &mut self.tables[table_class(key.cpl)];
+        self.view.write_u32(t.offset + 4 * u32::from(slot), start);
+        if t.entries[slot as usize].is_none() {
+            t.installed.get_or_insert_with(Vec::new).push(slot);
         }
-        self.indirect[slot as usize] = Some(id);
+        t.entries[slot as usize] = Some(id);
         if let Some(b) = self.blocks[id as usize].as_mut() {
             b.indirect_slots.push(slot);
         }
@@ -403,7 +400,8 @@ impl Engine {
         self.by_page.clear();
         self.user_pages.clear();
         self.new_pages.clear();
-        self.clear_table();
+        self.clear_table(0);
+        self.clear_table(1);
         self.site_base += self.sites.len() as u32;
         self.sites.clear();
         self.tc_next = self.tc_first;
@@ -448,9 +446,14 @@ impl Engine {
         Some(self.view.read(b.tc_start - self.view.base, b.tc_len as usize))
     }
 
-    /// The lookup-table entry for a guest EIP.
+    /// The lookup-table entry for a guest EIP (the CPL 0-2 table).
     pub fn table_entry(&self, guest_eip: u32) -> u32 {
-        self.view.read_u32(LOOKUP_TABLE + 4 * (guest_eip & 0xFFFF))
+        self.table_entry_for(0, guest_eip)
+    }
+
+    /// The entry for a guest EIP in the table of blocks translated for `cpl`.
+    pub fn table_entry_for(&self, cpl: u8, guest_eip: u32) -> u32 {
+        self.view.read_u32(vmm_area::lookup_table(cpl) + 4 * (guest_eip & 0xFFFF))
     }
 
     /// Address of the shared indirect-miss stub.
@@ -479,6 +482,7 @@ impl Engine {
             poll_at_entry: self.config.poll_at_block_entry,
             count_indirect_hits: self.config.count_indirect_hits,
             count_insns: self.config.count_insns,
+            lookup_table: vmm_area::lookup_table(key.cpl),
         };
         let e = emit::emit_block(ctx, mangled)?;
         let fits = u64::from(self.tc_next) + e.code.len() as u64 <= u64::from(self.tc_end);
@@ -636,10 +640,11 @@ impl Engine {
                 }
             }
         }
+        let t = &mut self.tables[table_class(b.key.cpl)];
         for &slot in &b.indirect_slots {
-            if self.indirect[slot as usize] == Some(id) {
-                self.indirect[slot as usize] = None;
-                self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), self.miss_stub);
+            if t.entries[slot as usize] == Some(id) {
+                t.entries[slot as usize] = None;
+                self.view.write_u32(t.offset + 4 * u32::from(slot), self.miss_stub);
             }
         }
         for sid in b.sites.clone() {
@@ -672,39 +677,64 @@ impl Engine {
     }
 
     fn switch_context(&mut self, ctx: KeyContext) {
-        if self.indirect_ctx != Some(ctx) {
-            if self.indirect_ctx.is_some() {
-                self.clear_table();
+        let class = table_class(ctx.cpl);
+        if self.tables[class].context != Some(ctx) {
+            if self.tables[class].context.is_some() {
+                self.clear_table(class);
             }
-            self.indirect_ctx = Some(ctx);
+            self.tables[class].context = Some(ctx);
         }
     }
 
-    /// Aims every lookup-table entry at the miss stub. After the first time
-    /// only the installed slots are rewritten: context switches (kernel ⇄
-    /// user in the counting mode) happen constantly.
-    fn clear_table(&mut self) {
-        if self.installed_slots.is_none() {
-            let mut bytes = Vec::with_capacity(vmm_area::LOOKUP_TABLE_SIZE as usize);
-            for _ in 0..LOOKUP_ENTRIES {
-                bytes.extend_from_slice(&self.miss_stub.to_le_bytes());
+    /// Aims every entry of lookup table `class` at the miss stub. After the
+    /// first time only the installed slots are rewritten.
+    fn clear_table(&mut self, class: usize) {
+        let miss = self.miss_stub;
+        let t = &mut self.tables[class];
+        match t.installed.take() {
+            None => {
+                let mut bytes = Vec::with_capacity(vmm_area::LOOKUP_TABLE_SIZE as usize);
+                for _ in 0..LOOKUP_ENTRIES {
+                    bytes.extend_from_slice(&miss.to_le_bytes());
+                }
+                self.view.write(t.offset, &bytes);
+                t.entries.iter_mut().for_each(|e| *e = None);
+                for b in self.blocks.iter_mut().flatten().filter(|b| table_class(b.key.cpl) == class) {
+                    b.indirect_slots.clear();
+                }
             }
-            self.view.write(LOOKUP_TABLE, &bytes);
-            self.indirect.iter_mut().for_each(|e| *e = None);
-            for b in self.blocks.iter_mut().flatten() {
-                b.indirect_slots.clear();
-            }
-        } else {
-            for slot in std::mem::take(&mut self.installed_slots).unwrap_or_default() {
-                // (After a flush the blocks are already gone.)
-                if let Some(b) = self.indirect[slot as usize].take().and_then(|id| self.blocks.get_mut(id as usize)) {
-                    if let Some(b) = b.as_mut() {
+            Some(slots) => {
+                for slot in slots {
+                    // (After a flush the blocks are already gone.)
+                    let id = t.entries[slot as usize].take();
+                    if let Some(Some(b)) = id.and_then(|id| self.blocks.get_mut(id as usize)) {
                         b.indirect_slots.clear();
                     }
+                    self.view.write_u32(t.offset + 4 * u32::from(slot), miss);
                 }
-                self.view.write_u32(LOOKUP_TABLE + 4 * u32::from(slot), self.miss_stub);
             }
         }
-        self.installed_slots = Some(Vec::new());
+        t.installed = Some(Vec::new());
     }
+}
+
+/// One indirect lookup table: which block each slot holds, the context its
+/// blocks belong to, and the slots written since the last clear (`None`
+/// before the first full clear).
+struct LookupTable {
+    offset: u32,
+    entries: Vec<Option<u32>>,
+    context: Option<KeyContext>,
+    installed: Option<Vec<u16>>,
+}
+
+impl LookupTable {
+    fn new(offset: u32) -> LookupTable {
+        LookupTable { offset, entries: vec![None; LOOKUP_ENTRIES as usize], context: None, installed: None }
+    }
+}
+
+/// Which lookup table serves blocks translated for `cpl`.
+fn table_class(cpl: u8) -> usize {
+    usize::from(cpl == 3)
 }

@@ -5,6 +5,7 @@
 //! base + 0x00_0000  vCPU page (VcpuPage, GS-relative state of translated code)
 //! base + 0x00_1000  exit gate (64-bit code written by the monitor)
 //! base + 0x04_0000  indirect lookup table: 65 536 x u32 TC addresses
+//! base + 0x08_0000  the same for CPL 3 blocks
 //! base + 0x10_0000  translation cache (7 MiB): engine stubs, then blocks
 //! ```
 
@@ -18,8 +19,12 @@ pub const AREA_SIZE: u32 = 0x0080_0000;
 pub const VCPU_PAGE: u32 = 0x0000;
 /// The exit gate: the target of every callout's far jump (monitor-owned).
 pub const EXIT_GATE: u32 = 0x1000;
-/// The indirect lookup table.
+/// The indirect lookup table (blocks translated for CPL 0-2).
 pub const LOOKUP_TABLE: u32 = 0x4_0000;
+/// The lookup table of blocks translated for CPL 3 (the counting mode and
+/// IOPL-3 user code): kernel and user code each keep their table across
+/// the constant switches between them.
+pub const LOOKUP_TABLE_USER: u32 = LOOKUP_TABLE + LOOKUP_TABLE_SIZE;
 /// Entries of the lookup table (indexed by the low 16 bits of a guest EIP).
 pub const LOOKUP_ENTRIES: u32 = 65_536;
 /// Size in bytes of the lookup table.
@@ -107,7 +112,16 @@ pub mod vcpu {
 
 const _: () = assert!(size_of::<VcpuPage>() <= 4096);
 const _: () = assert!(vcpu::EXIT_FAR + 4 == VCPU_PAGE + offset_of!(VcpuPage, exit_far_selector) as u32);
-const _: () = assert!(LOOKUP_TABLE + LOOKUP_TABLE_SIZE <= TC);
+const _: () = assert!(LOOKUP_TABLE_USER + LOOKUP_TABLE_SIZE <= TC);
+
+/// The lookup table of blocks translated for `cpl`.
+pub const fn lookup_table(cpl: u8) -> u32 {
+    if cpl == 3 {
+        LOOKUP_TABLE_USER
+    } else {
+        LOOKUP_TABLE
+    }
+}
 
 /// What the engine needs of the monitor's alias of the VMM area: its bytes.
 /// The monitor implements it over its read-write alias mapping; tests use a

@@ -157,11 +157,18 @@ fn lookup_entries_survive_context_switches_and_flushes() {
         e.install_indirect(&kernel).unwrap();
         let entry = e.block(&kernel).unwrap().tc_start;
         assert_eq!(e.table_entry(kernel.eip), entry);
-        // Entering user code switches the table's context: the kernel entry goes.
+        // User blocks have their own table: entering user code leaves the
+        // kernel's entries alone.
         e.enter(user, &mut mem).unwrap();
         e.install_indirect(&user).unwrap();
+        assert_eq!(e.table_entry(kernel.eip), entry);
+        assert_eq!(e.table_entry_for(3, user.eip), e.block(&user).unwrap().tc_start);
+        assert_eq!(e.table_entry_for(3, kernel.eip), e.miss_stub(), "kernel blocks are not in the user table");
+        // Another kernel context (a different CS base) does clear the kernel table.
+        let other = BlockKey { cs_base: BASE, eip: 0x1000, ..kernel };
+        e.enter(other, &mut mem).unwrap();
         assert_eq!(e.table_entry(kernel.eip), e.miss_stub());
         e.flush();
-        assert_eq!(e.table_entry(user.eip), e.miss_stub(), "a flush empties the table");
+        assert_eq!(e.table_entry_for(3, user.eip), e.miss_stub(), "a flush empties the tables");
     }
 }

@@ -546,9 +546,13 @@ fn indirect_table_holds_one_context() {
     e.enter(kr0, &mut mem).unwrap();
     e.install_indirect(&kr0).unwrap();
     assert_ne!(e.table_entry(BASE), e.miss_stub());
-    // Entering another context (CPL 3 here) empties the table.
+    // CPL 3 blocks have their own table: entering one keeps this entry.
     let kr3 = BlockKey { cpl: 3, ..kr0 };
     e.enter(kr3, &mut mem).unwrap();
+    assert_ne!(e.table_entry(BASE), e.miss_stub());
+    // Entering another kernel context (16-bit code here) empties the table.
+    let k16 = BlockKey { cs32: false, ..kr0 };
+    e.enter(k16, &mut mem).unwrap();
     assert_eq!(e.table_entry(BASE), e.miss_stub());
 }
 
