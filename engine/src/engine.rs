@@ -15,6 +15,9 @@ use crate::{BlockKey, Config, EngineError, KeyContext};
 use iced_x86::{Instruction, Register};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// TC bytes kept at the end for the capped block of the counting mode.
+const CAPPED_SLOT: u32 = 16 * 1024;
+
 /// One guest instruction of a block, as translated (for logs and tests).
 #[derive(Clone, Debug)]
 pub struct GuestInsnRecord {
@@ -76,6 +79,10 @@ pub struct Engine {
     tc_first: u32,
     tc_next: u32,
     tc_end: u32,
+    /// Counting mode: the slot at the end of the TC where capped blocks go
+    /// (one at a time: each is entered right away and is dead once left).
+    capped_slot: Option<u32>,
+    capped_block: Option<u32>,
     miss_stub: u32,
     miss_len: u32,
     miss_site: CalloutSite,
@@ -111,12 +118,15 @@ impl Engine {
         let stub = emit::emit_miss_stub(miss_stub, MISS_SITE_ID);
         let miss_len = stub.len() as u32;
         let tc_first = (TC + miss_len).next_multiple_of(16);
+        let reserve_capped = config.count_insns && tc_size >= 8 * CAPPED_SLOT;
         let mut e = Engine {
             view,
             config: Config { tc_size, ..config },
             tc_first,
             tc_next: tc_first,
-            tc_end: TC + tc_size,
+            tc_end: if reserve_capped { TC + tc_size - CAPPED_SLOT } else { TC + tc_size },
+            capped_slot: reserve_capped.then_some(TC + tc_size - CAPPED_SLOT),
+            capped_block: None,
             miss_stub,
             miss_len,
             miss_site: CalloutSite {
@@ -203,6 +213,17 @@ impl Engine {
             corrupt: self.config.corrupt,
         };
         let mangled = mangle::mangle(&decoded, &mctx);
+        // Capped blocks use the reserved slot when they fit: they would
+        // otherwise fill the TC (one per exact stop) until a flush.
+        if let (false, Some(slot)) = (register, self.capped_slot) {
+            let e = self.emit_at(slot, &key, &mangled)?;
+            if e.code.len() as u32 <= CAPPED_SLOT {
+                let id = self.blocks.len() as u32;
+                let entry = self.install(key, decoded.pages, mangled, e, register, slot);
+                self.capped_block = Some(id);
+                return Ok(entry);
+            }
+        }
         let emitted = match self.emit_at_next(&key, &mangled)? {
             Some(e) => e,
             None => {
@@ -211,7 +232,8 @@ impl Engine {
                 self.emit_at_next(&key, &mangled)?.ok_or(EngineError::BlockTooLarge)?
             }
         };
-        Ok(self.install(key, decoded.pages, mangled, emitted, register))
+        let at = self.tc_next;
+        Ok(self.install(key, decoded.pages, mangled, emitted, register, at))
     }
 
     /// What the monitor calls to enter the TC at `key`: makes `key`'s
@@ -405,6 +427,7 @@ impl Engine {
         self.site_base += self.sites.len() as u32;
         self.sites.clear();
         self.tc_next = self.tc_first;
+        self.capped_block = None;
         self.generation += 1;
         self.stats.flushes += 1;
         self.stats.tc_bytes_used = u64::from(self.tc_first - TC);
@@ -473,8 +496,15 @@ impl Engine {
     }
 
     fn emit_at_next(&self, key: &BlockKey, mangled: &[MangledInsn]) -> Result<Option<Emitted>, EngineError> {
+        let e = self.emit_at(self.tc_next, key, mangled)?;
+        let fits = u64::from(self.tc_next) + e.code.len() as u64 <= u64::from(self.tc_end);
+        Ok(fits.then_some(e))
+    }
+
+    /// Emits `key`'s block for TC offset `at`.
+    fn emit_at(&self, at: u32, key: &BlockKey, mangled: &[MangledInsn]) -> Result<Emitted, EngineError> {
         let ctx = EmitCtx {
-            tc_addr: self.view.addr(self.tc_next),
+            tc_addr: self.view.addr(at),
             vmm_base: self.view.base,
             first_site: self.site_base + self.sites.len() as u32,
             miss_stub: self.miss_stub,
@@ -484,9 +514,7 @@ impl Engine {
             count_insns: self.config.count_insns,
             lookup_table: vmm_area::lookup_table(key.cpl),
         };
-        let e = emit::emit_block(ctx, mangled)?;
-        let fits = u64::from(self.tc_next) + e.code.len() as u64 <= u64::from(self.tc_end);
-        Ok(fits.then_some(e))
+        Ok(emit::emit_block(ctx, mangled)?)
     }
 
     fn install(
@@ -496,12 +524,15 @@ impl Engine {
         mangled: Vec<MangledInsn>,
         e: Emitted,
         register: bool,
+        at: u32,
     ) -> u32 {
         let id = self.blocks.len() as u32;
-        let start = self.view.addr(self.tc_next);
+        let start = self.view.addr(at);
         let len = e.code.len() as u32;
-        self.view.write(self.tc_next, &e.code);
-        self.tc_next = (self.tc_next + len).next_multiple_of(16);
+        self.view.write(at, &e.code);
+        if at == self.tc_next {
+            self.tc_next = (self.tc_next + len).next_multiple_of(16);
+        }
 
         let first_site = self.site_base + self.sites.len() as u32;
         for s in &e.sites {

@@ -94,6 +94,12 @@ fn capped_blocks_stop_early_and_stay_out_of_the_lookup() {
     assert_eq!(c.insns.len(), 2);
     assert_eq!(c.exits.len(), 1);
     assert_eq!(c.exits[0].target_eip, c.insns[1].instr.next_ip32(), "falls through to the third instruction");
+    // The next capped block reuses the slot: the previous one is gone.
+    let again = e.translate_capped(BlockKey::flat32(BASE + 3), 1, &mut mem).unwrap();
+    assert_eq!(e.block_at(again).unwrap().tc_start, e.block_at(capped).unwrap().tc_start, "same slot");
+    assert_eq!(e.block_at(again).unwrap().key.eip, BASE + 3);
+    let capped = again;
+    assert_eq!(e.lookup(&key), Some(full));
     // A write to the code page drops both (the capped one must not take
     // the full one's key with it before that).
     for p in e.code_pages() {
