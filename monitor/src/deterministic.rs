@@ -270,6 +270,7 @@ impl Vm {
                 stop = stop.min(s);
             }
             let deadline = self.platform.next_deadline_ns().filter(|&d| d > now);
+            tracing::trace!(target: "popek::det", count, now, ?deadline, stop, "run");
             self.backend.set_stop(Some(stop.max(count + 1)), deadline);
             let exit = self.backend.run()?;
             count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;

@@ -584,7 +584,9 @@ impl BtBackend {
         let mem = self.mem.clone();
         let mut budget = None;
         if let Some(c) = &self.counting {
-            let left = c.stop_at.map_or(u64::MAX, |s| s.saturating_sub(c.retired));
+            // Stops by count (checkpoints, input points) and by guest time
+            // (timer deadlines) alike.
+            let left = c.left();
             if left == 0 {
                 return Ok(Some(VmExit::Interrupted));
             }
@@ -592,11 +594,8 @@ impl BtBackend {
         }
         // The block would overrun the stop: translate a shorter one (once the
         // full block's entry check has said so, see `callout`).
-        let cap = self
-            .counting
-            .as_ref()
-            .and_then(|c| c.stop_at.map(|s| s - c.retired))
-            .filter(|&l| self.engine.block(&key).is_some_and(|b| b.insns.len() as u64 > l));
+        let cap =
+            budget.map(|b| b as u64).filter(|&l| self.engine.block(&key).is_some_and(|b| b.insns.len() as u64 > l));
         let tc = {
             let mut code = Code { mmu: &mut self.mmu, mem: &mem, user: key.cpl == 3 };
             let r = match cap {
