@@ -154,7 +154,9 @@ pub fn localize(
     from: u64,
     to: u64,
 ) -> Result<Option<Localized>, RunError> {
-    let to = to.max(from + 1);
+    // One past the divergence: an injection or a port read at `to` shows in
+    // the registers only after it.
+    let to = to.max(from) + 1;
     let every = ((to - from) / 1024).max(1);
     let (mut lo, mut hi) = (from, to);
     if every > 1 {
