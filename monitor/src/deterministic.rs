@@ -41,6 +41,9 @@ pub struct DetOptions {
     pub until: Option<u64>,
     /// No checkpoints before this count (the localizer's fine windows).
     pub checkpoint_from: u64,
+    /// Test aid: kick the vCPU every this many µs (kicks must not change
+    /// anything the guest sees).
+    pub stress_kick_us: Option<u64>,
 }
 
 impl Default for DetOptions {
@@ -51,6 +54,7 @@ impl Default for DetOptions {
             input_quantum: 1_000_000,
             until: None,
             checkpoint_from: 0,
+            stress_kick_us: None,
         }
     }
 }
@@ -229,6 +233,7 @@ impl Vm {
         let mut next_mem = 0u64;
         let mut next_input = quantum;
         let mut pages = PageHashes::default();
+        let _stress = self.start_stress_kicks(opts.stress_kick_us);
         let outcome = loop {
             let now = self.backend.virtual_ns().unwrap_or(count);
             clock.set(now);

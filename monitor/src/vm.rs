@@ -107,6 +107,15 @@ pub struct Vm {
     pub halts: u64,
 }
 
+/// Stops the stress-kick thread when dropped.
+pub(crate) struct StressKicks(Arc<AtomicBool>);
+
+impl Drop for StressKicks {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Kicks the vCPU when the published timer deadline passes.
 struct Ticker {
     deadline: Arc<AtomicU64>,
@@ -194,6 +203,25 @@ impl Vm {
         out
     }
 
+    /// Debugging aid: kicks the vCPU every `every_us` µs (or
+    /// `POPEK_STRESS_KICK_US`) while the returned guard lives: asynchronous
+    /// stops at arbitrary points (the deterministic mode must record and
+    /// replay the same trace under them).
+    pub(crate) fn start_stress_kicks(&self, every_us: Option<u64>) -> StressKicks {
+        let stop = Arc::new(AtomicBool::new(false));
+        let us = every_us.or_else(|| std::env::var("POPEK_STRESS_KICK_US").ok().and_then(|v| v.parse::<u64>().ok()));
+        if let Some(us) = us {
+            let (k, s) = (self.backend.kicker(), stop.clone());
+            std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_micros(us.max(1)));
+                    k();
+                }
+            });
+        }
+        StressKicks(stop)
+    }
+
     pub(crate) fn quit_flag(&self) -> Option<&Arc<AtomicBool>> {
         self.quit.as_ref()
     }
@@ -209,13 +237,7 @@ impl Vm {
     /// Runs the guest until it exits, powers off, resets or dies.
     pub fn run(&mut self) -> Result<RunOutcome, VmError> {
         let ticker = Ticker::start(self.clock.clone(), self.backend.kicker());
-        if let Some(us) = std::env::var("POPEK_STRESS_KICK_US").ok().and_then(|v| v.parse::<u64>().ok()) {
-            let k = self.backend.kicker();
-            std::thread::spawn(move || loop {
-                std::thread::sleep(Duration::from_micros(us));
-                k();
-            });
-        }
+        let _stress = self.start_stress_kicks(None);
         loop {
             let now = self.clock.now_ns();
             self.platform.poll_timers(now);

@@ -123,6 +123,7 @@ fn collect(opts: &RunOptions, trace: &Trace, from: u64, to: u64, every: u64) -> 
         memory_every: u64::MAX,
         input_quantum: trace.header.input_quantum,
         until: Some(to),
+        stress_kick_us: None,
     };
     let header: Box<Header> = Box::new(trace.header.clone());
     let session = DetSession::Custom { header, session: &mut c };
@@ -180,6 +181,7 @@ pub fn localize(
         input_quantum: trace.header.input_quantum,
         until: Some(before.0),
         checkpoint_from: u64::MAX,
+        stress_kick_us: None,
     };
     let mut c = Collector::new(trace);
     let header = Box::new(trace.header.clone());
