@@ -107,12 +107,19 @@ pub struct Vm {
     pub halts: u64,
 }
 
-/// Stops the stress-kick thread when dropped.
-pub(crate) struct StressKicks(Arc<AtomicBool>);
+/// Stops and joins the stress-kick thread when dropped: no kick may reach
+/// the thread after its run (a test harness reuses threads and thread ids).
+pub(crate) struct StressKicks {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 impl Drop for StressKicks {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -210,16 +217,18 @@ impl Vm {
     pub(crate) fn start_stress_kicks(&self, every_us: Option<u64>) -> StressKicks {
         let stop = Arc::new(AtomicBool::new(false));
         let us = every_us.or_else(|| std::env::var("POPEK_STRESS_KICK_US").ok().and_then(|v| v.parse::<u64>().ok()));
-        if let Some(us) = us {
+        let thread = us.map(|us| {
             let (k, s) = (self.backend.kicker(), stop.clone());
             std::thread::spawn(move || {
                 while !s.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_micros(us.max(1)));
-                    k();
+                    if !s.load(Ordering::Relaxed) {
+                        k();
+                    }
                 }
-            });
-        }
-        StressKicks(stop)
+            })
+        });
+        StressKicks { stop, thread }
     }
 
     pub(crate) fn quit_flag(&self) -> Option<&Arc<AtomicBool>> {

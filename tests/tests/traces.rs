@@ -132,21 +132,6 @@ fn a_changed_input_is_caught_where_the_guest_reads_it() {
     }
 }
 
-/// Asynchronous kicks (console input, the ticker, a user's Ctrl-A) stop the
-/// TC at arbitrary points; none of that may reach the guest.
-#[test]
-fn kicks_every_30_microseconds_change_nothing() {
-    let _g = vm_lock();
-    let trace = load("demo.trace");
-    let opts = options(&trace, &scratch("kicks")).unwrap();
-    let det = DetOptions { stress_kick_us: Some(30), ..DetOptions::default() };
-    let session = DetSession::Replay(Box::new(trace.clone()));
-    let r = run_deterministic(&opts, &det, session, "", Box::new(std::io::sink())).expect("replays under kicks");
-    assert!(r.verified.unwrap().end);
-    let kicks = r.stats.iter().find(|(k, _)| k == "bt/exits/kick_deferred").map_or(0, |x| x.1);
-    assert!(kicks > 100, "the kicks landed in translated code ({kicks})");
-}
-
 #[test]
 fn replaying_twice_gives_identical_results_and_recording_twice_identical_traces() {
     let _g = vm_lock();
