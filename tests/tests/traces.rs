@@ -132,6 +132,21 @@ fn a_changed_input_is_caught_where_the_guest_reads_it() {
     }
 }
 
+/// Asynchronous kicks (console input, a user's Ctrl-A) stop the TC at
+/// arbitrary points; none of that may reach the guest. (This test also
+/// caught a vCPU created on a reused thread id inheriting a dead thread's
+/// FS base in the signal handler.)
+#[test]
+fn kicks_every_30_microseconds_change_nothing() {
+    let _g = vm_lock();
+    let trace = load("demo.trace");
+    let opts = options(&trace, &scratch("kicks")).unwrap();
+    let det = DetOptions { stress_kick_us: Some(30), ..DetOptions::default() };
+    let session = DetSession::Replay(Box::new(trace.clone()));
+    let r = run_deterministic(&opts, &det, session, "", Box::new(std::io::sink())).expect("replays under kicks");
+    assert!(r.verified.unwrap().end);
+}
+
 #[test]
 fn replaying_twice_gives_identical_results_and_recording_twice_identical_traces() {
     let _g = vm_lock();

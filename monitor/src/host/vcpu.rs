@@ -261,6 +261,12 @@ impl Vcpu {
             f.gpr = [0; 8];
             f.eip = 0;
             f.eflags = 0x202;
+            // The signal handler restores these on this thread once guest
+            // code ran; until the first entry saves them they must not be a
+            // previous vCPU thread's (a reused thread id would get a dead
+            // thread's TLS).
+            f.host_fsbase = 0;
+            f.host_gsbase = 0;
             // SAFETY: gettid has no preconditions.
             f.vcpu_tid = unsafe { libc::gettid() };
         }
@@ -499,6 +505,12 @@ impl Vcpu {
 
 impl Drop for Vcpu {
     fn drop(&mut self) {
+        {
+            let f = self.frame_mut();
+            f.vcpu_tid = 0;
+            f.host_fsbase = 0;
+            f.host_gsbase = 0;
+        }
         VCPU_TAKEN.store(false, Ordering::Release);
     }
 }
