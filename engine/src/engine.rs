@@ -347,7 +347,7 @@ impl Engine {
     /// Drops blocks whose linear pages no longer map to the physical pages
     /// they were decoded from (call after MOV CR3 / INVLPG of code pages).
     pub fn revalidate_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
-        self.revalidate_where(code, |_| true)
+        self.revalidate_all(code)
     }
 
     /// [`Engine::revalidate_mappings`] for the blocks translated for CPL 3
@@ -379,14 +379,13 @@ impl Engine {
         keys
     }
 
-    fn revalidate_where(&mut self, code: &mut dyn GuestCode, which: impl Fn(&Block) -> bool) -> Vec<BlockKey> {
+    fn revalidate_all(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
         let mut walked: HashMap<u32, Option<u64>> = HashMap::new();
         let stale: Vec<u32> = self
             .blocks
             .iter()
             .enumerate()
             .filter_map(|(id, b)| b.as_ref().map(|b| (id, b)))
-            .filter(|(_, b)| which(b))
             .filter(|(_, b)| {
                 b.pages
                     .iter()

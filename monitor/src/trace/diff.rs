@@ -104,33 +104,33 @@ fn pair(name: &str, (la, lb): (&str, &str), a: impl fmt::Display, b: impl fmt::D
     format!("{name}: {la} {a}, {lb} {b}")
 }
 
-/// Registers and console, by name.
-fn compare_state(out: &mut Vec<String>, labels: (&str, &str), a: (Regs, u64, u64), b: (Regs, u64, u64)) {
-    let (ra, rb) = (a.0, b.0);
-    let mut r32 = |name: &str, x: u32, y: u32| {
+/// Registers that differ, by name: `EAX: A 0x00000001, B 0x00000002`
+/// (the localizer uses it with its own labels).
+pub fn compare_regs(out: &mut Vec<String>, labels: (&str, &str), ra: &Regs, rb: &Regs) {
+    let gprs = REG_NAMES.iter().zip(ra.gpr.iter().zip(&rb.gpr)).map(|(n, (x, y))| (*n, *x, *y));
+    let rest = [("EIP", ra.eip, rb.eip), ("EFLAGS", ra.eflags, rb.eflags)];
+    for (name, x, y) in gprs.chain(rest) {
         if x != y {
             out.push(pair(name, labels, format!("{x:#010x}"), format!("{y:#010x}")));
         }
-    };
-    for (i, name) in REG_NAMES.iter().enumerate() {
-        r32(name, ra.gpr[i], rb.gpr[i]);
     }
-    r32("EIP", ra.eip, rb.eip);
-    r32("EFLAGS", ra.eflags, rb.eflags);
     for (i, name) in SEL_NAMES.iter().enumerate() {
         if ra.sel[i] != rb.sel[i] {
             out.push(pair(name, labels, format!("{:#06x}", ra.sel[i]), format!("{:#06x}", rb.sel[i])));
         }
     }
-    let mut r32 = |name: &str, x: u32, y: u32| {
+    for (name, x, y) in
+        [("CR0", ra.cr0, rb.cr0), ("CR2", ra.cr2, rb.cr2), ("CR3", ra.cr3, rb.cr3), ("CR4", ra.cr4, rb.cr4)]
+    {
         if x != y {
             out.push(pair(name, labels, format!("{x:#010x}"), format!("{y:#010x}")));
         }
-    };
-    r32("CR0", ra.cr0, rb.cr0);
-    r32("CR2", ra.cr2, rb.cr2);
-    r32("CR3", ra.cr3, rb.cr3);
-    r32("CR4", ra.cr4, rb.cr4);
+    }
+}
+
+/// Registers and console, by name.
+fn compare_state(out: &mut Vec<String>, labels: (&str, &str), a: (Regs, u64, u64), b: (Regs, u64, u64)) {
+    compare_regs(out, labels, &a.0, &b.0);
     if a.1 != b.1 {
         out.push(pair("console length", labels, group(a.1), group(b.1)));
     }

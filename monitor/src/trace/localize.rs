@@ -38,28 +38,10 @@ impl std::fmt::Display for Localized {
     }
 }
 
-/// Named register differences, "EAX reference 0x1 candidate 0x2".
+/// Named register differences, "EAX: reference 0x00000001, candidate 0x00000002".
 pub fn regs_diff(a: &Regs, b: &Regs) -> Vec<String> {
-    const GPR: [&str; 8] = ["EAX", "ECX", "EDX", "EBX", "ESP", "EBP", "ESI", "EDI"];
-    const SEL: [&str; 6] = ["ES", "CS", "SS", "DS", "FS", "GS"];
     let mut v = Vec::new();
-    let mut cmp = |name: &str, x: u32, y: u32| {
-        if x != y {
-            v.push(format!("{name} reference {x:#x} candidate {y:#x}"));
-        }
-    };
-    for (i, name) in GPR.iter().enumerate() {
-        cmp(name, a.gpr[i], b.gpr[i]);
-    }
-    cmp("EIP", a.eip, b.eip);
-    cmp("EFLAGS", a.eflags, b.eflags);
-    for (i, name) in SEL.iter().enumerate() {
-        cmp(name, u32::from(a.sel[i]), u32::from(b.sel[i]));
-    }
-    cmp("CR0", a.cr0, b.cr0);
-    cmp("CR2", a.cr2, b.cr2);
-    cmp("CR3", a.cr3, b.cr3);
-    cmp("CR4", a.cr4, b.cr4);
+    crate::trace::diff::compare_regs(&mut v, ("reference", "candidate"), a, b);
     v
 }
 
