@@ -9,6 +9,7 @@ pub mod deterministic;
 pub mod devices;
 pub mod guests;
 pub mod host;
+pub mod jail;
 pub mod layout;
 pub mod loader;
 pub mod memory;

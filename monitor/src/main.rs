@@ -50,6 +50,9 @@ enum Command {
         /// Do not echo the guest console.
         #[arg(long)]
         quiet: bool,
+        /// Replay without the jail (debugging only; see `run --no-jail`).
+        #[arg(long)]
+        no_jail: bool,
     },
     /// Look into traces.
     Trace {
@@ -152,6 +155,11 @@ struct RunArgs {
     /// Deterministic mode: stop at this instruction count and dump the state.
     #[arg(long)]
     until: Option<u64>,
+    /// Run without the jail (no seccomp allow-list, namespaces or dropped
+    /// privileges: a guest that reaches 64-bit mode can use the host). For
+    /// debugging only.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 #[derive(Subcommand)]
@@ -250,6 +258,7 @@ fn run(a: RunArgs) -> ExitCode {
         bt,
         interactive: !a.no_input,
         guest: a.guest,
+        jail: jail_wanted(a.no_jail),
     };
     if a.deterministic || a.record.is_some() || a.until.is_some() {
         let det = monitor::deterministic::DetOptions {
@@ -279,7 +288,7 @@ fn run(a: RunArgs) -> ExitCode {
             }
             Err(e) => {
                 eprintln!("popek: {e}");
-                ExitCode::from(1)
+                ExitCode::from(e.exit_code())
             }
         };
     }
@@ -293,9 +302,20 @@ fn run(a: RunArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("popek: {e}");
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// The jail is on unless `--no-jail`, which says what it gives up.
+fn jail_wanted(no_jail: bool) -> bool {
+    if no_jail {
+        eprintln!(
+            "popek: warning: --no-jail: the monitor runs without its seccomp allow-list, namespaces and dropped \
+             privileges; guest code that reaches 64-bit mode can make host system calls with popek's rights"
+        );
+    }
+    !no_jail
 }
 
 fn det_summary(report: &monitor::run::DetReport) {
@@ -341,6 +361,7 @@ struct ReplayArgs {
     engine: Vec<String>,
     reference_engine: Option<Vec<String>>,
     quiet: bool,
+    no_jail: bool,
 }
 
 fn replay(a: ReplayArgs) -> ExitCode {
@@ -380,6 +401,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
         }
     };
     opts.bt = bt;
+    opts.jail = jail_wanted(a.no_jail);
     let det = monitor::deterministic::DetOptions { until, ..Default::default() };
     let console: Box<dyn std::io::Write + Send> =
         if a.quiet { Box::new(std::io::sink()) } else { Box::new(monitor::console::Stdout) };
@@ -504,8 +526,8 @@ fn main() -> ExitCode {
     init_tracing(cli.verbose);
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Replay { trace, until, kernel, initrd, engine, reference_engine, quiet } => {
-            replay(ReplayArgs { trace, until, kernel, initrd, engine, reference_engine, quiet })
+        Command::Replay { trace, until, kernel, initrd, engine, reference_engine, quiet, no_jail } => {
+            replay(ReplayArgs { trace, until, kernel, initrd, engine, reference_engine, quiet, no_jail })
         }
         Command::Trace { action } => trace_cmd(action),
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),

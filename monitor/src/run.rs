@@ -47,6 +47,10 @@ pub struct RunOptions {
     pub interactive: bool,
     /// A built-in guest by name (`popek guest list`) instead of `kernel`.
     pub guest: Option<String>,
+    /// Jail the process (docs/security.md) once the machine is built and
+    /// before the first guest instruction. The `popek` binary sets it
+    /// unless `--no-jail`; a library caller (tests) chooses.
+    pub jail: bool,
 }
 
 impl Default for RunOptions {
@@ -60,6 +64,7 @@ impl Default for RunOptions {
             bt: BtConfig::default(),
             interactive: false,
             guest: None,
+            jail: false,
         }
     }
 }
@@ -93,6 +98,27 @@ pub enum RunError {
     /// A replay left the recorded execution.
     #[error("{report}")]
     Diverged { at: u64, last_good: u64, report: String },
+    #[error("cannot jail the monitor: {0} (--no-jail runs without it, for debugging only)")]
+    Jail(#[from] crate::jail::JailError),
+}
+
+impl RunError {
+    /// The process exit status `popek` reports for this error: the jail's
+    /// own code when guest code reached 64-bit mode, else 1.
+    pub fn exit_code(&self) -> u8 {
+        let escape = matches!(
+            self,
+            RunError::Backend(BackendError::GuestEscape(_))
+                | RunError::Vm(VmError::Stopped { error: BackendError::GuestEscape(_), .. })
+                | RunError::Vm(VmError::Backend(BackendError::GuestEscape(_)))
+                | RunError::Deterministic(crate::deterministic::DetError::Backend(BackendError::GuestEscape(_)))
+        );
+        if escape {
+            crate::jail::EXIT_GUEST_ESCAPE
+        } else {
+            1
+        }
+    }
 }
 
 /// The result of a run: how it ended and every counter.
@@ -156,6 +182,24 @@ fn backend(opts: &RunOptions, mem: &Arc<GuestMemory>, cpu: Cpu) -> Result<Box<dy
     })
 }
 
+/// Closes the jail on this process (the machine is built, every file is
+/// open) and says how it went.
+fn jail(kind: BackendKind) -> Result<String, RunError> {
+    let profile = match kind {
+        BackendKind::Bt => crate::jail::Profile::Bt,
+        BackendKind::Kvm => crate::jail::Profile::Kvm,
+    };
+    let r = crate::jail::enter(profile)?;
+    Ok(match r.namespaces {
+        Ok(()) => {
+            format!("jailed: uid {}, empty root, no network, {}-instruction seccomp allow-list", r.uid, r.filter_len)
+        }
+        Err(e) => {
+            format!("jailed: uid {}, {}-instruction seccomp allow-list (no namespaces: {e})", r.uid, r.filter_len)
+        }
+    })
+}
+
 /// Builds the machine and runs it to the end.
 pub fn run(opts: &RunOptions, console: Box<dyn std::io::Write + Send>) -> Result<RunReport, RunError> {
     let t = std::time::Instant::now();
@@ -174,6 +218,9 @@ pub fn run(opts: &RunOptions, console: Box<dyn std::io::Write + Send>) -> Result
     })?;
     let backend = backend(opts, &mem, cpu)?;
     let mut vm = Vm::new(mem, platform, backend, clock);
+    if opts.jail {
+        notes.push(jail(opts.backend)?);
+    }
     let quit = Arc::new(AtomicBool::new(false));
     let raw = if opts.interactive { Some(crate::console::RawMode::enter()) } else { None };
     if opts.interactive {
@@ -364,27 +411,33 @@ pub fn run_deterministic(
     let backend: Box<dyn Backend> = Box::new(BtBackend::new(mem.clone(), cpu, bt)?);
     let mut vm = Vm::new(mem, platform, backend, Arc::new(clock.clone()));
     let quit = Arc::new(AtomicBool::new(false));
-    let mut input = None;
     let wants_stdin = matches!(session, DetSession::Plain | DetSession::Record { input: None, .. });
+    let mut recorder = crate::trace::record::Recorder::without_trace(None);
+    let mut replayer: Option<crate::trace::replay::Replayer> = None;
+    let recording = matches!(session, DetSession::Record { .. });
+    // Files first (the trace), then the jail, then threads (console input).
+    let mut custom = None;
+    match session {
+        DetSession::Plain => {}
+        DetSession::Record { path, input: given } => {
+            recorder = crate::trace::record::Recorder::create(&path, &header, given)?;
+        }
+        DetSession::Replay(trace) => replayer = Some(crate::trace::replay::Replayer::new(&trace)),
+        DetSession::Custom { session, .. } => custom = Some(session),
+    }
+    if opts.jail {
+        notes.push(jail(opts.backend)?);
+    }
     let raw = if opts.interactive && wants_stdin { Some(crate::console::RawMode::enter()) } else { None };
     if let Some(r) = &raw {
-        input = Some(crate::console::spawn_input(vm.backend.kicker(), quit.clone(), r.is_raw()));
+        // Only the recorder (plain, or recording without given input) reads stdin.
+        recorder.set_input(Some(crate::console::spawn_input(vm.backend.kicker(), quit.clone(), r.is_raw())));
         vm.set_quit(quit);
     }
-    let mut recorder = crate::trace::record::Recorder::without_trace(None);
-    let mut replayer = None;
-    let recording = matches!(session, DetSession::Record { .. });
-    let s: &mut dyn Session = match session {
-        DetSession::Plain => {
-            recorder = crate::trace::record::Recorder::without_trace(input);
-            &mut recorder
-        }
-        DetSession::Record { path, input: given } => {
-            recorder = crate::trace::record::Recorder::create(&path, &header, given.or(input))?;
-            &mut recorder
-        }
-        DetSession::Replay(trace) => replayer.insert(crate::trace::replay::Replayer::new(&trace)),
-        DetSession::Custom { session, .. } => session,
+    let s: &mut dyn Session = match (custom, replayer.as_mut()) {
+        (Some(c), _) => c,
+        (None, Some(r)) => r,
+        (None, None) => &mut recorder,
     };
     let result = vm.run_deterministic(&clock, &log, s, &det);
     drop(raw);

@@ -55,6 +55,10 @@ pub enum BackendError {
     Unsupported { backend: &'static str, what: String },
     #[error("the {backend} backend failed: {what}")]
     Failed { backend: &'static str, what: String },
+    /// Guest code left compatibility mode for the host's 64-bit mode; the
+    /// VM cannot go on (docs/security.md).
+    #[error("{0}")]
+    GuestEscape(crate::host::Escape),
 }
 
 /// A handle that stops a running backend from another thread.

@@ -243,6 +243,7 @@ pub fn boot(
         bt: BtConfig::default(),
         interactive: false,
         guest: None,
+        jail: false,
     };
     let lines = TimedLines::default();
     let console = lines.clone();

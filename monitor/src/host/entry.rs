@@ -80,7 +80,9 @@ pub struct Frame {
     pub fault_addr: u64,
     /// SIGSYS: the system call number the guest asked for.
     pub syscall_nr: i32,
-    pub _pad: [u32; 3],
+    /// SIGSYS: the call's audit architecture (i386 or x86-64).
+    pub syscall_arch: u32,
+    pub _pad: [u32; 2],
     pub xsave: XsaveArea,
 }
 
@@ -126,7 +128,8 @@ pub static mut POPEK_FRAME: Frame = Frame {
     err: 0,
     fault_addr: 0,
     syscall_nr: 0,
-    _pad: [0; 3],
+    syscall_arch: 0,
+    _pad: [0; 2],
     xsave: XsaveArea([0; XSAVE_AREA_SIZE]),
 };
 

@@ -66,4 +66,41 @@ pub enum HostError {
     UnexpectedSignal { signo: i32, trapno: u32 },
     #[error("invalid FPU state: {0}")]
     BadFpuState(&'static str),
+    #[error("{0}")]
+    GuestEscape(Escape),
+}
+
+/// Guest code switched to the host's 64-bit code selector (a far JMP, CALL,
+/// RETF or IRET to 0x33 needs no privilege) and was stopped there: by the
+/// vCPU guard if it made a system call (the call did not run), else by the
+/// first fault or kick in 64-bit mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Escape {
+    pub cs: u16,
+    pub rip: u64,
+    pub signo: i32,
+    /// The system call it asked for: number and whether it was i386
+    /// (`int 0x80`, compat `sysenter`) or x86-64 (`syscall`).
+    pub syscall: Option<(i32, bool)>,
+}
+
+impl std::fmt::Display for Escape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.syscall {
+            Some((nr, i386)) => write!(
+                f,
+                "guest code made a host system call ({} #{nr}) in 64-bit mode at RIP {:#x} (CS={:#x}, the host's \
+                 64-bit code selector); it was refused and the VM is stopped",
+                if i386 { "i386" } else { "x86-64" },
+                self.rip,
+                self.cs
+            ),
+            None => write!(
+                f,
+                "guest code switched to 64-bit mode (CS={:#x}, the host's 64-bit code selector) and was stopped at \
+                 RIP {:#x} (signal {}); no host system call ran, the VM is stopped",
+                self.cs, self.rip, self.signo
+            ),
+        }
+    }
 }

@@ -30,6 +30,22 @@ pub fn kick_signal() -> libc::c_int {
 const HANDLED: [libc::c_int; 6] =
     [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS];
 
+/// The monitor's own 64-bit code below 4 GiB (the exit-gate page of the VMM
+/// area, read-only to guest code), packed as `start | end << 32`: 64-bit
+/// code elsewhere below 4 GiB is guest code that reached the host's 64-bit
+/// selector.
+static MONITOR_LOW_CODE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Declares `range` (below 4 GiB) as the monitor's own 64-bit code.
+pub(super) fn set_monitor_code_below_4g(range: std::ops::Range<u32>) {
+    MONITOR_LOW_CODE.store(u64::from(range.start) | u64::from(range.end) << 32, Ordering::Release);
+}
+
+fn is_monitor_code_below_4g(rip: u64) -> bool {
+    let r = MONITOR_LOW_CODE.load(Ordering::Acquire);
+    ((r & 0xFFFF_FFFF)..(r >> 32)).contains(&rip)
+}
+
 /// Previous handlers, restored for faults that are not ours (Rust's stack
 /// overflow reporter lives there).
 static mut OLD_ACTIONS: [Option<libc::sigaction>; 6] = [None; 6];
@@ -94,7 +110,7 @@ fn raw_stderr(parts: &[&[u8]]) {
     }
 }
 
-fn hex(mut v: u64, buf: &mut [u8; 18]) -> &[u8] {
+pub(crate) fn hex(mut v: u64, buf: &mut [u8; 18]) -> &[u8] {
     buf[0] = b'0';
     buf[1] = b'x';
     for i in (2..18).rev() {
@@ -138,6 +154,83 @@ fn monitor_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_
 /// Field offsets of the SIGSYS part of `siginfo_t` (asm-generic/siginfo.h).
 const SI_CALL_ADDR_OFFSET: usize = 16;
 const SI_SYSCALL_OFFSET: usize = 24;
+const SI_ARCH_OFFSET: usize = 28;
+
+/// Copies the interrupted guest state (registers, selectors, signal
+/// details) into the frame and makes sigreturn land on the signal exit.
+fn leave_guest(
+    f: &mut entry::Frame,
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uc: &mut libc::ucontext_t,
+    rip: u64,
+    csgsfs: u64,
+) {
+    let g = &mut uc.uc_mcontext.gregs;
+    for (i, r) in [
+        libc::REG_RAX,
+        libc::REG_RCX,
+        libc::REG_RDX,
+        libc::REG_RBX,
+        libc::REG_RSP,
+        libc::REG_RBP,
+        libc::REG_RSI,
+        libc::REG_RDI,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        f.gpr[i] = g[r as usize] as u32;
+    }
+    f.eip = rip as u32;
+    f.eflags = g[libc::REG_EFL as usize] as u32;
+    f.cs = (csgsfs & 0xffff) as u16;
+    f.ss = (csgsfs >> 48) as u16;
+    let (ds, es, fsel, gsel): (u16, u16, u16, u16);
+    // SAFETY: reading segment selectors has no side effects; the signal
+    // delivery left the interrupted code's DS/ES/FS/GS loaded.
+    unsafe {
+        std::arch::asm!("mov {0:x}, ds", "mov {1:x}, es", "mov {2:x}, fs", "mov {3:x}, gs",
+            out(reg) ds, out(reg) es, out(reg) fsel, out(reg) gsel)
+    };
+    (f.ds, f.es, f.fs, f.gs) = (ds, es, fsel, gsel);
+    f.signo = sig;
+    // SAFETY: `info` is valid for SA_SIGINFO handlers.
+    let inf = unsafe { &*info };
+    f.si_code = inf.si_code;
+    f.trapno = g[libc::REG_TRAPNO as usize] as u32;
+    f.err = g[libc::REG_ERR as usize] as u32;
+    // SAFETY: si_addr is meaningful for SIGSEGV/SIGBUS/SIGILL/SIGFPE/SIGTRAP
+    // and harmless to read for the others.
+    f.fault_addr = unsafe { inf.si_addr() } as u64;
+    if sig == libc::SIGSYS {
+        let (nr, addr, arch) = sigsys_details(info);
+        f.syscall_nr = nr;
+        f.fault_addr = addr;
+        f.syscall_arch = arch;
+    }
+    if sig == kick_signal() {
+        POPEK_KICK_PENDING.store(0, Ordering::Relaxed);
+    }
+    f.exit_reason = entry::EXIT_SIGNAL;
+    redirect(g, entry::exit_signal_address(), Some(f.host_rsp));
+    uc.uc_flags |= UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS;
+}
+
+/// SIGSYS: the call number, the instruction pointer after the call, and
+/// the call's audit architecture.
+fn sigsys_details(info: *const libc::siginfo_t) -> (i32, u64, u32) {
+    // SAFETY: for SIGSYS the union holds call_addr, syscall, arch (the
+    // handler only calls this for SIGSYS).
+    unsafe {
+        let base = info as *const u8;
+        (
+            *base.add(SI_SYSCALL_OFFSET).cast::<i32>(),
+            *base.add(SI_CALL_ADDR_OFFSET).cast::<u64>(),
+            *base.add(SI_ARCH_OFFSET).cast::<u32>(),
+        )
+    }
+}
 
 extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // First: no guest AC or DF in monitor code, and the host FS/GS base back
@@ -171,55 +264,17 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut l
         // Guest-mode code was running (only the vCPU thread runs it).
         // SAFETY: the vCPU thread owns the frame while in guest code; this
         // handler runs on that thread.
-        let f = unsafe { &mut *frame };
-        for (i, r) in [
-            libc::REG_RAX,
-            libc::REG_RCX,
-            libc::REG_RDX,
-            libc::REG_RBX,
-            libc::REG_RSP,
-            libc::REG_RBP,
-            libc::REG_RSI,
-            libc::REG_RDI,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            f.gpr[i] = g[r as usize] as u32;
-        }
-        f.eip = rip as u32;
-        f.eflags = g[libc::REG_EFL as usize] as u32;
-        f.cs = cs;
-        f.ss = (csgsfs >> 48) as u16;
-        let (ds, es, fsel, gsel): (u16, u16, u16, u16);
-        // SAFETY: reading segment selectors has no side effects; the signal
-        // delivery left the interrupted code's DS/ES/FS/GS loaded.
-        unsafe {
-            std::arch::asm!("mov {0:x}, ds", "mov {1:x}, es", "mov {2:x}, fs", "mov {3:x}, gs",
-                out(reg) ds, out(reg) es, out(reg) fsel, out(reg) gsel)
-        };
-        (f.ds, f.es, f.fs, f.gs) = (ds, es, fsel, gsel);
-        f.signo = sig;
-        // SAFETY: `info` is valid for SA_SIGINFO handlers.
-        let inf = unsafe { &*info };
-        f.si_code = inf.si_code;
-        f.trapno = g[libc::REG_TRAPNO as usize] as u32;
-        f.err = g[libc::REG_ERR as usize] as u32;
-        // SAFETY: si_addr is meaningful for SIGSEGV/SIGBUS/SIGILL/SIGFPE/SIGTRAP
-        // and harmless to read for the others.
-        f.fault_addr = unsafe { inf.si_addr() } as u64;
-        if sig == libc::SIGSYS {
-            // SAFETY: for SIGSYS the union holds call_addr, syscall, arch.
-            f.syscall_nr = unsafe { *(info as *const u8).add(SI_SYSCALL_OFFSET).cast::<i32>() };
-            // SAFETY: as above: call_addr is the first field of the union.
-            f.fault_addr = unsafe { *(info as *const u8).add(SI_CALL_ADDR_OFFSET).cast::<u64>() };
-        }
-        if kick {
-            POPEK_KICK_PENDING.store(0, Ordering::Relaxed);
-        }
-        f.exit_reason = entry::EXIT_SIGNAL;
-        redirect(g, entry::exit_signal_address(), Some(f.host_rsp));
-        uc.uc_flags |= UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS;
+        leave_guest(unsafe { &mut *frame }, sig, info, uc, rip, csgsfs);
+        return;
+    }
+    // 64-bit code below 4 GiB: nothing of the monitor is there, so guest
+    // code far-transferred to the host's 64-bit selector (0x33). Stop the
+    // VM: the exit decodes it as an escape (and the vCPU guard kept any
+    // system call it made from running).
+    // SAFETY: gettid has no side effects.
+    if rip < 1 << 32 && !is_monitor_code_below_4g(rip) && vcpu_tid != 0 && unsafe { libc::gettid() } == vcpu_tid {
+        // SAFETY: as above: the vCPU thread, which owns the frame.
+        leave_guest(unsafe { &mut *frame }, sig, info, uc, rip, csgsfs);
         return;
     }
 
@@ -240,6 +295,11 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut l
         // Not in guest code: the next entry returns at once.
         POPEK_KICK_PENDING.store(1, Ordering::SeqCst);
         return;
+    }
+    if sig == libc::SIGSYS {
+        // The jail refused a call made by 64-bit code outside the window.
+        let (nr, addr, arch) = sigsys_details(info);
+        crate::jail::refused(nr, arch, addr);
     }
     monitor_fault(sig, info, uc as *mut libc::ucontext_t as *mut libc::c_void, rip);
 }

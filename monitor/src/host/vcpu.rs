@@ -230,6 +230,11 @@ fn install_exit_gate(window: &Window) {
     // written here, by the vCPU owner, before any guest code runs.
     let alias = unsafe { window.vmm_alias() };
     alias[off..off + gate.len()].copy_from_slice(&gate);
+    // The gate page is the monitor's only 64-bit code below 4 GiB.
+    let start = window.exit_gate();
+    signals::set_monitor_code_below_4g(
+        start..start + (super::window::vmm::LOOKUP_TABLE - super::window::vmm::EXIT_GATE),
+    );
 }
 
 impl Vcpu {
@@ -438,6 +443,12 @@ impl Vcpu {
         let (signo, trapno, err) = (f.signo, f.trapno, f.err);
         let cs_base = self.segment_base(f.cs);
         let eip = f.eip;
+        if f.cs == ldt::HOST_CS64 {
+            let syscall = (signo == libc::SIGSYS).then_some((f.syscall_nr, f.syscall_arch == seccomp::AUDIT_ARCH_I386));
+            // A system call's RIP is where it was made from (call_addr).
+            let rip = if syscall.is_some() { f.fault_addr } else { u64::from(f.eip) };
+            return Err(HostError::GuestEscape(super::Escape { cs: f.cs, rip, signo, syscall }));
+        }
         if signo == signals::kick_signal() {
             return Ok(Exit::Kick);
         }

@@ -35,6 +35,14 @@ impl Recorder {
         Ok(Recorder { writer: Some(writer), input, input_bytes: 0, trace_bytes: 0, checkpoints: 0 })
     }
 
+    /// Console input from `rx` from now on (the console thread starts after
+    /// the trace file is open and the jail closed).
+    pub fn set_input(&mut self, rx: Option<Receiver<Vec<u8>>>) {
+        if rx.is_some() {
+            self.input = rx;
+        }
+    }
+
     /// The deterministic mode's console input without a trace (`--deterministic`).
     pub fn without_trace(input: Option<Receiver<Vec<u8>>>) -> Recorder {
         Recorder { writer: None, input, input_bytes: 0, trace_bytes: 0, checkpoints: 0 }

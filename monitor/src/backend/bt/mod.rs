@@ -351,7 +351,10 @@ impl BtBackend {
 
     fn run_host(&mut self, translated: bool) -> Result<Exit, BackendError> {
         let t = rdtsc();
-        let exit = self.host.run().map_err(failed);
+        let exit = self.host.run().map_err(|e| match e {
+            crate::host::HostError::GuestEscape(escape) => BackendError::GuestEscape(escape),
+            e => failed(e),
+        });
         let dt = rdtsc().wrapping_sub(t);
         if translated {
             self.stats.cycles_translated += dt;
