@@ -428,3 +428,24 @@ fn a_process_inside_debian_cannot_reach_the_host() {
     assert!(!String::from_utf8_lossy(&o.stdout).contains("escape: returned"), "the VM must stop:\n{all}");
     assert_stopped(&o, &target, true);
 }
+
+#[test]
+fn the_same_escape_goes_nowhere_when_user_code_is_translated_or_on_kvm() {
+    // Translated user code: the far JMP is a callout that reads selector
+    // 0x33 from the *guest's* GDT (5 entries: past its limit), so the guest
+    // takes a #GP, and with no IDT, shuts down. Nothing reaches 64-bit mode.
+    let (o, target) = run_kernel(Transfer::Jmp, Payload::Syscall, &["--deterministic"]);
+    assert!(!target.exists(), "{}", text(&o));
+    assert_ne!(o.status.code(), Some(i32::from(EXIT_GUEST_ESCAPE)), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("triple fault"), "{}", text(&o));
+    // KVM: the selector is the guest's too (paging is off, which this
+    // host's /dev/kvm can run).
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("SKIPPED (kvm part): no /dev/kvm on this host");
+        return;
+    }
+    let (o, target) = run_kernel(Transfer::Jmp, Payload::Syscall, &["--backend", "kvm"]);
+    assert!(!target.exists(), "{}", text(&o));
+    assert_ne!(o.status.code(), Some(i32::from(EXIT_GUEST_ESCAPE)), "{}", text(&o));
+    eprintln!("kvm: {}", String::from_utf8_lossy(&o.stderr));
+}

@@ -115,6 +115,9 @@ fn close(profile: Profile) -> Result<JailReport, JailError> {
     drop_capabilities(last_cap)?;
     // SAFETY: getuid has no side effects (and is not on the allow-list).
     let uid = unsafe { libc::getuid() };
+    // A refused call must be reported, not just kill the process: the
+    // handler names it (a kvm process has no vCPU that installed it).
+    crate::host::signals::install()?;
     let filter = seccomp::compile(&policy::rules(profile), Action::Trap, Action::Trap, Action::Trap);
     seccomp::install(&filter, true)?;
     seccomp::mark_guarded();

@@ -81,6 +81,9 @@ pub const KVM_IOCTLS: &[&[Check]] = &[
     &[Check::Eq(1, iow(0x8d, size_of::<kvm_bindings::kvm_fpu>()))],
     &[Check::Eq(1, ior(0x9f, size_of::<kvm_bindings::kvm_vcpu_events>()))],
     &[Check::Eq(1, iow(0xa0, size_of::<kvm_bindings::kvm_vcpu_events>()))],
+    &[Check::Eq(1, ior(0xa1, size_of::<kvm_bindings::kvm_debugregs>()))],
+    &[Check::Eq(1, iow(0xa2, size_of::<kvm_bindings::kvm_debugregs>()))],
+    &[Check::Eq(1, iowr(0x85, size_of::<kvm_bindings::kvm_translation>()))],
     // Terminal ioctls, as for bt.
     &[Check::Eq(1, libc::TCGETS)],
     &[Check::Eq(1, libc::TCSETS)],

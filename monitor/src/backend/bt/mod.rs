@@ -51,6 +51,9 @@ pub struct BtConfig {
     /// translated, user code included, and the TC counts retired
     /// instructions; RDTSC reads virtual time.
     pub deterministic: bool,
+    /// Shadow MMU: unmap supervisor-only shadows on every entry to CPL 3
+    /// (`--engine isolate`; docs/security.md says what it does and costs).
+    pub user_isolation: bool,
 }
 
 impl BtConfig {
@@ -63,6 +66,7 @@ impl BtConfig {
             "nopoll" => self.engine.poll_at_block_entry = false,
             "noinline" => self.engine.inline_flags = false,
             "inline" => self.engine.inline_flags = true,
+            "isolate" => self.user_isolation = true,
             s if s.starts_with("corrupt=") => {
                 let name = &s["corrupt=".len()..];
                 let m = iced_x86::Mnemonic::values()
@@ -72,7 +76,7 @@ impl BtConfig {
             }
             other => {
                 return Err(format!(
-                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, corrupt=MNEMONIC)"
+                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, isolate, corrupt=MNEMONIC)"
                 ))
             }
         }
@@ -208,8 +212,12 @@ impl BtBackend {
             engine_config.count_insns = true;
         }
         let engine = Engine::new(view, engine_config).map_err(failed)?;
-        let mmu =
-            ShadowMmu::new(MmuConfig { mmap_min_addr: window.min_addr(), vmm_base: base, ..MmuConfig::default() });
+        let mmu = ShadowMmu::new(MmuConfig {
+            mmap_min_addr: window.min_addr(),
+            vmm_base: base,
+            user_isolation: config.user_isolation,
+            ..MmuConfig::default()
+        });
         let mut b = BtBackend {
             host,
             window,
