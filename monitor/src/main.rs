@@ -102,6 +102,12 @@ enum Command {
         /// Also draw the results as a log-scale SVG bar chart (suite nano).
         #[arg(long)]
         svg: Option<PathBuf>,
+        /// Run the suites' VMs without the jail (debugging only).
+        #[arg(long)]
+        no_jail: bool,
+        /// Internal: be the jailed worker of a suite (rows on stdout).
+        #[arg(long, hide = true)]
+        worker: bool,
     },
 }
 
@@ -537,7 +543,17 @@ fn main() -> ExitCode {
         Command::Trace { action } => trace_cmd(action),
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),
         Command::Guest { action } => guest(action),
-        Command::Bench { suite, json, quick, backends, svg } => {
+        Command::Bench { suite, json, quick, backends, svg, no_jail, worker } => {
+            if worker {
+                return match monitor::bench::worker::serve(&suite, quick) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("popek: bench worker failed: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
+            let jailed = jail_wanted(no_jail);
             if svg.is_some() && suite != "nano" {
                 eprintln!("popek: --svg is for --suite nano; ignored");
             }
@@ -566,8 +582,14 @@ fn main() -> ExitCode {
                     if backends.is_some() {
                         eprintln!("popek: --backends is for --suite nano and linux; ignored");
                     }
-                    monitor::bench::run_suite(&suite, quick)
-                        .inspect(|rows| print!("{}", monitor::bench::to_table(rows)))
+                    let rows = if jailed && monitor::bench::worker::JAILED_SUITES.contains(&suite.as_str()) {
+                        std::env::current_exe()
+                            .map_err(|e| monitor::bench::BenchError::Input(format!("cannot find popek itself: {e}")))
+                            .and_then(|exe| monitor::bench::worker::run_jailed(&exe, &suite, quick))
+                    } else {
+                        monitor::bench::run_suite(&suite, quick)
+                    };
+                    rows.inspect(|rows| print!("{}", monitor::bench::to_table(rows)))
                 }
             };
             match result {

@@ -11,6 +11,7 @@ pub mod linux;
 pub mod mmu;
 pub mod nano;
 pub mod replay;
+pub mod worker;
 
 use std::fmt::Write as _;
 
@@ -30,6 +31,8 @@ pub enum BenchError {
     UnknownSuite(String),
     #[error("unknown backend {backend:?} for suite {suite} (known: {known})")]
     UnknownBackend { suite: &'static str, backend: String, known: String },
+    #[error("cannot jail the benchmark worker: {0}")]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// Runs one suite by name.
