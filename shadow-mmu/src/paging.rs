@@ -228,6 +228,59 @@ pub struct Translation {
     pub dirty: bool,
     /// `None` when paging is off.
     pub leaf: Option<Leaf>,
+    /// The directory entry (PDE) the walk went through, as [`dir_key`]:
+    /// what a later address space must have in the same place for this
+    /// translation's shadow to stay (0 with paging off).
+    pub dir: u64,
+}
+
+/// A directory entry without its A and D bits: two equal keys lead to the
+/// same page table (or the same large page) with the same rights.
+pub const fn dir_key(entry: u64) -> u64 {
+    entry & !(pte::A | pte::D)
+}
+
+/// The directory entry (PDE) covering `gva` under `regs`, with where it
+/// lives: `None` with paging off or a non-present PAE PDPTE. Reads only.
+pub fn directory_entry<M: PhysMem + ?Sized>(
+    mem: &M,
+    regs: &PagingRegs,
+    pdptes: &[u64; 4],
+    gva: u32,
+) -> Option<(u64, u64)> {
+    match regs.mode() {
+        PagingMode::Off => None,
+        PagingMode::TwoLevel => {
+            let gpa = u64::from(regs.cr3 & !PAGE_MASK) + u64::from(gva >> 22) * 4;
+            Some((gpa, u64::from(mem.read_u32(gpa).unwrap_or(u32::MAX))))
+        }
+        PagingMode::Pae => {
+            let pdpte = pdptes[(gva >> 30) as usize];
+            if pdpte & pte::P == 0 {
+                return None;
+            }
+            let gpa = (pdpte & PAE_ADDR) + u64::from((gva >> 21) & 0x1FF) * 8;
+            Some((gpa, mem.read_u64(gpa).unwrap_or(u64::MAX)))
+        }
+    }
+}
+
+/// Whether a PAE directory entry has reserved bits set (a walk through it
+/// would fault with RSVD).
+pub(crate) fn dir_reserved(regs: &PagingRegs, pde: u64) -> bool {
+    regs.mode() == PagingMode::Pae && pde & (PAE_RSVD_HIGH | if regs.nx_enabled() { 0 } else { pte::XD }) != 0
+}
+
+/// Where the 4 KiB leaf for `gva` lives under directory entry `pde`.
+pub(crate) fn leaf_of(regs: &PagingRegs, pde: u64, gva: u32) -> Leaf {
+    let nxe = regs.nx_enabled();
+    if regs.mode() == PagingMode::Pae {
+        let entry_gpa = (pde & PAE_ADDR) + u64::from((gva >> 12) & 0x1FF) * 8;
+        Leaf { entry_gpa, wide: true, upper: Perms::ALL.and(pde, nxe) }
+    } else {
+        let entry_gpa = (pde & 0xFFFF_F000) + u64::from((gva >> 12) & 0x3FF) * 4;
+        Leaf { entry_gpa, wide: false, upper: Perms::ALL.and(pde, false) }
+    }
 }
 
 /// Reads the four PDPTEs the way MOV CR3 does under PAE paging.
@@ -272,6 +325,7 @@ pub fn walk<M: PhysMem + ?Sized>(
             global: false,
             dirty: true,
             leaf: None,
+            dir: 0,
         }),
         PagingMode::TwoLevel => w.two_level(),
         PagingMode::Pae => w.pae(pdptes),
@@ -358,7 +412,7 @@ impl<M: PhysMem + ?Sized> Walker<'_, M> {
             let page_gpa = (pde & 0xFFC0_0000) | (((pde >> 13) & 0xFF) << 32);
             let dirty = self.finish(&[pde_used], upper)?;
             let size = PageSize::Size4M;
-            return Ok(self.translation(page_gpa, size, upper, pde, dirty, pde_gpa, false, Perms::ALL));
+            return Ok(self.translation(page_gpa, size, upper, pde, dirty, pde_gpa, false, Perms::ALL, pde));
         }
         let pte_gpa = (pde & 0xFFFF_F000) + u64::from((gva >> 12) & 0x3FF) * 4;
         let entry = self.read32(pte_gpa);
@@ -367,7 +421,7 @@ impl<M: PhysMem + ?Sized> Walker<'_, M> {
         }
         let perms = upper.and(entry, false);
         let dirty = self.finish(&[pde_used, Used { gpa: pte_gpa, value: entry }], perms)?;
-        Ok(self.translation(entry & 0xFFFF_F000, PageSize::Size4K, perms, entry, dirty, pte_gpa, false, upper))
+        Ok(self.translation(entry & 0xFFFF_F000, PageSize::Size4K, perms, entry, dirty, pte_gpa, false, upper, pde))
     }
 
     fn pae(&mut self, pdptes: &[u64; 4]) -> Result<Translation, PageFault> {
@@ -392,7 +446,7 @@ impl<M: PhysMem + ?Sized> Walker<'_, M> {
         if large {
             let dirty = self.finish(&[pde_used], upper)?;
             let page_gpa = pde & PAE_ADDR & !0x1F_FFFF;
-            return Ok(self.translation(page_gpa, PageSize::Size2M, upper, pde, dirty, pde_gpa, true, Perms::ALL));
+            return Ok(self.translation(page_gpa, PageSize::Size2M, upper, pde, dirty, pde_gpa, true, Perms::ALL, pde));
         }
         let pte_gpa = (pde & PAE_ADDR) + u64::from((gva >> 12) & 0x1FF) * 8;
         let entry = self.read64(pte_gpa);
@@ -404,7 +458,7 @@ impl<M: PhysMem + ?Sized> Walker<'_, M> {
         }
         let perms = upper.and(entry, nxe);
         let dirty = self.finish(&[pde_used, Used { gpa: pte_gpa, value: entry }], perms)?;
-        Ok(self.translation(entry & PAE_ADDR, PageSize::Size4K, perms, entry, dirty, pte_gpa, true, upper))
+        Ok(self.translation(entry & PAE_ADDR, PageSize::Size4K, perms, entry, dirty, pte_gpa, true, upper, pde))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -418,6 +472,7 @@ impl<M: PhysMem + ?Sized> Walker<'_, M> {
         entry_gpa: u64,
         wide: bool,
         upper: Perms,
+        pde: u64,
     ) -> Translation {
         let offset_mask = size.bytes() - 1;
         Translation {
@@ -430,6 +485,7 @@ impl<M: PhysMem + ?Sized> Walker<'_, M> {
             global: self.regs.pge() && leaf_entry & pte::G != 0,
             dirty,
             leaf: Some(Leaf { entry_gpa, wide, upper }),
+            dir: dir_key(pde),
         }
     }
 }

@@ -12,8 +12,8 @@ use tracing::{debug, trace};
 use crate::error::MmuError;
 use crate::host::{HostMapper, PhysMem, Prot};
 use crate::paging::{
-    accessed_neighbour, cr0, cr4, efer, load_pdptes, walk, Access, PageFault, PageSize, PagingMode, PagingRegs, Perms,
-    Translation, PAGE_MASK, PAGE_SIZE,
+    accessed_neighbour, cr0, cr4, dir_key, dir_reserved, directory_entry, efer, leaf_of, load_pdptes, pte, walk,
+    Access, PageFault, PageSize, PagingMode, PagingRegs, Perms, Translation, PAGE_MASK, PAGE_SIZE,
 };
 use crate::stats::Stats;
 
@@ -94,6 +94,11 @@ pub struct ShadowEntry {
     pub user: bool,
     /// The guest grants write and D is set: writable unless code-protected.
     pub write_ok: bool,
+    /// For a shadow of a 2/4 MiB page, the directory entry that maps it
+    /// ([`crate::paging::dir_key`]): a MOV CR3 keeps the shadow when the new
+    /// address space has the same one. 0 for 4 KiB pages, which are
+    /// compared leaf by leaf.
+    pub dir: u64,
 }
 
 /// The shadow MMU of one vCPU.
@@ -310,6 +315,7 @@ impl ShadowMmu {
             global: t.global,
             user: t.perms.user,
             write_ok: t.perms.writable && t.dirty,
+            dir: if t.size == PageSize::Size4K { 0 } else { t.dir },
         };
         if let Some(old) = self.entries.get(&page).copied().filter(|old| old.gpa == frame) {
             return self.upgrade(mapper, page, old, entry);
@@ -431,6 +437,7 @@ impl ShadowMmu {
                     global: n.global,
                     user: n.perms.user,
                     write_ok: n.perms.writable && n.dirty,
+                    dir: 0,
                 }
             }
             (Some(_), _) => {
@@ -629,8 +636,17 @@ impl ShadowMmu {
         Ok(())
     }
 
-    /// MOV CR3: drops non-global shadows (all with CR4.PGE=0); under PAE
-    /// paging reloads the PDPTEs first. On
+    /// MOV CR3: like a TLB flush of the non-global entries (all with
+    /// CR4.PGE=0), except that a shadow the new address space maps
+    /// identically stays: an accessed directory entry, then for a 4 KiB page
+    /// an accessed leaf mapping the same frame with the same rights (its
+    /// own page table or a shared one), for a large page the same directory
+    /// entry. Keeping it is then
+    /// indistinguishable from dropping it and refaulting (the refault would
+    /// set no A/D bit that is not already set), and saves a host fault and
+    /// an `mmap` per page: shared text and libraries, the zero page, and
+    /// every user page across Linux's page-table-isolation switches. Under
+    /// PAE paging the PDPTEs are reloaded first; on
     /// [`MmuError::PdpteReserved`] nothing changed and the guest gets #GP(0).
     pub fn set_cr3<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
         &mut self,
@@ -644,7 +660,75 @@ impl ShadowMmu {
         }
         self.regs = new;
         self.stats.cr3_switches += 1;
-        self.flush(mapper, self.regs.pge())
+        let candidates: Vec<u32> = if self.regs.pge() {
+            self.nonglobal.iter().copied().collect()
+        } else {
+            self.entries.keys().copied().collect()
+        };
+        let mut dirs: HashMap<u32, Option<u64>> = HashMap::new();
+        let mut victims = Vec::new();
+        for gva in candidates {
+            let e = self.entries[&gva];
+            if !self.still_maps(mem, gva, &e, &mut dirs) {
+                victims.push(gva);
+            }
+        }
+        let kept = self.entries.len() - victims.len();
+        self.stats.cr3_kept_pages += kept as u64;
+        let mut spans: Vec<(u32, u32)> = Vec::new();
+        for &gva in &victims {
+            match spans.last_mut() {
+                // Extend only over adjacent victims: a gap may hold a kept shadow.
+                Some((_, last)) if last.wrapping_add(1) == gva => *last = gva + (PAGE_SIZE - 1),
+                _ => spans.push((gva, gva + (PAGE_SIZE - 1))),
+            }
+        }
+        let n = self.drop_victims(mapper, spans, victims)?;
+        debug!(dropped = n, kept, "address space switch");
+        Ok(())
+    }
+
+    /// Whether the current paging registers translate `gva` exactly as its
+    /// shadow `e` says (without setting any A/D bit). `dirs` caches the
+    /// directory entry of each 2/4 MiB region.
+    fn still_maps<M: PhysMem + ?Sized>(
+        &self,
+        mem: &M,
+        gva: u32,
+        e: &ShadowEntry,
+        dirs: &mut HashMap<u32, Option<u64>>,
+    ) -> bool {
+        if self.regs.mode() == PagingMode::Off {
+            return true;
+        }
+        let region = gva >> if self.regs.mode() == PagingMode::Pae { 21 } else { 22 };
+        let pde =
+            *dirs.entry(region).or_insert_with(|| directory_entry(mem, &self.regs, &self.pdptes, gva).map(|(_, v)| v));
+        let Some(pde) = pde else { return false };
+        if pde & pte::P == 0 || pde & pte::A == 0 || dir_reserved(&self.regs, pde) {
+            return false;
+        }
+        if e.guest_size != PageSize::Size4K {
+            // The directory entry is the leaf: the same one, dirty if the
+            // shadow lets writes through.
+            return dir_key(pde) == e.dir && (!e.write_ok || pde & pte::D != 0);
+        }
+        if pde & pte::PS != 0 && (self.regs.pse() || self.regs.mode() == PagingMode::Pae) {
+            return false;
+        }
+        let leaf = leaf_of(&self.regs, pde, gva);
+        let Some(n) = accessed_neighbour(mem, &self.regs, &leaf, leaf.entry_gpa) else { return false };
+        let now = ShadowEntry {
+            gpa: n.frame,
+            prot: self.prot_for(n.perms, n.dirty, n.frame),
+            guest_page: page_of(gva),
+            guest_size: PageSize::Size4K,
+            global: n.global,
+            user: n.perms.user,
+            write_ok: n.perms.writable && n.dirty,
+            dir: 0,
+        };
+        now == *e
     }
 
     /// MOV CR0: a change of PG or WP drops every shadow (the host rights

@@ -31,6 +31,9 @@ pub struct Stats {
     pub pages_unmapped: u64,
     pub invlpg: u64,
     pub cr3_switches: u64,
+    /// Shadows a MOV CR3 kept because the new address space maps them
+    /// identically (summed over switches).
+    pub cr3_kept_pages: u64,
     /// Full flushes (CR0/CR4/EFER changes, `flush_all`, CR3 without PGE).
     pub flushes: u64,
     pub code_pages_protected: u64,
@@ -53,7 +56,7 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 23] {
+    pub fn counters(&self) -> [(&'static str, u64); 24] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
@@ -73,6 +76,7 @@ impl Stats {
             ("shadow/pages/unmapped", self.pages_unmapped),
             ("shadow/tlb/invlpg", self.invlpg),
             ("shadow/tlb/cr3", self.cr3_switches),
+            ("shadow/tlb/cr3_kept_pages", self.cr3_kept_pages),
             ("shadow/tlb/flush", self.flushes),
             ("shadow/code/protected", self.code_pages_protected),
             ("shadow/code/unprotected", self.code_pages_unprotected),

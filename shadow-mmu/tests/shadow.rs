@@ -145,7 +145,11 @@ fn global_pages_survive_cr3_only_with_pge() {
         v.fault(0xC000_0000, Access::read());
         v.fault(0x0800_0000, Access::read());
         assert_eq!(v.mmu.entry(0xC000_0000).unwrap().global, pge);
-        v.set_cr3(p.cr3);
+        // Another address space mapping both pages elsewhere.
+        let mut q = Pager32::new(TABLES + 0x8_0000);
+        q.map_4k(&mut v.mem, 0xC000_0000, 0x30_0000, pte::RW | pte::G | AD);
+        q.map_4k(&mut v.mem, 0x0800_0000, 0x30_1000, RW_US | AD);
+        v.set_cr3(q.cr3);
         assert_eq!(v.mmu.entry(0xC000_0000).is_some(), pge, "pge={pge}");
         assert_eq!(v.mmu.entry(0x0800_0000), None);
         if pge {
@@ -158,6 +162,71 @@ fn global_pages_survive_cr3_only_with_pge() {
             assert_eq!(v.mmu.stats().flushes, 3, "CR4 and CR0 at set-up, CR4.PGE here");
         }
     }
+}
+
+#[test]
+fn an_address_space_switch_keeps_what_the_new_one_maps_identically() {
+    let (mut v, mut p) = vm32(MmuConfig { batch_small: 4096, ..MmuConfig::default() }, cr4::PGE);
+    // A: shared text (same frame, same rights), a private page, a page the
+    // other maps read-only, one it has not accessed yet.
+    for (gva, gpa) in
+        [(0x0800_0000, 0x20_0000), (0x0900_0000, 0x20_1000), (0x0A00_0000, 0x20_2000), (0x0B00_0000, 0x20_3000)]
+    {
+        p.map_4k(&mut v.mem, gva, gpa, RW_US | AD);
+        v.fault(gva, Access::write().user());
+    }
+    let mut q = Pager32::new(TABLES + 0x8_0000);
+    q.map_4k(&mut v.mem, 0x0800_0000, 0x20_0000, RW_US | AD); // identical, own page table
+    q.map_4k(&mut v.mem, 0x0900_0000, 0x30_1000, RW_US | AD); // another frame
+    q.map_4k(&mut v.mem, 0x0A00_0000, 0x20_2000, pte::US | AD); // read-only there
+    q.map_4k(&mut v.mem, 0x0B00_0000, 0x20_3000, RW_US | pte::D); // not accessed
+                                                                  // The directory entries of B were walked before (A set), as a run would have.
+    for gva in [0x0800_0000u32, 0x0900_0000, 0x0A00_0000, 0x0B00_0000] {
+        let pde = q.pde_addr(gva);
+        v.mem.set_u32(pde, v.mem.u32(pde) | pte::A as u32);
+    }
+    let unmaps = v.win.unmap_calls();
+    v.set_cr3(q.cr3);
+    assert_eq!(v.win.at(0x0800_0000), Some((0x20_0000, Prot::RWX)), "kept, without a new mapping");
+    for gone in [0x0900_0000, 0x0A00_0000, 0x0B00_0000] {
+        assert_eq!(v.win.at(gone), None, "{gone:#x}");
+    }
+    assert_eq!(v.win.unmap_calls() - unmaps, 3, "each dropped page is its own span");
+    let b_pte = q.pte_addr(&mut v.mem, 0x0B00_0000);
+    assert_eq!(v.mem.u32(b_pte) as u64 & pte::A, 0, "no A set behind the guest's back");
+    assert_eq!(v.mmu.stats().cr3_kept_pages, 1);
+    // Back to A: what B kept (identical in A too) stays again.
+    v.set_cr3(p.cr3);
+    assert!(v.mmu.entry(0x0800_0000).is_some());
+}
+
+#[test]
+fn a_directory_entry_not_yet_accessed_drops_its_pages() {
+    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    p.map_4k(&mut v.mem, 0x0800_0000, 0x20_0000, RW_US | AD);
+    v.fault(0x0800_0000, Access::read().user());
+    let mut q = Pager32::new(TABLES + 0x8_0000);
+    q.map_4k(&mut v.mem, 0x0800_0000, 0x20_0000, RW_US | AD);
+    v.set_cr3(q.cr3);
+    assert_eq!(v.mmu.entry(0x0800_0000), None, "the PDE's A bit would be set by a real walk");
+}
+
+#[test]
+fn a_large_page_stays_only_under_the_same_directory_entry() {
+    let config = MmuConfig { batch_large: 64 << 10, ..MmuConfig::default() };
+    let (mut v, mut p) = vm32(config, cr4::PSE);
+    p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, RW_US);
+    v.fault(0x8000_0000, Access::write());
+    let pde = v.mem.u32(p.pde_addr(0x8000_0000));
+    let mut same = Pager32::new(TABLES + 0x8_0000);
+    v.mem.set_u32(same.pde_addr(0x8000_0000), pde);
+    v.set_cr3(same.cr3);
+    assert!(v.mmu.entry(0x8000_0000).is_some(), "the same dirty 4 MiB page");
+    let mut clean = Pager32::new(TABLES + 0x9_0000);
+    v.mem.set_u32(clean.pde_addr(0x8000_0000), pde & !(pte::D as u32));
+    v.set_cr3(clean.cr3);
+    assert_eq!(v.mmu.entry(0x8000_0000), None, "writable shadow, clean page: the next write must set D");
+    let _ = (&mut same, &mut clean);
 }
 
 #[test]
