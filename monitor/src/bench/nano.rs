@@ -49,21 +49,29 @@ pub struct Options {
     pub backends: Vec<String>,
     /// Where to write the SVG chart, if anywhere.
     pub svg: Option<PathBuf>,
+    /// The QEMU binary; `None` searches `PATH` for `qemu-system-i386`.
+    pub qemu: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { quick: false, backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect(), svg: None }
+        Options {
+            quick: false,
+            backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect(),
+            svg: None,
+            qemu: None,
+        }
     }
 }
 
-/// The result of a run: the rows, and for each backend that could not run
-/// the guest, why.
-#[derive(Clone, Debug, Default)]
-pub struct Report {
-    pub backends: Vec<String>,
-    pub rows: Vec<Row>,
-    pub skipped: Vec<(String, String)>,
+/// The result of a run: the rows (a skipped backend's as [`Row::skipped`]),
+/// and for each backend that could not run the guest, why.
+pub use super::Report;
+
+/// The figures of the suite, `(name, unit)`: what a skipped backend gets
+/// skipped rows for.
+pub fn figure_names() -> Vec<(&'static str, &'static str)> {
+    ROWS.iter().map(|r| (*r, "cycles")).collect()
 }
 
 fn fail(msg: String) -> BenchError {
@@ -81,9 +89,10 @@ pub fn run(quick: bool) -> Result<Vec<Row>, BenchError> {
     Ok(run_with(&Options { quick, ..Options::default() })?.rows)
 }
 
-/// Runs the nano guest on every requested backend. Prints
-/// `<backend>: skipped: <reason>` for a backend that cannot run it; writes
-/// the SVG if asked.
+/// Runs the nano guest on every requested backend. A backend that cannot
+/// run it is reported through [`Report::skip`] (a printed
+/// `nano: <backend> skipped: <reason>` and one skipped row per figure);
+/// writes the SVG if asked.
 pub fn run_with(opts: &Options) -> Result<Report, BenchError> {
     if let Some(b) = opts.backends.iter().find(|b| !DEFAULT_BACKENDS.contains(&b.as_str())) {
         return Err(fail(format!("unknown backend {b:?} (known: bt, kvm, qemu)")));
@@ -91,20 +100,17 @@ pub fn run_with(opts: &Options) -> Result<Report, BenchError> {
     let iterations = if opts.quick { ITERATIONS_QUICK } else { ITERATIONS_FULL };
     let g = guests::nano::guest(iterations);
     println!("nano: {iterations} iterations per row, backends {}", opts.backends.join(","));
-    let mut report = Report { backends: opts.backends.clone(), ..Report::default() };
+    let mut report = Report::new("nano", &opts.backends);
     for b in &opts.backends {
         let outcome = match b.as_str() {
             "bt" => run_bt(&g, timeout(opts.quick))?,
             "kvm" => run_kvm(&g, timeout(opts.quick))?,
-            "qemu" => run_qemu(&g, timeout(opts.quick))?,
+            "qemu" => run_qemu(&g, opts.qemu.clone().or_else(find_qemu), timeout(opts.quick))?,
             other => return Err(fail(format!("unknown backend {other:?} (known: bt, kvm, qemu)"))),
         };
         match outcome {
             Outcome::Rows(r) => report.rows.extend(r),
-            Outcome::Skipped(reason) => {
-                println!("{b}: skipped: {reason}");
-                report.skipped.push((b.clone(), reason));
-            }
+            Outcome::Skipped(reason) => report.skip(b, &figure_names(), &reason),
         }
     }
     if let Some(path) = &opts.svg {
@@ -266,10 +272,13 @@ pub fn find_qemu() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join("qemu-system-i386")).find(|p| p.is_file())
 }
 
-fn run_qemu(g: &Guest, timeout: Duration) -> Result<Outcome, BenchError> {
-    let Some(qemu) = find_qemu() else {
+fn run_qemu(g: &Guest, qemu: Option<PathBuf>, timeout: Duration) -> Result<Outcome, BenchError> {
+    let Some(qemu) = qemu else {
         return Ok(Outcome::Skipped("qemu-system-i386 is not on PATH (apt-get install qemu-system-x86)".into()));
     };
+    if !qemu.is_file() {
+        return Ok(Outcome::Skipped(format!("{} is not a file", qemu.display())));
+    }
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let elf = std::env::temp_dir().join(format!("popek-nano-{}-{seq}.elf", std::process::id()));
@@ -332,12 +341,15 @@ fn qemu_output(qemu: &std::path::Path, elf: &std::path::Path, timeout: Duration)
 
 /// The value of `name` on `backend`, if measured.
 fn value(rows: &[Row], name: &str, backend: &str) -> Option<f64> {
-    rows.iter().find(|r| r.name == name && r.backend == backend).map(|r| r.value)
+    rows.iter().find(|r| r.name == name && r.backend == backend && r.measured()).map(|r| r.value)
 }
 
 /// The smallest positive value of a row across backends.
 fn fastest(rows: &[Row], name: &str) -> Option<f64> {
-    rows.iter().filter(|r| r.name == name && r.value > 0.0).map(|r| r.value).min_by(|a, b| a.total_cmp(b))
+    rows.iter()
+        .filter(|r| r.name == name && r.measured() && r.value > 0.0)
+        .map(|r| r.value)
+        .min_by(|a, b| a.total_cmp(b))
 }
 
 /// The table of the paper: benchmarks × backends, each cell cycles and the
@@ -386,13 +398,13 @@ const COLOURS: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd
 /// with their reason), axis labels and a gridline per power of ten.
 pub fn to_svg(report: &Report) -> String {
     let measured: Vec<&String> =
-        report.backends.iter().filter(|b| report.rows.iter().any(|r| &r.backend == *b)).collect();
+        report.backends.iter().filter(|b| report.rows.iter().any(|r| &r.backend == *b && r.measured())).collect();
     let (w, h) = (960.0f64, 520.0f64);
     let (left, right, top, bottom) = (80.0, 20.0, 50.0, 110.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     // Log axis from the power of ten at or below the smallest value (at
     // least 1 cycle) to the one at or above the largest.
-    let vals: Vec<f64> = report.rows.iter().map(|r| r.value.max(1.0)).collect();
+    let vals: Vec<f64> = report.rows.iter().filter(|r| r.measured()).map(|r| r.value.max(1.0)).collect();
     let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).log10().floor().clamp(0.0, 12.0);
     let hi = vals.iter().copied().fold(1.0, f64::max).log10().ceil().max(lo + 1.0);
     let (lo, hi) = if vals.is_empty() { (0.0, 1.0) } else { (lo, hi) };
@@ -527,11 +539,10 @@ mod tests {
     fn matrix_and_svg() {
         let mut rows = parse(&lines(10), "bt").unwrap();
         rows.extend(parse(&lines(1000), "qemu").unwrap());
-        let report = Report {
-            backends: vec!["bt".into(), "kvm".into(), "qemu".into()],
-            rows,
-            skipped: vec![("kvm".into(), "no <kvm> here".into())],
-        };
+        let mut report = Report::new("nano", &["bt".into(), "kvm".into(), "qemu".into()]);
+        report.rows = rows;
+        report.skip("kvm", &figure_names(), "no <kvm> here");
+        assert_eq!(report.rows.iter().filter(|r| r.backend == "kvm" && r.value.is_nan()).count(), ROWS.len());
         let t = to_matrix(&report);
         assert!(t.contains("kvm [1]"), "{t}");
         assert!(t.contains("10 (×1.00)"), "{t}");
