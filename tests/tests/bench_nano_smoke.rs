@@ -5,7 +5,7 @@
 //! figure, written to JSON as `value: null` with the reason. No timing
 //! targets: these are benchmarks.
 
-use monitor::bench::nano::{figure_names, run_with, to_matrix, to_svg, Options};
+use monitor::bench::nano::{bar_fill, figure_names, run_with, to_matrix, to_svg, Options};
 use monitor::bench::to_json;
 use monitor::guests::nano::ROWS;
 use popek_tests::vm_lock;
@@ -49,15 +49,19 @@ fn nano_suite_quick_on_every_backend() {
     }
     let svg = std::fs::read_to_string(&svg_path).expect("the SVG was written");
     let _ = std::fs::remove_file(&svg_path);
-    assert_eq!(svg, to_svg(&report));
+    assert_eq!(svg, to_svg(&report).expect("the chart draws"));
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
-    let measured = report.rows.iter().filter(|r| r.measured()).count();
-    assert_eq!(svg.matches("<rect class=\"bar\"").count(), measured, "one bar per measured row:\n{svg}");
+    // One bar per measured row, plus one legend swatch per measured backend,
+    // in the backend's colour; a skipped backend has neither.
+    for backend in ["bt", "kvm", "qemu"] {
+        let measured = report.rows.iter().filter(|r| r.backend == backend && r.measured()).count();
+        let expected = if measured == 0 { 0 } else { measured + 1 };
+        assert_eq!(svg.matches(&bar_fill(&report, backend)).count(), expected, "{backend}:\n{svg}");
+    }
     // XML-ish: every element opened is closed.
-    for tag in ["svg", "text", "title"] {
+    for tag in ["svg", "text"] {
         assert_eq!(svg.matches(&format!("<{tag}")).count(), svg.matches(&format!("</{tag}>")).count(), "<{tag}>");
     }
-    assert_eq!(svg.matches("<rect class=\"bar\"").count(), svg.matches("</rect>").count());
 }
 
 /// `--backends kvm,qemu --json`: with kvm skipped (no usable /dev/kvm, or an
