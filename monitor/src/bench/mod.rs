@@ -15,7 +15,7 @@ pub mod worker;
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -51,18 +51,19 @@ pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
 
 /// One measured figure. Serialized as one JSON object
 /// `{suite, name, backend, value, unit}`, plus `skipped` when the figure
-/// was not measured (`value` is then `null`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// was not measured (`value` is then `null`); read back the same way (the
+/// jailed worker's rows, [`worker`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub suite: String,
     pub name: String,
     pub backend: String,
     /// NaN for a skipped figure, written as JSON `null`.
-    #[serde(serialize_with = "finite_or_null")]
+    #[serde(serialize_with = "finite_or_null", deserialize_with = "null_as_nan")]
     pub value: f64,
     pub unit: String,
     /// Why this figure was not measured on this backend (`value` is NaN).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
 }
 
@@ -88,6 +89,10 @@ fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error
     } else {
         s.serialize_none()
     }
+}
+
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// The result of a suite that compares backends (nano, linux): the rows,
