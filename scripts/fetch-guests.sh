@@ -7,17 +7,20 @@
 #   DEST/busybox   static i386 busybox
 #   DEST/SOURCES   which packages (and versions) they came from
 #
-# See --help. Needs no root, except for the one-time apt setup of the apt
-# method (dpkg --add-architecture i386; apt-get update), which the script
-# never runs itself: it prints the commands.
+# See --help. Needs no root and changes nothing on the host: the apt method
+# runs apt with a private, temporary state (the host's sources, keys and apt
+# settings, read for the i386 architecture); the mirror method downloads from
+# a mirror the user names. The script has no mirror host of its own.
 set -euo pipefail
 
 PROG=${0##*/}
 DEST=./guests
 METHOD=auto
-MIRROR=${POPEK_DEBIAN_MIRROR:-http://deb.debian.org/debian}
-FALLBACK_MIRROR=${POPEK_DEBIAN_FALLBACK_MIRROR:-http://ftp.debian.org/debian}
+# Mirrors for the mirror method, tried in order: --mirror (repeatable), else
+# $POPEK_DEBIAN_MIRROR (space-separated). No default.
+MIRRORS=()
 SUITE=${POPEK_DEBIAN_SUITE:-bookworm}
+APT_SOURCES=""
 KERNEL_PKG="linux-image-686"
 BUSYBOX_PKG="busybox-static"
 KEEP_DEBS=0
@@ -25,7 +28,7 @@ FROM_DEBS=()
 DRY_RUN=0
 
 usage() {
-    cat <<EOF
+    cat <<USAGE
 Usage: $PROG [options]
 
 Fetch a Debian i386 Linux kernel (686 flavour, non-PAE) and a static i386
@@ -34,32 +37,39 @@ busybox into a directory, for booting with Popek (see docs/loaders.md).
 Options:
   -d, --dest DIR           where to put vmlinuz, config, busybox (default: ./guests)
   -m, --method METHOD      how to fetch the packages:
-                             apt     apt-get download (Debian/Ubuntu host with the
-                                     i386 architecture enabled; see below)
-                             mirror  straight from a Debian mirror with curl/wget
-                                     (works on any Linux host with dpkg-deb or ar+tar)
-                             auto    apt when i386 packages are available, else mirror
+                             apt     apt-get update + apt-get download with the
+                                     host's apt sources and keys, for the i386
+                                     architecture, in a private temporary apt state
+                                     (no root; the host's apt state is not touched)
+                             mirror  straight from the Debian mirror given with
+                                     --mirror, with curl or wget (any Linux host
+                                     with dpkg-deb or ar+tar)
+                             auto    apt when apt-get is installed, else mirror
                                      (default)
-      --mirror URL         Debian mirror for the mirror method
-                           (default: \$POPEK_DEBIAN_MIRROR or $MIRROR)
-      --fallback-mirror URL  tried when the first mirror fails ('' for none)
-                           (default: \$POPEK_DEBIAN_FALLBACK_MIRROR or $FALLBACK_MIRROR)
+      --mirror URL         a Debian mirror (the directory holding dists/ and
+                           pool/) for the mirror method; repeat it to give
+                           fallbacks, tried in order (default: the
+                           space-separated list in \$POPEK_DEBIAN_MIRROR; no
+                           mirror is built in)
       --suite NAME         Debian suite for the mirror method (default: $SUITE)
+      --apt-sources FILE   for the apt method: read this sources file (one-line
+                           .list or deb822 .sources) instead of the host's
       --kernel-package P   kernel package or metapackage (default: $KERNEL_PKG)
       --busybox-package P  busybox package (default: $BUSYBOX_PKG)
       --from-deb FILE      do not download: extract from this .deb (repeatable;
                            give the kernel image and the busybox packages)
   -k, --keep-debs          keep the downloaded .deb files in DEST/debs
-  -n, --dry-run            print what would be fetched, change nothing
+  -n, --dry-run            print what would be fetched and fetch no package (the
+                           apt method still reads the package indexes)
   -h, --help               this text
 
-Root: none of this needs root. The apt method needs the i386 architecture,
-which only root can enable, once:
-    sudo dpkg --add-architecture i386 && sudo apt-get update
-Ubuntu has no i386 kernels; on Ubuntu use --method mirror (a Debian mirror).
+The apt method needs sources that carry i386 packages, as a Debian host's
+do. Ubuntu has no i386 kernels: there, use --method mirror --mirror URL with
+a Debian mirror.
 
-Tools: curl or wget; xz or gzip; sha256sum; dpkg-deb, or ar and tar.
-EOF
+Tools: apt-get and apt-cache (apt method), or curl or wget, xz or gzip and
+sha256sum (mirror method); dpkg-deb, or ar and tar.
+USAGE
 }
 
 die() {
@@ -82,12 +92,12 @@ parse_args() {
             --dest=*) DEST=${1#*=}; shift ;;
             -m | --method) need_value "$@"; METHOD=$2; shift 2 ;;
             --method=*) METHOD=${1#*=}; shift ;;
-            --mirror) need_value "$@"; MIRROR=$2; shift 2 ;;
-            --mirror=*) MIRROR=${1#*=}; shift ;;
-            --fallback-mirror) [[ $# -ge 2 ]] || die "option $1 needs a value (see --help)"; FALLBACK_MIRROR=$2; shift 2 ;;
-            --fallback-mirror=*) FALLBACK_MIRROR=${1#*=}; shift ;;
+            --mirror) need_value "$@"; MIRRORS+=("$2"); shift 2 ;;
+            --mirror=*) MIRRORS+=("${1#*=}"); shift ;;
             --suite) need_value "$@"; SUITE=$2; shift 2 ;;
             --suite=*) SUITE=${1#*=}; shift ;;
+            --apt-sources) need_value "$@"; APT_SOURCES=$2; shift 2 ;;
+            --apt-sources=*) APT_SOURCES=${1#*=}; shift ;;
             --kernel-package) need_value "$@"; KERNEL_PKG=$2; shift 2 ;;
             --busybox-package) need_value "$@"; BUSYBOX_PKG=$2; shift 2 ;;
             --from-deb) need_value "$@"; FROM_DEBS+=("$2"); shift 2 ;;
@@ -101,6 +111,16 @@ parse_args() {
         apt | mirror | auto) ;;
         *) die "--method must be apt, mirror or auto, not '$METHOD'" ;;
     esac
+    if [[ ${#MIRRORS[@]} -eq 0 && -n ${POPEK_DEBIAN_MIRROR:-} ]]; then
+        read -r -a MIRRORS <<<"$POPEK_DEBIAN_MIRROR"
+    fi
+    if [[ -n $APT_SOURCES ]]; then
+        [[ -f $APT_SOURCES ]] || die "no such file: $APT_SOURCES"
+        case $APT_SOURCES in
+            *.list | *.sources) ;;
+            *) die "--apt-sources must name a .list or .sources file, not '$APT_SOURCES'" ;;
+        esac
+    fi
     if [[ ${#FROM_DEBS[@]} -gt 0 ]]; then
         METHOD=local
     fi
@@ -123,11 +143,11 @@ fetch() {
     fi
 }
 
-# fetch_mirrored PATH FILE: PATH relative to the mirror root; falls back.
+# fetch_mirrored PATH FILE: PATH relative to the mirror root, from each
+# mirror in turn until one has it.
 fetch_mirrored() {
     local m
-    for m in "$MIRROR" "$FALLBACK_MIRROR"; do
-        [[ -n $m ]] || continue
+    for m in "${MIRRORS[@]}"; do
         if fetch "${m%/}/$1" "$2"; then
             return 0
         fi
@@ -138,6 +158,11 @@ fetch_mirrored() {
 
 # --- the mirror method --------------------------------------------------------
 
+need_mirror() {
+    [[ ${#MIRRORS[@]} -gt 0 ]] ||
+        die "the mirror method needs a Debian mirror: pass --mirror URL (or set POPEK_DEBIAN_MIRROR); none is built in"
+}
+
 # packages_index FILE: the suite's i386 package index, decompressed, into FILE.
 packages_index() {
     local base="dists/$SUITE/main/binary-i386/Packages"
@@ -146,7 +171,7 @@ packages_index() {
     elif fetch_mirrored "$base.gz" "$1.gz"; then
         gzip -dc "$1.gz" >"$1"
     else
-        die "cannot download the $SUITE i386 package index from $MIRROR or $FALLBACK_MIRROR"
+        die "cannot download the $SUITE i386 package index from ${MIRRORS[*]}"
     fi
 }
 
@@ -207,14 +232,15 @@ resolve_kernel_mirror() {
 
 fetch_mirror() {
     local work=$1 index kernel
+    need_mirror
     index="$work/Packages"
-    note "reading the $SUITE i386 package index from $MIRROR"
+    note "reading the $SUITE i386 package index from ${MIRRORS[0]}"
     packages_index "$index"
     kernel=$(resolve_kernel_mirror "$index")
     if [[ $DRY_RUN -eq 1 ]]; then
         printf 'would download: %s (%s) and %s (%s) from %s\n' \
             "$kernel" "$(pkg_field "$index" "$kernel" Filename)" \
-            "$BUSYBOX_PKG" "$(pkg_field "$index" "$BUSYBOX_PKG" Filename)" "$MIRROR"
+            "$BUSYBOX_PKG" "$(pkg_field "$index" "$BUSYBOX_PKG" Filename)" "${MIRRORS[0]}"
         exit 0
     fi
     mirror_download "$index" "$kernel" "$work" >"$work/debs.list"
@@ -223,23 +249,63 @@ fetch_mirror() {
 
 # --- the apt method -----------------------------------------------------------
 
-i386_enabled() {
-    have dpkg || return 1
-    [[ $(dpkg --print-architecture) == i386 ]] && return 0
-    dpkg --print-foreign-architectures | grep -qx i386
+# apt_setup WORK: a private apt configuration in WORK/apt that reads the
+# host's sources and keys (or --apt-sources) for the i386 architecture alone,
+# with its own package lists, cache and an empty dpkg status; then reads the
+# package indexes. APT_CONFIG names it from here on (the host's apt.conf.d
+# settings, such as a proxy, still apply).
+apt_setup() {
+    local a="$1/apt"
+    mkdir -p "$a/lists/partial" "$a/cache/archives/partial" "$a/sources.list.d"
+    : >"$a/status"
+    : >"$a/sources.list"
+    {
+        printf 'APT::Architecture "i386";\nAPT::Architectures { "i386"; };\n'
+        printf 'Dir::State::Lists "%s";\nDir::State::status "%s";\nDir::Cache "%s";\n' \
+            "$a/lists" "$a/status" "$a/cache"
+        printf 'Debug::NoLocking "true";\nAcquire::Languages "none";\n'
+        if [[ -n $APT_SOURCES ]]; then
+            cp "$APT_SOURCES" "$a/sources.list.d/"
+            printf 'Dir::Etc::sourcelist "%s";\nDir::Etc::sourceparts "%s";\n' "$a/sources.list" "$a/sources.list.d"
+        fi
+        # As root, apt downloads as the _apt user, who cannot write to the
+        # private (mode 0700) directory.
+        if [[ $(id -u) -eq 0 ]]; then
+            printf 'APT::Sandbox::User "root";\n'
+        fi
+    } >"$a/apt.conf"
+    export APT_CONFIG="$a/apt.conf"
+    note "reading the i386 package indexes of $(sources_name) (private apt state in $a)"
+    if ! apt-get update -q >"$a/update.log" 2>&1; then
+        sed 's/^/  /' "$a/update.log" >&2
+        die "apt-get update failed for the i386 architecture (see above)"
+    fi
+    grep '^[WE]:' "$a/update.log" | sed 's/^/  /' >&2 || true
+}
+
+# sources_name: what the apt method reads, for messages.
+sources_name() {
+    if [[ -n $APT_SOURCES ]]; then
+        printf '%s\n' "$APT_SOURCES"
+    else
+        printf 'the host apt sources\n'
+    fi
 }
 
 apt_has() {
-    apt-cache policy "$1:i386" 2>/dev/null | grep -q 'Candidate: [^(]'
+    # Not grep -q: an early exit would fail apt-cache on SIGPIPE (pipefail).
+    apt-cache policy "$1" 2>/dev/null | grep 'Candidate: [^(]' >/dev/null
 }
 
+# resolve_kernel_apt: the package that holds /boot/vmlinuz-* (follows a
+# metapackage such as linux-image-686 to linux-image-6.1.0-N-686).
 resolve_kernel_apt() {
     local pkg=$KERNEL_PKG dep depth
     for depth in 1 2 3; do
         case $pkg in
             linux-image-[0-9]*.[0-9]*) break ;;
         esac
-        dep=$(apt-cache depends --no-recommends --no-suggests "$pkg:i386" 2>/dev/null |
+        dep=$(apt-cache depends --no-recommends --no-suggests "$pkg" 2>/dev/null |
             awk '$1 == "Depends:" && $2 ~ /^<?linux-image-/ { gsub(/[<>]/, "", $2); sub(/:i386$/, "", $2); print $2; exit }')
         [[ -n $dep ]] || break
         note "$pkg depends on $dep (step $depth)"
@@ -250,23 +316,23 @@ resolve_kernel_apt() {
 
 fetch_apt() {
     local work=$1 kernel p deb
-    have apt-get || die "apt-get is not installed: use --method mirror"
-    if ! i386_enabled; then
-        die "the i386 architecture is not enabled for apt. Enable it once (needs root):
-    sudo dpkg --add-architecture i386 && sudo apt-get update
-or use --method mirror (no root)."
+    if ! have apt-get || ! have apt-cache; then
+        die "apt-get is not installed: use --method mirror --mirror URL"
     fi
+    apt_setup "$work"
     kernel=$(resolve_kernel_apt)
     for p in "$kernel" "$BUSYBOX_PKG"; do
-        apt_has "$p" || die "apt has no candidate for $p:i386 (Ubuntu has no i386 kernels: use --method mirror)"
+        apt_has "$p" ||
+            die "apt has no i386 candidate for $p in $(sources_name) (Ubuntu has no i386 kernels: use --method mirror --mirror URL)"
     done
     if [[ $DRY_RUN -eq 1 ]]; then
-        printf 'would run: apt-get download %s:i386 %s:i386\n' "$kernel" "$BUSYBOX_PKG"
+        printf 'would run: apt-get download %s %s (architecture i386)\n' "$kernel" "$BUSYBOX_PKG"
         exit 0
     fi
-    (cd "$work" && apt-get download -q "$kernel:i386" "$BUSYBOX_PKG:i386" >&2) ||
+    mkdir -p "$work/debs"
+    (cd "$work/debs" && apt-get download -q "$kernel" "$BUSYBOX_PKG" >&2) ||
         die "apt-get download failed"
-    for deb in "$work"/*.deb; do
+    for deb in "$work"/debs/*.deb; do
         printf '%s\n' "$deb" >>"$work/debs.list"
         printf '%s %s\n' "$(dpkg-deb -f "$deb" Package)" "$(dpkg-deb -f "$deb" Version)" >>"$work/sources"
     done
@@ -350,14 +416,15 @@ main() {
         apt) fetch_apt "$work" ;;
         mirror) fetch_mirror "$work" ;;
         auto)
-            if have apt-get && i386_enabled && apt_has "$BUSYBOX_PKG" && apt_has "$(resolve_kernel_apt)"; then
+            if have apt-get && have apt-cache; then
                 METHOD=apt
-                note "using apt (the i386 architecture is enabled)"
                 fetch_apt "$work"
-            else
+            elif [[ ${#MIRRORS[@]} -gt 0 ]]; then
                 METHOD=mirror
-                note "i386 packages are not available through apt here: downloading from $MIRROR"
+                note "apt-get is not installed: downloading from ${MIRRORS[0]}"
                 fetch_mirror "$work"
+            else
+                die "apt-get is not installed and no mirror was given: pass --mirror URL (a Debian mirror) or set POPEK_DEBIAN_MIRROR"
             fi
             ;;
     esac

@@ -204,11 +204,6 @@ pub fn figure_names() -> Vec<(&'static str, &'static str)> {
     v
 }
 
-/// One skipped row per figure, each with the reason.
-fn skipped_rows(backend: &str, reason: &str) -> Vec<Row> {
-    figure_names().into_iter().map(|(n, u)| Row::skipped("linux", n, backend, u, reason)).collect()
-}
-
 /// Removes a temporary file when dropped.
 struct TempFile(PathBuf);
 
@@ -477,12 +472,7 @@ impl Default for Options {
 
 /// The result of a run: the rows (skipped figures included, as
 /// [`Row::skipped`]), and for each peer that did not run, why.
-#[derive(Clone, Debug, Default)]
-pub struct Report {
-    pub backends: Vec<String>,
-    pub rows: Vec<Row>,
-    pub skipped: Vec<(String, String)>,
-}
+pub use super::Report;
 
 /// Checks a `--backends` list: every name one of bt, kvm, qemu.
 pub fn check_backends(backends: &[String]) -> Result<(), BenchError> {
@@ -523,7 +513,7 @@ pub fn run_report(inputs: &Inputs, opts: &Options) -> Result<Report, BenchError>
     let quick = opts.quick;
     let scale = if quick { SCALE_QUICK } else { SCALE_FULL };
     println!("linux: nb32 scale {scale}, backends native,{}", opts.backends.join(","));
-    let mut report = Report { backends: opts.backends.clone(), ..Report::default() };
+    let mut report = Report::new("linux", &opts.backends);
 
     // Native first, from this thread (never a vCPU thread: see `run_native`).
     let native = run_native(&inputs.nb32, scale)?;
@@ -539,9 +529,7 @@ pub fn run_report(inputs: &Inputs, opts: &Options) -> Result<Report, BenchError>
             _ => None,
         };
         if let Some(reason) = skip {
-            println!("linux: {b} skipped: {reason}");
-            report.rows.extend(skipped_rows(b, &reason));
-            report.skipped.push((b.clone(), reason));
+            report.skip(b, &figure_names(), &reason);
             continue;
         }
         let path = match &initrd {

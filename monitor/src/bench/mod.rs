@@ -15,6 +15,7 @@ pub mod worker;
 
 use std::fmt::Write as _;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -48,15 +49,21 @@ pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
     }
 }
 
-/// One measured figure.
-#[derive(Clone, Debug, PartialEq)]
+/// One measured figure. Serialized as one JSON object
+/// `{suite, name, backend, value, unit}`, plus `skipped` when the figure
+/// was not measured (`value` is then `null`); read back the same way (the
+/// jailed worker's rows, [`worker`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub suite: String,
     pub name: String,
     pub backend: String,
+    /// NaN for a skipped figure, written as JSON `null`.
+    #[serde(serialize_with = "finite_or_null", deserialize_with = "null_as_nan")]
     pub value: f64,
     pub unit: String,
     /// Why this figure was not measured on this backend (`value` is NaN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
 }
 
@@ -69,47 +76,65 @@ impl Row {
     pub fn skipped(suite: &str, name: &str, backend: &str, unit: &str, reason: &str) -> Row {
         Row { skipped: Some(reason.into()), ..Row::new(suite, name, backend, f64::NAN, unit) }
     }
-}
 
-fn json_str(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
+    /// Whether this figure was measured (not skipped, and a number).
+    pub fn measured(&self) -> bool {
+        self.skipped.is_none() && self.value.is_finite()
     }
-    o.push('"');
-    o
 }
 
-/// The rows as a JSON array of `{suite, name, backend, value, unit}`; a
-/// skipped figure has `value: null` and a sixth field, `skipped: <reason>`.
+fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(*v)
+    } else {
+        s.serialize_none()
+    }
+}
+
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// The result of a suite that compares backends (nano, linux): the rows,
+/// skipped figures included, and for each backend that did not run, why.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub suite: &'static str,
+    /// The requested backends, in column order.
+    pub backends: Vec<String>,
+    pub rows: Vec<Row>,
+    /// `(backend, reason)` for each backend that did not run.
+    pub skipped: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn new(suite: &'static str, backends: &[String]) -> Report {
+        Report { suite, backends: backends.to_vec(), ..Report::default() }
+    }
+
+    /// The one way a suite reports a backend it could not run: prints
+    /// `<suite>: <backend> skipped: <reason>`, adds one [`Row::skipped`]
+    /// per figure (`(name, unit)`) the backend would have produced, and
+    /// notes the reason.
+    pub fn skip(&mut self, backend: &str, figures: &[(&str, &str)], reason: &str) {
+        println!("{}: {backend} skipped: {reason}", self.suite);
+        self.rows.extend(figures.iter().map(|(name, unit)| Row::skipped(self.suite, name, backend, unit, reason)));
+        self.skipped.push((backend.to_owned(), reason.to_owned()));
+    }
+
+    /// Why `backend` did not run, if it did not.
+    pub fn skip_reason(&self, backend: &str) -> Option<&str> {
+        self.skipped.iter().find(|(b, _)| b == backend).map(|(_, why)| why.as_str())
+    }
+}
+
+/// The rows as a JSON array, one object per line: `{suite, name, backend,
+/// value, unit}`; a skipped figure has `value: null` and a sixth field,
+/// `skipped: <reason>`.
 pub fn to_json(rows: &[Row]) -> String {
-    let mut o = String::from("[\n");
-    for (i, r) in rows.iter().enumerate() {
-        let value = if r.value.is_finite() { format!("{}", r.value) } else { "null".into() };
-        let skipped = r.skipped.as_deref().map(|s| format!(", \"skipped\": {}", json_str(s))).unwrap_or_default();
-        let _ = writeln!(
-            o,
-            "  {{\"suite\": {}, \"name\": {}, \"backend\": {}, \"value\": {}, \"unit\": {}{}}}{}",
-            json_str(&r.suite),
-            json_str(&r.name),
-            json_str(&r.backend),
-            value,
-            json_str(&r.unit),
-            skipped,
-            if i + 1 < rows.len() { "," } else { "" }
-        );
-    }
-    o.push(']');
-    o.push('\n');
-    o
+    let lines: Vec<String> =
+        rows.iter().map(|r| serde_json::to_string(r).expect("a row of strings and a number serializes")).collect();
+    format!("[\n{}\n]\n", lines.join(",\n"))
 }
 
 /// The rows as an aligned text table; a skipped figure reads `skipped [n]`,
@@ -161,10 +186,9 @@ mod tests {
 
     #[test]
     fn json_rows_have_the_five_fields() {
-        let j = to_json(&[Row::new("host", "trap\"x", "bt", 1.5, "us")]);
-        assert!(j.contains("\"suite\": \"host\""));
-        assert!(j.contains("\"name\": \"trap\\\"x\""));
-        assert!(j.contains("\"value\": 1.5"));
+        let j = to_json(&[Row::new("host", "trap\"x\n", "bt", 1.5, "us")]);
+        assert!(j.contains(r#"{"suite":"host","name":"trap\"x\n","backend":"bt","value":1.5,"unit":"us"}"#), "{j}");
+        assert!(j.starts_with("[\n"));
         assert!(j.trim_end().ends_with(']'));
         assert!(!j.contains("skipped"), "measured rows keep the five fields");
     }
@@ -174,12 +198,31 @@ mod tests {
         let rows = [Row::new("linux", "compute", "bt", 0.5, "s"), Row::skipped("linux", "compute", "kvm", "s", "slow")];
         let j = to_json(&rows);
         assert!(
-            j.contains(r#"{"suite": "linux", "name": "compute", "backend": "kvm", "value": null, "unit": "s", "skipped": "slow"}"#),
+            j.contains(
+                r#"{"suite":"linux","name":"compute","backend":"kvm","value":null,"unit":"s","skipped":"slow"}"#
+            ),
             "{j}"
         );
         let t = to_table(&rows);
         assert!(t.contains("skipped [1] s"), "{t}");
         assert!(t.contains("[1] kvm: skipped: slow"), "{t}");
+    }
+
+    #[test]
+    fn report_skip_adds_a_null_row_per_figure() {
+        let mut r = Report::new("nano", &["bt".into(), "kvm".into()]);
+        r.skip("kvm", &[("syscall", "cycles"), ("in", "cycles")], "no \"kvm\"");
+        assert_eq!(r.skip_reason("kvm"), Some("no \"kvm\""));
+        assert_eq!(r.skip_reason("bt"), None);
+        assert_eq!(r.rows.len(), 2);
+        assert!(r.rows.iter().all(|row| !row.measured() && row.backend == "kvm" && row.suite == "nano"));
+        let j = to_json(&r.rows);
+        assert!(
+            j.contains(
+                r#"{"suite":"nano","name":"in","backend":"kvm","value":null,"unit":"cycles","skipped":"no \"kvm\""}"#
+            ),
+            "{j}"
+        );
     }
 
     #[test]

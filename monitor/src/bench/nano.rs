@@ -24,6 +24,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
 use super::{BenchError, Row};
 use crate::backend::bt::{BtBackend, BtConfig};
 use crate::backend::kvm::{self, KvmBackend};
@@ -49,21 +52,29 @@ pub struct Options {
     pub backends: Vec<String>,
     /// Where to write the SVG chart, if anywhere.
     pub svg: Option<PathBuf>,
+    /// The QEMU binary; `None` searches `PATH` for `qemu-system-i386`.
+    pub qemu: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { quick: false, backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect(), svg: None }
+        Options {
+            quick: false,
+            backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect(),
+            svg: None,
+            qemu: None,
+        }
     }
 }
 
-/// The result of a run: the rows, and for each backend that could not run
-/// the guest, why.
-#[derive(Clone, Debug, Default)]
-pub struct Report {
-    pub backends: Vec<String>,
-    pub rows: Vec<Row>,
-    pub skipped: Vec<(String, String)>,
+/// The result of a run: the rows (a skipped backend's as [`Row::skipped`]),
+/// and for each backend that could not run the guest, why.
+pub use super::Report;
+
+/// The figures of the suite, `(name, unit)`: what a skipped backend gets
+/// skipped rows for.
+pub fn figure_names() -> Vec<(&'static str, &'static str)> {
+    ROWS.iter().map(|r| (*r, "cycles")).collect()
 }
 
 fn fail(msg: String) -> BenchError {
@@ -81,9 +92,10 @@ pub fn run(quick: bool) -> Result<Vec<Row>, BenchError> {
     Ok(run_with(&Options { quick, ..Options::default() })?.rows)
 }
 
-/// Runs the nano guest on every requested backend. Prints
-/// `<backend>: skipped: <reason>` for a backend that cannot run it; writes
-/// the SVG if asked.
+/// Runs the nano guest on every requested backend. A backend that cannot
+/// run it is reported through [`Report::skip`] (a printed
+/// `nano: <backend> skipped: <reason>` and one skipped row per figure);
+/// writes the SVG if asked.
 pub fn run_with(opts: &Options) -> Result<Report, BenchError> {
     if let Some(b) = opts.backends.iter().find(|b| !DEFAULT_BACKENDS.contains(&b.as_str())) {
         return Err(fail(format!("unknown backend {b:?} (known: bt, kvm, qemu)")));
@@ -91,24 +103,21 @@ pub fn run_with(opts: &Options) -> Result<Report, BenchError> {
     let iterations = if opts.quick { ITERATIONS_QUICK } else { ITERATIONS_FULL };
     let g = guests::nano::guest(iterations);
     println!("nano: {iterations} iterations per row, backends {}", opts.backends.join(","));
-    let mut report = Report { backends: opts.backends.clone(), ..Report::default() };
+    let mut report = Report::new("nano", &opts.backends);
     for b in &opts.backends {
         let outcome = match b.as_str() {
             "bt" => run_bt(&g, timeout(opts.quick))?,
             "kvm" => run_kvm(&g, timeout(opts.quick))?,
-            "qemu" => run_qemu(&g, timeout(opts.quick))?,
+            "qemu" => run_qemu(&g, opts.qemu.clone().or_else(find_qemu), timeout(opts.quick))?,
             other => return Err(fail(format!("unknown backend {other:?} (known: bt, kvm, qemu)"))),
         };
         match outcome {
             Outcome::Rows(r) => report.rows.extend(r),
-            Outcome::Skipped(reason) => {
-                println!("{b}: skipped: {reason}");
-                report.skipped.push((b.clone(), reason));
-            }
+            Outcome::Skipped(reason) => report.skip(b, &figure_names(), &reason),
         }
     }
     if let Some(path) = &opts.svg {
-        std::fs::write(path, to_svg(&report)).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+        std::fs::write(path, to_svg(&report)?).map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
         println!("nano: wrote {}", path.display());
     }
     Ok(report)
@@ -266,10 +275,13 @@ pub fn find_qemu() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join("qemu-system-i386")).find(|p| p.is_file())
 }
 
-fn run_qemu(g: &Guest, timeout: Duration) -> Result<Outcome, BenchError> {
-    let Some(qemu) = find_qemu() else {
+fn run_qemu(g: &Guest, qemu: Option<PathBuf>, timeout: Duration) -> Result<Outcome, BenchError> {
+    let Some(qemu) = qemu else {
         return Ok(Outcome::Skipped("qemu-system-i386 is not on PATH (apt-get install qemu-system-x86)".into()));
     };
+    if !qemu.is_file() {
+        return Ok(Outcome::Skipped(format!("{} is not a file", qemu.display())));
+    }
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let elf = std::env::temp_dir().join(format!("popek-nano-{}-{seq}.elf", std::process::id()));
@@ -332,12 +344,15 @@ fn qemu_output(qemu: &std::path::Path, elf: &std::path::Path, timeout: Duration)
 
 /// The value of `name` on `backend`, if measured.
 fn value(rows: &[Row], name: &str, backend: &str) -> Option<f64> {
-    rows.iter().find(|r| r.name == name && r.backend == backend).map(|r| r.value)
+    rows.iter().find(|r| r.name == name && r.backend == backend && r.measured()).map(|r| r.value)
 }
 
 /// The smallest positive value of a row across backends.
 fn fastest(rows: &[Row], name: &str) -> Option<f64> {
-    rows.iter().filter(|r| r.name == name && r.value > 0.0).map(|r| r.value).min_by(|a, b| a.total_cmp(b))
+    rows.iter()
+        .filter(|r| r.name == name && r.measured() && r.value > 0.0)
+        .map(|r| r.value)
+        .min_by(|a, b| a.total_cmp(b))
 }
 
 /// The table of the paper: benchmarks × backends, each cell cycles and the
@@ -374,131 +389,141 @@ pub fn to_matrix(report: &Report) -> String {
     o
 }
 
-fn xml(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+/// Bar colours per backend column (matplotlib's first six).
+const COLOURS: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+];
+
+/// The colour of `backend`'s bars: by its column, so a skipped backend
+/// does not shift the others' colours.
+fn colour(report: &Report, backend: &str) -> RGBColor {
+    COLOURS[report.backends.iter().position(|c| c == backend).unwrap_or(0) % COLOURS.len()]
 }
 
-/// Bar colours per backend column.
-const COLOURS: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+/// The SVG `fill` attribute of `backend`'s bars (and its legend swatch), as
+/// [`to_svg`] writes it: `fill="#1F77B4"`.
+pub fn bar_fill(report: &Report, backend: &str) -> String {
+    let RGBColor(r, g, b) = colour(report, backend);
+    format!("fill=\"#{r:02X}{g:02X}{b:02X}\"")
+}
 
-/// A self-contained log-scale grouped bar chart: one group per benchmark,
-/// one `<rect class="bar">` per measured value, a legend (skipped backends
-/// with their reason), axis labels and a gridline per power of ten.
-pub fn to_svg(report: &Report) -> String {
-    let measured: Vec<&String> =
-        report.backends.iter().filter(|b| report.rows.iter().any(|r| &r.backend == *b)).collect();
-    let (w, h) = (960.0f64, 520.0f64);
-    let (left, right, top, bottom) = (80.0, 20.0, 50.0, 110.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
-    // Log axis from the power of ten at or below the smallest value (at
-    // least 1 cycle) to the one at or above the largest.
-    let vals: Vec<f64> = report.rows.iter().map(|r| r.value.max(1.0)).collect();
-    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).log10().floor().clamp(0.0, 12.0);
-    let hi = vals.iter().copied().fold(1.0, f64::max).log10().ceil().max(lo + 1.0);
-    let (lo, hi) = if vals.is_empty() { (0.0, 1.0) } else { (lo, hi) };
-    let y = |v: f64| top + ph * (1.0 - (v.max(1.0).log10() - lo) / (hi - lo));
-
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(o, r#"<title>popek bench --suite nano: TSC cycles per iteration (log scale)</title>"#);
-    let _ = writeln!(
-        o,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15" font-weight="bold">nano: guest TSC cycles per operation, lower is better (log scale)</text>"#,
-        w / 2.0
-    );
-    // Gridlines and labels, one per power of ten.
-    for p in lo as i32..=hi as i32 {
-        let yy = y(10f64.powi(p));
-        let _ = writeln!(
-            o,
-            r##"<line x1="{left}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="#ccc" stroke-width="1"/>"##,
-            left + pw
-        );
-        let label = if p <= 6 { format!("{}", 10u64.pow(p as u32)) } else { format!("1e{p}") };
-        let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{label}</text>"#, left - 6.0, yy + 4.0);
-    }
-    let _ = writeln!(
-        o,
-        r#"<text transform="translate(18,{:.1}) rotate(-90)" text-anchor="middle">cycles per iteration</text>"#,
-        top + ph / 2.0
-    );
-    let _ = writeln!(
-        o,
-        r##"<line x1="{left}" y1="{top}" x2="{left}" y2="{:.1}" stroke="#000"/><line x1="{left}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#000"/>"##,
-        top + ph,
-        top + ph,
-        left + pw,
-        top + ph
-    );
-    // Bars.
-    let group = pw / ROWS.len() as f64;
-    let n = measured.len().max(1) as f64;
-    let bw = group * 0.8 / n;
-    for (gi, name) in ROWS.iter().enumerate() {
-        let gx = left + group * gi as f64 + group * 0.1;
-        for (bi, b) in measured.iter().enumerate() {
-            let Some(v) = value(&report.rows, name, b) else { continue };
-            let (x, yy) = (gx + bw * bi as f64, y(v));
-            let _ = writeln!(
-                o,
-                r#"<rect class="bar" x="{x:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} on {}: {v} cycles</title></rect>"#,
-                (bw - 1.0).max(1.0),
-                (top + ph - yy).max(0.0),
-                COLOURS[report.backends.iter().position(|c| c == *b).unwrap_or(0) % COLOURS.len()],
-                xml(name),
-                xml(b)
-            );
-        }
-        let _ = writeln!(
-            o,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            left + group * (gi as f64 + 0.5),
-            top + ph + 16.0,
-            xml(name)
-        );
-    }
-    let _ = writeln!(
-        o,
-        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">benchmark</text>"#,
-        left + pw / 2.0,
-        top + ph + 34.0
-    );
-    // Legend: measured backends as swatches, skipped ones with the reason.
-    let mut ly = top + ph + 56.0;
-    let mut lx = left;
-    for b in &measured {
-        let c = COLOURS[report.backends.iter().position(|x| x == *b).unwrap_or(0) % COLOURS.len()];
-        let _ = writeln!(
-            o,
-            r#"<rect class="swatch" x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{c}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
-            ly - 10.0,
-            lx + 16.0,
-            xml(b)
-        );
-        lx += 90.0;
-    }
+/// The skip notes under the chart: `<backend>: skipped: <reason>`,
+/// word-wrapped to about `width` characters.
+fn skip_notes(report: &Report, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
     for (b, why) in &report.skipped {
-        // The reason, word-wrapped to the chart's width.
-        let mut lines = vec![format!("{b}: skipped:")];
+        let mut line = format!("{b}: skipped:");
         for word in why.split_whitespace() {
-            let last = lines.last_mut().expect("one line");
-            if last.chars().count() + word.len() > 130 {
-                lines.push(word.to_owned());
+            if line.chars().count() + 1 + word.chars().count() > width {
+                lines.push(std::mem::replace(&mut line, format!("  {word}")));
             } else {
-                last.push(' ');
-                last.push_str(word);
+                line.push(' ');
+                line.push_str(word);
             }
         }
-        for l in lines {
-            ly += 16.0;
-            let _ = writeln!(o, r##"<text x="{left}" y="{ly:.1}" fill="#555">{}</text>"##, xml(&l));
-        }
+        lines.push(line);
     }
-    o.push_str("</svg>\n");
-    o
+    lines
+}
+
+fn svg_err<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> BenchError {
+    fail(format!("drawing the SVG chart: {e}"))
+}
+
+/// A log-scale grouped bar chart drawn with plotters' SVG backend: one
+/// group per benchmark, one bar per measured value in its backend's
+/// colour, a legend of the measured backends, a gridline per power of ten,
+/// and under the chart each skipped backend with its reason.
+pub fn to_svg(report: &Report) -> Result<String, BenchError> {
+    let measured: Vec<&String> =
+        report.backends.iter().filter(|b| report.rows.iter().any(|r| &r.backend == *b && r.measured())).collect();
+    // Log axis from the power of ten at or below the smallest value (at
+    // least 1 cycle) to the one at or above the largest.
+    let vals: Vec<f64> = report.rows.iter().filter(|r| r.measured()).map(|r| r.value.max(1.0)).collect();
+    let lo = vals.iter().copied().fold(f64::INFINITY, f64::min).log10().floor().clamp(0.0, 12.0);
+    let hi = vals.iter().copied().fold(1.0, f64::max).log10().ceil().max(lo + 1.0);
+    let (lo, hi) = if vals.is_empty() { (0, 1) } else { (lo as i32, hi as i32) };
+    let (floor, ceil) = (10f64.powi(lo), 10f64.powi(hi));
+    let notes = skip_notes(report, 130);
+    let (w, chart_h) = (960u32, 480u32);
+    let h = chart_h + 16 * notes.len() as u32 + 10;
+
+    let mut out = String::new();
+    {
+        let root = SVGBackend::with_string(&mut out, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(svg_err)?;
+        let (top, bottom) = root.split_vertically(chart_h);
+        let n = ROWS.len() as f64;
+        let powers: Vec<f64> = (lo..=hi).map(|p| 10f64.powi(p)).collect();
+        let mut chart = ChartBuilder::on(&top)
+            .caption("nano: guest TSC cycles per operation, lower is better (log scale)", ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(72)
+            .build_cartesian_2d(0f64..n, (floor..ceil).log_scale().with_key_points(powers))
+            .map_err(svg_err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 16))
+            .x_desc("benchmark")
+            .y_desc("cycles per iteration")
+            .y_label_formatter(&|y| {
+                let p = y.log10().round() as i32;
+                if p <= 6 {
+                    format!("{}", 10u64.pow(p.max(0) as u32))
+                } else {
+                    format!("1e{p}")
+                }
+            })
+            .draw()
+            .map_err(svg_err)?;
+        // One label under each group (plotters puts f64 axis labels at
+        // round numbers, not at group centres).
+        for (gi, name) in ROWS.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(gi as f64 + 0.5, floor));
+            let style = TextStyle::from(("sans-serif", 15)).pos(Pos::new(HPos::Center, VPos::Top));
+            root.draw(&Text::new(*name, (x, y + 8), style)).map_err(svg_err)?;
+        }
+        let bw = 0.8 / measured.len().max(1) as f64;
+        for (bi, b) in measured.iter().enumerate() {
+            let c = colour(report, b);
+            let bars = ROWS.iter().enumerate().filter_map(|(gi, name)| {
+                let v = value(&report.rows, name, b)?;
+                let x = gi as f64 + 0.1 + bw * bi as f64;
+                Some(Rectangle::new([(x, floor), (x + bw * 0.95, v.max(floor))], c.filled()))
+            });
+            chart
+                .draw_series(bars)
+                .map_err(svg_err)?
+                .label(b.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], c.filled()));
+        }
+        if !measured.is_empty() {
+            chart
+                .configure_series_labels()
+                .label_font(("sans-serif", 15))
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK)
+                .draw()
+                .map_err(svg_err)?;
+        }
+        let grey = RGBColor(0x55, 0x55, 0x55);
+        for (i, line) in notes.iter().enumerate() {
+            let style = TextStyle::from(("sans-serif", 15)).color(&grey);
+            bottom.draw(&Text::new(line.as_str(), (84, 14 + 16 * i as i32), style)).map_err(svg_err)?;
+        }
+        root.present().map_err(svg_err)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -527,20 +552,28 @@ mod tests {
     fn matrix_and_svg() {
         let mut rows = parse(&lines(10), "bt").unwrap();
         rows.extend(parse(&lines(1000), "qemu").unwrap());
-        let report = Report {
-            backends: vec!["bt".into(), "kvm".into(), "qemu".into()],
-            rows,
-            skipped: vec![("kvm".into(), "no <kvm> here".into())],
-        };
+        let mut report = Report::new("nano", &["bt".into(), "kvm".into(), "qemu".into()]);
+        report.rows = rows;
+        report.skip("kvm", &figure_names(), "no <kvm> here");
+        assert_eq!(report.rows.iter().filter(|r| r.backend == "kvm" && r.value.is_nan()).count(), ROWS.len());
         let t = to_matrix(&report);
         assert!(t.contains("kvm [1]"), "{t}");
         assert!(t.contains("10 (×1.00)"), "{t}");
         assert!(t.contains("1000 (×100.00)"), "{t}");
         assert!(t.contains("[1] kvm: skipped: no <kvm> here"), "{t}");
-        let svg = to_svg(&report);
+        let svg = to_svg(&report).unwrap();
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<rect class=\"bar\"").count(), 2 * ROWS.len());
-        assert!(svg.contains("no &lt;kvm&gt; here"));
+        // The background, the legend's box and border, and per measured
+        // backend one bar per value plus its legend swatch, in its colour.
+        assert_eq!(svg.matches("<rect ").count(), 3 + 2 * (ROWS.len() + 1), "{svg}");
+        for b in ["bt", "qemu"] {
+            assert_eq!(svg.matches(&bar_fill(&report, b)).count(), ROWS.len() + 1, "{b}: {svg}");
+        }
+        assert!(!svg.contains(&bar_fill(&report, "kvm")), "a skipped backend has no bars");
+        assert!(svg.contains("kvm: skipped: no &lt;kvm&gt; here"), "{svg}");
+        for name in ROWS {
+            assert!(svg.contains(&format!(">\n{name}\n</text>")), "no label {name}");
+        }
     }
 }

@@ -16,30 +16,15 @@ pub const JAILED_SUITES: &[&str] = &["host", "bt", "mmu"];
 
 const PREFIX: &str = "POPEK-ROW\t";
 
-/// One row as a worker line (tabs and newlines in text fields become spaces).
+/// One row as a worker line: the prefix, then the row as JSON (as in
+/// `--json`, so text fields survive whole).
 pub fn to_line(r: &Row) -> String {
-    let clean = |s: &str| s.replace(['\t', '\n'], " ");
-    format!(
-        "{PREFIX}{}\t{}\t{}\t{}\t{}\t{}",
-        clean(&r.suite),
-        clean(&r.name),
-        clean(&r.backend),
-        r.value,
-        clean(&r.unit),
-        r.skipped.as_deref().map(clean).unwrap_or_default()
-    )
+    format!("{PREFIX}{}", serde_json::to_string(r).expect("a row of strings and a number serializes"))
 }
 
 /// A worker line back into a row (`None` for other output).
 pub fn from_line(line: &str) -> Option<Row> {
-    let f: Vec<&str> = line.strip_prefix(PREFIX)?.split('\t').collect();
-    let [suite, name, backend, value, unit, skipped] = f.as_slice() else { return None };
-    let value = value.parse::<f64>().ok()?;
-    let mut r = Row::new(suite, name, backend, value, unit);
-    if !skipped.is_empty() {
-        r.skipped = Some((*skipped).to_owned());
-    }
-    Some(r)
+    serde_json::from_str(line.strip_prefix(PREFIX)?).ok()
 }
 
 /// Runs `suite` in a jailed worker started from `exe` (the `popek`
@@ -94,7 +79,8 @@ mod tests {
             assert_eq!(back.unit, r.unit);
             assert!(back.value.to_bits() == r.value.to_bits() || (back.value.is_nan() && r.value.is_nan()));
         }
-        assert_eq!(from_line(&to_line(&rows[1])).unwrap().skipped.as_deref(), Some("no /dev/kvm here"));
+        assert_eq!(from_line(&to_line(&rows[1])).unwrap().skipped.as_deref(), Some("no\t/dev/kvm\nhere"));
+        assert_eq!(from_line(&to_line(&rows[0])).unwrap(), rows[0]);
         assert!(from_line("linux: nb32 scale 0.3").is_none());
     }
 }

@@ -1,10 +1,11 @@
 //! 16550A UART (COM1 at 0x3f8, IRQ4).
 //!
-//! Our own model rather than vm-superio's `Serial`: it keeps the receive side
-//! lossless (host input waits in a backlog until the 16-byte FIFO has room,
-//! instead of overrunning), reports the FIFO trigger/timeout distinction and
-//! the modem-status interrupt, and stays a plain value with no trait objects
-//! besides the output sink.
+//! Our own model rather than vm-superio's `Serial` (the measured reasons are
+//! in docs/dependencies.md: its IIR reads differ, so recorded traces would
+//! not replay): it keeps the receive side lossless (host input waits in a
+//! backlog until the 16-byte FIFO has room, instead of overrunning), reports
+//! the FIFO trigger/timeout distinction and the modem-status interrupt, and
+//! stays a plain value with no trait objects besides the output sink.
 //!
 //! Transmission is instantaneous: THR and the shift register are always empty
 //! again by the time the guest looks, so LSR always shows THRE|TEMT and a THRE
