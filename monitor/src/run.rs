@@ -378,6 +378,7 @@ pub fn run_deterministic(
                 memory_every: det.memory_every,
                 input_quantum: det.input_quantum,
                 engine: engine_switches.to_string(),
+                host_cpu: crate::trace::format::host_cpu_vendor(),
             };
             (h, *det)
         }
@@ -447,7 +448,17 @@ pub fn run_deterministic(
         Err(crate::deterministic::DetError::Diverged { at, last_good, report }) => {
             let state = vm.backend.cpu_state();
             let around = vm.disassemble_at(state.eip, 6);
-            let report = format!("{report}\nguest state now:\n{}\nguest code at EIP:\n{around}", state.dump());
+            let here = crate::trace::format::host_cpu_vendor();
+            let vendor = if !header.host_cpu.is_empty() && header.host_cpu != here {
+                format!(
+                    "\nnote: recorded on a {} CPU, replayed on a {here} one: translated code runs natively, and \
+                     flags the architecture leaves undefined differ between vendors",
+                    header.host_cpu
+                )
+            } else {
+                String::new()
+            };
+            let report = format!("{report}{vendor}\nguest state now:\n{}\nguest code at EIP:\n{around}", state.dump());
             return Err(RunError::Diverged { at, last_good, report });
         }
         Err(e) => return Err(e.into()),

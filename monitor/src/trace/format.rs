@@ -21,7 +21,9 @@ use thiserror::Error;
 /// The first eight bytes of every trace file.
 pub const MAGIC: &[u8; 8] = b"POPEKTRC";
 /// The format version this code writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest version this reader accepts (v1 lacks `host_cpu`).
+pub const OLDEST_VERSION: u16 = 1;
 
 /// What the recording ran: everything a replay needs to rebuild the same machine.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,6 +43,21 @@ pub struct Header {
     pub input_quantum: u64,
     /// Translator switches, free text.
     pub engine: String,
+    /// The recording host's CPU vendor (CPUID leaf 0, e.g. `GenuineIntel`):
+    /// translated code runs natively, so instructions whose flags the
+    /// architecture leaves undefined can differ on another vendor. Empty in
+    /// version 1 traces.
+    pub host_cpu: String,
+}
+
+/// This host's CPU vendor string (CPUID leaf 0).
+pub fn host_cpu_vendor() -> String {
+    let r = std::arch::x86_64::__cpuid(0);
+    let mut v = Vec::with_capacity(12);
+    for w in [r.ebx, r.edx, r.ecx] {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    String::from_utf8_lossy(&v).into_owned()
 }
 
 /// One image loaded into the guest (kernel, initrd, built-in guest, ...).
@@ -288,6 +305,7 @@ fn encode_header(out: &mut Vec<u8>, h: &Header) {
     put_uv(out, h.memory_every);
     put_uv(out, h.input_quantum);
     put_str(out, &h.engine);
+    put_str(out, &h.host_cpu);
 }
 
 /// Appends a state block (mask, changed fields, optional memory digest) and advances `prev`.
@@ -666,7 +684,7 @@ impl<B: BufRead> Records<B> {
         Ok(v)
     }
 
-    fn header(&mut self) -> Result<Header, TraceError> {
+    fn header(&mut self, version: u16) -> Result<Header, TraceError> {
         Ok(Header {
             popek_version: self.string("popek version")?,
             command_line: self.items(|r| r.string("command line argument"))?,
@@ -691,6 +709,7 @@ impl<B: BufRead> Records<B> {
             memory_every: self.uv()?,
             input_quantum: self.uv()?,
             engine: self.string("engine")?,
+            host_cpu: if version >= 2 { self.string("host cpu")? } else { String::new() },
         })
     }
 
@@ -781,11 +800,11 @@ impl<R: BufRead> TraceReader<R> {
             return Err(TraceError::Truncated { events_read: 0 });
         }
         let found = u16::from_le_bytes([prologue[8], prologue[9]]);
-        if found != FORMAT_VERSION {
+        if !(OLDEST_VERSION..=FORMAT_VERSION).contains(&found) {
             return Err(TraceError::UnsupportedVersion { found, supported: FORMAT_VERSION });
         }
         let mut records = Records { r: BufReader::new(Inflate { inner: r, z: Decompress::new(true), done: false }) };
-        let header = records.header()?;
+        let header = records.header(found)?;
         Ok(TraceReader {
             records,
             header,
@@ -980,6 +999,7 @@ mod tests {
             memory_every: 10_000_000,
             input_quantum: 100_000,
             engine: "nochain".into(),
+            host_cpu: "AuthenticAMD".into(),
         }
     }
 
@@ -1247,13 +1267,34 @@ mod tests {
         assert!(matches!(Trace::from_bytes(b"POPEK"), Err(TraceError::NotATrace)));
         assert!(matches!(Trace::from_bytes(b""), Err(TraceError::NotATrace)));
         assert!(matches!(Trace::from_bytes(b"POPEKTRC\x01"), Err(TraceError::Truncated { events_read: 0 })));
-        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+        bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
         match Trace::from_bytes(&bytes) {
-            Err(e @ TraceError::UnsupportedVersion { found: 2, supported: 1 }) => {
-                assert!(e.to_string().contains("version 2"))
+            Err(e @ TraceError::UnsupportedVersion { found: 3, supported: 2 }) => {
+                assert!(e.to_string().contains("version 3"))
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn version_1_traces_read_without_a_host_cpu() {
+        // A v1 stream is a v2 stream whose header lacks the last string.
+        let h = Header { host_cpu: String::new(), ..header() };
+        let mut hdr = Vec::new();
+        encode_header(&mut hdr, &h);
+        let file = encode(&h, &all_kinds());
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&file[10..]), &mut raw).unwrap();
+        assert_eq!(raw[..hdr.len()], hdr[..]);
+        assert_eq!(raw[hdr.len() - 1], 0, "the empty host_cpu ends the header");
+        raw.remove(hdr.len() - 1);
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        let mut z = ZlibEncoder::new(bytes, Compression::default());
+        z.write_all(&raw).unwrap();
+        let t = Trace::from_bytes(&z.finish().unwrap()).expect("version 1 reads");
+        assert_eq!(t.header, h);
+        assert_eq!(t.events, all_kinds());
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub fn info(t: &Trace, bytes_on_disk: u64) -> String {
     if !h.engine.is_empty() {
         s += &format!("engine switches: {}\n", h.engine);
     }
+    s += &format!(
+        "recorded on: {}\n",
+        if h.host_cpu.is_empty() { "(not recorded: a version 1 trace)" } else { h.host_cpu.as_str() }
+    );
     let (mut inputs, mut input_bytes, mut irqs, mut io, mut cps, mut mems) = (0, 0, 0, 0, 0, 0);
     for e in &t.events {
         match e {
