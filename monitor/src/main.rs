@@ -559,7 +559,8 @@ fn main() -> ExitCode {
             }
             let result = match suite.as_str() {
                 "nano" => {
-                    let mut opts = monitor::bench::nano::Options { quick, svg, ..Default::default() };
+                    let popek = jailed.then(|| std::env::current_exe().ok()).flatten();
+                    let mut opts = monitor::bench::nano::Options { quick, svg, popek, ..Default::default() };
                     if let Some(b) = backends {
                         opts.backends = b;
                     }
@@ -569,7 +570,8 @@ fn main() -> ExitCode {
                     })
                 }
                 "linux" => {
-                    let mut opts = monitor::bench::linux::Options { quick, ..Default::default() };
+                    let popek = jailed.then(|| std::env::current_exe().ok()).flatten();
+                    let mut opts = monitor::bench::linux::Options { quick, popek, ..Default::default() };
                     if let Some(b) = backends {
                         opts.backends = b;
                     }

@@ -268,6 +268,42 @@ pub fn boot(
     Ok((lines, report.stats))
 }
 
+/// [`boot`] as a `popek run` child (jailed), its console timed from the
+/// moment it is started, as QEMU's is.
+pub fn boot_jailed(
+    exe: &Path,
+    backend: &str,
+    inputs: &Inputs,
+    initrd_path: &Path,
+    timeout: Duration,
+) -> Result<(TimedLines, Vec<(String, u64)>), BenchError> {
+    let args: Vec<String> = [
+        "--kernel",
+        &inputs.kernel.display().to_string(),
+        "--initrd",
+        &initrd_path.display().to_string(),
+        "--append",
+        CMDLINE,
+        "--mem",
+        &RAM.to_string(),
+        "--backend",
+        backend,
+        "--stats",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let run = super::worker::popek_run(exe, &args, timeout)?;
+    let lines = TimedLines::default();
+    for (t, l) in &run.lines {
+        lines.push_line(*t, l.clone());
+    }
+    if !run.success {
+        return Err(fail(format!("popek run --backend {backend} failed:\n{}\n{}", lines.tail(20), run.stderr)));
+    }
+    Ok((lines, run.stats()))
+}
+
 /// Guest instructions the Linux decompressor needs per byte of the
 /// kernel's compressed payload: `valgrind --tool=callgrind xz -dc` of the
 /// 5.64 MB xz payload of Debian's 6.1 `-686` bzImage (16.3 MB out) counts
@@ -462,11 +498,15 @@ pub struct Options {
     pub quick: bool,
     /// Peers to boot, in order: `bt`, `kvm`, `qemu` (native always runs).
     pub backends: Vec<String>,
+    /// The `popek` binary: bt and kvm then boot as `popek run` children,
+    /// jailed like any run, timed from outside as QEMU is. `None` boots
+    /// them in this process (tests).
+    pub popek: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { quick: false, backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect() }
+        Options { quick: false, backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect(), popek: None }
     }
 }
 
@@ -550,7 +590,10 @@ pub fn run_report(inputs: &Inputs, opts: &Options) -> Result<Report, BenchError>
             "qemu" => boot_qemu(&find_qemu().expect("checked above"), &inputs.kernel, &path)?,
             peer => {
                 let kind = if peer == "kvm" { BackendKind::Kvm } else { BackendKind::Bt };
-                let (lines, stats) = boot(kind, inputs, &path, BOOT_TIMEOUT)?;
+                let (lines, stats) = match &opts.popek {
+                    Some(exe) => boot_jailed(exe, peer, inputs, &path, BOOT_TIMEOUT)?,
+                    None => boot(kind, inputs, &path, BOOT_TIMEOUT)?,
+                };
                 let interesting = [
                     "bt/time_",
                     "mmu/",

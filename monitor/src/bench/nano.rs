@@ -54,6 +54,10 @@ pub struct Options {
     pub svg: Option<PathBuf>,
     /// The QEMU binary; `None` searches `PATH` for `qemu-system-i386`.
     pub qemu: Option<PathBuf>,
+    /// The `popek` binary: bt and kvm then run the exported guest as
+    /// `popek run` children, jailed like any run. `None` runs them in this
+    /// process (tests).
+    pub popek: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -63,6 +67,7 @@ impl Default for Options {
             backends: DEFAULT_BACKENDS.iter().map(|s| s.to_string()).collect(),
             svg: None,
             qemu: None,
+            popek: None,
         }
     }
 }
@@ -106,6 +111,14 @@ pub fn run_with(opts: &Options) -> Result<Report, BenchError> {
     let mut report = Report::new("nano", &opts.backends);
     for b in &opts.backends {
         let outcome = match b.as_str() {
+            "bt" | "kvm" if opts.popek.is_some() => {
+                let exe = opts.popek.as_deref().expect("checked");
+                let usable = if b == "kvm" { kvm_probe_in_thread() } else { Ok(()) };
+                match usable {
+                    Err(reason) => Outcome::Skipped(reason),
+                    Ok(()) => run_jailed(&g, b, exe, timeout(opts.quick))?,
+                }
+            }
             "bt" => run_bt(&g, timeout(opts.quick))?,
             "kvm" => run_kvm(&g, timeout(opts.quick))?,
             "qemu" => run_qemu(&g, opts.qemu.clone().or_else(find_qemu), timeout(opts.quick))?,
@@ -257,10 +270,41 @@ pub fn kvm_usable() -> Result<(), String> {
     }
 }
 
+/// [`kvm_usable`] on a thread of its own (the probes run KVM guests too).
+fn kvm_probe_in_thread() -> Result<(), String> {
+    std::thread::spawn(kvm_usable).join().unwrap_or_else(|_| Err("the KVM probe panicked".into()))
+}
+
+/// The guest exported as a multiboot ELF and run by `exe run` (jailed).
+fn run_jailed(g: &Guest, backend: &str, exe: &std::path::Path, timeout: Duration) -> Result<Outcome, BenchError> {
+    let elf = export_elf(g)?;
+    let args: Vec<String> = ["--kernel", &elf.display().to_string(), "--mem", &RAM.max(g.memory_needed()).to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--backend".to_owned(), backend.to_owned()])
+        .collect();
+    let r = super::worker::popek_run(exe, &args, timeout);
+    let _ = std::fs::remove_file(&elf);
+    let run = r?;
+    let text = run.text();
+    if !run.success {
+        return Err(fail(format!("{backend}: popek run failed:\n{}\n{}", tail(&text, 20), run.stderr)));
+    }
+    Ok(Outcome::Rows(parse(&text, backend).map_err(|e| fail(format!("{backend}: {e}\n{}", tail(&text, 20))))?))
+}
+
+/// Writes `g` as a multiboot ELF to a fresh temporary file.
+fn export_elf(g: &Guest) -> Result<PathBuf, BenchError> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let elf = std::env::temp_dir().join(format!("popek-nano-{}-{seq}.elf", std::process::id()));
+    std::fs::write(&elf, guests::export_multiboot(g))
+        .map_err(|e| fail(format!("cannot write {}: {e}", elf.display())))?;
+    Ok(elf)
+}
+
 fn run_kvm(g: &Guest, timeout: Duration) -> Result<Outcome, BenchError> {
-    // The probes run KVM guests too: on a thread of their own.
-    let probe = std::thread::spawn(kvm_usable).join().map_err(|_| fail("the KVM probe panicked".into()))?;
-    if let Err(reason) = probe {
+    if let Err(reason) = kvm_probe_in_thread() {
         return Ok(Outcome::Skipped(reason));
     }
     let cpu = g.entry_cpu();
@@ -282,11 +326,7 @@ fn run_qemu(g: &Guest, qemu: Option<PathBuf>, timeout: Duration) -> Result<Outco
     if !qemu.is_file() {
         return Ok(Outcome::Skipped(format!("{} is not a file", qemu.display())));
     }
-    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let elf = std::env::temp_dir().join(format!("popek-nano-{}-{seq}.elf", std::process::id()));
-    std::fs::write(&elf, guests::export_multiboot(g))
-        .map_err(|e| fail(format!("cannot write {}: {e}", elf.display())))?;
+    let elf = export_elf(g)?;
     let r = qemu_output(&qemu, &elf, timeout);
     let _ = std::fs::remove_file(&elf);
     let text = r?;
