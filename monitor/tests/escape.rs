@@ -449,3 +449,19 @@ fn the_same_escape_goes_nowhere_when_user_code_is_translated_or_on_kvm() {
     assert_ne!(o.status.code(), Some(i32::from(EXIT_GUEST_ESCAPE)), "{}", text(&o));
     eprintln!("kvm: {}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn bench_suites_run_their_vms_jailed() {
+    // nano on bt: the suite starts `popek run` children (jailed by default),
+    // host: a jailed worker; both must still measure.
+    for (suite, row) in [("nano", "syscall"), ("host", "trap_roundtrip")] {
+        let json = scratch(&format!("bench-{suite}.json"));
+        let o = popek(
+            &["bench", "--suite", suite, "--quick", "--backends", "bt", "--json", json.to_str().unwrap()],
+            Duration::from_secs(300),
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        let rows = std::fs::read_to_string(&json).unwrap();
+        assert!(rows.contains(&format!("\"name\":\"{row}\"")) && rows.contains("\"backend\":\"bt\""), "{rows}");
+    }
+}

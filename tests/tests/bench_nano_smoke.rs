@@ -19,6 +19,7 @@ fn nano_suite_quick_on_every_backend() {
         backends: vec!["bt".into(), "kvm".into(), "qemu".into()],
         svg: Some(svg_path.clone()),
         qemu: None,
+        popek: None,
     };
     let report = run_with(&opts).expect("nano suite");
     let table = to_matrix(&report);
@@ -77,6 +78,7 @@ fn nano_suite_skipped_backends_write_null_rows_to_json() {
         backends: vec!["kvm".into(), "qemu".into()],
         svg: None,
         qemu: Some("/nonexistent/qemu-system-i386".into()),
+        popek: None,
     };
     let report = run_with(&opts).expect("nano suite");
     let json = to_json(&report.rows);

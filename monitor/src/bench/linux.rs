@@ -663,7 +663,8 @@ mod tests {
     #[test]
     fn unknown_backend_is_an_error() {
         assert!(check_backends(&["bt".into(), "kvm".into(), "qemu".into()]).is_ok());
-        let e = run_opts(&Options { quick: true, backends: vec!["kvm".into(), "xen".into()] }).unwrap_err();
+        let e =
+            run_opts(&Options { quick: true, backends: vec!["kvm".into(), "xen".into()], popek: None }).unwrap_err();
         assert!(e.to_string().contains("unknown backend \"xen\""), "{e}");
     }
 }
