@@ -29,7 +29,7 @@ fn inputs() -> Option<Inputs> {
 }
 
 fn opts(backends: &[&str]) -> Options {
-    Options { quick: true, backends: backends.iter().map(|s| s.to_string()).collect() }
+    Options { quick: true, backends: backends.iter().map(|s| s.to_string()).collect(), popek: None }
 }
 
 #[test]
