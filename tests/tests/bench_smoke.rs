@@ -26,11 +26,7 @@ fn bt_suite_quick_has_every_row() {
 fn mmu_suite_quick_has_every_row() {
     let _l = vm_lock();
     let rows = run_suite("mmu", true).expect("mmu suite");
-    check(
-        &rows,
-        "mmu",
-        &["hidden_fault", "hidden_fault_count", "guest_pagefault", "cr3_switch", "timer_irq"],
-    );
+    check(&rows, "mmu", &["hidden_fault", "hidden_fault_count", "guest_pagefault", "cr3_switch", "timer_irq"]);
     // A reload of the same CR3 keeps every shadow (the new address space
     // maps them identically): no refaults is the expected count.
     let f = rows.iter().find(|r| r.name == "cr3_switch_faults").expect("cr3_switch_faults row");
