@@ -8,7 +8,7 @@
 //! silently) when a de-privileged guest kernel runs them. No other module of
 //! the engine matches on opcodes: they ask this table.
 
-use iced_x86::{Code, FlowControl, Instruction, Mnemonic, OpKind};
+use iced_x86::{Code, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 /// What the translator does with an instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,8 +85,8 @@ pub enum Sensitive {
     MovFromSeg,
     PopSeg,
     PushSeg,
-    /// LDS/LES/LFS/LGS/LSS.
-    LoadFarPtr,
+    /// LDS/LES/LFS/LGS/LSS, with the segment register each loads.
+    LoadFarPtr(Register),
     Lar,
     Lsl,
     Verr,
@@ -328,11 +328,11 @@ pub static TABLE: &[Row] = &[
         ]),
         S::PopSeg,
     ),
-    se(M(Mn::Lds), S::LoadFarPtr),
-    se(M(Mn::Les), S::LoadFarPtr),
-    se(M(Mn::Lfs), S::LoadFarPtr),
-    se(M(Mn::Lgs), S::LoadFarPtr),
-    se(M(Mn::Lss), S::LoadFarPtr),
+    se(M(Mn::Lds), S::LoadFarPtr(Register::DS)),
+    se(M(Mn::Les), S::LoadFarPtr(Register::ES)),
+    se(M(Mn::Lfs), S::LoadFarPtr(Register::FS)),
+    se(M(Mn::Lgs), S::LoadFarPtr(Register::GS)),
+    se(M(Mn::Lss), S::LoadFarPtr(Register::SS)),
     // ---- I/O (to the monitor's port bus) ----
     se(M(Mn::In), S::In).io(),
     se(M(Mn::Out), S::Out).io(),
@@ -400,6 +400,14 @@ pub fn classify(i: &Instruction) -> Classification {
     IDENT
 }
 
+/// The table's attributes of instruction kind `class` (the privilege and
+/// IOPL checks of a callout site, whose kind is all the monitor keeps):
+/// every row of one kind agrees on them (a test checks it).
+pub fn of_class(class: Class) -> Classification {
+    let info = TABLE.iter().find(|r| r.info.class == class).map_or(UNSUPPORTED, |r| r.info);
+    Classification { class, ..info }
+}
+
 /// Width of the counter a LOOP/JCXZ-family instruction uses (CX or ECX):
 /// its address size.
 pub fn loop_counter_is_cx(i: &Instruction) -> bool {
@@ -447,23 +455,23 @@ mod tests {
     fn is_privileged_misses_what_the_table_catches() {
         // (bytes, expected kind): these are the silent ones of Robin & Irvine.
         let cases: &[(&[u8], Sensitive)] = &[
-            (&[0x9D], S::Popf),             // popfd
-            (&[0x9C], S::Pushf),            // pushfd
-            (&[0x0F, 0x01, 0x00], S::Sgdt), // sgdt [eax]
-            (&[0x0F, 0x01, 0x08], S::Sidt), // sidt [eax]
-            (&[0x0F, 0x01, 0xE0], S::Smsw), // smsw eax
-            (&[0x0F, 0x00, 0xC8], S::Str),  // str eax
-            (&[0x0F, 0x00, 0xC0], S::Sldt), // sldt eax
-            (&[0x8C, 0xC8], S::MovFromSeg), // mov eax, cs
-            (&[0x8C, 0xD0], S::MovFromSeg), // mov eax, ss
-            (&[0x0F, 0x02, 0xC1], S::Lar),  // lar eax, ecx
-            (&[0x0F, 0x03, 0xC1], S::Lsl),  // lsl eax, ecx
-            (&[0x0F, 0x00, 0xE0], S::Verr), // verr ax
-            (&[0x0E], S::PushSeg),          // push cs
-            (&[0x17], S::PopSeg),           // pop ss
-            (&[0xC5, 0x00], S::LoadFarPtr), // lds eax, [eax]
-            (&[0x0F, 0xA2], S::Cpuid),      // cpuid
-            (&[0x0F, 0x31], S::Rdtsc),      // rdtsc
+            (&[0x9D], S::Popf),                           // popfd
+            (&[0x9C], S::Pushf),                          // pushfd
+            (&[0x0F, 0x01, 0x00], S::Sgdt),               // sgdt [eax]
+            (&[0x0F, 0x01, 0x08], S::Sidt),               // sidt [eax]
+            (&[0x0F, 0x01, 0xE0], S::Smsw),               // smsw eax
+            (&[0x0F, 0x00, 0xC8], S::Str),                // str eax
+            (&[0x0F, 0x00, 0xC0], S::Sldt),               // sldt eax
+            (&[0x8C, 0xC8], S::MovFromSeg),               // mov eax, cs
+            (&[0x8C, 0xD0], S::MovFromSeg),               // mov eax, ss
+            (&[0x0F, 0x02, 0xC1], S::Lar),                // lar eax, ecx
+            (&[0x0F, 0x03, 0xC1], S::Lsl),                // lsl eax, ecx
+            (&[0x0F, 0x00, 0xE0], S::Verr),               // verr ax
+            (&[0x0E], S::PushSeg),                        // push cs
+            (&[0x17], S::PopSeg),                         // pop ss
+            (&[0xC5, 0x00], S::LoadFarPtr(Register::DS)), // lds eax, [eax]
+            (&[0x0F, 0xA2], S::Cpuid),                    // cpuid
+            (&[0x0F, 0x31], S::Rdtsc),                    // rdtsc
         ];
         for (bytes, kind) in cases {
             let mut d = Decoder::with_ip(32, bytes, 0, DecoderOptions::NONE);
@@ -535,6 +543,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rows_of_one_kind_agree_on_their_checks() {
+        for row in TABLE {
+            let k = of_class(row.info.class);
+            assert_eq!((k.cpl0_only, k.iopl_sensitive), (row.info.cpl0_only, row.info.iopl_sensitive), "{row:?}");
+        }
+        assert_eq!(of_class(Class::Sensitive(S::Invalid)).class, Class::Sensitive(S::Invalid));
     }
 
     #[test]

@@ -276,7 +276,7 @@ impl Vm {
             }
             let deadline = self.platform.next_deadline_ns().filter(|&d| d > now);
             tracing::trace!(target: "popek::det", count, now, ?deadline, stop, "run");
-            self.backend.set_stop(Some(stop.max(count + 1)), deadline);
+            self.backend.set_stop(Some(stop.max(count + 1)), deadline)?;
             let exit = self.backend.run()?;
             count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
             clock.set(self.backend.virtual_ns().unwrap_or(count));
@@ -340,7 +340,7 @@ impl Vm {
         }
         match deadline {
             Some(d) if d > now => {
-                self.backend.skip_time(d - now);
+                self.backend.skip_time(d - now)?;
                 Ok(None)
             }
             Some(_) => Ok(None),

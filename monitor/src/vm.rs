@@ -192,7 +192,7 @@ impl Vm {
         let linear = cs.base.wrapping_add(eip);
         // Shorten the read until it fits in mapped memory.
         let mut len = bytes.len();
-        while len > 0 && !self.backend.read_linear(linear, &mut bytes[..len]) {
+        while len > 0 && self.backend.read_linear(linear, &mut bytes[..len]).is_err() {
             len = (len / 2).min(4096 - (linear & 0xFFF) as usize);
         }
         if len == 0 {
