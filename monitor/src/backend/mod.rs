@@ -5,6 +5,7 @@
 //! (as cloud-hypervisor's `hypervisor` crate).
 
 pub mod bt;
+pub mod fake;
 pub mod kvm;
 
 use thiserror::Error;
