@@ -22,11 +22,108 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub use self::events::{Checkpoint, End, Event, InputPoint, MemoryDigest, Regs};
 use crate::backend::{BackendError, VmExit};
 use crate::cpu::Cpu;
 use crate::devices::clock::ManualClock;
-use crate::trace::format::{Checkpoint, End, Event, InputPoint, MemoryDigest, Regs};
 use crate::vm::{RunOutcome, Served, Vm};
+
+/// What a deterministic run produces, at instruction counts: the vocabulary
+/// of traces (`trace::format` stores it, docs/trace-format.md).
+pub mod events {
+    /// Where console input entered.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum InputPoint {
+        /// At an input-quantum boundary.
+        Quantum,
+        /// While the guest was halted.
+        Halt,
+    }
+
+    /// The architectural registers a checkpoint records.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Regs {
+        /// EAX ECX EDX EBX ESP EBP ESI EDI.
+        pub gpr: [u32; 8],
+        pub eip: u32,
+        pub eflags: u32,
+        /// ES CS SS DS FS GS.
+        pub sel: [u16; 6],
+        pub cr0: u32,
+        pub cr2: u32,
+        pub cr3: u32,
+        pub cr4: u32,
+    }
+
+    /// A digest of guest memory.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct MemoryDigest {
+        /// Hash of all of guest memory.
+        pub whole: u64,
+        /// (page number, 32-bit page hash) of the pages changed since the previous memory digest (in
+        /// the first digest: every page with nonzero content), strictly increasing by page number.
+        pub pages: Vec<(u32, u32)>,
+    }
+
+    /// Machine state at an instruction count.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Checkpoint {
+        pub count: u64,
+        pub regs: Regs,
+        /// Console output bytes so far.
+        pub console_len: u64,
+        /// Hash of the console output so far.
+        pub console_hash: u64,
+        pub memory: Option<MemoryDigest>,
+    }
+
+    /// How and where the recording stopped; the last event of a complete trace.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct End {
+        pub count: u64,
+        pub outcome: String,
+        pub regs: Regs,
+        pub console_len: u64,
+        pub console_hash: u64,
+    }
+
+    /// One trace event, at an instruction count.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Event {
+        /// Console bytes given to the UART.
+        Input {
+            count: u64,
+            point: InputPoint,
+            bytes: Vec<u8>,
+        },
+        /// External interrupt injected.
+        Interrupt {
+            count: u64,
+            vector: u8,
+        },
+        /// Port access (verification stream).
+        Io {
+            count: u64,
+            port: u16,
+            size: u8,
+            write: bool,
+            value: u32,
+        },
+        Checkpoint(Checkpoint),
+        End(End),
+    }
+
+    impl Event {
+        /// The guest instruction count the event happened at.
+        pub fn count(&self) -> u64 {
+            match self {
+                Event::Input { count, .. } | Event::Interrupt { count, .. } | Event::Io { count, .. } => *count,
+                Event::Checkpoint(c) => c.count,
+                Event::End(e) => e.count,
+            }
+        }
+    }
+}
 
 /// How often the loop stops for checkpoints and input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

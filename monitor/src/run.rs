@@ -13,6 +13,8 @@ use crate::cpu::Cpu;
 use crate::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
 use crate::loader::{linux, multiboot, BootState};
 use crate::memory::{GuestMemory, MemoryError};
+pub use crate::trace::header::parse_size;
+use crate::trace::header::{self, HeaderError, MachineSpec};
 use crate::vm::{RunOutcome, Vm, VmError};
 
 /// Which CPU runs the guest.
@@ -102,6 +104,41 @@ pub enum RunError {
     Jail(#[from] crate::jail::JailError),
 }
 
+impl From<HeaderError> for RunError {
+    fn from(e: HeaderError) -> RunError {
+        match e {
+            HeaderError::Read { path, source } => RunError::Read { path, source },
+            HeaderError::NoSuchGuest(name) => RunError::NoSuchGuest(name),
+            e @ HeaderError::Malformed(_) => RunError::Trace(e.to_string()),
+        }
+    }
+}
+
+impl RunOptions {
+    /// The machine part of the options (what a trace header records).
+    pub fn machine(&self) -> MachineSpec {
+        MachineSpec {
+            kernel: self.kernel.clone(),
+            guest: self.guest.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone(),
+            mem: self.mem,
+        }
+    }
+
+    /// Options that build machine `m`, the rest default.
+    pub fn for_machine(m: MachineSpec) -> RunOptions {
+        RunOptions {
+            kernel: m.kernel,
+            guest: m.guest,
+            initrd: m.initrd,
+            append: m.append,
+            mem: m.mem,
+            ..RunOptions::default()
+        }
+    }
+}
+
 impl RunError {
     /// The process exit status `popek` reports for this error: the jail's
     /// own code when guest code reached 64-bit mode, else 1.
@@ -175,11 +212,50 @@ fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> 
     Ok(state.to_cpu())
 }
 
-fn backend(opts: &RunOptions, mem: &Arc<GuestMemory>, cpu: Cpu) -> Result<Box<dyn Backend>, RunError> {
+fn backend(
+    opts: &RunOptions,
+    mem: &Arc<GuestMemory>,
+    cpu: Cpu,
+    deterministic: bool,
+) -> Result<Box<dyn Backend>, RunError> {
     Ok(match opts.backend {
-        BackendKind::Bt => Box::new(BtBackend::new(mem.clone(), cpu, opts.bt)?),
+        BackendKind::Bt => {
+            let bt = BtConfig { deterministic: deterministic || opts.bt.deterministic, ..opts.bt };
+            Box::new(BtBackend::new(mem.clone(), cpu, bt)?)
+        }
         BackendKind::Kvm => Box::new(crate::backend::kvm::KvmBackend::new(mem, &cpu)?),
     })
+}
+
+/// How a run's machine keeps time: the host's clocks, or the deterministic
+/// mode's manual clock (driven by the instruction count) and recorded start.
+struct Timing {
+    clock: Arc<dyn Clock>,
+    wall_clock: Arc<dyn crate::devices::clock::WallClock>,
+    deterministic: bool,
+}
+
+/// The one machine builder under both run paths: guest RAM with the image
+/// loaded, the platform devices on `timing`'s clocks, and the CPU backend.
+fn build_machine(
+    opts: &RunOptions,
+    console: Box<dyn std::io::Write + Send>,
+    timing: Timing,
+    notes: &mut Vec<String>,
+) -> Result<Vm, RunError> {
+    let mem = Arc::new(GuestMemory::new(opts.mem)?);
+    let cpu = load_image(opts, &mem, notes)?;
+    for n in notes.iter() {
+        tracing::info!("{n}");
+    }
+    let platform = Platform::new(PlatformConfig {
+        ram_size: mem.size(),
+        console,
+        clock: timing.clock.clone(),
+        wall_clock: timing.wall_clock,
+    })?;
+    let backend = backend(opts, &mem, cpu, timing.deterministic)?;
+    Ok(Vm::new(mem, platform, backend, timing.clock))
 }
 
 /// Closes the jail on this process (the machine is built, every file is
@@ -203,21 +279,10 @@ fn jail(kind: BackendKind) -> Result<String, RunError> {
 /// Builds the machine and runs it to the end.
 pub fn run(opts: &RunOptions, console: Box<dyn std::io::Write + Send>) -> Result<RunReport, RunError> {
     let t = std::time::Instant::now();
-    let mem = Arc::new(GuestMemory::new(opts.mem)?);
     let mut notes = Vec::new();
-    let cpu = load_image(opts, &mem, &mut notes)?;
-    for n in &notes {
-        tracing::info!("{n}");
-    }
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console,
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })?;
-    let backend = backend(opts, &mem, cpu)?;
-    let mut vm = Vm::new(mem, platform, backend, clock);
+    let timing =
+        Timing { clock: Arc::new(HostClock::new()), wall_clock: Arc::new(HostWallClock), deterministic: false };
+    let mut vm = build_machine(opts, console, timing, &mut notes)?;
     if opts.jail {
         notes.push(jail(opts.backend)?);
     }
@@ -263,78 +328,9 @@ pub struct DetReport {
     pub trace_bytes: Option<u64>,
 }
 
-/// The images a run loads, with their SHA-256 (a trace's identity check).
-pub fn image_digests(opts: &RunOptions) -> Result<Vec<crate::trace::format::ImageDigest>, RunError> {
-    use sha2::Digest;
-    let digest = |role: &str, name: String, data: &[u8]| crate::trace::format::ImageDigest {
-        role: role.into(),
-        name,
-        len: data.len() as u64,
-        sha256: sha2::Sha256::digest(data).into(),
-    };
-    let mut v = Vec::new();
-    match &opts.kernel {
-        Some(k) => v.push(digest("kernel", k.display().to_string(), &read(k)?)),
-        None => {
-            let name = opts.guest.as_deref().unwrap_or("demo");
-            let g = crate::guests::by_name(name).ok_or_else(|| RunError::NoSuchGuest(name.to_string()))?;
-            v.push(digest("guest", name.to_string(), &g.image));
-        }
-    }
-    if let Some(i) = &opts.initrd {
-        v.push(digest("initrd", i.display().to_string(), &read(i)?));
-    }
-    Ok(v)
-}
-
-/// The machine description a trace header keeps (and a replay rebuilds).
-pub fn header_command_line(opts: &RunOptions) -> Vec<String> {
-    let mut v = Vec::new();
-    if let Some(k) = &opts.kernel {
-        v.extend(["--kernel".to_string(), k.display().to_string()]);
-    }
-    if let Some(g) = &opts.guest {
-        v.extend(["--guest".to_string(), g.clone()]);
-    }
-    if let Some(i) = &opts.initrd {
-        v.extend(["--initrd".to_string(), i.display().to_string()]);
-    }
-    if let Some(a) = &opts.append {
-        v.extend(["--append".to_string(), a.clone()]);
-    }
-    v.extend(["--mem".to_string(), opts.mem.to_string()]);
-    v
-}
-
 /// Rebuilds run options from a trace header's command line.
 pub fn options_from_header(h: &crate::trace::format::Header) -> Result<RunOptions, RunError> {
-    let mut o = RunOptions { mem: h.mem_bytes, ..RunOptions::default() };
-    let mut it = h.command_line.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| RunError::Trace(format!("header: {flag} without a value")));
-        match flag.as_str() {
-            "--kernel" => o.kernel = Some(PathBuf::from(value()?)),
-            "--guest" => o.guest = Some(value()?),
-            "--initrd" => o.initrd = Some(PathBuf::from(value()?)),
-            "--append" => o.append = Some(value()?),
-            "--mem" => o.mem = parse_size(&value()?).map_err(RunError::Trace)?,
-            other => return Err(RunError::Trace(format!("header: unknown machine option {other:?}"))),
-        }
-    }
-    Ok(o)
-}
-
-/// The CPUID answers of the guest's policy (recorded in trace headers).
-pub fn cpuid_entries() -> Vec<crate::trace::format::CpuidEntry> {
-    let p = crate::cpu::policy::CpuPolicy::default();
-    let mut v = Vec::new();
-    for base in [0u32, 0x8000_0000] {
-        let max = p.cpuid(base, 0)[0];
-        for leaf in base..=max.min(base + 0x20) {
-            v.push(crate::trace::format::CpuidEntry { leaf, subleaf: 0, regs: p.cpuid(leaf, 0) });
-        }
-    }
-    v
+    Ok(RunOptions::for_machine(header::machine_from_header(h)?))
 }
 
 /// Builds the machine in the deterministic mode and runs it: plain, while
@@ -369,10 +365,10 @@ pub fn run_deterministic(
             let start = crate::devices::HostWallClock;
             let h = Header {
                 popek_version: env!("CARGO_PKG_VERSION").to_string(),
-                command_line: header_command_line(opts),
+                command_line: header::command_line(&opts.machine()),
                 mem_bytes: opts.mem,
-                images: image_digests(opts)?,
-                cpuid: cpuid_entries(),
+                images: header::image_digests(&opts.machine())?,
+                cpuid: header::cpuid_entries(),
                 start_unix_ns: crate::devices::clock::WallClock::now_unix_ns(&start),
                 checkpoint_every: det.checkpoint_every,
                 memory_every: det.memory_every,
@@ -384,7 +380,7 @@ pub fn run_deterministic(
         }
     };
     if let DetSession::Replay(_) = &session {
-        let now = image_digests(opts)?;
+        let now = header::image_digests(&opts.machine())?;
         for (want, have) in header.images.iter().zip(&now) {
             if want.sha256 != have.sha256 || want.len != have.len {
                 return Err(RunError::Trace(format!(
@@ -397,20 +393,15 @@ pub fn run_deterministic(
             }
         }
     }
-    let mem = Arc::new(GuestMemory::new(opts.mem)?);
     let mut notes = Vec::new();
-    let cpu = load_image(opts, &mem, &mut notes)?;
     let clock = ManualClock::new(0);
     let (tap, log) = ConsoleTap::new(console);
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(tap),
+    let timing = Timing {
         clock: Arc::new(clock.clone()),
         wall_clock: Arc::new(ManualClock::new(header.start_unix_ns)),
-    })?;
-    let bt = BtConfig { deterministic: true, ..opts.bt };
-    let backend: Box<dyn Backend> = Box::new(BtBackend::new(mem.clone(), cpu, bt)?);
-    let mut vm = Vm::new(mem, platform, backend, Arc::new(clock.clone()));
+        deterministic: true,
+    };
+    let mut vm = build_machine(opts, Box::new(tap), timing, &mut notes)?;
     let quit = Arc::new(AtomicBool::new(false));
     let wants_stdin = matches!(session, DetSession::Plain | DetSession::Record { input: None, .. });
     let mut recorder = crate::trace::record::Recorder::without_trace(None);
@@ -471,37 +462,4 @@ pub fn run_deterministic(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses sizes like `256M`, `1G`, `65536K` or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("unknown size suffix in {s:?} (K, M or G)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size too large: {s:?}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("M").is_err());
-    }
 }
