@@ -87,16 +87,7 @@ pub struct Frame {
 }
 
 /// Index of each guest register in [`Frame::gpr`], in the x86 encoding order.
-pub mod reg {
-    pub const EAX: usize = 0;
-    pub const ECX: usize = 1;
-    pub const EDX: usize = 2;
-    pub const EBX: usize = 3;
-    pub const ESP: usize = 4;
-    pub const EBP: usize = 5;
-    pub const ESI: usize = 6;
-    pub const EDI: usize = 7;
-}
+pub use crate::cpu::state::gpr as reg;
 
 /// The one frame of the process.
 #[no_mangle]
