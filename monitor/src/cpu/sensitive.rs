@@ -956,4 +956,37 @@ mod tests {
         exec(&mut cpu, &mut m, |a| a.jmp(fword_ptr(0x9300u32))).unwrap();
         assert_eq!((cpu.seg(Seg::Cs).selector, cpu.seg(Seg::Cs).cache.base, cpu.eip), (0x38, 0x1_0000, 0x1234));
     }
+
+    #[test]
+    fn privilege_and_iopl_checks_come_from_the_table() {
+        let (mut cpu, mut m) = machine();
+        cpu.cpl = 3;
+        let gp = Err(ExecError::Fault(Fault::gp(0)));
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.hlt()), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.mov(cr0, eax)), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.mov(eax, cr3)), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.lgdt(ptr(0x9000u32))), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.clts()), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.rdmsr()), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.invlpg(ptr(0x9000u32))), gp);
+        // Not privileged: the guest sees its own GDTR (the silent ones).
+        assert!(exec(&mut cpu, &mut m, |a| a.sgdt(ptr(0x9000u32))).is_ok());
+        // IOPL-sensitive: #GP while CPL > IOPL, allowed at IOPL 3.
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.out(0x80, al)), gp);
+        cpu.eflags |= flags::IOPL;
+        assert!(matches!(exec(&mut cpu, &mut m, |a| a.out(0x80, al)), Ok(Outcome::Io(IoOp::Out { port: 0x80, .. }))));
+    }
+
+    #[test]
+    fn string_io_sizes_come_from_the_encoding() {
+        let (mut cpu, mut m) = machine();
+        cpu.gpr[2] = 0x3F8;
+        for (size, r) in [
+            (1, exec(&mut cpu, &mut m, |a| a.insb())),
+            (2, exec(&mut cpu, &mut m, |a| a.insw())),
+            (4, exec(&mut cpu, &mut m, |a| a.insd())),
+        ] {
+            assert_eq!(r, Ok(Outcome::Io(IoOp::Ins { port: 0x3F8, size })));
+        }
+    }
 }
