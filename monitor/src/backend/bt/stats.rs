@@ -52,6 +52,8 @@ impl BtStats {
         let m = mmu.stats();
         v.push(("mmu/hidden_faults".into(), m.hidden_faults));
         v.push(("mmu/guest_page_faults".into(), m.guest_page_faults));
+        // Every shadow-MMU counter that moved, under its stable name.
+        v.extend(m.counters().iter().filter(|(_, n)| *n != 0).map(|(k, n)| ((*k).to_string(), *n)));
         v.push(("bt/ldt_writes".into(), ldt_writes));
         let us = |cycles: u64| (cycles as f64 / tsc_per_us()) as u64;
         v.push(("bt/time_direct_us".into(), us(self.cycles_direct)));
