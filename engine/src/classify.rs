@@ -434,10 +434,91 @@ pub fn uses_gs_memory(i: &Instruction) -> bool {
     mem && i.memory_segment() == iced_x86::Register::GS
 }
 
+/// OF SF ZF AF PF CF, as iced-x86 numbers them.
+const ARITH_FLAGS: u32 = iced_x86::RflagsBits::OF
+    | iced_x86::RflagsBits::SF
+    | iced_x86::RflagsBits::ZF
+    | iced_x86::RflagsBits::AF
+    | iced_x86::RflagsBits::PF
+    | iced_x86::RflagsBits::CF;
+
+/// Whether the guest's arithmetic flags are dead where `block` starts:
+/// each is written before any is read, and nothing before the last write
+/// can fault (an exception frame would carry the flags) or leave the block.
+/// The block-entry poll may then test the pending flag with `cmp` instead
+/// of spilling ECX, whose store/reload sits on a loop counter's dependency
+/// chain (docs/translator.md, "The block-entry poll").
+pub fn arith_flags_dead_at_entry<'a>(block: impl IntoIterator<Item = &'a Instruction>) -> bool {
+    let mut written = 0;
+    for i in block {
+        if i.rflags_read() & ARITH_FLAGS & !written != 0 || !cannot_fault(i) {
+            return false;
+        }
+        // A shift or rotate by a count that is zero at run time leaves the
+        // flags alone: it never counts as writing them.
+        if !matches!(
+            i.mnemonic(),
+            Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar | Mn::Rol | Mn::Ror | Mn::Rcl | Mn::Rcr | Mn::Shld | Mn::Shrd
+        ) {
+            written |= i.rflags_modified() & ARITH_FLAGS;
+        }
+        if written == ARITH_FLAGS {
+            return true;
+        }
+    }
+    false
+}
+
+/// Copied as is, touches no memory (explicit, stack or string), and has no
+/// exception of its own (division, BOUND, INTO, the UD family).
+fn cannot_fault(i: &Instruction) -> bool {
+    classify(i).is_ident()
+        && i.flow_control() == FlowControl::Next
+        && i.stack_pointer_increment() == 0
+        && !i.is_string_instruction()
+        && (0..i.op_count()).all(|n| {
+            !matches!(
+                i.op_kind(n),
+                OpKind::Memory
+                    | OpKind::MemorySegSI
+                    | OpKind::MemorySegESI
+                    | OpKind::MemorySegDI
+                    | OpKind::MemorySegEDI
+                    | OpKind::MemoryESDI
+                    | OpKind::MemoryESEDI
+            )
+        })
+        && !matches!(i.mnemonic(), Mn::Div | Mn::Idiv | Mn::Aam | Mn::Bound | Mn::Into | Mn::Ud0 | Mn::Ud1 | Mn::Ud2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions};
+
+    fn block(bytes: &[u8]) -> Vec<Instruction> {
+        Decoder::with_ip(32, bytes, 0x1000, DecoderOptions::NONE).into_iter().collect()
+    }
+
+    #[test]
+    fn flags_dead_at_entry_needs_every_flag_written_before_a_read_or_a_fault() {
+        // imul eax, eax, 69069 (CF OF written, the rest undefined): dead.
+        assert!(arith_flags_dead_at_entry(&block(&[0x69, 0xC0, 0xCD, 0x0D, 0x01, 0x00, 0x40])));
+        // mov eax, ebx; xor ecx, ecx: dead after the xor.
+        assert!(arith_flags_dead_at_entry(&block(&[0x89, 0xD8, 0x31, 0xC9])));
+        // inc eax (not CF); adc ebx, 0 (reads CF): live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x40, 0x83, 0xD3, 0x00])));
+        // jnz first: reads ZF.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x75, 0x00])));
+        // mov eax, [esi] may fault before the add: live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x8B, 0x06, 0x01, 0xD8])));
+        // div ecx may raise #DE: live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0xF7, 0xF1])));
+        // shl eax, cl with CL = 0 writes nothing; then only inc (no CF): live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0xD3, 0xE0, 0x40])));
+        // push eax touches the stack: live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x50, 0x31, 0xC0])));
+    }
 
     fn class_of(bytes: &[u8]) -> Classification {
         let mut d = Decoder::with_ip(32, bytes, 0x1000, DecoderOptions::NONE);
