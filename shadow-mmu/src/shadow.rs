@@ -290,6 +290,28 @@ impl ShadowMmu {
         Ok(FaultOutcome::Resolved)
     }
 
+    /// The guest's #PF handler is returning to the instruction that faulted
+    /// at `gva`: if the guest's tables now allow `access`, map the page (and
+    /// set A/D as the retried access is about to) so the retry does not take
+    /// a second host fault. Does nothing when they still do not, or when the
+    /// page would go to the emulator. Returns whether it mapped.
+    pub fn prefault<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &mut M,
+        mapper: &mut H,
+        gva: u32,
+        access: Access,
+        cpl: u8,
+    ) -> Result<bool, MmuError> {
+        let Ok(t) = walk(mem, &self.regs, &self.pdptes, gva, access, true) else { return Ok(false) };
+        if self.emulate_reason(mem, &t, access, cpl).is_some() {
+            return Ok(false);
+        }
+        self.install(mem, mapper, &t)?;
+        self.stats.prefaults += 1;
+        Ok(true)
+    }
+
     fn emulate_reason<M: PhysMem + ?Sized>(
         &self,
         mem: &M,

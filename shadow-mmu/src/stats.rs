@@ -10,6 +10,9 @@ pub struct Stats {
     pub hidden_faults: u64,
     /// Hidden faults resolved by mapping or upgrading a shadow.
     pub resolved: u64,
+    /// Pages mapped when the guest's #PF handler returned to the faulting
+    /// instruction ([`crate::ShadowMmu::prefault`]): one host fault saved each.
+    pub prefaults: u64,
     /// Hidden faults whose shadow already allowed the access (nothing done).
     pub spurious: u64,
     /// Hidden faults reflected to the guest as #PF.
@@ -58,11 +61,12 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 25] {
+    pub fn counters(&self) -> [(&'static str, u64); 26] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
             ("shadow/faults/spurious", self.spurious),
+            ("shadow/faults/prefaulted", self.prefaults),
             ("shadow/faults/guest_pf", self.guest_page_faults),
             ("shadow/emulate/mmio", self.emulate_mmio),
             ("shadow/emulate/low_page", self.emulate_low_page),

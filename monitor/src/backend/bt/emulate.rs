@@ -71,7 +71,13 @@ impl BtBackend {
                 self.counter.tsc_read();
             }
         }
+        let iret = matches!(c.class, Class::ControlFlow(engine::classify::Flow::Iret));
         match result {
+            Ok(outcome) if iret => {
+                let step = self.apply(outcome, insn, next_eip);
+                self.retry_after_iret()?;
+                step
+            }
             Ok(outcome) => self.apply(outcome, insn, next_eip),
             Err(ExecError::Fault(f)) => self.fault(f),
             Err(ExecError::Unsupported(what)) => {

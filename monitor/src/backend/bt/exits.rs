@@ -122,6 +122,21 @@ impl BtBackend {
         }
     }
 
+    /// After an IRET: if it returned to the instruction whose access became
+    /// the last guest #PF, in the same address space, map the page now when
+    /// the handler made it valid (one host fault saved per demand page).
+    pub(super) fn retry_after_iret(&mut self) -> Result<(), crate::backend::BackendError> {
+        let Some(r) = self.retry.take() else { return Ok(()) };
+        if r.cr3 != self.cpu.cr3 || r.eip != self.cpu.eip {
+            return Ok(());
+        }
+        let (mmu, mut phys, mut mapper) = self.guest.paging();
+        if mmu.prefault(&mut phys, &mut mapper, r.address, r.access, self.cpu.cpl).map_err(failed)? {
+            self.stats.count("iret_prefault");
+        }
+        Ok(())
+    }
+
     /// A host fault at `address` in the window: resolve it or give the guest
     /// its page fault.
     pub(super) fn hidden_fault(&mut self, address: u32, access: shadow_mmu::Access, from_tc: bool) -> Step {
@@ -129,7 +144,14 @@ impl BtBackend {
         let out = mmu.handle_fault(&mut phys, &mut mapper, address, access, self.cpu.cpl).map_err(failed)?;
         match out {
             FaultOutcome::Resolved => Ok(None),
-            FaultOutcome::GuestPageFault { cr2, error_code } => self.fault(Fault::page(cr2, error_code)),
+            FaultOutcome::GuestPageFault { cr2, error_code } => {
+                // Not in the deterministic mode: mapping at the IRET sets
+                // A/D one guest instruction early, which recordings keep.
+                if !self.config.deterministic {
+                    self.retry = Some(RetryFault { cr3: self.cpu.cr3, eip: self.cpu.eip, address, access });
+                }
+                self.fault(Fault::page(cr2, error_code))
+            }
             FaultOutcome::Emulate { gpa, reason: EmulateReason::CodeWrite } => {
                 self.stats.count("code_write");
                 self.engine.invalidate_phys_page(gpa & !0xFFF);
@@ -317,4 +339,13 @@ impl BtBackend {
             Err(e) => Err(failed(e)),
         }
     }
+}
+
+/// Where the last guest #PF from a hidden fault came from.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RetryFault {
+    pub cr3: u32,
+    pub eip: u32,
+    pub address: u32,
+    pub access: shadow_mmu::Access,
 }

@@ -116,6 +116,10 @@ pub struct BtBackend {
     config: BtConfig,
     stats: BtStats,
     counter: Counter,
+    /// The last guest #PF raised from a hidden fault: when its handler's
+    /// IRET returns to the faulting instruction, the page is mapped then
+    /// (`exits::RetryFault`).
+    retry: Option<exits::RetryFault>,
 }
 
 impl BtBackend {
@@ -153,6 +157,7 @@ impl BtBackend {
             config,
             stats: BtStats::default(),
             counter: Counter::new(config.deterministic),
+            retry: None,
         };
         b.alias.write_u32(page::EXIT_FAR, window.exit_gate());
         b.alias.write_u16(page::EXIT_FAR + 4, crate::host::ldt::HOST_CS64);
