@@ -6,9 +6,13 @@
 //! collects their requests as [`PlatformEvent`]s. See docs/devices.md.
 
 pub mod bus;
+pub mod apic;
 pub mod clock;
 pub mod cmos;
+pub mod ioapic;
 pub mod misc;
+pub mod mptable;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod platform;

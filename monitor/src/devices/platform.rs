@@ -12,9 +12,12 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use super::apic::{ApicStats, LocalApic, DM_EXTINT};
 use super::bus::{lock, AccessCounts, BusError, DeviceId, DeviceStats, MmioBus, PortBus, SharedMmioDevice};
 use super::clock::{Clock, HostClock, HostWallClock, WallClock};
 use super::cmos::Cmos;
+use super::ioapic::IoApic;
+use super::pci::{host_bridge, PciBus};
 use super::misc::{BochsShutdown, DebugExit, EventSink, PciConfig, PlatformEvent, PostPort, SystemControlA, I8042};
 use super::pic::PicPair;
 use super::pit::Pit;
@@ -24,6 +27,41 @@ use crate::layout::{
     PORT_I8042_CMD, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PIC_MASTER, PORT_PIC_SLAVE, PORT_PIT, PORT_POST,
     PORT_SYSTEM_CONTROL_A, PORT_SYSTEM_CONTROL_B,
 };
+use crate::layout::{IOAPIC_BASE, IOAPIC_SIZE, LAPIC_BASE, LAPIC_SIZE};
+
+/// Which PC the platform is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Machine {
+    /// The ISA PC Popek had first: 8259 pair, PIT, RTC, UART, no APIC, no
+    /// PCI devices (0xcf8 answers nothing). What traces recorded without a
+    /// `--machine` option ran on.
+    Isa,
+    /// The ISA devices plus a local APIC, an I/O APIC (announced by an MP
+    /// table) and a PCI host bridge; CPUID shows the APIC and the TSC
+    /// frequency (leaves 0x15/0x16).
+    #[default]
+    Pc,
+}
+
+impl Machine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Isa => "isa",
+            Machine::Pc => "pc",
+        }
+    }
+}
+
+impl std::str::FromStr for Machine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "isa" => Ok(Machine::Isa),
+            "pc" => Ok(Machine::Pc),
+            o => Err(format!("unknown machine {o:?} (pc or isa)")),
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum PlatformError {
@@ -63,6 +101,18 @@ pub struct PlatformStats {
     pub pit_irq0_edges: u64,
     /// Vectors handed out by `acknowledge_interrupt`.
     pub interrupts_acknowledged: u64,
+    /// The local APIC's counters (the `pc` machine).
+    pub apic: Option<ApicStats>,
+    /// Messages the I/O APIC sent.
+    pub ioapic_messages: u64,
+}
+
+/// The interrupt controllers of the `pc` machine.
+struct Apics {
+    lapic: Arc<Mutex<LocalApic>>,
+    ioapic: Arc<Mutex<IoApic>>,
+    lapic_id: DeviceId,
+    ioapic_id: DeviceId,
 }
 
 /// Bus registrations whose accesses can move an interrupt line.
@@ -84,12 +134,20 @@ pub struct Platform {
     i8042: Arc<Mutex<I8042>>,
     port92: Arc<Mutex<SystemControlA>>,
     irq_sources: IrqSources,
+    apics: Option<Apics>,
     pit_irq0_edges: u64,
     interrupts_acknowledged: u64,
 }
 
 impl Platform {
+    /// The `isa` machine.
     pub fn new(config: PlatformConfig) -> Result<Self, PlatformError> {
+        Self::with_machine(config, Machine::Isa, 1)
+    }
+
+    /// The `machine`; the local APIC timer (`pc`) counts at `apic_timer_hz`
+    /// before its divider (what CPUID leaf 0x15 announces).
+    pub fn with_machine(config: PlatformConfig, machine: Machine, apic_timer_hz: u64) -> Result<Self, PlatformError> {
         let PlatformConfig { ram_size, console, clock, wall_clock } = config;
         let events = EventSink::new();
         let pic = Arc::new(Mutex::new(PicPair::new()));
@@ -112,12 +170,26 @@ impl Platform {
         ports.register("system-control-a", PORT_SYSTEM_CONTROL_A, 1, port92.clone())?;
         ports.register("debug-exit", PORT_DEBUG_EXIT, 4, Arc::new(Mutex::new(DebugExit::new(events.clone()))))?;
         let serial_id = ports.register("com1", PORT_COM1, 8, serial.clone())?;
-        ports.register(
-            "pci-config",
-            PORT_PCI_CONFIG_ADDRESS,
-            8,
-            Arc::new(Mutex::new(PciConfig::new(events.clone()))),
-        )?;
+        let pci: super::bus::SharedPortDevice = match machine {
+            Machine::Isa => Arc::new(Mutex::new(PciConfig::new(events.clone()))),
+            Machine::Pc => {
+                let mut bus = PciBus::new(events.clone());
+                bus.add(0, Box::new(host_bridge()));
+                Arc::new(Mutex::new(bus))
+            }
+        };
+        ports.register("pci-config", PORT_PCI_CONFIG_ADDRESS, 8, pci)?;
+        let mut mmio = MmioBus::new();
+        let apics = match machine {
+            Machine::Isa => None,
+            Machine::Pc => {
+                let lapic = Arc::new(Mutex::new(LocalApic::new(clock.clone(), apic_timer_hz)));
+                let ioapic = Arc::new(Mutex::new(IoApic::new()));
+                let lapic_id = mmio.register("lapic", LAPIC_BASE, LAPIC_SIZE, lapic.clone())?;
+                let ioapic_id = mmio.register("ioapic", IOAPIC_BASE, IOAPIC_SIZE, ioapic.clone())?;
+                Some(Apics { lapic, ioapic, lapic_id, ioapic_id })
+            }
+        };
         ports.register(
             "bochs-shutdown",
             PORT_BOCHS_SHUTDOWN,
@@ -127,7 +199,7 @@ impl Platform {
 
         Ok(Self {
             ports,
-            mmio: MmioBus::new(),
+            mmio,
             clock,
             events,
             pic,
@@ -137,6 +209,7 @@ impl Platform {
             i8042,
             port92,
             irq_sources: IrqSources { serial: serial_id, cmos: cmos_id, i8042: i8042_data },
+            apics,
             pit_irq0_edges: 0,
             interrupts_acknowledged: 0,
         })
@@ -157,12 +230,66 @@ impl Platform {
 
     /// A guest read of MMIO at `addr`.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        self.mmio.read(addr, data);
+        let id = self.mmio.read(addr, data);
+        self.after_mmio(id);
     }
 
     /// A guest write of MMIO at `addr`.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        self.mmio.write(addr, data);
+        let id = self.mmio.write(addr, data);
+        self.after_mmio(id);
+    }
+
+    /// Which machine this is.
+    pub fn machine(&self) -> Machine {
+        if self.apics.is_some() {
+            Machine::Pc
+        } else {
+            Machine::Isa
+        }
+    }
+
+    /// After an access to an interrupt controller: EOIs to the I/O APIC,
+    /// its messages to the local APIC.
+    fn after_mmio(&mut self, id: Option<DeviceId>) {
+        if let (Some(id), Some(a)) = (id, &self.apics) {
+            if id == a.lapic_id || id == a.ioapic_id {
+                self.route_apic_messages();
+            }
+        }
+    }
+
+    fn route_apic_messages(&mut self) {
+        let Some(a) = &self.apics else { return };
+        let mut lapic = lock(&a.lapic);
+        let mut ioapic = lock(&a.ioapic);
+        loop {
+            for v in lapic.take_eois() {
+                ioapic.eoi(v);
+            }
+            let messages = ioapic.take_messages();
+            if messages.is_empty() {
+                break;
+            }
+            for m in messages {
+                if m.mode == DM_EXTINT {
+                    // An I/O APIC pin in ExtINT mode passes the 8259's INTR:
+                    // the 8259 path below serves it when LINT0 is open.
+                    continue;
+                }
+                lapic.accept(m);
+            }
+        }
+    }
+
+    /// ISA line `line` at `level`: into the 8259 pair and (the `pc`
+    /// machine) I/O APIC pin `line`, as the MP table says.
+    fn set_line(&mut self, line: u8, level: bool) {
+        lock(&self.pic).set_irq(line, level);
+        if let Some(a) = &self.apics {
+            lock(&a.ioapic).set_pin(usize::from(line), level);
+            self.route_apic_messages();
+        }
     }
 
     /// Adds an MMIO device (local APIC, test devices).
@@ -178,14 +305,32 @@ impl Platform {
 
     /// Is an interrupt waiting for the CPU (the PIC's INT output)?
     pub fn pending_interrupt(&mut self) -> bool {
-        lock(&self.pic).pending()
+        match &self.apics {
+            None => lock(&self.pic).pending(),
+            Some(a) => {
+                let lapic = lock(&a.lapic);
+                lapic.pending().is_some() || (lapic.extint_open() && lock(&self.pic).pending())
+            }
+        }
     }
 
     /// The INTA cycle: the vector to deliver now, or `None` if nothing is
     /// pending any more. Call only when the guest can take it (IF=1, no
     /// interrupt shadow): the PIC marks it in service.
     pub fn acknowledge_interrupt(&mut self) -> Option<u8> {
-        let v = lock(&self.pic).acknowledge();
+        let v = match &self.apics {
+            None => lock(&self.pic).acknowledge(),
+            // The APIC's fixed interrupts first, then the 8259 through LINT0
+            // (QEMU's order).
+            Some(a) => {
+                let mut lapic = lock(&a.lapic);
+                match lapic.acknowledge() {
+                    Some(v) => Some(v),
+                    None if lapic.extint_open() => lock(&self.pic).acknowledge(),
+                    None => None,
+                }
+            }
+        };
         self.interrupts_acknowledged += u64::from(v.is_some());
         v
     }
@@ -195,12 +340,15 @@ impl Platform {
     pub fn poll_timers(&mut self, now_ns: u64) {
         let edges = lock(&self.pit).poll(now_ns);
         let rtc = lock(&self.cmos).poll(now_ns);
-        let mut pic = lock(&self.pic);
         if edges > 0 {
             self.pit_irq0_edges += edges;
-            pic.pulse_irq(IRQ_PIT);
+            self.set_line(IRQ_PIT, true);
+            self.set_line(IRQ_PIT, false);
         }
-        pic.set_irq(IRQ_RTC, rtc);
+        self.set_line(IRQ_RTC, rtc);
+        if let Some(a) = &self.apics {
+            lock(&a.lapic).poll(now_ns);
+        }
     }
 
     /// The earliest time at which `poll_timers` will have something to do,
@@ -208,7 +356,8 @@ impl Platform {
     pub fn next_deadline_ns(&self) -> Option<u64> {
         let pit = lock(&self.pit).next_irq_deadline_ns();
         let rtc = lock(&self.cmos).next_deadline_ns();
-        pit.into_iter().chain(rtc).min()
+        let lapic = self.apics.as_ref().and_then(|a| lock(&a.lapic).next_deadline_ns());
+        pit.into_iter().chain(rtc).chain(lapic).min()
     }
 
     /// The platform clock's current time (the base of deadlines).
@@ -223,7 +372,7 @@ impl Platform {
             s.push_input(data);
             s.irq_level()
         };
-        lock(&self.pic).set_irq(IRQ_COM1, level);
+        self.set_line(IRQ_COM1, level);
     }
 
     /// Reset, debug-exit and power-off requests since the last call.
@@ -245,6 +394,8 @@ impl Platform {
             serial: lock(&self.serial).stats(),
             pit_irq0_edges: self.pit_irq0_edges,
             interrupts_acknowledged: self.interrupts_acknowledged,
+            apic: self.apics.as_ref().map(|a| lock(&a.lapic).stats()),
+            ioapic_messages: self.apics.as_ref().map_or(0, |a| lock(&a.ioapic).sent),
         }
     }
 
@@ -261,7 +412,7 @@ impl Platform {
         } else {
             return;
         };
-        lock(&self.pic).set_irq(line, level);
+        self.set_line(line, level);
     }
 }
 
