@@ -131,6 +131,11 @@ struct RunArgs {
     /// CPU backend: bt (binary translation) or kvm.
     #[arg(long, default_value = "bt")]
     backend: BackendKind,
+    /// The PC: pc (local APIC, I/O APIC and MP table, PCI host bridge,
+    /// CPUID with the TSC frequency) or isa (8259 PIC only, the first
+    /// machine; traces recorded without this option replay on it).
+    #[arg(long, default_value = "pc")]
+    machine: monitor::devices::platform::Machine,
     /// Print exits, translation and shadow-MMU counters and where the time went.
     #[arg(long)]
     stats: bool,
@@ -265,6 +270,7 @@ fn run(a: RunArgs) -> ExitCode {
         interactive: !a.no_input,
         guest: a.guest,
         jail: jail_wanted(a.no_jail),
+        machine: a.machine,
     };
     if a.deterministic || a.record.is_some() || a.until.is_some() {
         let det = monitor::deterministic::DetOptions {

@@ -10,6 +10,8 @@ use thiserror::Error;
 use crate::backend::bt::{BtBackend, BtConfig};
 use crate::backend::{Backend, BackendError};
 use crate::cpu::Cpu;
+use crate::cpu::policy::CpuPolicy;
+use crate::devices::platform::Machine;
 use crate::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
 use crate::loader::{linux, multiboot, BootState};
 use crate::memory::{GuestMemory, MemoryError};
@@ -51,6 +53,8 @@ pub struct RunOptions {
     /// before the first guest instruction. The `popek` binary sets it
     /// unless `--no-jail`; a library caller (tests) chooses.
     pub jail: bool,
+    /// The PC (`pc`: APICs, PCI; `isa`: what traces without the option ran on).
+    pub machine: Machine,
 }
 
 impl Default for RunOptions {
@@ -65,6 +69,7 @@ impl Default for RunOptions {
             interactive: false,
             guest: None,
             jail: false,
+            machine: Machine::default(),
         }
     }
 }
@@ -87,6 +92,8 @@ pub enum RunError {
     Vm(#[from] VmError),
     #[error("cannot set up the platform devices: {0}")]
     Platform(#[from] crate::devices::PlatformError),
+    #[error(transparent)]
+    MpTable(#[from] crate::devices::mptable::MpTableError),
     #[error("no built-in guest {0:?} (see `popek guest list`)")]
     NoSuchGuest(String),
     #[error("the deterministic mode needs the bt backend (kvm cannot count guest instructions)")]
@@ -175,9 +182,39 @@ fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> 
     Ok(state.to_cpu())
 }
 
+/// The CPU of `machine`; the TSC runs at `tsc_hz` (the host's, or 1 GHz of
+/// virtual time in the deterministic mode).
+pub fn cpu_policy(machine: Machine, tsc_hz: u64) -> CpuPolicy {
+    match machine {
+        Machine::Isa => CpuPolicy::default(),
+        Machine::Pc => CpuPolicy::pc(tsc_hz),
+    }
+}
+
+/// The platform of `opts.machine` for a CPU of `policy`, with its firmware
+/// tables written into `mem` (the MP table of the `pc` machine).
+fn platform(
+    opts: &RunOptions,
+    policy: &CpuPolicy,
+    mem: &GuestMemory,
+    config: PlatformConfig,
+) -> Result<Platform, RunError> {
+    let platform = Platform::with_machine(config, opts.machine, policy.crystal_hz().unwrap_or(1))?;
+    if opts.machine == Machine::Pc {
+        let mp = crate::devices::mptable::MpConfig {
+            cpu_signature: policy.signature,
+            cpu_features: policy.edx1,
+            pci: Some(Vec::new()),
+        };
+        crate::devices::mptable::write(mem, &mp)?;
+    }
+    Ok(platform)
+}
+
 fn backend(opts: &RunOptions, mem: &Arc<GuestMemory>, cpu: Cpu) -> Result<Box<dyn Backend>, RunError> {
+    let policy = cpu_policy(opts.machine, crate::devices::clock::host_tsc_hz());
     Ok(match opts.backend {
-        BackendKind::Bt => Box::new(BtBackend::new(mem.clone(), cpu, opts.bt)?),
+        BackendKind::Bt => Box::new(BtBackend::new(mem.clone(), cpu, BtConfig { cpu: policy, ..opts.bt })?),
         BackendKind::Kvm => Box::new(crate::backend::kvm::KvmBackend::new(mem, &cpu)?),
     })
 }
@@ -210,12 +247,10 @@ pub fn run(opts: &RunOptions, console: Box<dyn std::io::Write + Send>) -> Result
         tracing::info!("{n}");
     }
     let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console,
-        clock: clock.clone(),
-        wall_clock: Arc::new(HostWallClock),
-    })?;
+    let policy = cpu_policy(opts.machine, crate::devices::clock::host_tsc_hz());
+    let config =
+        PlatformConfig { ram_size: mem.size(), console, clock: clock.clone(), wall_clock: Arc::new(HostWallClock) };
+    let platform = platform(opts, &policy, &mem, config)?;
     let backend = backend(opts, &mem, cpu)?;
     let mut vm = Vm::new(mem, platform, backend, clock);
     if opts.jail {
@@ -303,12 +338,15 @@ pub fn header_command_line(opts: &RunOptions) -> Vec<String> {
         v.extend(["--append".to_string(), a.clone()]);
     }
     v.extend(["--mem".to_string(), opts.mem.to_string()]);
+    v.extend(["--machine".to_string(), opts.machine.name().to_string()]);
     v
 }
 
 /// Rebuilds run options from a trace header's command line.
 pub fn options_from_header(h: &crate::trace::format::Header) -> Result<RunOptions, RunError> {
-    let mut o = RunOptions { mem: h.mem_bytes, ..RunOptions::default() };
+    // A header without `--machine` was recorded before there was a choice:
+    // on the `isa` machine.
+    let mut o = RunOptions { mem: h.mem_bytes, machine: Machine::Isa, ..RunOptions::default() };
     let mut it = h.command_line.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().cloned().ok_or_else(|| RunError::Trace(format!("header: {flag} without a value")));
@@ -318,15 +356,19 @@ pub fn options_from_header(h: &crate::trace::format::Header) -> Result<RunOption
             "--initrd" => o.initrd = Some(PathBuf::from(value()?)),
             "--append" => o.append = Some(value()?),
             "--mem" => o.mem = parse_size(&value()?).map_err(RunError::Trace)?,
+            "--machine" => o.machine = value()?.parse().map_err(RunError::Trace)?,
             other => return Err(RunError::Trace(format!("header: unknown machine option {other:?}"))),
         }
     }
     Ok(o)
 }
 
+/// Virtual time's TSC frequency in the deterministic mode (one tick per ns).
+pub const DETERMINISTIC_TSC_HZ: u64 = 1_000_000_000;
+
 /// The CPUID answers of the guest's policy (recorded in trace headers).
-pub fn cpuid_entries() -> Vec<crate::trace::format::CpuidEntry> {
-    let p = crate::cpu::policy::CpuPolicy::default();
+pub fn cpuid_entries(machine: Machine) -> Vec<crate::trace::format::CpuidEntry> {
+    let p = cpu_policy(machine, DETERMINISTIC_TSC_HZ);
     let mut v = Vec::new();
     for base in [0u32, 0x8000_0000] {
         let max = p.cpuid(base, 0)[0];
@@ -372,7 +414,7 @@ pub fn run_deterministic(
                 command_line: header_command_line(opts),
                 mem_bytes: opts.mem,
                 images: image_digests(opts)?,
-                cpuid: cpuid_entries(),
+                cpuid: cpuid_entries(opts.machine),
                 start_unix_ns: crate::devices::clock::WallClock::now_unix_ns(&start),
                 checkpoint_every: det.checkpoint_every,
                 memory_every: det.memory_every,
@@ -402,13 +444,15 @@ pub fn run_deterministic(
     let cpu = load_image(opts, &mem, &mut notes)?;
     let clock = ManualClock::new(0);
     let (tap, log) = ConsoleTap::new(console);
-    let platform = Platform::new(PlatformConfig {
+    let policy = cpu_policy(opts.machine, DETERMINISTIC_TSC_HZ);
+    let config = PlatformConfig {
         ram_size: mem.size(),
         console: Box::new(tap),
         clock: Arc::new(clock.clone()),
         wall_clock: Arc::new(ManualClock::new(header.start_unix_ns)),
-    })?;
-    let bt = BtConfig { deterministic: true, ..opts.bt };
+    };
+    let platform = platform(opts, &policy, &mem, config)?;
+    let bt = BtConfig { deterministic: true, cpu: policy, ..opts.bt };
     let backend: Box<dyn Backend> = Box::new(BtBackend::new(mem.clone(), cpu, bt)?);
     let mut vm = Vm::new(mem, platform, backend, Arc::new(clock.clone()));
     let quit = Arc::new(AtomicBool::new(false));

@@ -54,6 +54,8 @@ pub struct BtConfig {
     /// Shadow MMU: unmap supervisor-only shadows on every entry to CPL 3
     /// (`--engine isolate`; docs/security.md says what it does and costs).
     pub user_isolation: bool,
+    /// The CPU the guest sees (CPUID, MSRs): the machine's.
+    pub cpu: CpuPolicy,
 }
 
 impl BtConfig {
@@ -225,7 +227,7 @@ impl BtBackend {
             cpu,
             mmu,
             engine,
-            policy: CpuPolicy::default(),
+            policy: config.cpu,
             ldt: HashMap::new(),
             pending: None,
             want_window: false,
