@@ -562,6 +562,114 @@ mod tests {
         assert_eq!(p.io_in(0x71, 1), 0x22);
     }
 
+    fn pc_platform() -> (Platform, ManualClock) {
+        let clock = ManualClock::new(1_000_000_000);
+        let cfg = PlatformConfig {
+            ram_size: 256 << 20,
+            console: Box::new(Capture::default()),
+            clock: Arc::new(clock.clone()),
+            wall_clock: Arc::new(ManualClock::new(0)),
+        };
+        (Platform::with_machine(cfg, Machine::Pc, 1_000_000_000).unwrap(), clock)
+    }
+
+    fn mmio_write32(p: &mut Platform, addr: u64, v: u32) {
+        p.mmio_write(addr, &v.to_le_bytes());
+    }
+
+    fn mmio_read32(p: &mut Platform, addr: u64) -> u32 {
+        let mut b = [0u8; 4];
+        p.mmio_read(addr, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn pc_machine_passes_the_8259_through_lint0_until_the_guest_masks_it() {
+        let (mut p, clock) = pc_platform();
+        assert_eq!(p.machine(), Machine::Pc);
+        init_pic(&mut p, 0xFE, 0xFF);
+        p.io_out(0x43, 1, 0x34);
+        p.io_out(0x40, 1, 0x9B);
+        p.io_out(0x40, 1, 0x2E);
+        let d = p.next_deadline_ns().unwrap();
+        clock.set(d);
+        p.poll_timers(d);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x30), "virtual wire: the APIC is untouched");
+        p.io_out(0x20, 1, 0x20);
+        // Linux's APIC mode: LINT0 masked ExtINT.
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, LAPIC_BASE + 0x350, 0x1_0700);
+        let d = p.next_deadline_ns().unwrap();
+        clock.set(d);
+        p.poll_timers(d);
+        assert!(!p.pending_interrupt(), "the 8259's INTR no longer reaches the CPU");
+    }
+
+    #[test]
+    fn pc_machine_routes_isa_lines_through_the_io_apic() {
+        let (mut p, clock) = pc_platform();
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, LAPIC_BASE + 0x350, 0x1_0700);
+        // I/O APIC pin 0 (IRQ0) → vector 0x30, pin 4 (COM1) → 0x34, physical dest 0.
+        for (pin, vector) in [(0u32, 0x30u32), (4, 0x34)] {
+            mmio_write32(&mut p, IOAPIC_BASE, 0x10 + 2 * pin);
+            mmio_write32(&mut p, IOAPIC_BASE + 0x10, vector);
+            mmio_write32(&mut p, IOAPIC_BASE, 0x11 + 2 * pin);
+            mmio_write32(&mut p, IOAPIC_BASE + 0x10, 0);
+        }
+        p.io_out(0x43, 1, 0x34);
+        p.io_out(0x40, 1, 0x9B);
+        p.io_out(0x40, 1, 0x2E);
+        let mut vectors = Vec::new();
+        for _ in 0..3 {
+            let d = p.next_deadline_ns().unwrap();
+            clock.set(d);
+            p.poll_timers(d);
+            vectors.push(p.acknowledge_interrupt().unwrap());
+            assert!(!p.pending_interrupt());
+            mmio_write32(&mut p, LAPIC_BASE + 0xB0, 0);
+        }
+        assert_eq!(vectors, vec![0x30; 3]);
+        // Serial RX on pin 4.
+        p.io_out(0x3F9, 1, 0x01);
+        p.push_console_input(b"k");
+        assert_eq!(p.acknowledge_interrupt(), Some(0x34));
+        mmio_write32(&mut p, LAPIC_BASE + 0xB0, 0);
+        assert_eq!(mmio_read32(&mut p, LAPIC_BASE + 0x130), 0, "ISR empty");
+        let stats = p.stats();
+        assert!(stats.ioapic_messages >= 4);
+        assert_eq!(stats.apic.unwrap().eois, 4);
+    }
+
+    #[test]
+    fn pc_machine_apic_timer_sets_the_deadline() {
+        let (mut p, clock) = pc_platform();
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, LAPIC_BASE + 0x3E0, 0xB);
+        mmio_write32(&mut p, LAPIC_BASE + 0x320, 0xEC);
+        mmio_write32(&mut p, LAPIC_BASE + 0x380, 4_000_000);
+        let d = p.next_deadline_ns().unwrap();
+        assert_eq!(d, clock.now_ns() + 4_000_000);
+        clock.set(d);
+        p.poll_timers(d);
+        assert!(p.pending_interrupt());
+        assert_eq!(p.acknowledge_interrupt(), Some(0xEC));
+    }
+
+    #[test]
+    fn pc_machine_has_a_host_bridge_and_the_isa_machine_none() {
+        let (mut pc, _) = pc_platform();
+        pc.io_out(0xCF8, 4, 0x8000_0000);
+        assert_eq!(pc.io_in(0xCFC, 4), 0x1237_8086);
+        let (mut isa, _, _) = platform();
+        isa.io_out(0xCF8, 4, 0x8000_0000);
+        assert_eq!(isa.io_in(0xCFC, 4), 0xFFFF_FFFF);
+        assert_eq!(isa.machine(), Machine::Isa);
+        let mut b = [0u8; 4];
+        isa.mmio_read(LAPIC_BASE + 0x30, &mut b);
+        assert_eq!(b, [0xFF; 4], "no local APIC on the isa machine");
+    }
+
     #[test]
     fn keyboard_irq1() {
         let (mut p, _, _) = platform();
