@@ -17,6 +17,7 @@ pub mod pic;
 pub mod pit;
 pub mod platform;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{BusError, DeviceId, DeviceStats, MmioBus, MmioDevice, PortBus, PortDevice};
 pub use clock::{Clock, HostClock, HostWallClock, ManualClock, WallClock};
