@@ -120,3 +120,12 @@ pub const IOAPIC_SIZE: u64 = 0x20;
 /// (639 KiB), reserved in the e820 map.
 pub const MPTABLE_ADDR: u64 = EBDA_START as u64;
 pub const MPTABLE_END: u64 = LEGACY_HOLE_START as u64;
+
+// ---- PCI devices of the `pc` machine (devices/pci.rs, virtio/) ------------
+
+/// I/O space for PCI BARs: device slot n (from 1) gets `PCI_IO_BASE + (n - 1)
+/// * 0x100`.
+pub const PCI_IO_BASE: u16 = 0xC000;
+/// I/O APIC pin of slot 1's INTA#; slot n uses `PCI_FIRST_IOAPIC_PIN + n - 1`
+/// (announced in the MP table), up to pin 23.
+pub const PCI_FIRST_IOAPIC_PIN: u8 = 16;

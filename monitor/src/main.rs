@@ -136,6 +136,13 @@ struct RunArgs {
     /// machine; traces recorded without this option replay on it).
     #[arg(long, default_value = "pc")]
     machine: monitor::devices::platform::Machine,
+    /// A virtio-blk disk on a raw image, read-write or `,ro` (pc machine;
+    /// repeatable: /dev/vda, /dev/vdb, ...).
+    #[arg(long = "disk", value_name = "FILE[,ro]")]
+    disks: Vec<monitor::devices::virtio::blk::DiskSpec>,
+    /// A virtio-rng device (pc machine).
+    #[arg(long)]
+    rng: bool,
     /// Print exits, translation and shadow-MMU counters and where the time went.
     #[arg(long)]
     stats: bool,
@@ -271,6 +278,8 @@ fn run(a: RunArgs) -> ExitCode {
         guest: a.guest,
         jail: jail_wanted(a.no_jail),
         machine: a.machine,
+        disks: a.disks,
+        rng: a.rng,
     };
     if a.deterministic || a.record.is_some() || a.until.is_some() {
         let det = monitor::deterministic::DetOptions {

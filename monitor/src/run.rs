@@ -9,8 +9,8 @@ use thiserror::Error;
 
 use crate::backend::bt::{BtBackend, BtConfig};
 use crate::backend::{Backend, BackendError};
-use crate::cpu::Cpu;
 use crate::cpu::policy::CpuPolicy;
+use crate::cpu::Cpu;
 use crate::devices::platform::Machine;
 use crate::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
 use crate::loader::{linux, multiboot, BootState};
@@ -55,6 +55,10 @@ pub struct RunOptions {
     pub jail: bool,
     /// The PC (`pc`: APICs, PCI; `isa`: what traces without the option ran on).
     pub machine: Machine,
+    /// virtio-blk disks on raw images (`--disk FILE[,ro]`).
+    pub disks: Vec<crate::devices::virtio::blk::DiskSpec>,
+    /// A virtio-rng device (`--rng`).
+    pub rng: bool,
 }
 
 impl Default for RunOptions {
@@ -70,6 +74,8 @@ impl Default for RunOptions {
             guest: None,
             jail: false,
             machine: Machine::default(),
+            disks: Vec::new(),
+            rng: false,
         }
     }
 }
@@ -94,6 +100,10 @@ pub enum RunError {
     Platform(#[from] crate::devices::PlatformError),
     #[error(transparent)]
     MpTable(#[from] crate::devices::mptable::MpTableError),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::blk::BlockError),
+    #[error("the deterministic mode does not record virtio device input: no --disk or --rng with it")]
+    DeterministicDevices,
     #[error("no built-in guest {0:?} (see `popek guest list`)")]
     NoSuchGuest(String),
     #[error("the deterministic mode needs the bt backend (kvm cannot count guest instructions)")]
@@ -191,20 +201,28 @@ pub fn cpu_policy(machine: Machine, tsc_hz: u64) -> CpuPolicy {
     }
 }
 
-/// The platform of `opts.machine` for a CPU of `policy`, with its firmware
-/// tables written into `mem` (the MP table of the `pc` machine).
+/// The platform of `opts.machine` for a CPU of `policy`, with its virtio
+/// devices and its firmware tables written into `mem` (the MP table of the
+/// `pc` machine).
 fn platform(
     opts: &RunOptions,
     policy: &CpuPolicy,
-    mem: &GuestMemory,
+    mem: &Arc<GuestMemory>,
     config: PlatformConfig,
 ) -> Result<Platform, RunError> {
-    let platform = Platform::with_machine(config, opts.machine, policy.crystal_hz().unwrap_or(1))?;
+    use crate::devices::virtio::{blk::Block, rng::Rng};
+    let mut platform = Platform::with_machine(config, opts.machine, policy.crystal_hz().unwrap_or(1))?;
+    for (i, d) in opts.disks.iter().enumerate() {
+        platform.add_virtio(Box::new(Block::open(d, i)?), mem)?;
+    }
+    if opts.rng {
+        platform.add_virtio(Box::new(Rng::default()), mem)?;
+    }
     if opts.machine == Machine::Pc {
         let mp = crate::devices::mptable::MpConfig {
             cpu_signature: policy.signature,
             cpu_features: policy.edx1,
-            pci: Some(Vec::new()),
+            pci: Some(platform.pci_irqs()),
         };
         crate::devices::mptable::write(mem, &mp)?;
     }
@@ -393,6 +411,9 @@ pub fn run_deterministic(
     use crate::trace::format::Header;
     if opts.backend != BackendKind::Bt {
         return Err(RunError::DeterministicNeedsBt);
+    }
+    if !opts.disks.is_empty() || opts.rng {
+        return Err(RunError::DeterministicDevices);
     }
     let t = std::time::Instant::now();
     let (header, det) = match &session {

@@ -5,8 +5,8 @@
 //! their `layout.rs` ports, wires their interrupt lines into the PIC and
 //! collects their requests as [`PlatformEvent`]s. See docs/devices.md.
 
-pub mod bus;
 pub mod apic;
+pub mod bus;
 pub mod clock;
 pub mod cmos;
 pub mod ioapic;

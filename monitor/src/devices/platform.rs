@@ -17,17 +17,20 @@ use super::bus::{lock, AccessCounts, BusError, DeviceId, DeviceStats, MmioBus, P
 use super::clock::{Clock, HostClock, HostWallClock, WallClock};
 use super::cmos::Cmos;
 use super::ioapic::IoApic;
-use super::pci::{host_bridge, PciBus};
 use super::misc::{BochsShutdown, DebugExit, EventSink, PciConfig, PlatformEvent, PostPort, SystemControlA, I8042};
+use super::mptable::PciIrq;
+use super::pci::{host_bridge, PciBus};
 use super::pic::PicPair;
 use super::pit::Pit;
 use super::serial::{Serial, SerialStats};
+use super::virtio::pci::{config_header, VirtioPci, BAR_SIZE};
+use super::virtio::{DeviceMemory, VirtioDevice};
+use crate::layout::{IOAPIC_BASE, IOAPIC_SIZE, LAPIC_BASE, LAPIC_SIZE, PCI_FIRST_IOAPIC_PIN, PCI_IO_BASE};
 use crate::layout::{
     IRQ_COM1, IRQ_KEYBOARD, IRQ_PIT, IRQ_RTC, PORT_BOCHS_SHUTDOWN, PORT_CMOS, PORT_COM1, PORT_DEBUG_EXIT, PORT_ELCR,
     PORT_I8042_CMD, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PIC_MASTER, PORT_PIC_SLAVE, PORT_PIT, PORT_POST,
     PORT_SYSTEM_CONTROL_A, PORT_SYSTEM_CONTROL_B,
 };
-use crate::layout::{IOAPIC_BASE, IOAPIC_SIZE, LAPIC_BASE, LAPIC_SIZE};
 
 /// Which PC the platform is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +70,10 @@ impl std::str::FromStr for Machine {
 pub enum PlatformError {
     #[error("cannot place a platform device: {0}")]
     Bus(#[from] BusError),
+    #[error("{0} needs the pc machine (PCI and an I/O APIC)")]
+    NeedsPc(&'static str),
+    #[error("no PCI slot left for {0} (at most {MAX_PCI_DEVICES} devices)")]
+    NoSlot(&'static str),
 }
 
 /// What a platform is built from.
@@ -107,6 +114,16 @@ pub struct PlatformStats {
     pub ioapic_messages: u64,
 }
 
+/// Devices on PCI bus 0 besides the host bridge (I/O APIC pins 16-23).
+pub const MAX_PCI_DEVICES: usize = 8;
+
+/// A virtio device on the PCI bus.
+struct VirtioSlot {
+    id: DeviceId,
+    dev: Arc<Mutex<VirtioPci>>,
+    irq: PciIrq,
+}
+
 /// The interrupt controllers of the `pc` machine.
 struct Apics {
     lapic: Arc<Mutex<LocalApic>>,
@@ -135,6 +152,8 @@ pub struct Platform {
     port92: Arc<Mutex<SystemControlA>>,
     irq_sources: IrqSources,
     apics: Option<Apics>,
+    pci: Option<Arc<Mutex<PciBus>>>,
+    virtio: Vec<VirtioSlot>,
     pit_irq0_edges: u64,
     interrupts_acknowledged: u64,
 }
@@ -170,13 +189,14 @@ impl Platform {
         ports.register("system-control-a", PORT_SYSTEM_CONTROL_A, 1, port92.clone())?;
         ports.register("debug-exit", PORT_DEBUG_EXIT, 4, Arc::new(Mutex::new(DebugExit::new(events.clone()))))?;
         let serial_id = ports.register("com1", PORT_COM1, 8, serial.clone())?;
-        let pci: super::bus::SharedPortDevice = match machine {
-            Machine::Isa => Arc::new(Mutex::new(PciConfig::new(events.clone()))),
-            Machine::Pc => {
-                let mut bus = PciBus::new(events.clone());
-                bus.add(0, Box::new(host_bridge()));
-                Arc::new(Mutex::new(bus))
-            }
+        let pci_bus = (machine == Machine::Pc).then(|| {
+            let mut bus = PciBus::new(events.clone());
+            bus.add(0, Box::new(host_bridge()));
+            Arc::new(Mutex::new(bus))
+        });
+        let pci: super::bus::SharedPortDevice = match &pci_bus {
+            None => Arc::new(Mutex::new(PciConfig::new(events.clone()))),
+            Some(bus) => bus.clone(),
         };
         ports.register("pci-config", PORT_PCI_CONFIG_ADDRESS, 8, pci)?;
         let mut mmio = MmioBus::new();
@@ -210,6 +230,8 @@ impl Platform {
             port92,
             irq_sources: IrqSources { serial: serial_id, cmos: cmos_id, i8042: i8042_data },
             apics,
+            pci: pci_bus,
+            virtio: Vec::new(),
             pit_irq0_edges: 0,
             interrupts_acknowledged: 0,
         })
@@ -238,6 +260,49 @@ impl Platform {
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
         let id = self.mmio.write(addr, data);
         self.after_mmio(id);
+    }
+
+    /// Puts a virtio device on the next PCI slot (the `pc` machine): its
+    /// registers at a VMM-assigned I/O BAR, INTA# on the next I/O APIC pin.
+    /// Returns the routing for the MP table.
+    pub fn add_virtio(
+        &mut self,
+        dev: Box<dyn VirtioDevice>,
+        mem: &Arc<crate::memory::GuestMemory>,
+    ) -> Result<PciIrq, PlatformError> {
+        let name = dev.name();
+        let Some(bus) = &self.pci else { return Err(PlatformError::NeedsPc(name)) };
+        if self.virtio.len() >= MAX_PCI_DEVICES {
+            return Err(PlatformError::NoSlot(name));
+        }
+        let n = self.virtio.len() as u8;
+        let slot = 1 + n;
+        let io_base = PCI_IO_BASE + u16::from(n) * BAR_SIZE;
+        let pin = PCI_FIRST_IOAPIC_PIN + n;
+        let device_type = dev.device_type();
+        let dev = Arc::new(Mutex::new(VirtioPci::new(dev, DeviceMemory::new(mem), io_base)));
+        let id = self.ports.register(name, io_base, BAR_SIZE, dev.clone())?;
+        lock(bus).add(slot, Box::new(config_header(device_type, io_base, pin)));
+        let irq = PciIrq { device: slot, pin: 0, ioapic_pin: pin };
+        self.virtio.push(VirtioSlot { id, dev, irq });
+        Ok(irq)
+    }
+
+    /// The PCI interrupt routing (for the MP table).
+    pub fn pci_irqs(&self) -> Vec<PciIrq> {
+        self.virtio.iter().map(|v| v.irq).collect()
+    }
+
+    /// Counters of the virtio devices: `(device name/counter, value)`.
+    pub fn virtio_stats(&self) -> Vec<(String, u64)> {
+        let mut v = Vec::new();
+        for (i, s) in self.virtio.iter().enumerate() {
+            let d = lock(&s.dev);
+            for (k, n) in d.stats() {
+                v.push((format!("{}{i}/{k}", d.name()), n));
+            }
+        }
+        v
     }
 
     /// Which machine this is.
@@ -402,6 +467,15 @@ impl Platform {
     /// Propagates the interrupt line of the device just accessed.
     fn after_access(&mut self, id: Option<DeviceId>) {
         let Some(id) = id else { return };
+        if let Some(i) = self.virtio.iter().position(|v| v.id == id) {
+            let level = lock(&self.virtio[i].dev).irq_level();
+            let pin = self.virtio[i].irq.ioapic_pin;
+            if let Some(a) = &self.apics {
+                lock(&a.ioapic).set_pin(usize::from(pin), level);
+                self.route_apic_messages();
+            }
+            return;
+        }
         let src = &self.irq_sources;
         let (line, level) = if id == src.serial {
             (IRQ_COM1, lock(&self.serial).irq_level())
@@ -668,6 +742,71 @@ mod tests {
         let mut b = [0u8; 4];
         isa.mmio_read(LAPIC_BASE + 0x30, &mut b);
         assert_eq!(b, [0xFF; 4], "no local APIC on the isa machine");
+    }
+
+    /// A driver's view of a virtio-blk disk on the pc machine: found by
+    /// config mechanism #1, set up through its I/O BAR, a read request
+    /// completed with an interrupt through I/O APIC pin 16.
+    #[test]
+    fn virtio_blk_on_the_pc_machine_end_to_end() {
+        use crate::devices::virtio::blk::{Block, DiskSpec};
+        let (mut p, _) = pc_platform();
+        let mem = Arc::new(crate::memory::GuestMemory::new(4 << 20).unwrap());
+        let img = std::env::temp_dir().join(format!("popek-platform-blk-{}.img", std::process::id()));
+        std::fs::write(&img, [0x5Au8; 4096]).unwrap();
+        let blk = Block::open(&DiskSpec { path: img.clone(), read_only: false }, 0).unwrap();
+        let irq = p.add_virtio(Box::new(blk), &mem).unwrap();
+        assert_eq!((irq.device, irq.ioapic_pin), (1, 16));
+        // PCI: 00:01.0 is a virtio block device with BAR0 = I/O 0xc000.
+        p.io_out(0xCF8, 4, 0x8000_0800);
+        assert_eq!(p.io_in(0xCFC, 4), 0x1001_1AF4);
+        p.io_out(0xCF8, 4, 0x8000_0810);
+        let bar = p.io_in(0xCFC, 4);
+        assert_eq!(bar, 0xC001);
+        let io = (bar & !3) as u16;
+        // APIC mode, pin 16 level-triggered → vector 0x51.
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, IOAPIC_BASE, 0x10 + 32);
+        mmio_write32(&mut p, IOAPIC_BASE + 0x10, 0xA051);
+        // Driver set-up: status, features, queue 0 at 0x10000.
+        p.io_out(io + 0x12, 1, 0x03);
+        let features = p.io_in(io, 4);
+        p.io_out(io + 0x04, 4, features);
+        assert_eq!(p.io_in(io + 0x14, 4), 8, "capacity: 8 sectors");
+        assert_eq!(p.io_in(io + 0x0C, 2), 128);
+        p.io_out(io + 0x08, 4, 0x10);
+        p.io_out(io + 0x12, 1, 0x07);
+        // One read of sector 1 into 0x30000.
+        let (desc, avail, _) = crate::devices::virtio::pci::legacy_ring_addresses(0x1_0000, 128);
+        let put_desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut b = addr.to_le_bytes().to_vec();
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&flags.to_le_bytes());
+            b.extend_from_slice(&next.to_le_bytes());
+            mem.write(desc + 16 * i, &b).unwrap();
+        };
+        mem.write(0x2_0000, &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        put_desc(0, 0x2_0000, 16, 1, 1);
+        put_desc(1, 0x3_0000, 512, 3, 2);
+        put_desc(2, 0x2_0100, 1, 2, 0);
+        mem.write(avail + 4, &0u16.to_le_bytes()).unwrap();
+        mem.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+        assert!(!p.pending_interrupt());
+        p.io_out(io + 0x10, 2, 0);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x51));
+        assert_eq!(mem.slice(0x3_0000, 512).unwrap(), &[0x5A; 512][..]);
+        assert_eq!(mem.slice(0x2_0100, 1).unwrap(), &[0]);
+        // The handler reads the ISR (INTA# drops), then EOIs: no second message.
+        assert_eq!(p.io_in(io + 0x13, 1), 1);
+        mmio_write32(&mut p, LAPIC_BASE + 0xB0, 0);
+        assert!(!p.pending_interrupt());
+        let stats = p.virtio_stats();
+        assert!(stats.contains(&("virtio-blk0/reads".to_string(), 1)), "{stats:?}");
+        let _ = std::fs::remove_file(img);
+        // The isa machine has no PCI slots.
+        let (mut isa, _, _) = platform();
+        let rng = Box::new(crate::devices::virtio::rng::Rng::default());
+        assert!(matches!(isa.add_virtio(rng, &mem), Err(PlatformError::NeedsPc("virtio-rng"))));
     }
 
     #[test]

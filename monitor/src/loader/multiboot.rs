@@ -16,7 +16,9 @@
 
 use thiserror::Error;
 
-use super::{align_up, e820_map, le_u16, le_u32, overlaps, overlaps_legacy_hole, write_boot_gdt_at, BootState, RangeKind};
+use super::{
+    align_up, e820_map, le_u16, le_u32, overlaps, overlaps_legacy_hole, write_boot_gdt_at, BootState, RangeKind,
+};
 use crate::layout::{BOOT_GDT_ADDR, EBDA_START, HIGH_MEMORY_START, MULTIBOOT_INFO_ADDR, MULTIBOOT_INFO_END, PAGE_SIZE};
 use crate::memory::{GuestMemory, MemoryError};
 

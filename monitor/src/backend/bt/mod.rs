@@ -1133,7 +1133,7 @@ impl BtBackend {
     fn emulate(&mut self, insn: &Instruction, next_eip: u32) -> Result<Option<VmExit>, BackendError> {
         tracing::trace!(eip = format_args!("{:#x}", self.cpu.eip), next = format_args!("{next_eip:#x}"), %insn, "sensitive");
         let mem = self.mem.clone();
-        let policy = self.policy.clone();
+        let policy = self.policy;
         let host_tsc = self.guest_tsc_base();
         let result = {
             let mut lin = Linear { mmu: &mut self.mmu, mem: &mem };

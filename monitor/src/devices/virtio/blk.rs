@@ -104,7 +104,13 @@ impl Block {
     }
 
     /// Carries out one well-formed request; the status byte.
-    fn execute(&mut self, kind: u32, sector: u64, data: &[super::Descriptor], mem: &GuestMemoryMmap) -> Result<(u8, u32), VirtioError> {
+    fn execute(
+        &mut self,
+        kind: u32,
+        sector: u64,
+        data: &[super::Descriptor],
+        mem: &GuestMemoryMmap,
+    ) -> Result<(u8, u32), VirtioError> {
         let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
         let in_range = sector
             .checked_mul(SECTOR)
@@ -336,7 +342,8 @@ mod tests {
         let path = image("bad", 8);
         let mut blk = Block::open(&DiskSpec { path: path.clone(), read_only: false }, 2).unwrap();
         let (mem, dm) = memory();
-        let cases: [(&str, Box<dyn Fn(&crate::memory::GuestMemory)>); 5] = [
+        type Damage = Box<dyn Fn(&crate::memory::GuestMemory)>;
+        let cases: [(&str, Damage); 5] = [
             ("writable header", Box::new(|m| desc(m, 0, HDR, 16, DESC_F_WRITE | DESC_F_NEXT, 1))),
             ("short header", Box::new(|m| desc(m, 0, HDR, 8, DESC_F_NEXT, 1))),
             ("read-only status", Box::new(|m| desc(m, 2, STATUS, 1, 0, 0))),

@@ -51,7 +51,12 @@ pub fn guest_memory_view(mem: &Arc<GuestMemory>) -> GuestMemoryMmap {
     // `Arc<GuestMemory>`, so the mapping outlives the view, and vm-memory
     // does not unmap a raw region it did not create.
     let region = unsafe {
-        MmapRegion::build_raw(mem.host_base(), mem.size() as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED)
+        MmapRegion::build_raw(
+            mem.host_base(),
+            mem.size() as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
     }
     .expect("a page-aligned, non-empty mapping is a valid raw region");
     let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("guest RAM starts at 0");

@@ -33,15 +33,21 @@ pub fn legacy_ring_addresses(base: u64, size: u16) -> (u64, u64, u64) {
     (base, avail, used)
 }
 
-/// PCI header of a legacy virtio device: Red Hat's vendor ID, device
-/// 0x1000 + type - 1, subsystem = type, BAR0 at `io_base` (I/O), INTA#
+/// PCI header of a legacy virtio device: Red Hat's vendor ID, the
+/// transitional device ID, subsystem = type, BAR0 at `io_base` (I/O), INTA#
 /// whose line register says `irq`.
 pub fn config_header(device_type: u16, io_base: u16, irq: u8) -> ConfigSpace {
     let class = match device_type {
         super::TYPE_BLOCK => 0x01_80_00,
         _ => 0x00_FF_00,
     };
-    let mut c = ConfigSpace::new(0x1AF4, 0x1000 + device_type - 1, class, 0);
+    // Transitional device IDs (virtio 1.x, 4.1.2.1): 0x1001 block, 0x1005 entropy.
+    let id = match device_type {
+        super::TYPE_BLOCK => 0x1001,
+        super::TYPE_RNG => 0x1005,
+        t => 0x1040 + t,
+    };
+    let mut c = ConfigSpace::new(0x1AF4, id, class, 0);
     c.set(4, u32::from(io_base) | 1, !(u32::from(BAR_SIZE) - 1));
     c.set(11, 0x1AF4 | (u32::from(device_type) << 16), 0);
     c.set(15, u32::from(irq) | (1 << 8), 0xFF);
