@@ -25,8 +25,11 @@ pub enum MpTableError {
 
 /// I/O APIC ID in the tables (the local APIC is ID 0).
 pub const IOAPIC_ID: u8 = 1;
-const BUS_ISA: u8 = 0;
-const BUS_PCI: u8 = 1;
+/// MP bus IDs. Linux looks PCI interrupts up by comparing the PCI bus
+/// number with the MP bus ID (`IO_APIC_get_PCI_irq_vector`), so PCI bus 0
+/// must be MP bus 0; the ISA bus comes after it (as SeaBIOS numbers them).
+const BUS_PCI: u8 = 0;
+const BUS_ISA: u8 = 1;
 /// Number of ISA IRQs announced on I/O APIC pins 0-15.
 const ISA_IRQS: u8 = 16;
 
