@@ -48,7 +48,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// An initramfs whose init loads the virtio modules, then runs `script`.
-fn initrd(busybox: &PathBuf, modules: &std::path::Path, script: &str, tag: &str) -> PathBuf {
+fn initrd(busybox: &std::path::Path, modules: &std::path::Path, script: &str, tag: &str) -> PathBuf {
     let mut init =
         String::from("#!/bin/sh\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n");
     for m in MODULES {
