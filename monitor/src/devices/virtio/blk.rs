@@ -22,22 +22,26 @@ pub const SECTOR: u64 = 512;
 /// Entries of the request queue.
 pub const QUEUE_SIZE: u16 = 128;
 
+use virtio_bindings::virtio_blk as vb;
+
 /// Feature bits.
-pub const F_SEG_MAX: u32 = 1 << 2;
-pub const F_RO: u32 = 1 << 5;
-pub const F_BLK_SIZE: u32 = 1 << 6;
-pub const F_FLUSH: u32 = 1 << 9;
+pub const F_SEG_MAX: u32 = 1 << vb::VIRTIO_BLK_F_SEG_MAX;
+pub const F_RO: u32 = 1 << vb::VIRTIO_BLK_F_RO;
+pub const F_BLK_SIZE: u32 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
+pub const F_FLUSH: u32 = 1 << vb::VIRTIO_BLK_F_FLUSH;
 
 /// Request types.
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
+pub const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
 
 /// Status values.
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
+/// Bytes of a GET_ID answer.
+const ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 
 #[derive(Debug, Error)]
 pub enum BlockError {
@@ -153,7 +157,7 @@ impl Block {
             }
             T_GET_ID => {
                 let mut id = self.id.as_bytes().to_vec();
-                id.resize(20, 0);
+                id.resize(ID_BYTES, 0);
                 let mut written = 0u32;
                 for d in data {
                     let n = (d.len() as usize).min(id.len());

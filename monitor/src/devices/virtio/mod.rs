@@ -30,8 +30,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use crate::memory::GuestMemory;
 
 /// virtio device types.
-pub const TYPE_BLOCK: u16 = 2;
-pub const TYPE_RNG: u16 = 4;
+pub const TYPE_BLOCK: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK as u16;
+pub const TYPE_RNG: u16 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG as u16;
 
 /// Why a device stopped (DEVICE_NEEDS_RESET).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]

@@ -20,7 +20,7 @@ pub const BAR_SIZE: u16 = 0x100;
 /// Ring alignment of the legacy interface.
 pub const VRING_ALIGN: u64 = 4096;
 /// Device status: the device hit an error and needs a reset.
-pub const STATUS_NEEDS_RESET: u8 = 0x40;
+pub const STATUS_NEEDS_RESET: u8 = virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
 /// Offset of the device configuration in the register block.
 const CONFIG_OFFSET: u16 = 0x14;
 
