@@ -28,7 +28,10 @@ impl CalloutKind {
     /// Stable counter name (`/engine/callouts/<name>`).
     pub fn name(&self) -> String {
         match self {
-            CalloutKind::Sensitive(s) => format!("sensitive/{s:?}").to_lowercase(),
+            // Without a kind's operand (`LoadFarPtr(DS)` counts as `loadfarptr`).
+            CalloutKind::Sensitive(s) => {
+                format!("sensitive/{}", format!("{s:?}").split('(').next().unwrap_or_default()).to_lowercase()
+            }
             CalloutKind::ControlFlow(f) => format!("flow/{f:?}").to_lowercase(),
             CalloutKind::GeneralProtection => "gp".into(),
             CalloutKind::BlockExit => "block-exit".into(),

@@ -8,7 +8,7 @@
 //! silently) when a de-privileged guest kernel runs them. No other module of
 //! the engine matches on opcodes: they ask this table.
 
-use iced_x86::{Code, FlowControl, Instruction, Mnemonic, OpKind};
+use iced_x86::{Code, FlowControl, Instruction, Mnemonic, OpKind, Register};
 
 /// What the translator does with an instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -85,8 +85,8 @@ pub enum Sensitive {
     MovFromSeg,
     PopSeg,
     PushSeg,
-    /// LDS/LES/LFS/LGS/LSS.
-    LoadFarPtr,
+    /// LDS/LES/LFS/LGS/LSS, with the segment register each loads.
+    LoadFarPtr(Register),
     Lar,
     Lsl,
     Verr,
@@ -328,11 +328,11 @@ pub static TABLE: &[Row] = &[
         ]),
         S::PopSeg,
     ),
-    se(M(Mn::Lds), S::LoadFarPtr),
-    se(M(Mn::Les), S::LoadFarPtr),
-    se(M(Mn::Lfs), S::LoadFarPtr),
-    se(M(Mn::Lgs), S::LoadFarPtr),
-    se(M(Mn::Lss), S::LoadFarPtr),
+    se(M(Mn::Lds), S::LoadFarPtr(Register::DS)),
+    se(M(Mn::Les), S::LoadFarPtr(Register::ES)),
+    se(M(Mn::Lfs), S::LoadFarPtr(Register::FS)),
+    se(M(Mn::Lgs), S::LoadFarPtr(Register::GS)),
+    se(M(Mn::Lss), S::LoadFarPtr(Register::SS)),
     // ---- I/O (to the monitor's port bus) ----
     se(M(Mn::In), S::In).io(),
     se(M(Mn::Out), S::Out).io(),
@@ -400,6 +400,14 @@ pub fn classify(i: &Instruction) -> Classification {
     IDENT
 }
 
+/// The table's attributes of instruction kind `class` (the privilege and
+/// IOPL checks of a callout site, whose kind is all the monitor keeps):
+/// every row of one kind agrees on them (a test checks it).
+pub fn of_class(class: Class) -> Classification {
+    let info = TABLE.iter().find(|r| r.info.class == class).map_or(UNSUPPORTED, |r| r.info);
+    Classification { class, ..info }
+}
+
 /// Width of the counter a LOOP/JCXZ-family instruction uses (CX or ECX):
 /// its address size.
 pub fn loop_counter_is_cx(i: &Instruction) -> bool {
@@ -426,10 +434,91 @@ pub fn uses_gs_memory(i: &Instruction) -> bool {
     mem && i.memory_segment() == iced_x86::Register::GS
 }
 
+/// OF SF ZF AF PF CF, as iced-x86 numbers them.
+const ARITH_FLAGS: u32 = iced_x86::RflagsBits::OF
+    | iced_x86::RflagsBits::SF
+    | iced_x86::RflagsBits::ZF
+    | iced_x86::RflagsBits::AF
+    | iced_x86::RflagsBits::PF
+    | iced_x86::RflagsBits::CF;
+
+/// Whether the guest's arithmetic flags are dead where `block` starts:
+/// each is written before any is read, and nothing before the last write
+/// can fault (an exception frame would carry the flags) or leave the block.
+/// The block-entry poll may then test the pending flag with `cmp` instead
+/// of spilling ECX, whose store/reload sits on a loop counter's dependency
+/// chain (docs/translator.md, "The block-entry poll").
+pub fn arith_flags_dead_at_entry<'a>(block: impl IntoIterator<Item = &'a Instruction>) -> bool {
+    let mut written = 0;
+    for i in block {
+        if i.rflags_read() & ARITH_FLAGS & !written != 0 || !cannot_fault(i) {
+            return false;
+        }
+        // A shift or rotate by a count that is zero at run time leaves the
+        // flags alone: it never counts as writing them.
+        if !matches!(
+            i.mnemonic(),
+            Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar | Mn::Rol | Mn::Ror | Mn::Rcl | Mn::Rcr | Mn::Shld | Mn::Shrd
+        ) {
+            written |= i.rflags_modified() & ARITH_FLAGS;
+        }
+        if written == ARITH_FLAGS {
+            return true;
+        }
+    }
+    false
+}
+
+/// Copied as is, touches no memory (explicit, stack or string), and has no
+/// exception of its own (division, BOUND, INTO, the UD family).
+fn cannot_fault(i: &Instruction) -> bool {
+    classify(i).is_ident()
+        && i.flow_control() == FlowControl::Next
+        && i.stack_pointer_increment() == 0
+        && !i.is_string_instruction()
+        && (0..i.op_count()).all(|n| {
+            !matches!(
+                i.op_kind(n),
+                OpKind::Memory
+                    | OpKind::MemorySegSI
+                    | OpKind::MemorySegESI
+                    | OpKind::MemorySegDI
+                    | OpKind::MemorySegEDI
+                    | OpKind::MemoryESDI
+                    | OpKind::MemoryESEDI
+            )
+        })
+        && !matches!(i.mnemonic(), Mn::Div | Mn::Idiv | Mn::Aam | Mn::Bound | Mn::Into | Mn::Ud0 | Mn::Ud1 | Mn::Ud2)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions};
+
+    fn block(bytes: &[u8]) -> Vec<Instruction> {
+        Decoder::with_ip(32, bytes, 0x1000, DecoderOptions::NONE).into_iter().collect()
+    }
+
+    #[test]
+    fn flags_dead_at_entry_needs_every_flag_written_before_a_read_or_a_fault() {
+        // imul eax, eax, 69069 (CF OF written, the rest undefined): dead.
+        assert!(arith_flags_dead_at_entry(&block(&[0x69, 0xC0, 0xCD, 0x0D, 0x01, 0x00, 0x40])));
+        // mov eax, ebx; xor ecx, ecx: dead after the xor.
+        assert!(arith_flags_dead_at_entry(&block(&[0x89, 0xD8, 0x31, 0xC9])));
+        // inc eax (not CF); adc ebx, 0 (reads CF): live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x40, 0x83, 0xD3, 0x00])));
+        // jnz first: reads ZF.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x75, 0x00])));
+        // mov eax, [esi] may fault before the add: live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x8B, 0x06, 0x01, 0xD8])));
+        // div ecx may raise #DE: live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0xF7, 0xF1])));
+        // shl eax, cl with CL = 0 writes nothing; then only inc (no CF): live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0xD3, 0xE0, 0x40])));
+        // push eax touches the stack: live.
+        assert!(!arith_flags_dead_at_entry(&block(&[0x50, 0x31, 0xC0])));
+    }
 
     fn class_of(bytes: &[u8]) -> Classification {
         let mut d = Decoder::with_ip(32, bytes, 0x1000, DecoderOptions::NONE);
@@ -447,23 +536,23 @@ mod tests {
     fn is_privileged_misses_what_the_table_catches() {
         // (bytes, expected kind): these are the silent ones of Robin & Irvine.
         let cases: &[(&[u8], Sensitive)] = &[
-            (&[0x9D], S::Popf),             // popfd
-            (&[0x9C], S::Pushf),            // pushfd
-            (&[0x0F, 0x01, 0x00], S::Sgdt), // sgdt [eax]
-            (&[0x0F, 0x01, 0x08], S::Sidt), // sidt [eax]
-            (&[0x0F, 0x01, 0xE0], S::Smsw), // smsw eax
-            (&[0x0F, 0x00, 0xC8], S::Str),  // str eax
-            (&[0x0F, 0x00, 0xC0], S::Sldt), // sldt eax
-            (&[0x8C, 0xC8], S::MovFromSeg), // mov eax, cs
-            (&[0x8C, 0xD0], S::MovFromSeg), // mov eax, ss
-            (&[0x0F, 0x02, 0xC1], S::Lar),  // lar eax, ecx
-            (&[0x0F, 0x03, 0xC1], S::Lsl),  // lsl eax, ecx
-            (&[0x0F, 0x00, 0xE0], S::Verr), // verr ax
-            (&[0x0E], S::PushSeg),          // push cs
-            (&[0x17], S::PopSeg),           // pop ss
-            (&[0xC5, 0x00], S::LoadFarPtr), // lds eax, [eax]
-            (&[0x0F, 0xA2], S::Cpuid),      // cpuid
-            (&[0x0F, 0x31], S::Rdtsc),      // rdtsc
+            (&[0x9D], S::Popf),                           // popfd
+            (&[0x9C], S::Pushf),                          // pushfd
+            (&[0x0F, 0x01, 0x00], S::Sgdt),               // sgdt [eax]
+            (&[0x0F, 0x01, 0x08], S::Sidt),               // sidt [eax]
+            (&[0x0F, 0x01, 0xE0], S::Smsw),               // smsw eax
+            (&[0x0F, 0x00, 0xC8], S::Str),                // str eax
+            (&[0x0F, 0x00, 0xC0], S::Sldt),               // sldt eax
+            (&[0x8C, 0xC8], S::MovFromSeg),               // mov eax, cs
+            (&[0x8C, 0xD0], S::MovFromSeg),               // mov eax, ss
+            (&[0x0F, 0x02, 0xC1], S::Lar),                // lar eax, ecx
+            (&[0x0F, 0x03, 0xC1], S::Lsl),                // lsl eax, ecx
+            (&[0x0F, 0x00, 0xE0], S::Verr),               // verr ax
+            (&[0x0E], S::PushSeg),                        // push cs
+            (&[0x17], S::PopSeg),                         // pop ss
+            (&[0xC5, 0x00], S::LoadFarPtr(Register::DS)), // lds eax, [eax]
+            (&[0x0F, 0xA2], S::Cpuid),                    // cpuid
+            (&[0x0F, 0x31], S::Rdtsc),                    // rdtsc
         ];
         for (bytes, kind) in cases {
             let mut d = Decoder::with_ip(32, bytes, 0, DecoderOptions::NONE);
@@ -535,6 +624,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rows_of_one_kind_agree_on_their_checks() {
+        for row in TABLE {
+            let k = of_class(row.info.class);
+            assert_eq!((k.cpl0_only, k.iopl_sensitive), (row.info.cpl0_only, row.info.iopl_sensitive), "{row:?}");
+        }
+        assert_eq!(of_class(Class::Sensitive(S::Invalid)).class, Class::Sensitive(S::Invalid));
     }
 
     #[test]

@@ -459,11 +459,11 @@ impl Engine {
     pub fn disassemble_block(&self, key: &BlockKey) -> Option<String> {
         let b = self.block(key)?;
         let tc = self.view.read(b.tc_start - self.view.base, b.tc_len as usize);
-        Some(crate::disasm::listing(b, tc))
+        Some(crate::disasm::listing(b, &tc))
     }
 
     /// TC bytes of `key`'s block (for tests and tools).
-    pub fn block_bytes(&self, key: &BlockKey) -> Option<&[u8]> {
+    pub fn block_bytes(&self, key: &BlockKey) -> Option<Vec<u8>> {
         let b = self.block(key)?;
         Some(self.view.read(b.tc_start - self.view.base, b.tc_len as usize))
     }
@@ -534,23 +534,7 @@ impl Engine {
         }
 
         let first_site = self.site_base + self.sites.len() as u32;
-        for s in &e.sites {
-            *self.stats.callout_sites.entry(s.kind.name()).or_default() += 1;
-            self.sites.push(SiteRecord {
-                site: CalloutSite {
-                    id: s.id,
-                    kind: s.kind,
-                    guest_eip: s.guest_eip,
-                    next_eip: s.next_eip,
-                    instruction: s.instruction,
-                    resume_tc: s.resume_off.map(|o| start + o),
-                    insns_before: s.insns_before,
-                    block_insns: mangled.len() as u32,
-                },
-                block: Some(id),
-                exit: s.exit,
-            });
-        }
+        self.record_sites(&e, start, id, mangled.len() as u32);
         let exits = e
             .exits
             .iter()
@@ -563,27 +547,8 @@ impl Engine {
             })
             .collect();
         let guest_bytes: u32 = mangled.iter().map(|m| m.insn.bytes.len() as u32).sum();
-        let insns = mangled
-            .iter()
-            .zip(&e.insn_ranges)
-            .map(|(m, &(a, b))| GuestInsnRecord {
-                instr: m.insn.instr,
-                bytes: m.insn.bytes.clone(),
-                disposition: m.disposition,
-                tc_start: start + a,
-                tc_end: start + b,
-            })
-            .collect();
-        for p in &pages {
-            let list = self.by_page.entry(p.phys).or_default();
-            if list.is_empty() {
-                self.new_pages.insert(p.phys);
-            }
-            list.push(id);
-            if key.cpl == 3 {
-                self.user_pages.entry(p.linear).or_default().push(id);
-            }
-        }
+        let insns = guest_records(&mangled, &e, start);
+        self.index_pages(&key, &pages, id);
         self.stats.blocks_translated += 1;
         self.stats.guest_insns_translated += mangled.len() as u64;
         self.stats.guest_bytes_translated += u64::from(guest_bytes);
@@ -611,16 +576,56 @@ impl Engine {
         }
         self.by_tc.insert(start, id);
         tracing::trace!(target: "engine", ?key, start, len, "translated");
-        // Eager chaining to targets already translated.
         if self.config.chaining {
-            for n in 0..self.blk(id).exits.len() {
-                let t = key.with_eip(self.blk(id).exits[n].target_eip);
-                if let Some(&dst) = self.by_key.get(&t) {
-                    self.link(id, n, dst);
-                }
-            }
+            self.chain_eagerly(id, &key);
         }
         entry
+    }
+
+    /// The callout sites of block `id` (emitted at TC address `start`).
+    fn record_sites(&mut self, e: &Emitted, start: u32, id: u32, block_insns: u32) {
+        for s in &e.sites {
+            *self.stats.callout_sites.entry(s.kind.name()).or_default() += 1;
+            self.sites.push(SiteRecord {
+                site: CalloutSite {
+                    id: s.id,
+                    kind: s.kind,
+                    guest_eip: s.guest_eip,
+                    next_eip: s.next_eip,
+                    instruction: s.instruction,
+                    resume_tc: s.resume_off.map(|o| start + o),
+                    insns_before: s.insns_before,
+                    block_insns,
+                },
+                block: Some(id),
+                exit: s.exit,
+            });
+        }
+    }
+
+    /// Indexes block `id` by the guest pages its code came from (for
+    /// invalidation on writes and, at CPL 3, on address-space changes).
+    fn index_pages(&mut self, key: &BlockKey, pages: &[CodePage], id: u32) {
+        for p in pages {
+            let list = self.by_page.entry(p.phys).or_default();
+            if list.is_empty() {
+                self.new_pages.insert(p.phys);
+            }
+            list.push(id);
+            if key.cpl == 3 {
+                self.user_pages.entry(p.linear).or_default().push(id);
+            }
+        }
+    }
+
+    /// Eager chaining of block `id`'s exits to targets already translated.
+    fn chain_eagerly(&mut self, id: u32, key: &BlockKey) {
+        for n in 0..self.blk(id).exits.len() {
+            let t = key.with_eip(self.blk(id).exits[n].target_eip);
+            if let Some(&dst) = self.by_key.get(&t) {
+                self.link(id, n, dst);
+            }
+        }
     }
 
     fn link(&mut self, src: u32, exit: usize, dst: u32) {
@@ -767,4 +772,20 @@ impl LookupTable {
 /// Which lookup table serves blocks translated for `cpl`.
 fn table_class(cpl: u8) -> usize {
     usize::from(cpl == 3)
+}
+
+/// What the engine keeps of each guest instruction of a block emitted at
+/// TC address `start`.
+fn guest_records(mangled: &[MangledInsn], e: &Emitted, start: u32) -> Vec<GuestInsnRecord> {
+    mangled
+        .iter()
+        .zip(&e.insn_ranges)
+        .map(|(m, &(a, b))| GuestInsnRecord {
+            instr: m.insn.instr,
+            bytes: m.insn.bytes.clone(),
+            disposition: m.disposition,
+            tc_start: start + a,
+            tc_end: start + b,
+        })
+        .collect()
 }

@@ -127,6 +127,19 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Sets the test-only `corrupt` switch from a mnemonic's name (any
+    /// case): the engine owns the instruction names, the monitor passes
+    /// the user's text.
+    pub fn corrupt_named(&mut self, name: &str) -> Result<(), String> {
+        let m = iced_x86::Mnemonic::values()
+            .find(|m| format!("{m:?}").eq_ignore_ascii_case(name))
+            .ok_or_else(|| format!("corrupt={name}: not an x86 mnemonic"))?;
+        self.corrupt = Some(m);
+        Ok(())
+    }
+}
+
 /// Everything that can go wrong in the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -3,11 +3,19 @@
 //!
 //! ```text
 //! base + 0x00_0000  vCPU page (VcpuPage, GS-relative state of translated code)
+//! base + 0x00_0800    re-execution scratch (redirected memory operands)
 //! base + 0x00_1000  exit gate (64-bit code written by the monitor)
+//! base + 0x00_1040    bare-call trampoline (host benchmark baseline)
+//! base + 0x00_1100    native step (one guest instruction run outside the TC)
 //! base + 0x04_0000  indirect lookup table: 65 536 x u32 TC addresses
 //! base + 0x08_0000  the same for CPL 3 blocks
 //! base + 0x10_0000  translation cache (7 MiB): engine stubs, then blocks
 //! ```
+//!
+//! Every offset of the area lives here, including the monitor-owned ones
+//! (exit gate, trampoline, native step, re-execution scratch): the host
+//! window, the execution host and the bt backend import them, and the
+//! `const` assertions below check that the pieces do not overlap.
 
 use std::mem::{offset_of, size_of};
 
@@ -33,6 +41,30 @@ pub const LOOKUP_TABLE_SIZE: u32 = LOOKUP_ENTRIES * 4;
 pub const TC: u32 = 0x10_0000;
 /// Size of the translation cache.
 pub const TC_SIZE: u32 = AREA_SIZE - TC;
+
+/// Length of the exit gate: `jmp qword [rip+0]` (6 bytes) and the 64-bit
+/// address of the callout exit path.
+pub const EXIT_GATE_LEN: u32 = 14;
+/// The bare-call trampoline of the host benchmark: 64-bit code below 4 GiB
+/// (a far call with a 32-bit operand pushes a 32-bit return address).
+pub const BARE_TRAMPOLINE: u32 = EXIT_GATE + 0x40;
+/// Length of the bare-call trampoline (code and its far pointer).
+pub const BARE_TRAMPOLINE_LEN: u32 = 0x16;
+/// Where the monitor runs one guest instruction natively, outside any
+/// translation (re-execution, a step over a code-page write).
+pub const NATIVE_STEP: u32 = EXIT_GATE + 0x100;
+/// Room at [`NATIVE_STEP`]: the longest x86 instruction and a `ud2` stop.
+pub const NATIVE_STEP_LEN: u32 = 15 + 2;
+/// Scratch bytes in the vCPU page that a re-executed instruction's memory
+/// operand is redirected to (through `GS`).
+pub const REEXEC_SCRATCH: u32 = VCPU_PAGE + 0x800;
+/// Size of [`REEXEC_SCRATCH`]: the largest memory operand re-execution takes.
+pub const REEXEC_SCRATCH_LEN: u32 = 64;
+
+const _: () = assert!(EXIT_GATE + EXIT_GATE_LEN <= BARE_TRAMPOLINE);
+const _: () = assert!(BARE_TRAMPOLINE + BARE_TRAMPOLINE_LEN <= NATIVE_STEP);
+const _: () = assert!(NATIVE_STEP + NATIVE_STEP_LEN <= EXIT_GATE + 0x1000);
+const _: () = assert!(REEXEC_SCRATCH + REEXEC_SCRATCH_LEN <= EXIT_GATE);
 
 /// Number of spill slots in [`VcpuPage::scratch`].
 pub const SCRATCH_SLOTS: usize = 8;
@@ -110,7 +142,7 @@ pub mod vcpu {
     }
 }
 
-const _: () = assert!(size_of::<VcpuPage>() <= 4096);
+const _: () = assert!(VCPU_PAGE as usize + size_of::<VcpuPage>() <= REEXEC_SCRATCH as usize);
 const _: () = assert!(vcpu::EXIT_FAR + 4 == VCPU_PAGE + offset_of!(VcpuPage, exit_far_selector) as u32);
 const _: () = assert!(LOOKUP_TABLE_USER + LOOKUP_TABLE_SIZE <= TC);
 
@@ -123,31 +155,33 @@ pub const fn lookup_table(cpl: u8) -> u32 {
     }
 }
 
-/// What the engine needs of the monitor's alias of the VMM area: its bytes.
-/// The monitor implements it over its read-write alias mapping; tests use a
-/// `Vec<u8>`. Nothing else about the host leaks into the engine.
+/// What the engine needs of the monitor's alias of the VMM area: reads and
+/// writes of its bytes. The monitor implements it over its read-write alias
+/// mapping with raw-pointer copies (never a `&mut [u8]`: guest-mode code and
+/// the monitor's other views share those bytes); tests use a `Vec<u8>`.
+/// Nothing else about the host leaks into the engine.
 pub trait VmmMemory {
-    /// The whole VMM area, `AREA_SIZE` bytes (or at least up to the end of
-    /// the TC the engine is configured to use).
-    fn bytes(&self) -> &[u8];
-    fn bytes_mut(&mut self) -> &mut [u8];
+    /// Bytes available: `AREA_SIZE` (or at least up to the end of the TC
+    /// the engine is configured to use).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copies `buf.len()` bytes at offset `off` into `buf` (in bounds).
+    fn read(&self, off: usize, buf: &mut [u8]);
+    /// Copies `data` to offset `off` (in bounds).
+    fn write(&mut self, off: usize, data: &[u8]);
 }
 
 impl VmmMemory for Vec<u8> {
-    fn bytes(&self) -> &[u8] {
-        self
+    fn len(&self) -> usize {
+        Vec::len(self)
     }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        buf.copy_from_slice(&self[off..off + buf.len()]);
     }
-}
-
-impl VmmMemory for &'static mut [u8] {
-    fn bytes(&self) -> &[u8] {
-        self
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self
+    fn write(&mut self, off: usize, data: &[u8]) {
+        self[off..off + data.len()].copy_from_slice(data);
     }
 }
 
@@ -175,9 +209,9 @@ impl VmmAreaView {
     }
 
     pub fn read_u32(&self, off: u32) -> u32 {
-        let b = self.mem.bytes();
-        let o = off as usize;
-        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+        let mut b = [0u8; 4];
+        self.mem.read(off as usize, &mut b);
+        u32::from_le_bytes(b)
     }
 
     pub(crate) fn write_u32(&mut self, off: u32, v: u32) {
@@ -185,18 +219,20 @@ impl VmmAreaView {
     }
 
     pub(crate) fn write(&mut self, off: u32, data: &[u8]) {
-        let o = off as usize;
-        self.mem.bytes_mut()[o..o + data.len()].copy_from_slice(data);
+        self.mem.write(off as usize, data);
     }
 
-    pub fn read(&self, off: u32, len: usize) -> &[u8] {
-        let o = off as usize;
-        &self.mem.bytes()[o..o + len]
+    /// A copy of `len` bytes at `off` (a copy, not a borrow: the bytes are
+    /// shared with guest-mode code).
+    pub fn read(&self, off: u32, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read(off as usize, &mut v);
+        v
     }
 
     /// Length of the aliased memory.
     pub fn len(&self) -> usize {
-        self.mem.bytes().len()
+        self.mem.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -22,11 +22,108 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub use self::events::{Checkpoint, End, Event, InputPoint, MemoryDigest, Regs};
 use crate::backend::{BackendError, VmExit};
 use crate::cpu::Cpu;
 use crate::devices::clock::ManualClock;
-use crate::trace::format::{Checkpoint, End, Event, InputPoint, MemoryDigest, Regs};
 use crate::vm::{RunOutcome, Served, Vm};
+
+/// What a deterministic run produces, at instruction counts: the vocabulary
+/// of traces (`trace::format` stores it, docs/trace-format.md).
+pub mod events {
+    /// Where console input entered.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum InputPoint {
+        /// At an input-quantum boundary.
+        Quantum,
+        /// While the guest was halted.
+        Halt,
+    }
+
+    /// The architectural registers a checkpoint records.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Regs {
+        /// EAX ECX EDX EBX ESP EBP ESI EDI.
+        pub gpr: [u32; 8],
+        pub eip: u32,
+        pub eflags: u32,
+        /// ES CS SS DS FS GS.
+        pub sel: [u16; 6],
+        pub cr0: u32,
+        pub cr2: u32,
+        pub cr3: u32,
+        pub cr4: u32,
+    }
+
+    /// A digest of guest memory.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct MemoryDigest {
+        /// Hash of all of guest memory.
+        pub whole: u64,
+        /// (page number, 32-bit page hash) of the pages changed since the previous memory digest (in
+        /// the first digest: every page with nonzero content), strictly increasing by page number.
+        pub pages: Vec<(u32, u32)>,
+    }
+
+    /// Machine state at an instruction count.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct Checkpoint {
+        pub count: u64,
+        pub regs: Regs,
+        /// Console output bytes so far.
+        pub console_len: u64,
+        /// Hash of the console output so far.
+        pub console_hash: u64,
+        pub memory: Option<MemoryDigest>,
+    }
+
+    /// How and where the recording stopped; the last event of a complete trace.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct End {
+        pub count: u64,
+        pub outcome: String,
+        pub regs: Regs,
+        pub console_len: u64,
+        pub console_hash: u64,
+    }
+
+    /// One trace event, at an instruction count.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Event {
+        /// Console bytes given to the UART.
+        Input {
+            count: u64,
+            point: InputPoint,
+            bytes: Vec<u8>,
+        },
+        /// External interrupt injected.
+        Interrupt {
+            count: u64,
+            vector: u8,
+        },
+        /// Port access (verification stream).
+        Io {
+            count: u64,
+            port: u16,
+            size: u8,
+            write: bool,
+            value: u32,
+        },
+        Checkpoint(Checkpoint),
+        End(End),
+    }
+
+    impl Event {
+        /// The guest instruction count the event happened at.
+        pub fn count(&self) -> u64 {
+            match self {
+                Event::Input { count, .. } | Event::Interrupt { count, .. } | Event::Io { count, .. } => *count,
+                Event::Checkpoint(c) => c.count,
+                Event::End(e) => e.count,
+            }
+        }
+    }
+}
 
 /// How often the loop stops for checkpoints and input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,7 +373,7 @@ impl Vm {
             }
             let deadline = self.platform.next_deadline_ns().filter(|&d| d > now);
             tracing::trace!(target: "popek::det", count, now, ?deadline, stop, "run");
-            self.backend.set_stop(Some(stop.max(count + 1)), deadline);
+            self.backend.set_stop(Some(stop.max(count + 1)), deadline)?;
             let exit = self.backend.run()?;
             count = self.backend.instruction_count().ok_or(DetError::NotCounting(name))?;
             clock.set(self.backend.virtual_ns().unwrap_or(count));
@@ -340,7 +437,7 @@ impl Vm {
         }
         match deadline {
             Some(d) if d > now => {
-                self.backend.skip_time(d - now);
+                self.backend.skip_time(d - now)?;
                 Ok(None)
             }
             Some(_) => Ok(None),
@@ -363,6 +460,99 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::fake::{FakeBackend, Scripted};
+    use crate::layout::{PORT_COM1, PORT_DEBUG_EXIT};
+    use crate::vm::tests::machine;
+
+    /// A session that keeps what it hears.
+    #[derive(Default)]
+    struct Heard {
+        events: Vec<Event>,
+        checkpoints: Vec<u64>,
+        end: Option<End>,
+    }
+
+    impl Session for Heard {
+        fn input(&mut self, _count: u64, _point: InputPoint, _wait: Wait) -> Result<Vec<u8>, DetError> {
+            Ok(Vec::new())
+        }
+        fn observe(&mut self, event: Event) -> Result<(), DetError> {
+            self.events.push(event);
+            Ok(())
+        }
+        fn checkpoint(&mut self, cp: Checkpoint, _pages: &PageHashes) -> Result<(), DetError> {
+            self.checkpoints.push(cp.count);
+            Ok(())
+        }
+        fn end(&mut self, end: End) -> Result<(), DetError> {
+            self.end = Some(end);
+            Ok(())
+        }
+    }
+
+    fn run(
+        fake: FakeBackend,
+        opts: &DetOptions,
+    ) -> (Result<DetOutcome, DetError>, Heard, crate::backend::fake::FakeLog) {
+        let (mut vm, log, console, clock) = machine(fake);
+        let (tap, console_log) = ConsoleTap::new(Box::new(console));
+        // The platform writes to its own console; the tap only counts here.
+        drop(tap);
+        let mut heard = Heard::default();
+        let r = vm.run_deterministic(&clock, &console_log, &mut heard, opts);
+        let log = log.lock().unwrap().clone();
+        (r, heard, log)
+    }
+
+    #[test]
+    fn port_accesses_are_observed_at_their_instruction_counts() {
+        let script = [
+            Scripted::exit(VmExit::IoOut { port: PORT_COM1, size: 1, value: u32::from(b'x') }).after(10),
+            Scripted::exit(VmExit::IoIn { port: PORT_COM1 + 5, size: 1 }).after(5),
+            Scripted::exit(VmExit::IoOut { port: PORT_DEBUG_EXIT, size: 1, value: 0 }).after(2),
+        ];
+        let (r, heard, log) = run(FakeBackend::new(script).counting(), &DetOptions::default());
+        assert_eq!(r.unwrap(), DetOutcome::Finished(RunOutcome::DebugExit(1)));
+        let io: Vec<_> = heard.events.iter().map(|e| (e.count(), e.clone())).collect();
+        assert_eq!(
+            io,
+            [
+                (10, Event::Io { count: 10, port: PORT_COM1, size: 1, write: true, value: u32::from(b'x') }),
+                (15, Event::Io { count: 15, port: PORT_COM1 + 5, size: 1, write: false, value: 0x60 }),
+                (17, Event::Io { count: 17, port: PORT_DEBUG_EXIT, size: 1, write: true, value: 0 }),
+            ]
+        );
+        // A checkpoint at the start and one at the end; every run had a stop.
+        assert_eq!(heard.checkpoints, [0, 17]);
+        assert_eq!(heard.end.unwrap().count, 17);
+        assert_eq!(log.stops.len(), 3);
+        assert!(log.stops.iter().all(|(count, _)| count.is_some()));
+    }
+
+    #[test]
+    fn halts_and_triple_faults_end_the_deterministic_run() {
+        let (r, heard, _) =
+            run(FakeBackend::new([Scripted::exit(VmExit::Halt).after(3)]).counting(), &DetOptions::default());
+        assert_eq!(r.unwrap(), DetOutcome::Finished(RunOutcome::HaltedWithInterruptsOff));
+        assert!(heard.end.unwrap().outcome.contains("interrupts disabled"));
+        let (r, _, _) = run(FakeBackend::new([Scripted::exit(VmExit::TripleFault)]).counting(), &DetOptions::default());
+        assert!(matches!(r.unwrap(), DetOutcome::Finished(RunOutcome::TripleFault(_))));
+    }
+
+    #[test]
+    fn the_run_stops_at_until() {
+        let script = [Scripted::exit(VmExit::Interrupted).after(40), Scripted::exit(VmExit::Interrupted).after(60)];
+        let opts = DetOptions { until: Some(100), ..DetOptions::default() };
+        let (r, _, log) = run(FakeBackend::new(script).counting(), &opts);
+        assert!(matches!(r.unwrap(), DetOutcome::Stopped { count: 100, .. }));
+        assert_eq!(log.stops[0], (Some(100), None));
+    }
+
+    #[test]
+    fn a_backend_that_does_not_count_is_refused() {
+        let (r, _, _) = run(FakeBackend::new([]), &DetOptions::default());
+        assert!(matches!(r, Err(DetError::NotCounting("fake"))));
+    }
 
     #[test]
     fn page_hashes_report_changed_pages_only() {

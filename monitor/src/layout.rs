@@ -4,10 +4,11 @@
 //! can read the whole platform map on one page (as Firecracker's
 //! `arch/x86_64/layout.rs`).
 
-/// Default base of the VMM area: the top 8 MiB of the guest linear space.
-pub const VMM_AREA_BASE: u32 = 0xFF80_0000;
+/// Default base of the VMM area: the top 8 MiB of the guest linear space
+/// (its inner layout is `engine::vmm_area`, the one source of its offsets).
+pub const VMM_AREA_BASE: u32 = engine::vmm_area::DEFAULT_BASE;
 /// Size of the VMM area (TC, exit gate, vCPU page, lookup table).
-pub const VMM_AREA_SIZE: u32 = 0x0080_0000;
+pub const VMM_AREA_SIZE: u32 = engine::vmm_area::AREA_SIZE;
 
 /// Guest-physical page size.
 pub const PAGE_SIZE: u32 = 4096;

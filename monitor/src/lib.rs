@@ -12,6 +12,7 @@ pub mod host;
 pub mod jail;
 pub mod layout;
 pub mod loader;
+pub mod localize;
 pub mod memory;
 pub mod run;
 pub mod trace;

@@ -441,7 +441,7 @@ fn replay(a: ReplayArgs) -> ExitCode {
                     reference.join(",")
                 );
                 let reference_opts = monitor::run::RunOptions { bt: ref_bt, ..opts.clone() };
-                match monitor::trace::localize::localize(&reference_opts, &opts, &t, last_good, at) {
+                match monitor::localize::localize(&reference_opts, &opts, &t, last_good, at) {
                     Ok(Some(l)) => eprint!("popek: {l}"),
                     Ok(None) => {
                         eprintln!("popek: the registers agree all the way: the difference is in memory or devices")

@@ -15,6 +15,8 @@ use crate::devices::platform::Machine;
 use crate::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
 use crate::loader::{linux, multiboot, BootState};
 use crate::memory::{GuestMemory, MemoryError};
+pub use crate::trace::header::parse_size;
+use crate::trace::header::{self, HeaderError, MachineSpec};
 use crate::vm::{RunOutcome, Vm, VmError};
 
 /// Which CPU runs the guest.
@@ -98,12 +100,6 @@ pub enum RunError {
     Vm(#[from] VmError),
     #[error("cannot set up the platform devices: {0}")]
     Platform(#[from] crate::devices::PlatformError),
-    #[error(transparent)]
-    MpTable(#[from] crate::devices::mptable::MpTableError),
-    #[error(transparent)]
-    Disk(#[from] crate::devices::virtio::blk::BlockError),
-    #[error("the deterministic mode does not record virtio device input: no --disk or --rng with it")]
-    DeterministicDevices,
     #[error("no built-in guest {0:?} (see `popek guest list`)")]
     NoSuchGuest(String),
     #[error("the deterministic mode needs the bt backend (kvm cannot count guest instructions)")]
@@ -117,6 +113,49 @@ pub enum RunError {
     Diverged { at: u64, last_good: u64, report: String },
     #[error("cannot jail the monitor: {0} (--no-jail runs without it, for debugging only)")]
     Jail(#[from] crate::jail::JailError),
+    #[error(transparent)]
+    MpTable(#[from] crate::devices::mptable::MpTableError),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::blk::BlockError),
+    #[error("the deterministic mode does not record virtio device input: no --disk or --rng with it")]
+    DeterministicDevices,
+}
+
+impl From<HeaderError> for RunError {
+    fn from(e: HeaderError) -> RunError {
+        match e {
+            HeaderError::Read { path, source } => RunError::Read { path, source },
+            HeaderError::NoSuchGuest(name) => RunError::NoSuchGuest(name),
+            e @ HeaderError::Malformed(_) => RunError::Trace(e.to_string()),
+        }
+    }
+}
+
+impl RunOptions {
+    /// The machine part of the options (what a trace header records).
+    pub fn machine(&self) -> MachineSpec {
+        MachineSpec {
+            kernel: self.kernel.clone(),
+            guest: self.guest.clone(),
+            initrd: self.initrd.clone(),
+            append: self.append.clone(),
+            mem: self.mem,
+            machine: self.machine,
+        }
+    }
+
+    /// Options that build machine `m`, the rest default.
+    pub fn for_machine(m: MachineSpec) -> RunOptions {
+        RunOptions {
+            kernel: m.kernel,
+            guest: m.guest,
+            initrd: m.initrd,
+            append: m.append,
+            mem: m.mem,
+            machine: m.machine,
+            ..RunOptions::default()
+        }
+    }
 }
 
 impl RunError {
@@ -192,6 +231,9 @@ fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> 
     Ok(state.to_cpu())
 }
 
+/// Virtual time's TSC frequency in the deterministic mode (one tick per ns).
+pub const DETERMINISTIC_TSC_HZ: u64 = 1_000_000_000;
+
 /// The CPU of `machine`; the TSC runs at `tsc_hz` (the host's, or 1 GHz of
 /// virtual time in the deterministic mode).
 pub fn cpu_policy(machine: Machine, tsc_hz: u64) -> CpuPolicy {
@@ -229,12 +271,51 @@ fn platform(
     Ok(platform)
 }
 
-fn backend(opts: &RunOptions, mem: &Arc<GuestMemory>, cpu: Cpu) -> Result<Box<dyn Backend>, RunError> {
-    let policy = cpu_policy(opts.machine, crate::devices::clock::host_tsc_hz());
+fn backend(
+    opts: &RunOptions,
+    mem: &Arc<GuestMemory>,
+    cpu: Cpu,
+    deterministic: bool,
+    policy: CpuPolicy,
+) -> Result<Box<dyn Backend>, RunError> {
     Ok(match opts.backend {
-        BackendKind::Bt => Box::new(BtBackend::new(mem.clone(), cpu, BtConfig { cpu: policy, ..opts.bt })?),
+        BackendKind::Bt => {
+            let bt = BtConfig { deterministic: deterministic || opts.bt.deterministic, cpu: policy, ..opts.bt };
+            Box::new(BtBackend::new(mem.clone(), cpu, bt)?)
+        }
         BackendKind::Kvm => Box::new(crate::backend::kvm::KvmBackend::new(mem, &cpu)?),
     })
+}
+
+/// How a run's machine keeps time: the host's clocks, or the deterministic
+/// mode's manual clock (driven by the instruction count) and recorded start.
+struct Timing {
+    clock: Arc<dyn Clock>,
+    wall_clock: Arc<dyn crate::devices::clock::WallClock>,
+    deterministic: bool,
+}
+
+/// The one machine builder under both run paths: guest RAM with the image
+/// loaded, the platform devices on `timing`'s clocks, and the CPU backend.
+fn build_machine(
+    opts: &RunOptions,
+    console: Box<dyn std::io::Write + Send>,
+    timing: Timing,
+    notes: &mut Vec<String>,
+) -> Result<Vm, RunError> {
+    let mem = Arc::new(GuestMemory::new(opts.mem)?);
+    let cpu = load_image(opts, &mem, notes)?;
+    for n in notes.iter() {
+        tracing::info!("{n}");
+    }
+    let deterministic = timing.deterministic || opts.bt.deterministic;
+    let tsc_hz = if deterministic { DETERMINISTIC_TSC_HZ } else { crate::devices::clock::host_tsc_hz() };
+    let policy = cpu_policy(opts.machine, tsc_hz);
+    let config =
+        PlatformConfig { ram_size: mem.size(), console, clock: timing.clock.clone(), wall_clock: timing.wall_clock };
+    let platform = platform(opts, &policy, &mem, config)?;
+    let backend = backend(opts, &mem, cpu, timing.deterministic, policy)?;
+    Ok(Vm::new(mem, platform, backend, timing.clock))
 }
 
 /// Closes the jail on this process (the machine is built, every file is
@@ -258,19 +339,10 @@ fn jail(kind: BackendKind) -> Result<String, RunError> {
 /// Builds the machine and runs it to the end.
 pub fn run(opts: &RunOptions, console: Box<dyn std::io::Write + Send>) -> Result<RunReport, RunError> {
     let t = std::time::Instant::now();
-    let mem = Arc::new(GuestMemory::new(opts.mem)?);
     let mut notes = Vec::new();
-    let cpu = load_image(opts, &mem, &mut notes)?;
-    for n in &notes {
-        tracing::info!("{n}");
-    }
-    let clock: Arc<dyn Clock> = Arc::new(HostClock::new());
-    let policy = cpu_policy(opts.machine, crate::devices::clock::host_tsc_hz());
-    let config =
-        PlatformConfig { ram_size: mem.size(), console, clock: clock.clone(), wall_clock: Arc::new(HostWallClock) };
-    let platform = platform(opts, &policy, &mem, config)?;
-    let backend = backend(opts, &mem, cpu)?;
-    let mut vm = Vm::new(mem, platform, backend, clock);
+    let timing =
+        Timing { clock: Arc::new(HostClock::new()), wall_clock: Arc::new(HostWallClock), deterministic: false };
+    let mut vm = build_machine(opts, console, timing, &mut notes)?;
     if opts.jail {
         notes.push(jail(opts.backend)?);
     }
@@ -316,85 +388,9 @@ pub struct DetReport {
     pub trace_bytes: Option<u64>,
 }
 
-/// The images a run loads, with their SHA-256 (a trace's identity check).
-pub fn image_digests(opts: &RunOptions) -> Result<Vec<crate::trace::format::ImageDigest>, RunError> {
-    use sha2::Digest;
-    let digest = |role: &str, name: String, data: &[u8]| crate::trace::format::ImageDigest {
-        role: role.into(),
-        name,
-        len: data.len() as u64,
-        sha256: sha2::Sha256::digest(data).into(),
-    };
-    let mut v = Vec::new();
-    match &opts.kernel {
-        Some(k) => v.push(digest("kernel", k.display().to_string(), &read(k)?)),
-        None => {
-            let name = opts.guest.as_deref().unwrap_or("demo");
-            let g = crate::guests::by_name(name).ok_or_else(|| RunError::NoSuchGuest(name.to_string()))?;
-            v.push(digest("guest", name.to_string(), &g.image));
-        }
-    }
-    if let Some(i) = &opts.initrd {
-        v.push(digest("initrd", i.display().to_string(), &read(i)?));
-    }
-    Ok(v)
-}
-
-/// The machine description a trace header keeps (and a replay rebuilds).
-pub fn header_command_line(opts: &RunOptions) -> Vec<String> {
-    let mut v = Vec::new();
-    if let Some(k) = &opts.kernel {
-        v.extend(["--kernel".to_string(), k.display().to_string()]);
-    }
-    if let Some(g) = &opts.guest {
-        v.extend(["--guest".to_string(), g.clone()]);
-    }
-    if let Some(i) = &opts.initrd {
-        v.extend(["--initrd".to_string(), i.display().to_string()]);
-    }
-    if let Some(a) = &opts.append {
-        v.extend(["--append".to_string(), a.clone()]);
-    }
-    v.extend(["--mem".to_string(), opts.mem.to_string()]);
-    v.extend(["--machine".to_string(), opts.machine.name().to_string()]);
-    v
-}
-
 /// Rebuilds run options from a trace header's command line.
 pub fn options_from_header(h: &crate::trace::format::Header) -> Result<RunOptions, RunError> {
-    // A header without `--machine` was recorded before there was a choice:
-    // on the `isa` machine.
-    let mut o = RunOptions { mem: h.mem_bytes, machine: Machine::Isa, ..RunOptions::default() };
-    let mut it = h.command_line.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().ok_or_else(|| RunError::Trace(format!("header: {flag} without a value")));
-        match flag.as_str() {
-            "--kernel" => o.kernel = Some(PathBuf::from(value()?)),
-            "--guest" => o.guest = Some(value()?),
-            "--initrd" => o.initrd = Some(PathBuf::from(value()?)),
-            "--append" => o.append = Some(value()?),
-            "--mem" => o.mem = parse_size(&value()?).map_err(RunError::Trace)?,
-            "--machine" => o.machine = value()?.parse().map_err(RunError::Trace)?,
-            other => return Err(RunError::Trace(format!("header: unknown machine option {other:?}"))),
-        }
-    }
-    Ok(o)
-}
-
-/// Virtual time's TSC frequency in the deterministic mode (one tick per ns).
-pub const DETERMINISTIC_TSC_HZ: u64 = 1_000_000_000;
-
-/// The CPUID answers of the guest's policy (recorded in trace headers).
-pub fn cpuid_entries(machine: Machine) -> Vec<crate::trace::format::CpuidEntry> {
-    let p = cpu_policy(machine, DETERMINISTIC_TSC_HZ);
-    let mut v = Vec::new();
-    for base in [0u32, 0x8000_0000] {
-        let max = p.cpuid(base, 0)[0];
-        for leaf in base..=max.min(base + 0x20) {
-            v.push(crate::trace::format::CpuidEntry { leaf, subleaf: 0, regs: p.cpuid(leaf, 0) });
-        }
-    }
-    v
+    Ok(RunOptions::for_machine(header::machine_from_header(h)?))
 }
 
 /// Builds the machine in the deterministic mode and runs it: plain, while
@@ -432,10 +428,10 @@ pub fn run_deterministic(
             let start = crate::devices::HostWallClock;
             let h = Header {
                 popek_version: env!("CARGO_PKG_VERSION").to_string(),
-                command_line: header_command_line(opts),
+                command_line: header::command_line(&opts.machine()),
                 mem_bytes: opts.mem,
-                images: image_digests(opts)?,
-                cpuid: cpuid_entries(opts.machine),
+                images: header::image_digests(&opts.machine())?,
+                cpuid: header::cpuid_entries(opts.machine, DETERMINISTIC_TSC_HZ),
                 start_unix_ns: crate::devices::clock::WallClock::now_unix_ns(&start),
                 checkpoint_every: det.checkpoint_every,
                 memory_every: det.memory_every,
@@ -447,7 +443,7 @@ pub fn run_deterministic(
         }
     };
     if let DetSession::Replay(_) = &session {
-        let now = image_digests(opts)?;
+        let now = header::image_digests(&opts.machine())?;
         for (want, have) in header.images.iter().zip(&now) {
             if want.sha256 != have.sha256 || want.len != have.len {
                 return Err(RunError::Trace(format!(
@@ -460,22 +456,15 @@ pub fn run_deterministic(
             }
         }
     }
-    let mem = Arc::new(GuestMemory::new(opts.mem)?);
     let mut notes = Vec::new();
-    let cpu = load_image(opts, &mem, &mut notes)?;
     let clock = ManualClock::new(0);
     let (tap, log) = ConsoleTap::new(console);
-    let policy = cpu_policy(opts.machine, DETERMINISTIC_TSC_HZ);
-    let config = PlatformConfig {
-        ram_size: mem.size(),
-        console: Box::new(tap),
+    let timing = Timing {
         clock: Arc::new(clock.clone()),
         wall_clock: Arc::new(ManualClock::new(header.start_unix_ns)),
+        deterministic: true,
     };
-    let platform = platform(opts, &policy, &mem, config)?;
-    let bt = BtConfig { deterministic: true, cpu: policy, ..opts.bt };
-    let backend: Box<dyn Backend> = Box::new(BtBackend::new(mem.clone(), cpu, bt)?);
-    let mut vm = Vm::new(mem, platform, backend, Arc::new(clock.clone()));
+    let mut vm = build_machine(opts, Box::new(tap), timing, &mut notes)?;
     let quit = Arc::new(AtomicBool::new(false));
     let wants_stdin = matches!(session, DetSession::Plain | DetSession::Record { input: None, .. });
     let mut recorder = crate::trace::record::Recorder::without_trace(None);
@@ -536,37 +525,4 @@ pub fn run_deterministic(
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses sizes like `256M`, `1G`, `65536K` or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("unknown size suffix in {s:?} (K, M or G)")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size too large: {s:?}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("12Q").is_err());
-        assert!(parse_size("M").is_err());
-    }
 }

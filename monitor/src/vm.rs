@@ -192,7 +192,7 @@ impl Vm {
         let linear = cs.base.wrapping_add(eip);
         // Shorten the read until it fits in mapped memory.
         let mut len = bytes.len();
-        while len > 0 && !self.backend.read_linear(linear, &mut bytes[..len]) {
+        while len > 0 && self.backend.read_linear(linear, &mut bytes[..len]).is_err() {
             len = (len / 2).min(4096 - (linear & 0xFFF) as usize);
         }
         if len == 0 {
@@ -375,8 +375,155 @@ impl Vm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+    use crate::backend::fake::{FakeBackend, FakeLog, Scripted};
+    use crate::devices::clock::ManualClock;
+    use crate::devices::PlatformConfig;
+    use crate::layout::{IRQ_COM1, PORT_COM1, PORT_DEBUG_EXIT, PORT_PIC_MASTER};
+
+    /// What the platform's COM1 wrote.
+    #[derive(Clone, Default)]
+    pub(crate) struct Console(pub Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Console {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A machine whose CPU is `fake`, on a clock that stands still.
+    pub(crate) fn machine(fake: FakeBackend) -> (Vm, Arc<Mutex<FakeLog>>, Console, ManualClock) {
+        let mem = Arc::new(GuestMemory::new(crate::layout::MIN_GUEST_MEM).unwrap());
+        let console = Console::default();
+        let clock = ManualClock::new(0);
+        let platform = Platform::new(PlatformConfig {
+            ram_size: mem.size(),
+            console: Box::new(console.clone()),
+            clock: Arc::new(clock.clone()),
+            wall_clock: Arc::new(ManualClock::new(0)),
+        })
+        .unwrap();
+        let log = fake.log();
+        (Vm::new(mem, platform, Box::new(fake), Arc::new(clock.clone())), log, console, clock)
+    }
+
+    fn out(port: u16, value: u32) -> Scripted {
+        Scripted::exit(VmExit::IoOut { port, size: 1, value })
+    }
+
+    /// The guest's exit through isa-debug-exit with 0.
+    fn debug_exit() -> Scripted {
+        out(PORT_DEBUG_EXIT, 0)
+    }
+
+    /// The master PIC programmed as Linux does (vectors 0x20-0x27), only
+    /// COM1's line unmasked.
+    fn pic_setup() -> Vec<Scripted> {
+        let data = PORT_PIC_MASTER + 1;
+        let mask = 0xFF & !(1u32 << IRQ_COM1);
+        vec![out(PORT_PIC_MASTER, 0x11), out(data, 0x20), out(data, 0x04), out(data, 0x01), out(data, mask)]
+    }
+
+    #[test]
+    fn port_writes_reach_the_devices_and_debug_exit_ends_the_run() {
+        let (mut vm, log, console, _) =
+            machine(FakeBackend::new([out(PORT_COM1, u32::from(b'h')), out(PORT_COM1, u32::from(b'i')), debug_exit()]));
+        assert_eq!(vm.run().unwrap(), RunOutcome::DebugExit(1));
+        assert_eq!(console.0.lock().unwrap().as_slice(), b"hi");
+        assert_eq!(log.lock().unwrap().runs, 3);
+    }
+
+    #[test]
+    fn a_port_read_is_completed_with_the_device_value() {
+        // IN from COM1's line status register: transmitter empty (0x60).
+        let script = [Scripted::exit(VmExit::IoIn { port: PORT_COM1 + 5, size: 1 }), debug_exit()];
+        let (mut vm, log, _, _) = machine(FakeBackend::new(script));
+        vm.run().unwrap();
+        assert_eq!(log.lock().unwrap().io_in, [0x60]);
+    }
+
+    #[test]
+    fn mmio_reads_are_completed_and_writes_served() {
+        // Nothing claims 0xFED0_0000: reads see open bus.
+        let script = [
+            Scripted::exit(VmExit::MmioRead { addr: 0xFED0_0000, size: 4 }),
+            Scripted::exit(VmExit::MmioWrite { addr: 0xFED0_0000, size: 4, value: 7 }),
+            debug_exit(),
+        ];
+        let (mut vm, log, _, _) = machine(FakeBackend::new(script));
+        vm.run().unwrap();
+        assert_eq!(log.lock().unwrap().mmio_reads, [0xFFFF_FFFF]);
+        assert_eq!(vm.platform.stats().unclaimed_mmio.reads, 1);
+    }
+
+    #[test]
+    fn hlt_with_interrupts_off_ends_the_run() {
+        let (mut vm, _, _, _) = machine(FakeBackend::new([Scripted::exit(VmExit::Halt)]));
+        assert_eq!(vm.run().unwrap(), RunOutcome::HaltedWithInterruptsOff);
+        assert_eq!(vm.halts, 1);
+    }
+
+    #[test]
+    fn a_pending_interrupt_waits_for_its_window() {
+        // THR-empty interrupts on: IRQ4 is pending at once, but the CPU has
+        // interrupts off, so the loop asks for a window and injects there.
+        let mut script = pic_setup();
+        script.push(out(PORT_COM1 + 1, 0x02));
+        script.push(Scripted::exit(VmExit::InterruptWindow).interrupts_on());
+        script.push(debug_exit());
+        let (mut vm, log, _, _) = machine(FakeBackend::new(script));
+        assert_eq!(vm.run().unwrap(), RunOutcome::DebugExit(1));
+        let log = log.lock().unwrap();
+        assert_eq!(log.windows.first(), Some(&true), "{log:?}");
+        assert_eq!(log.injected, [0x20 + IRQ_COM1]);
+        assert_eq!(vm.interrupts_injected, 1);
+    }
+
+    #[test]
+    fn a_triple_fault_ends_the_run_with_the_cpu_state() {
+        let (mut vm, _, _, _) = machine(FakeBackend::new([Scripted::exit(VmExit::TripleFault)]));
+        let RunOutcome::TripleFault(state) = vm.run().unwrap() else { panic!("not a triple fault") };
+        assert!(state.contains("EIP="), "{state}");
+    }
+
+    #[test]
+    fn interrupted_runs_go_on_and_a_quit_stops() {
+        let script = [Scripted::exit(VmExit::Interrupted), Scripted::exit(VmExit::Interrupted), debug_exit()];
+        let (mut vm, log, _, _) = machine(FakeBackend::new(script));
+        assert_eq!(vm.run().unwrap(), RunOutcome::DebugExit(1));
+        assert_eq!(log.lock().unwrap().runs, 3);
+        let (mut vm, log, _, _) = machine(FakeBackend::new([Scripted::exit(VmExit::Interrupted)]));
+        vm.set_quit(Arc::new(AtomicBool::new(true)));
+        assert_eq!(vm.run().unwrap(), RunOutcome::Quit);
+        assert_eq!(log.lock().unwrap().runs, 0);
+    }
+
+    #[test]
+    fn a_backend_error_stops_the_run_with_the_cpu_state() {
+        let err = BackendError::Failed { backend: "fake", what: "boom".into() };
+        let (mut vm, _, _, _) = machine(FakeBackend::new([Scripted::error(err)]));
+        match vm.run() {
+            Err(VmError::Stopped { error, state }) => {
+                assert!(error.to_string().contains("boom"));
+                assert!(state.contains("EIP="));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn trait_methods_a_backend_lacks_are_errors() {
+        let mut fake = FakeBackend::new([]);
+        assert!(matches!(fake.set_stop(Some(1), None), Err(BackendError::Unsupported { .. })));
+        assert!(matches!(fake.skip_time(1), Err(BackendError::Unsupported { .. })));
+        assert!(matches!(fake.read_linear(0, &mut [0; 4]), Err(BackendError::Unsupported { .. })));
+    }
 
     #[test]
     fn exit_codes_follow_the_guest() {

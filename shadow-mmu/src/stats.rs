@@ -34,6 +34,8 @@ pub struct Stats {
     /// Shadows a MOV CR3 kept because the new address space maps them
     /// identically (summed over switches).
     pub cr3_kept_pages: u64,
+    /// Non-global shadows a MOV CR3 examined (kept or dropped).
+    pub cr3_checked_pages: u64,
     /// Full flushes (CR0/CR4/EFER changes, `flush_all`, CR3 without PGE).
     pub flushes: u64,
     pub code_pages_protected: u64,
@@ -56,7 +58,7 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 24] {
+    pub fn counters(&self) -> [(&'static str, u64); 25] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
@@ -77,6 +79,7 @@ impl Stats {
             ("shadow/tlb/invlpg", self.invlpg),
             ("shadow/tlb/cr3", self.cr3_switches),
             ("shadow/tlb/cr3_kept_pages", self.cr3_kept_pages),
+            ("shadow/tlb/cr3_checked_pages", self.cr3_checked_pages),
             ("shadow/tlb/flush", self.flushes),
             ("shadow/code/protected", self.code_pages_protected),
             ("shadow/code/unprotected", self.code_pages_unprotected),

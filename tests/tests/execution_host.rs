@@ -569,10 +569,9 @@ fn callout_far_jump_returns_with_exact_state() {
     // The far pointer and a callout id live in the vCPU page (VMM-area
     // offset 0), reached through the VMM data selector in GS.
     {
-        // SAFETY: the test is the only user of the VMM area here.
-        let alias = unsafe { g.vcpu.window().vmm_alias() };
-        alias[0x200..0x204].copy_from_slice(&gate.to_le_bytes());
-        alias[0x204..0x206].copy_from_slice(&0x33u16.to_le_bytes());
+        let alias = g.vcpu.window().vmm_alias();
+        alias.write(0x200, &gate.to_le_bytes());
+        alias.write(0x204, &0x33u16.to_le_bytes());
     }
     let mut s = g.vcpu.segments();
     s.gs = g.vcpu.vmm_data_selector();
@@ -594,8 +593,7 @@ fn callout_far_jump_returns_with_exact_state() {
         a.ud2()
     });
     assert_eq!(run(&mut g), Exit::Callout);
-    // SAFETY: as above.
-    let id = u32::from_le_bytes(unsafe { g.vcpu.window().vmm_alias() }[0x100..0x104].try_into().unwrap());
+    let id = g.vcpu.window().vmm_alias().read_u32(0x100);
     assert_eq!(id, 42);
     let r = g.vcpu.regs();
     assert_eq!(
@@ -616,8 +614,8 @@ fn callout_far_jump_returns_with_exact_state() {
 fn guest_cannot_write_outside_its_mappings_or_into_the_vmm_area() {
     let mut g = Guest::new();
     let vmm = g.vcpu.window().vmm_base();
-    // SAFETY: reading the VMM area alias.
-    let before: Vec<u8> = unsafe { g.vcpu.window().vmm_alias() }[..0x2000].to_vec();
+    let mut before = vec![0u8; 0x2000];
+    g.vcpu.window().vmm_alias().read(0, &mut before);
     let targets = [0u32, 0x1000, 0x0FFF_FFF0, 0x8000_0000, 0xC000_0000, vmm - 4, vmm, vmm + 0x1000, 0xFFFF_FFF0];
     for &t in &targets {
         g.load(|a| {
@@ -639,7 +637,7 @@ fn guest_cannot_write_outside_its_mappings_or_into_the_vmm_area() {
         }
         assert_eq!(g.vcpu.regs().eip, CODE + 5);
     }
-    // SAFETY: as above.
-    let after: Vec<u8> = unsafe { g.vcpu.window().vmm_alias() }[..0x2000].to_vec();
+    let mut after = vec![0u8; 0x2000];
+    g.vcpu.window().vmm_alias().read(0, &mut after);
     assert_eq!(before, after, "VMM area untouched");
 }

@@ -239,7 +239,7 @@ fn a_broken_translation_fails_replay_and_is_named() {
         Ok(_) => panic!("the corrupted translation replayed cleanly"),
     };
     assert!(last_good < at);
-    let found = monitor::trace::localize::localize(&reference, &broken, &trace, last_good, at)
+    let found = monitor::localize::localize(&reference, &broken, &trace, last_good, at)
         .unwrap()
         .expect("the registers part somewhere");
     let text = found.to_string();

@@ -5,6 +5,7 @@
 //! (as cloud-hypervisor's `hypervisor` crate).
 
 pub mod bt;
+pub mod fake;
 pub mod kvm;
 
 use thiserror::Error;
@@ -98,13 +99,16 @@ pub trait Backend {
     }
     /// Deterministic mode: make `run` return [`VmExit::Interrupted`] when
     /// the count reaches `count` exactly, or guest time reaches `ns`.
-    fn set_stop(&mut self, _count: Option<u64>, _ns: Option<u64>) {}
+    fn set_stop(&mut self, _count: Option<u64>, _ns: Option<u64>) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported { backend: self.name(), what: "stops by instruction count".into() })
+    }
     /// Deterministic mode: guest time jumps `ns` ahead (the guest idles in
     /// HLT until its next timer).
-    fn skip_time(&mut self, _ns: u64) {}
-    /// Reads guest-linear memory as the CPU sees it now (for reports);
-    /// false when it cannot.
-    fn read_linear(&mut self, _linear: u32, _buf: &mut [u8]) -> bool {
-        false
+    fn skip_time(&mut self, _ns: u64) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported { backend: self.name(), what: "virtual time".into() })
+    }
+    /// Reads guest-linear memory as the CPU sees it now (for reports).
+    fn read_linear(&mut self, _linear: u32, _buf: &mut [u8]) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported { backend: self.name(), what: "reading guest-linear memory".into() })
     }
 }

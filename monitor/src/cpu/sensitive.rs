@@ -4,9 +4,12 @@
 //! the monitor ends up here with the decoded instruction.
 //!
 //! One function per instruction family; [`execute`] dispatches on the
-//! mnemonic. The result says what the caller must do next ([`Outcome`]).
+//! engine's classification (`engine::classify`, the one table: no opcode
+//! matching here) and takes the privilege and IOPL checks from it. The
+//! result says what the caller must do next ([`Outcome`]).
 
-use iced_x86::{Code, Instruction, Mnemonic, OpKind, Register};
+use engine::classify::{Class, Classification, Flow, Sensitive};
+use iced_x86::{Instruction, OpKind, Register};
 use thiserror::Error;
 
 use super::descriptor::Descriptor;
@@ -105,62 +108,81 @@ fn set_zf(cpu: &mut Cpu, on: bool) {
     }
 }
 
-/// Executes sensitive instruction `insn` (decoded at `cpu.eip`).
-pub fn execute(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    use Mnemonic::*;
-    match insn.mnemonic() {
-        Pushf | Pushfd => pushf(cpu, env, insn),
-        Popf | Popfd => popf(cpu, env, insn),
-        Cli | Sti => cli_sti(cpu, insn.mnemonic() == Sti),
-        Mov if is_cr_move(insn) => mov_cr(cpu, insn),
-        Mov if is_dr_move(insn) => mov_dr(cpu, insn),
-        Mov | Pop | Push if touches_segment(insn) => segment_move(cpu, env, insn),
-        Lds | Les | Lfs | Lgs | Lss => load_far_pointer(cpu, env, insn),
-        Lgdt | Lidt | Sgdt | Sidt => table_register(cpu, env, insn),
-        Lldt | Ltr | Sldt | Str => system_segment(cpu, env, insn),
-        Smsw | Lmsw | Clts => msw(cpu, env, insn),
-        Lar | Lsl | Verr | Verw => inspect_segment(cpu, env, insn),
-        In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd => io(cpu, env, insn),
-        Hlt => {
-            require_cpl0(cpu)?;
-            Ok(Outcome::Halt)
-        }
-        Invlpg => {
-            require_cpl0(cpu)?;
-            Ok(Outcome::Mmu(MmuEffect::Invlpg(operand::memory_linear(cpu, insn, 1, false).unwrap_or(0))))
-        }
-        Invd | Wbinvd => {
-            require_cpl0(cpu)?;
-            Ok(Outcome::Next)
-        }
-        Rdmsr | Wrmsr => msr_access(cpu, env, insn.mnemonic() == Wrmsr),
-        Rdtsc | Rdtscp | Rdpmc => counters(cpu, env, insn.mnemonic()),
-        Cpuid => {
+/// Executes sensitive instruction `insn` (decoded at `cpu.eip`), classified
+/// as `c` by the engine's table: the kind a callout site carries, or
+/// `engine::classify::classify` on the direct path.
+pub fn execute(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, c: &Classification) -> Result<Outcome, ExecError> {
+    if c.cpl0_only {
+        require_cpl0(cpu)?;
+    }
+    if c.iopl_sensitive {
+        require_iopl(cpu)?;
+    }
+    match c.class {
+        Class::Sensitive(s) => sensitive(cpu, env, insn, s),
+        Class::ControlFlow(f) => control_flow(cpu, env, insn, f),
+        Class::Ident => Err(ExecError::Unsupported("an instruction the sensitive table does not cover")),
+    }
+}
+
+fn sensitive(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, s: Sensitive) -> Result<Outcome, ExecError> {
+    use Sensitive as S;
+    match s {
+        S::Pushf => pushf(cpu, env, insn),
+        S::Popf => popf(cpu, env, insn),
+        S::Cli | S::Sti => cli_sti(cpu, s == S::Sti),
+        S::MovToCr | S::MovFromCr => mov_cr(cpu, insn),
+        S::MovToDr | S::MovFromDr => mov_dr(cpu, insn),
+        S::MovToSeg | S::MovFromSeg | S::PushSeg | S::PopSeg => segment_move(cpu, env, insn, s),
+        S::LoadFarPtr(seg) => load_far_pointer(cpu, env, insn, seg),
+        S::Lgdt | S::Lidt | S::Sgdt | S::Sidt => table_register(cpu, env, insn, s),
+        S::Lldt | S::Ltr | S::Sldt | S::Str => system_segment(cpu, env, insn, s),
+        S::Smsw | S::Lmsw | S::Clts => msw(cpu, env, insn, s),
+        S::Lar | S::Lsl | S::Verr | S::Verw => inspect_segment(cpu, env, insn, s),
+        S::In | S::Out | S::Ins | S::Outs => io(cpu, env, insn, s),
+        S::Hlt => Ok(Outcome::Halt),
+        S::Invlpg => Ok(Outcome::Mmu(MmuEffect::Invlpg(operand::memory_linear(cpu, insn, 1, false).unwrap_or(0)))),
+        S::Invd | S::Wbinvd => Ok(Outcome::Next),
+        S::Rdmsr | S::Wrmsr => msr_access(cpu, env, s == S::Wrmsr),
+        S::Rdtsc | S::Rdtscp | S::Rdpmc => counters(cpu, env, s),
+        S::Cpuid => {
             let r = env.policy.cpuid(cpu.gpr[0], cpu.gpr[1]);
             (cpu.gpr[0], cpu.gpr[3], cpu.gpr[1], cpu.gpr[2]) = (r[0], r[1], r[2], r[3]);
             Ok(Outcome::Next)
         }
-        Int => Ok(Outcome::Interrupt(insn.immediate8())),
-        Int3 => Ok(Outcome::Interrupt(vector::BP)),
-        Into => Ok(if cpu.eflags & flags::OF != 0 { Outcome::Interrupt(vector::OF) } else { Outcome::Next }),
-        Iret | Iretd => iret(cpu, env, insn),
-        Jmp | Call if is_near_indirect(insn) => near_indirect(cpu, env, insn),
-        Jmp | Call | Retf => far_transfer(cpu, env, insn),
-        Sysenter => sysenter(cpu),
-        Sysexit => sysexit(cpu),
-        Ud0 | Ud1 | Ud2 | INVALID => Err(Fault::ud().into()),
+        S::Ud | S::Invalid => Err(Fault::ud().into()),
+        S::MovTr
+        | S::Rdpid
+        | S::Monitor
+        | S::Mwait
+        | S::Xsetbv
+        | S::Xgetbv
+        | S::Clac
+        | S::Stac
+        | S::Invpcid
+        | S::Rsm
+        | S::Unsupported => Err(ExecError::Unsupported("an instruction the sensitive table does not cover")),
+    }
+}
+
+fn control_flow(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, f: Flow) -> Result<Outcome, ExecError> {
+    match f {
+        Flow::Int => Ok(Outcome::Interrupt(insn.immediate8())),
+        Flow::Int3 => Ok(Outcome::Interrupt(vector::BP)),
+        Flow::Into => Ok(if cpu.eflags & flags::OF != 0 { Outcome::Interrupt(vector::OF) } else { Outcome::Next }),
+        Flow::Iret => iret(cpu, env, insn),
+        Flow::IndirectJmp | Flow::IndirectCall => near_indirect(cpu, env, insn, f == Flow::IndirectCall),
+        Flow::FarJmp | Flow::FarCall | Flow::FarRet => far_transfer(cpu, env, insn, f),
+        Flow::Sysenter => sysenter(cpu),
+        Flow::Sysexit => sysexit(cpu),
         _ => Err(ExecError::Unsupported("an instruction the sensitive table does not cover")),
     }
 }
 
-fn is_near_indirect(insn: &Instruction) -> bool {
-    matches!(insn.code(), Code::Jmp_rm32 | Code::Jmp_rm16 | Code::Call_rm32 | Code::Call_rm16)
-}
-
 /// JMP/CALL r/m: the translator hands over those whose operand it cannot
 /// load itself (a GS memory operand: glibc's `call gs:[0x10]`).
-fn near_indirect(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    let op16 = matches!(insn.code(), Code::Jmp_rm16 | Code::Call_rm16);
+fn near_indirect(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, call: bool) -> Result<Outcome, ExecError> {
+    let op16 = insn.code().op_code().operand_size() == 16;
     let mut target = operand::read_operand(cpu, env.mem, insn, 0)?;
     let mut ret = insn.next_ip32();
     if op16 {
@@ -170,23 +192,11 @@ fn near_indirect(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result
     if target > cpu.seg(Seg::Cs).cache.limit {
         return Err(Fault::gp(0).into());
     }
-    if insn.mnemonic() == Mnemonic::Call {
+    if call {
         push(cpu, env.mem, ret, if op16 { 2 } else { 4 })?;
     }
     cpu.eip = target;
     Ok(Outcome::Jumped)
-}
-
-fn is_cr_move(insn: &Instruction) -> bool {
-    (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && insn.op_register(i).is_cr())
-}
-
-fn is_dr_move(insn: &Instruction) -> bool {
-    (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && insn.op_register(i).is_dr())
-}
-
-fn touches_segment(insn: &Instruction) -> bool {
-    (0..insn.op_count()).any(|i| insn.op_kind(i) == OpKind::Register && insn.op_register(i).is_segment_register())
 }
 
 /// Operand size in bytes (2 or 4) of an instruction whose operand size
@@ -206,7 +216,7 @@ fn operand_bytes(cpu: &Cpu, insn: &Instruction) -> u32 {
 }
 
 fn pushf(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    let size = if insn.mnemonic() == Mnemonic::Pushfd { 4 } else { 2 };
+    let size = insn.stack_pointer_increment().unsigned_abs();
     // RF and VM read as 0 in the pushed image.
     let image = cpu.eflags & !(flags::RF | flags::VM);
     push(cpu, env.mem, image, size)?;
@@ -214,7 +224,7 @@ fn pushf(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome
 }
 
 fn popf(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    let size = if insn.mnemonic() == Mnemonic::Popfd { 4 } else { 2 };
+    let size = insn.stack_pointer_increment().unsigned_abs();
     let v = peek(cpu, env.mem, 0, size)?;
     let mut mask = flags::LIVE | flags::NT;
     if size == 2 {
@@ -232,7 +242,6 @@ fn popf(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome,
 }
 
 fn cli_sti(cpu: &mut Cpu, sti: bool) -> Result<Outcome, ExecError> {
-    require_iopl(cpu)?;
     if sti {
         if cpu.eflags & flags::IF == 0 {
             cpu.interrupt_shadow = true;
@@ -245,7 +254,6 @@ fn cli_sti(cpu: &mut Cpu, sti: bool) -> Result<Outcome, ExecError> {
 }
 
 fn mov_cr(cpu: &mut Cpu, insn: &Instruction) -> Result<Outcome, ExecError> {
-    require_cpl0(cpu)?;
     let (dst, src) = (insn.op0_register(), insn.op1_register());
     if dst.is_cr() {
         let v = gpr_read(cpu, src);
@@ -301,7 +309,6 @@ fn mov_cr(cpu: &mut Cpu, insn: &Instruction) -> Result<Outcome, ExecError> {
 }
 
 fn mov_dr(cpu: &mut Cpu, insn: &Instruction) -> Result<Outcome, ExecError> {
-    require_cpl0(cpu)?;
     let (dst, src) = (insn.op0_register(), insn.op1_register());
     let n = |r: Register| r as usize - Register::DR0 as usize;
     if dst.is_dr() {
@@ -314,15 +321,15 @@ fn mov_dr(cpu: &mut Cpu, insn: &Instruction) -> Result<Outcome, ExecError> {
     Ok(Outcome::Next)
 }
 
-fn segment_move(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    match insn.mnemonic() {
-        Mnemonic::Push => {
+fn segment_move(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, s: Sensitive) -> Result<Outcome, ExecError> {
+    match s {
+        Sensitive::PushSeg => {
             let s = seg_of(insn.op0_register()).ok_or(Fault::ud())?;
             let size = operand_bytes(cpu, insn);
             push(cpu, env.mem, u32::from(cpu.seg(s).selector), size)?;
             Ok(Outcome::Next)
         }
-        Mnemonic::Pop => {
+        Sensitive::PopSeg => {
             let s = seg_of(insn.op0_register()).ok_or(Fault::ud())?;
             let size = operand_bytes(cpu, insn);
             let sel = peek(cpu, env.mem, 0, size)? as u16;
@@ -354,14 +361,8 @@ fn segment_move(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<
     }
 }
 
-fn load_far_pointer(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    let seg = match insn.mnemonic() {
-        Mnemonic::Lds => Seg::Ds,
-        Mnemonic::Les => Seg::Es,
-        Mnemonic::Lfs => Seg::Fs,
-        Mnemonic::Lgs => Seg::Gs,
-        _ => Seg::Ss,
-    };
+fn load_far_pointer(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, seg: Register) -> Result<Outcome, ExecError> {
+    let seg = seg_of(seg).ok_or(Fault::ud())?;
     let off_size = insn.op0_register().size() as u32;
     let lin = operand::memory_linear(cpu, insn, off_size + 2, false)?;
     let mut b = [0u8; 6];
@@ -377,12 +378,9 @@ fn load_far_pointer(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Res
     Ok(Outcome::SegmentLoaded(seg))
 }
 
-fn table_register(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    let store = matches!(insn.mnemonic(), Mnemonic::Sgdt | Mnemonic::Sidt);
-    let gdt = matches!(insn.mnemonic(), Mnemonic::Sgdt | Mnemonic::Lgdt);
-    if !store {
-        require_cpl0(cpu)?;
-    }
+fn table_register(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, s: Sensitive) -> Result<Outcome, ExecError> {
+    let store = matches!(s, Sensitive::Sgdt | Sensitive::Sidt);
+    let gdt = matches!(s, Sensitive::Sgdt | Sensitive::Lgdt);
     let lin = operand::memory_linear(cpu, insn, 6, store)?;
     let acc = Access::at_cpl(cpu.cpl);
     if store {
@@ -409,17 +407,16 @@ fn table_register(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Resul
     Ok(Outcome::Next)
 }
 
-fn system_segment(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    match insn.mnemonic() {
-        Mnemonic::Sldt | Mnemonic::Str => {
-            let v = if insn.mnemonic() == Mnemonic::Sldt { cpu.ldtr.selector } else { cpu.tr.selector };
+fn system_segment(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, s: Sensitive) -> Result<Outcome, ExecError> {
+    match s {
+        Sensitive::Sldt | Sensitive::Str => {
+            let v = if s == Sensitive::Sldt { cpu.ldtr.selector } else { cpu.tr.selector };
             write_operand(cpu, env.mem, insn, 0, u32::from(v))?;
             Ok(Outcome::Next)
         }
         m => {
-            require_cpl0(cpu)?;
             let sel = read_operand(cpu, env.mem, insn, 0)? as u16;
-            if m == Mnemonic::Lldt && sel & !3 == 0 {
+            if m == Sensitive::Lldt && sel & !3 == 0 {
                 cpu.ldtr = SegReg { selector: 0, cache: Descriptor::default() };
                 return Ok(Outcome::Next);
             }
@@ -427,14 +424,14 @@ fn system_segment(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Resul
                 return Err(Fault::gp(u32::from(sel & 0xFFFC)).into());
             }
             let d = read_descriptor(cpu, env.mem, sel, false)?;
-            let want = if m == Mnemonic::Lldt { d.typ == 2 } else { d.typ == 9 || d.typ == 1 };
+            let want = if m == Sensitive::Lldt { d.typ == 2 } else { d.typ == 9 || d.typ == 1 };
             if d.s || !want {
                 return Err(Fault::gp(u32::from(sel & 0xFFFC)).into());
             }
             if !d.present {
                 return Err(Fault::with_code(vector::NP, u32::from(sel & 0xFFFC)).into());
             }
-            if m == Mnemonic::Lldt {
+            if m == Sensitive::Lldt {
                 cpu.ldtr = SegReg { selector: sel, cache: d };
             } else {
                 // LTR marks the TSS busy in the GDT.
@@ -450,17 +447,16 @@ fn system_segment(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Resul
     }
 }
 
-fn msw(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    match insn.mnemonic() {
-        Mnemonic::Smsw => {
+fn msw(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, s: Sensitive) -> Result<Outcome, ExecError> {
+    match s {
+        Sensitive::Smsw => {
             // To a 32-bit register: all of CR0 (the upper bits are undefined
             // on old parts; modern ones return CR0); to memory: 16 bits.
             let v = if insn.op_kind(0) == OpKind::Register { cpu.cr0 } else { cpu.cr0 & 0xFFFF };
             write_operand(cpu, env.mem, insn, 0, v)?;
             Ok(Outcome::Next)
         }
-        Mnemonic::Lmsw => {
-            require_cpl0(cpu)?;
+        Sensitive::Lmsw => {
             let v = read_operand(cpu, env.mem, insn, 0)? & 0xF;
             let old = cpu.cr0;
             // LMSW can set PE but not clear it.
@@ -468,60 +464,53 @@ fn msw(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, 
             Ok(Outcome::Mmu(MmuEffect::Cr0 { old, new: cpu.cr0 }))
         }
         _ => {
-            require_cpl0(cpu)?;
             cpu.cr0 &= !cr0::TS;
             Ok(Outcome::Next)
         }
     }
 }
 
-fn inspect_segment(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    let (sel_op, m) = match insn.mnemonic() {
-        Mnemonic::Lar | Mnemonic::Lsl => (1, insn.mnemonic()),
-        m => (0, m),
-    };
+fn inspect_segment(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, m: Sensitive) -> Result<Outcome, ExecError> {
+    let sel_op = if matches!(m, Sensitive::Lar | Sensitive::Lsl) { 1 } else { 0 };
     let sel = read_operand(cpu, env.mem, insn, sel_op)? as u16;
     let d = if sel & !3 == 0 { None } else { read_descriptor(cpu, env.mem, sel, false).ok() };
     let rpl = (sel & 3) as u8;
     let visible = |d: &Descriptor| d.is_conforming_code() || (d.dpl >= cpu.cpl && d.dpl >= rpl);
     let ok = match (m, d) {
         (_, None) => false,
-        (Mnemonic::Lar, Some(d)) => visible(&d) && (d.s || matches!(d.typ, 1 | 2 | 3 | 4 | 5 | 9 | 0xB | 0xC)),
-        (Mnemonic::Lsl, Some(d)) => visible(&d) && (d.s || matches!(d.typ, 1 | 2 | 3 | 9 | 0xB)),
-        (Mnemonic::Verr, Some(d)) => d.s && d.is_readable() && visible(&d),
+        (Sensitive::Lar, Some(d)) => visible(&d) && (d.s || matches!(d.typ, 1 | 2 | 3 | 4 | 5 | 9 | 0xB | 0xC)),
+        (Sensitive::Lsl, Some(d)) => visible(&d) && (d.s || matches!(d.typ, 1 | 2 | 3 | 9 | 0xB)),
+        (Sensitive::Verr, Some(d)) => d.s && d.is_readable() && visible(&d),
         (_, Some(d)) => d.s && d.is_writable_data() && visible(&d),
     };
     set_zf(cpu, ok);
     if ok {
         let d = d.expect("ok implies a descriptor");
         match m {
-            Mnemonic::Lar => write_operand(cpu, env.mem, insn, 0, d.access_rights())?,
-            Mnemonic::Lsl => write_operand(cpu, env.mem, insn, 0, d.limit)?,
+            Sensitive::Lar => write_operand(cpu, env.mem, insn, 0, d.access_rights())?,
+            Sensitive::Lsl => write_operand(cpu, env.mem, insn, 0, d.limit)?,
             _ => {}
         }
     }
     Ok(Outcome::Next)
 }
 
-fn io(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    require_iopl(cpu)?;
-    use Mnemonic::*;
+fn io(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, s: Sensitive) -> Result<Outcome, ExecError> {
     let port_of = |cpu: &Cpu, i: u32| match insn.op_kind(i) {
         OpKind::Immediate8 => u16::from(insn.immediate8()),
         _ => cpu.gpr[2] as u16,
     };
-    Ok(Outcome::Io(match insn.mnemonic() {
-        In => IoOp::In { port: port_of(cpu, 1), size: insn.op0_register().size() as u8 },
-        Out => {
+    // INS/OUTS: the size of the string element (ES:[EDI] or DS:[ESI]).
+    let elem = insn.memory_size().size() as u8;
+    Ok(Outcome::Io(match s {
+        Sensitive::In => IoOp::In { port: port_of(cpu, 1), size: insn.op0_register().size() as u8 },
+        Sensitive::Out => {
             let r = insn.op1_register();
             IoOp::Out { port: port_of(cpu, 0), size: r.size() as u8, value: gpr_read(cpu, r) }
         }
-        m @ (Insb | Insw | Insd) => IoOp::Ins {
-            port: cpu.gpr[2] as u16,
-            size: [(Insb, 1), (Insw, 2), (Insd, 4)].iter().find(|x| x.0 == m).map_or(1, |x| x.1),
-        },
-        m => {
-            let size = [(Outsb, 1u8), (Outsw, 2), (Outsd, 4)].iter().find(|x| x.0 == m).map_or(1, |x| x.1);
+        Sensitive::Ins => IoOp::Ins { port: cpu.gpr[2] as u16, size: elem },
+        _ => {
+            let size = elem;
             let seg = seg_of(insn.memory_segment()).unwrap_or(Seg::Ds);
             let lin = operand::linear(cpu, seg, cpu.gpr[6], u32::from(size), false)?;
             let mut b = [0u8; 4];
@@ -570,7 +559,6 @@ pub fn string_io_is_empty(cpu: &Cpu, insn: &Instruction) -> bool {
 }
 
 fn msr_access(cpu: &mut Cpu, env: &mut Env<'_>, write: bool) -> Result<Outcome, ExecError> {
-    require_cpl0(cpu)?;
     let index = cpu.gpr[1];
     let value = (u64::from(cpu.gpr[2]) << 32) | u64::from(cpu.gpr[0]);
     let tsc = (env.host_tsc as i64).wrapping_add(cpu.msr.tsc_offset) as u64;
@@ -629,9 +617,9 @@ fn msr_access(cpu: &mut Cpu, env: &mut Env<'_>, write: bool) -> Result<Outcome, 
     Ok(Outcome::Next)
 }
 
-fn counters(cpu: &mut Cpu, env: &mut Env<'_>, m: Mnemonic) -> Result<Outcome, ExecError> {
+fn counters(cpu: &mut Cpu, env: &mut Env<'_>, m: Sensitive) -> Result<Outcome, ExecError> {
     match m {
-        Mnemonic::Rdpmc => {
+        Sensitive::Rdpmc => {
             if cpu.cpl != 0 && cpu.cr4 & cr4::PCE == 0 {
                 return Err(Fault::gp(0).into());
             }
@@ -646,7 +634,7 @@ fn counters(cpu: &mut Cpu, env: &mut Env<'_>, m: Mnemonic) -> Result<Outcome, Ex
             let tsc = (env.host_tsc as i64).wrapping_add(cpu.msr.tsc_offset) as u64;
             cpu.gpr[0] = tsc as u32;
             cpu.gpr[2] = (tsc >> 32) as u32;
-            if m == Mnemonic::Rdtscp {
+            if m == Sensitive::Rdtscp {
                 cpu.gpr[1] = 0;
             }
         }
@@ -655,7 +643,7 @@ fn counters(cpu: &mut Cpu, env: &mut Env<'_>, m: Mnemonic) -> Result<Outcome, Ex
 }
 
 fn iret(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    if insn.mnemonic() != Mnemonic::Iretd {
+    if insn.code().op_code().operand_size() != 32 {
         return Err(ExecError::Unsupported("16-bit IRET"));
     }
     if !cpu.protected_mode() {
@@ -703,9 +691,9 @@ fn code_descriptor(cpu: &Cpu, mem: &mut dyn LinearMemory, sel: u16, ret: bool) -
     Ok(d)
 }
 
-fn far_transfer(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
+fn far_transfer(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, f: Flow) -> Result<Outcome, ExecError> {
     let size = operand_bytes(cpu, insn);
-    if insn.mnemonic() == Mnemonic::Retf {
+    if f == Flow::FarRet {
         let eip = peek(cpu, env.mem, 0, size)?;
         let sel = peek(cpu, env.mem, size, size)? as u16;
         let imm = if insn.op_count() > 0 { u32::from(insn.immediate16()) } else { 0 };
@@ -750,7 +738,7 @@ fn far_transfer(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<
         }
         _ => return Err(ExecError::Unsupported("near branch through the far-transfer path")),
     };
-    let call = insn.mnemonic() == Mnemonic::Call;
+    let call = f == Flow::FarCall;
     let push_size = size;
     if !cpu.protected_mode() {
         if call {
@@ -841,7 +829,7 @@ mod tests {
         let insn = Decoder::with_ip(32, &bytes, u64::from(cpu.eip), 0).decode();
         let policy = CpuPolicy::default();
         let mut env = Env { mem: m, policy: &policy, host_tsc: 1000 };
-        let r = execute(cpu, &mut env, &insn);
+        let r = execute(cpu, &mut env, &insn, &engine::classify::classify(&insn));
         if matches!(r, Ok(Outcome::Next | Outcome::Mmu(_) | Outcome::SegmentLoaded(_))) {
             cpu.eip = insn.next_ip32();
         }
@@ -973,5 +961,38 @@ mod tests {
         m.0[0x9300..0x9306].copy_from_slice(&[0x34, 0x12, 0, 0, 0x38, 0]);
         exec(&mut cpu, &mut m, |a| a.jmp(fword_ptr(0x9300u32))).unwrap();
         assert_eq!((cpu.seg(Seg::Cs).selector, cpu.seg(Seg::Cs).cache.base, cpu.eip), (0x38, 0x1_0000, 0x1234));
+    }
+
+    #[test]
+    fn privilege_and_iopl_checks_come_from_the_table() {
+        let (mut cpu, mut m) = machine();
+        cpu.cpl = 3;
+        let gp = Err(ExecError::Fault(Fault::gp(0)));
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.hlt()), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.mov(cr0, eax)), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.mov(eax, cr3)), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.lgdt(ptr(0x9000u32))), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.clts()), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.rdmsr()), gp);
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.invlpg(ptr(0x9000u32))), gp);
+        // Not privileged: the guest sees its own GDTR (the silent ones).
+        assert!(exec(&mut cpu, &mut m, |a| a.sgdt(ptr(0x9000u32))).is_ok());
+        // IOPL-sensitive: #GP while CPL > IOPL, allowed at IOPL 3.
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.out(0x80, al)), gp);
+        cpu.eflags |= flags::IOPL;
+        assert!(matches!(exec(&mut cpu, &mut m, |a| a.out(0x80, al)), Ok(Outcome::Io(IoOp::Out { port: 0x80, .. }))));
+    }
+
+    #[test]
+    fn string_io_sizes_come_from_the_encoding() {
+        let (mut cpu, mut m) = machine();
+        cpu.gpr[2] = 0x3F8;
+        for (size, r) in [
+            (1, exec(&mut cpu, &mut m, |a| a.insb())),
+            (2, exec(&mut cpu, &mut m, |a| a.insw())),
+            (4, exec(&mut cpu, &mut m, |a| a.insd())),
+        ] {
+            assert_eq!(r, Ok(Outcome::Io(IoOp::Ins { port: 0x3F8, size })));
+        }
     }
 }

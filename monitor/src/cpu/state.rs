@@ -104,8 +104,17 @@ pub struct Msrs {
 }
 
 /// The general registers, in encoding order (the execution host's frame
-/// uses the same order).
-pub use crate::host::entry::reg as gpr;
+/// uses the same order and imports these).
+pub mod gpr {
+    pub const EAX: usize = 0;
+    pub const ECX: usize = 1;
+    pub const EDX: usize = 2;
+    pub const EBX: usize = 3;
+    pub const ESP: usize = 4;
+    pub const EBP: usize = 5;
+    pub const ESI: usize = 6;
+    pub const EDI: usize = 7;
+}
 
 /// The complete virtual CPU state.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -87,16 +87,7 @@ pub struct Frame {
 }
 
 /// Index of each guest register in [`Frame::gpr`], in the x86 encoding order.
-pub mod reg {
-    pub const EAX: usize = 0;
-    pub const ECX: usize = 1;
-    pub const EDX: usize = 2;
-    pub const EBX: usize = 3;
-    pub const ESP: usize = 4;
-    pub const EBP: usize = 5;
-    pub const ESI: usize = 6;
-    pub const EDI: usize = 7;
-}
+pub use crate::cpu::state::gpr as reg;
 
 /// The one frame of the process.
 #[no_mangle]
@@ -375,11 +366,6 @@ global_asm!(
     callout = const EXIT_CALLOUT,
 );
 
-/// Offset, inside the exit-gate page, of the bare-call trampoline: 64-bit
-/// code below 4 GiB (a far call from 64-bit mode with a 32-bit operand pushes
-/// a 32-bit return address, so it must start below 4 GiB too).
-const BARE_TRAMPOLINE: usize = 0x40;
-
 /// A compat-mode function entered by a bare far call, with no monitor state
 /// around it: the baseline "native" figure of the host benchmark. The guest
 /// code must end with `retf`. Returns EAX.
@@ -390,15 +376,14 @@ const BARE_TRAMPOLINE: usize = 0x40;
 /// writable, at least 16 bytes), with CS = `cs`.
 pub unsafe fn bare_far_call(window: &super::Window, eip: u32, esp: u32, cs: u16, ecx: u32) -> u32 {
     // Trampoline: call far [rip+0x0a] (to eip:cs); ret (64-bit, to our caller).
-    let mut t = [0u8; 0x16];
+    use engine::vmm_area::{BARE_TRAMPOLINE, BARE_TRAMPOLINE_LEN};
+    let mut t = [0u8; BARE_TRAMPOLINE_LEN as usize];
     t[..7].copy_from_slice(&[0xFF, 0x1D, 0x0A, 0, 0, 0, 0xC3]);
     t[0x10..0x14].copy_from_slice(&eip.to_le_bytes());
     t[0x14..0x16].copy_from_slice(&cs.to_le_bytes());
-    let off = super::window::vmm::EXIT_GATE as usize + BARE_TRAMPOLINE;
-    // SAFETY: the benchmark owns the VMM area while it runs; the trampoline
-    // bytes are disjoint from the exit gate.
-    unsafe { window.vmm_alias()[off..off + t.len()].copy_from_slice(&t) };
-    let tramp = u64::from(window.exit_gate()) + BARE_TRAMPOLINE as u64;
+    // The trampoline bytes are disjoint from the exit gate (vmm_area asserts it).
+    window.vmm_alias().write(BARE_TRAMPOLINE as usize, &t);
+    let tramp = u64::from(window.vmm_base() + BARE_TRAMPOLINE);
     let out: u32;
     // SAFETY: per the function contract; RSP is kept in R12 (declared
     // clobbered), RBX and RBP are pushed and popped around the call, every

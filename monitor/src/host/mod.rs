@@ -20,7 +20,7 @@ pub mod window;
 
 pub use ldt::{HostSegment, SegKind};
 pub use vcpu::{Exit, FpuState, Kicker, Regs, Segments, SyscallKind, Vcpu};
-pub use window::{Prot, Window};
+pub use window::{Prot, VmmAlias, Window};
 
 use thiserror::Error;
 

@@ -225,16 +225,11 @@ fn install_exit_gate(window: &Window) {
     let mut gate = [0u8; 14];
     gate[..6].copy_from_slice(&[0xFF, 0x25, 0, 0, 0, 0]);
     gate[6..].copy_from_slice(&entry::exit_callout_address().to_le_bytes());
-    let off = super::window::vmm::EXIT_GATE as usize;
-    // SAFETY: the alias is valid for the VMM area; the gate bytes are only
-    // written here, by the vCPU owner, before any guest code runs.
-    let alias = unsafe { window.vmm_alias() };
-    alias[off..off + gate.len()].copy_from_slice(&gate);
+    const _: () = assert!(engine::vmm_area::EXIT_GATE_LEN as usize == 14);
+    window.vmm_alias().write(engine::vmm_area::EXIT_GATE as usize, &gate);
     // The gate page is the monitor's only 64-bit code below 4 GiB.
     let start = window.exit_gate();
-    signals::set_monitor_code_below_4g(
-        start..start + (super::window::vmm::LOOKUP_TABLE - super::window::vmm::EXIT_GATE),
-    );
+    signals::set_monitor_code_below_4g(start..start + (engine::vmm_area::LOOKUP_TABLE - engine::vmm_area::EXIT_GATE));
 }
 
 impl Vcpu {

@@ -20,6 +20,10 @@ use std::sync::OnceLock;
 
 use nix::sys::mman::{MapFlags, ProtFlags};
 
+// The layout of the VMM area (offsets from its base) is the translator's:
+// the one source of every offset in it (docs/tc-abi.md).
+use engine::vmm_area as vmm;
+
 use super::HostError;
 use crate::memory::GuestMemory;
 
@@ -42,20 +46,6 @@ fn prot_flags(p: Prot) -> ProtFlags {
         f |= ProtFlags::PROT_EXEC;
     }
     f
-}
-
-/// Layout of the VMM area (offsets from its base). The translator's own view
-/// of the same bytes is `engine::vmm_area`; the two agree on these offsets
-/// (docs/tc-abi.md).
-pub mod vmm {
-    /// The vCPU page: state translated code reads and writes through GS.
-    pub const VCPU_PAGE: u32 = 0x0000;
-    /// The exit gate: 64-bit code, the target of every callout's far jump.
-    pub const EXIT_GATE: u32 = 0x1000;
-    /// Start of the read-only part (indirect-lookup table).
-    pub const LOOKUP_TABLE: u32 = 0x4_0000;
-    /// Start of the translation cache.
-    pub const TC: u32 = 0x10_0000;
 }
 
 /// Counters of host calls the window made (each is a syscall: 1-6 µs here).
@@ -259,24 +249,8 @@ impl Window {
     }
 
     /// The monitor's read-write alias of the whole VMM area.
-    ///
-    /// # Safety
-    /// The VMM area is shared with running guest-mode code and other threads
-    /// of the monitor: the caller must make sure no other `&mut` to the same
-    /// bytes is alive (the run loop owns it while a vCPU exists).
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn vmm_alias(&self) -> &mut [u8] {
-        // SAFETY: the alias mapping is `vmm_size` bytes and never unmapped;
-        // exclusivity is the caller's obligation (see above).
-        unsafe { std::slice::from_raw_parts_mut(self.vmm_alias.as_ptr(), self.vmm_size as usize) }
-    }
-
-    /// Raw pointer to the alias of VMM-area offset `off` (for atomics shared
-    /// with other threads, e.g. the pending-interrupt flag).
-    pub fn vmm_alias_ptr(&self, off: u32) -> *mut u8 {
-        assert!(off < self.vmm_size);
-        // SAFETY: in bounds of the alias mapping (asserted).
-        unsafe { self.vmm_alias.as_ptr().add(off as usize) }
+    pub fn vmm_alias(&self) -> VmmAlias {
+        VmmAlias { ptr: self.vmm_alias, len: self.vmm_size as usize }
     }
 
     fn check_range(&self, gva: u32, len: u32) -> Result<(), HostError> {
@@ -385,5 +359,86 @@ impl Window {
 
     pub fn stats(&self) -> WindowStats {
         *self.stats.lock().expect("stats")
+    }
+}
+
+/// The monitor's read-write alias of the VMM area, the only way to its
+/// bytes. The same bytes are guest-mode code's (through the window copy),
+/// the translator's and the vCPU's, so no holder may ever own a `&mut [u8]`
+/// over them: every access is a raw-pointer copy, bounds-checked. Views are
+/// `Copy`; all of them are the one mapping, used from the vCPU thread
+/// (guest-mode code runs there too, synchronously).
+#[derive(Clone, Copy, Debug)]
+pub struct VmmAlias {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the pointer refers to a shared mapping that is never unmapped;
+// moving a view to another thread (the engine is `Send`) moves no data.
+unsafe impl Send for VmmAlias {}
+
+impl VmmAlias {
+    /// Pointer to `[off, off+len)` of the alias, asserted in bounds.
+    fn at(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(
+            off.checked_add(len).is_some_and(|end| end <= self.len),
+            "VMM-area access {off:#x}+{len} out of bounds"
+        );
+        // SAFETY: in bounds of the mapping (asserted above).
+        unsafe { self.ptr.as_ptr().add(off) }
+    }
+
+    /// Copies bytes at `off` into `buf`.
+    pub fn read(&self, off: usize, buf: &mut [u8]) {
+        let src = self.at(off, buf.len());
+        // SAFETY: `src` is valid for `buf.len()` bytes (checked by `at`); a
+        // Rust buffer never overlaps the alias mapping.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) }
+    }
+
+    /// Copies `data` to `off`.
+    pub fn write(&self, off: usize, data: &[u8]) {
+        let dst = self.at(off, data.len());
+        // SAFETY: as `read`; no reference to these bytes exists anywhere.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
+    }
+
+    /// Reads a vCPU-page field that translated code may have written
+    /// (volatile: the compiler must not cache it across guest entries).
+    pub fn read_u32(&self, off: u32) -> u32 {
+        let p = self.at(off as usize, 4).cast::<u32>();
+        assert!(p.is_aligned());
+        // SAFETY: in bounds (checked by `at`) and aligned (asserted); no
+        // reference to these bytes exists.
+        unsafe { p.read_volatile() }
+    }
+
+    /// Writes a vCPU-page field that translated code reads.
+    pub fn write_u32(&self, off: u32, v: u32) {
+        let p = self.at(off as usize, 4).cast::<u32>();
+        assert!(p.is_aligned());
+        // SAFETY: as `read_u32`.
+        unsafe { p.write_volatile(v) }
+    }
+
+    /// Writes a 16-bit vCPU-page field (selectors) that translated code reads.
+    pub fn write_u16(&self, off: u32, v: u16) {
+        let p = self.at(off as usize, 2).cast::<u16>();
+        assert!(p.is_aligned());
+        // SAFETY: as `read_u32`.
+        unsafe { p.write_volatile(v) }
+    }
+}
+
+impl engine::VmmMemory for VmmAlias {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn read(&self, off: usize, buf: &mut [u8]) {
+        VmmAlias::read(self, off, buf);
+    }
+    fn write(&mut self, off: usize, data: &[u8]) {
+        VmmAlias::write(self, off, data);
     }
 }

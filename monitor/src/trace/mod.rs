@@ -2,6 +2,7 @@
 
 pub mod diff;
 pub mod format;
+pub mod header;
 pub mod record;
 pub mod replay;
 
@@ -73,4 +74,3 @@ pub fn info(t: &Trace, bytes_on_disk: u64) -> String {
     }
     s
 }
-pub mod localize;

@@ -1,8 +1,12 @@
 //! The bt backend's views of guest memory, each the adapter one consumer
 //! needs: guest RAM for the shadow MMU's page walker ([`Phys`]), the window
-//! for its mappings ([`WindowMapper`]), the VMM area for the translator
-//! ([`VmmAlias`]), guest-linear memory for the virtual CPU's semantics
-//! ([`Linear`]) and guest code for the translator ([`Code`]).
+//! for its mappings ([`WindowMapper`]), guest-linear memory for the virtual
+//! CPU's semantics ([`Linear`]) and guest code for the translator
+//! ([`Code`]). [`Guest`] owns the memory and the MMU together and hands out
+//! these views, borrowing only itself, so the backend's other parts (CPU,
+//! engine) stay free to borrow alongside.
+
+use std::sync::Arc;
 
 use shadow_mmu::{HostMapper, MapError, MapOp, OutsideRam, PhysMem, ShadowMmu};
 
@@ -58,18 +62,6 @@ impl HostMapper for WindowMapper<'_> {
             len,
             detail: e.to_string(),
         })
-    }
-}
-
-/// The monitor's read-write alias of the VMM area, handed to the engine.
-pub struct VmmAlias(pub &'static mut [u8]);
-
-impl engine::VmmMemory for VmmAlias {
-    fn bytes(&self) -> &[u8] {
-        self.0
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        self.0
     }
 }
 
@@ -144,5 +136,48 @@ impl engine::GuestCode for Code<'_> {
     fn phys_page(&mut self, linear: u32) -> Option<u64> {
         let a = shadow_mmu::Access { write: false, user: self.user, fetch: true };
         self.mmu.probe(&mut Phys(self.mem), linear, a).ok().map(|t| t.gpa & !0xFFF)
+    }
+}
+
+/// Guest RAM, the shadow MMU over it and the window it maps into.
+pub struct Guest {
+    pub mem: Arc<GuestMemory>,
+    pub mmu: ShadowMmu,
+    pub window: &'static Window,
+}
+
+impl Guest {
+    /// Guest-linear memory for the virtual CPU.
+    pub fn linear(&mut self) -> Linear<'_> {
+        Linear { mmu: &mut self.mmu, mem: &self.mem }
+    }
+
+    /// Guest code as the translator fetches it at CPL 3 (`user`) or below.
+    pub fn code(&mut self, user: bool) -> Code<'_> {
+        Code { mmu: &mut self.mmu, mem: &self.mem, user }
+    }
+
+    /// The MMU with its page walker's memory and its mapper.
+    pub fn paging(&mut self) -> (&mut ShadowMmu, Phys<'_>, WindowMapper<'_>) {
+        (&mut self.mmu, Phys(&self.mem), WindowMapper { window: self.window, mem: &self.mem })
+    }
+
+    /// Fetches guest code at `linear` into `buf` page by page, as the
+    /// translator would. Returns how many bytes arrived before the first
+    /// page that could not be fetched (the rest of `buf` is zeroed).
+    pub fn fetch(&mut self, linear: u32, buf: &mut [u8], user: bool) -> usize {
+        use engine::GuestCode;
+        let mut code = self.code(user);
+        let mut done = 0;
+        while done < buf.len() {
+            let lin = linear.wrapping_add(done as u32);
+            let n = (4096 - (lin & 0xFFF) as usize).min(buf.len() - done);
+            if code.fetch(lin, &mut buf[done..done + n]).is_err() {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        done
     }
 }

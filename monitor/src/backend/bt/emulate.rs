@@ -1,0 +1,208 @@
+//! Sensitive instructions on the virtual CPU ([`crate::cpu::sensitive`]) and
+//! what their outcome asks of the backend: MMU updates, I/O the machine
+//! performs, halts, software interrupts. Owns the instructions left half
+//! done while the machine answers (I/O, MMIO reads).
+
+use engine::classify::{Class, Classification, Sensitive};
+use iced_x86::Instruction;
+
+use super::{unsupported, BtBackend, Step};
+use crate::backend::{BackendError, VmExit};
+use crate::cpu::interrupt::{DeliveryError, Event};
+use crate::cpu::operand::gpr_write;
+use crate::cpu::sensitive::{self, Env, ExecError, IoOp, MmuEffect, Outcome};
+use crate::cpu::Fault;
+
+/// An I/O instruction waiting for the machine.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum PendingIo {
+    In { size: u8, next_eip: u32 },
+    Ins { insn: Instruction, op: IoOp, next_eip: u32 },
+    Outs { insn: Instruction, op: IoOp, next_eip: u32 },
+    Out { next_eip: u32 },
+}
+
+/// An MMIO read instruction waiting for the device's value.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PendingMmio {
+    pub insn: Instruction,
+    pub gpa: u64,
+    pub size: usize,
+    pub writes: bool,
+}
+
+/// Instructions half done, waiting for the machine.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    pub io: Option<PendingIo>,
+    /// An MMIO read waiting for its value.
+    pub mmio: Option<PendingMmio>,
+    /// What `run` returns first (the second half of an MMIO access).
+    pub exit: Option<Result<VmExit, BackendError>>,
+}
+
+/// Whether the instruction completed (its count and EIP move on).
+fn completes(result: &Result<Outcome, ExecError>) -> bool {
+    matches!(
+        result,
+        Ok(Outcome::Next
+            | Outcome::SegmentLoaded(_)
+            | Outcome::Jumped
+            | Outcome::Mmu(_)
+            | Outcome::Halt
+            | Outcome::Interrupt(_))
+    )
+}
+
+impl BtBackend {
+    /// Performs sensitive instruction `insn`, classified `c`, on the
+    /// virtual CPU.
+    pub(super) fn emulate(&mut self, insn: &Instruction, c: &Classification, next_eip: u32) -> Step {
+        tracing::trace!(eip = format_args!("{:#x}", self.cpu.eip), next = format_args!("{next_eip:#x}"), %insn, "sensitive");
+        let host_tsc = self.guest_tsc_base();
+        let result = {
+            let mut lin = self.guest.linear();
+            let mut env = Env { mem: &mut lin, policy: &self.policy, host_tsc };
+            sensitive::execute(&mut self.cpu, &mut env, insn, c)
+        };
+        if completes(&result) {
+            self.counter.retire();
+            if matches!(c.class, Class::Sensitive(Sensitive::Rdtsc | Sensitive::Rdtscp)) {
+                self.counter.tsc_read();
+            }
+        }
+        match result {
+            Ok(outcome) => self.apply(outcome, insn, next_eip),
+            Err(ExecError::Fault(f)) => self.fault(f),
+            Err(ExecError::Unsupported(what)) => {
+                tracing::debug!(%insn, what, "unsupported sensitive instruction: #UD");
+                self.fault(Fault::ud())
+            }
+            Err(ExecError::Delivery(DeliveryError::TripleFault { .. })) => Ok(Some(VmExit::TripleFault)),
+            Err(ExecError::Delivery(DeliveryError::Unsupported(what))) => Err(unsupported(what)),
+        }
+    }
+
+    /// What the backend does after a sensitive instruction's semantics.
+    fn apply(&mut self, outcome: Outcome, insn: &Instruction, next_eip: u32) -> Step {
+        match outcome {
+            Outcome::Next | Outcome::SegmentLoaded(_) => {
+                self.cpu.eip = next_eip;
+                Ok(None)
+            }
+            Outcome::Jumped => Ok(None),
+            Outcome::Mmu(effect) => {
+                self.cpu.eip = next_eip;
+                self.mmu_effect(effect)?;
+                Ok(None)
+            }
+            Outcome::Io(op) => self.start_io(insn, op, next_eip),
+            Outcome::Halt => {
+                self.cpu.eip = next_eip;
+                self.cpu.halted = true;
+                Ok(Some(VmExit::Halt))
+            }
+            Outcome::Interrupt(v) => {
+                self.cpu.eip = next_eip;
+                self.raise(Event::Software(v))
+            }
+        }
+    }
+
+    fn mmu_effect(&mut self, effect: MmuEffect) -> Result<(), BackendError> {
+        let (mmu, phys, mut mapper) = self.guest.paging();
+        let r = match effect {
+            MmuEffect::Cr3 { new } => mmu.set_cr3(&phys, &mut mapper, new),
+            MmuEffect::Invlpg(lin) => mmu.invlpg(&mut mapper, lin),
+            MmuEffect::Cr0 { new, .. } => mmu.set_cr0(&phys, &mut mapper, new),
+            MmuEffect::Cr4 { new, .. } => mmu.set_cr4(&phys, &mut mapper, new),
+        };
+        r.map_err(super::failed)?;
+        if matches!(effect, MmuEffect::Cr3 { .. } | MmuEffect::Invlpg(_)) {
+            // The address space changed: translated user code (the counting
+            // mode, or IOPL-3 user code) whose pages now map elsewhere goes.
+            // Cheap when there is none: the engine indexes CPL 3 blocks by page.
+            self.engine.revalidate_user_mappings(&mut self.guest.code(true));
+        } else {
+            // Paging changed: translations whose linear pages now map elsewhere go.
+            self.engine.revalidate_mappings(&mut self.guest.code(false));
+        }
+        Ok(())
+    }
+
+    fn start_io(&mut self, insn: &Instruction, op: IoOp, next_eip: u32) -> Step {
+        if sensitive::string_io_is_empty(&self.cpu, insn) {
+            self.cpu.eip = next_eip;
+            self.counter.retire();
+            return Ok(None);
+        }
+        self.stats.count("io");
+        Ok(Some(match op {
+            IoOp::In { port, size } => {
+                self.pending.io = Some(PendingIo::In { size, next_eip });
+                VmExit::IoIn { port, size }
+            }
+            IoOp::Out { port, size, value } => {
+                // The OUT is complete once the machine has the value: EIP
+                // moves now, before the machine may inject an interrupt.
+                self.pending.io = Some(PendingIo::Out { next_eip });
+                self.finish_io(0);
+                VmExit::IoOut { port, size, value }
+            }
+            IoOp::Ins { port, size } => {
+                self.pending.io = Some(PendingIo::Ins { insn: *insn, op, next_eip });
+                VmExit::IoIn { port, size }
+            }
+            IoOp::Outs { port, size, value } => {
+                self.pending.io = Some(PendingIo::Outs { insn: *insn, op, next_eip });
+                self.finish_io(0);
+                VmExit::IoOut { port, size, value }
+            }
+        }))
+    }
+
+    /// Finishes the pending I/O instruction (OUT completes on the next run).
+    pub(super) fn finish_io(&mut self, value: u32) {
+        let Some(p) = self.pending.io.take() else { return };
+        match p {
+            PendingIo::In { size, next_eip } => {
+                let reg = match size {
+                    1 => iced_x86::Register::AL,
+                    2 => iced_x86::Register::AX,
+                    _ => iced_x86::Register::EAX,
+                };
+                gpr_write(&mut self.cpu, reg, value);
+                self.cpu.eip = next_eip;
+                self.counter.retire();
+            }
+            PendingIo::Out { next_eip } => {
+                self.cpu.eip = next_eip;
+                self.counter.retire();
+            }
+            PendingIo::Ins { insn, op, next_eip } | PendingIo::Outs { insn, op, next_eip } => {
+                match sensitive::complete_string_io(&mut self.cpu, &mut self.guest.linear(), &insn, op, value) {
+                    Ok(true) => {
+                        self.cpu.eip = next_eip;
+                        self.counter.retire();
+                    }
+                    Ok(false) => {}
+                    Err(f) => {
+                        let _ = self.fault(f);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The machine's value for the pending MMIO read: the instruction runs
+    /// on it now; what that produced is what `run` returns next.
+    pub(super) fn finish_mmio_read(&mut self, value: u64) {
+        if let Some(p) = self.pending.mmio.take() {
+            match self.mmio_execute(p, value) {
+                Ok(Some(e)) => self.pending.exit = Some(Ok(e)),
+                Ok(None) => {}
+                Err(e) => self.pending.exit = Some(Err(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Segment shadowing: the host LDT copies of the guest's descriptors and the
+//! host selectors each kind of guest-mode code runs with. The bt backend's
+//! own business (the host LDT is its execution host's), which is why it
+//! lives here and not in the shared [`crate::cpu`] model.
+//!
+//! Each guest descriptor has two shadow slots in the host LDT, one-to-one,
+//! so mapping a host selector found at an exit back to the guest selector
+//! is arithmetic, not a search:
+//!
+//! | host LDT indexes | holds |
+//! | --- | --- |
+//! | `0..2048` | guest GDT entry `i`, limit truncated below the VMM area (translated kernel code) |
+//! | `2048..4096` | guest GDT entry `i`, as the guest wrote it (direct user code) |
+//! | `4096..6144` | guest LDT entry `j`, truncated |
+//! | `6144..8188` | guest LDT entry `j`, as written |
+//!
+//! Why two: user code runs directly and glibc addresses its TLS with
+//! negative offsets that wrap around 4 GiB (`gs:[-0x54]`), which a truncated
+//! segment turns into #GP (Xen's "nosegneg" problem). Truncating user
+//! segments would buy nothing here anyway: in-process user code can load the
+//! host's flat selectors itself.
+
+use std::collections::HashMap;
+
+use super::{failed, BackendError};
+use crate::cpu::{Cpu, Descriptor, Seg, SegReg};
+use crate::host::ldt::{ldt_selector, HostSegment, SegKind};
+use crate::host::{Segments, Vcpu};
+
+/// First host LDT index used for guest LDT descriptors.
+pub const LDT_SHADOW_BASE: u16 = 4096;
+/// Offset of the untruncated (user) slots within each table's range.
+pub const USER_SLOTS: u16 = 2048;
+/// Guest GDT/LDT indexes that have a shadow slot.
+pub const MAX_SHADOWED: u16 = 2044;
+
+/// The host LDT copy of code/data descriptor `d`, truncated below the VMM
+/// area (`vmm_base`), or as written when `vmm_base` is `None`. System
+/// descriptors have no shadow.
+pub fn descriptor_shadow(d: &Descriptor, vmm_base: Option<u32>) -> Option<HostSegment> {
+    if !d.s {
+        return None;
+    }
+    let kind = if d.is_code() {
+        SegKind::Code { readable: d.typ & 2 != 0 }
+    } else {
+        SegKind::Data { writable: d.typ & 2 != 0, expand_down: d.typ & 4 != 0 }
+    };
+    let seg = HostSegment { base: d.base, limit: d.limit, kind, big: d.db, present: d.present };
+    Some(match vmm_base {
+        Some(b) => seg.truncated(b),
+        None => seg,
+    })
+}
+
+/// Host LDT index of the shadow of guest selector `sel`: the truncated
+/// slot, or the user slot (as written) when `user` (None for null
+/// selectors and indexes beyond the shadow space).
+pub fn shadow_index(sel: u16, user: bool) -> Option<u16> {
+    let index = sel >> 3;
+    if sel & !3 == 0 || index >= MAX_SHADOWED {
+        return None;
+    }
+    let table = if sel & 4 != 0 { LDT_SHADOW_BASE } else { 0 };
+    Some(table + index + if user { USER_SLOTS } else { 0 })
+}
+
+/// Host selector (RPL 3, TI=1) for guest selector `sel`.
+pub fn shadow_selector(sel: u16, user: bool) -> Option<u16> {
+    shadow_index(sel, user).map(ldt_selector)
+}
+
+/// Guest selector for host selector `host` given the guest RPL to report
+/// (the host always has RPL 3). Inverse of [`shadow_selector`].
+pub fn guest_selector(host: u16, rpl: u8) -> Option<u16> {
+    if host & 4 == 0 {
+        return None;
+    }
+    let index = host >> 3;
+    let (ti, rest) = if index >= LDT_SHADOW_BASE { (4, index - LDT_SHADOW_BASE) } else { (0, index) };
+    let gi = rest % USER_SLOTS;
+    if gi >= MAX_SHADOWED {
+        return None;
+    }
+    Some((gi << 3) | ti | u16::from(rpl & 3))
+}
+
+/// A selector error code from the host refers to a host selector: report
+/// the guest selector it shadows.
+pub fn guest_error_code(code: u32) -> u32 {
+    if code == 0 {
+        return 0;
+    }
+    let sel = (code & 0xFFFC) as u16;
+    guest_selector(sel | 3, 0).map_or(code, |g| u32::from(g & 0xFFFC) | (code & 1))
+}
+
+/// The last translated-mode selectors, valid while the guest segments, the
+/// CPL and the host LDT are unchanged.
+#[derive(Clone, Copy, Debug)]
+struct TcCache {
+    regs: [SegReg; 5],
+    ldt_stamp: u64,
+    cpl: u8,
+    segs: Segments,
+    guest_gs: u16,
+}
+
+/// The host LDT as this backend wrote it, and the selectors derived from it.
+pub struct Shadows {
+    vmm_base: u32,
+    /// Host LDT entries as written, by index.
+    ldt: HashMap<u16, HostSegment>,
+    /// Host LDT writes so far (a counter, and the stamp of `tc_cache`).
+    writes: u64,
+    tc_cache: Option<TcCache>,
+}
+
+impl Shadows {
+    pub fn new(vmm_base: u32) -> Shadows {
+        Shadows { vmm_base, ldt: HashMap::new(), writes: 0, tc_cache: None }
+    }
+
+    /// Host LDT entries written so far.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
+    /// Host selector for a guest segment register, writing its shadow into
+    /// the host LDT when it changed.
+    pub fn shadow(&mut self, host: &mut Vcpu, seg: SegReg, nullable: bool, user: bool) -> Result<u16, BackendError> {
+        if seg.selector & !3 == 0 && nullable {
+            return Ok(0);
+        }
+        let index = shadow_index(seg.selector, user)
+            .or(if seg.selector & !3 == 0 { Some(0) } else { None })
+            .ok_or_else(|| failed(format!("selector {:#x} has no shadow slot", seg.selector)))?;
+        let hs = descriptor_shadow(&seg.cache, if user { None } else { Some(self.vmm_base) })
+            .ok_or_else(|| failed(format!("selector {:#x} is not a code/data segment", seg.selector)))?;
+        if self.ldt.get(&index) != Some(&hs) {
+            host.set_ldt_entry(index, hs).map_err(failed)?;
+            self.ldt.insert(index, hs);
+            self.writes += 1;
+        }
+        Ok(ldt_selector(index))
+    }
+
+    /// Host selectors of SS, DS, ES and FS (shadowed in that order).
+    fn data(&mut self, host: &mut Vcpu, cpu: &Cpu, user: bool) -> Result<[u16; 4], BackendError> {
+        Ok([
+            self.shadow(host, *cpu.seg(Seg::Ss), false, user)?,
+            self.shadow(host, *cpu.seg(Seg::Ds), true, user)?,
+            self.shadow(host, *cpu.seg(Seg::Es), true, user)?,
+            self.shadow(host, *cpu.seg(Seg::Fs), true, user)?,
+        ])
+    }
+
+    /// Selectors for direct user code: every register its user shadow.
+    pub fn direct(&mut self, host: &mut Vcpu, cpu: &Cpu) -> Result<Segments, BackendError> {
+        let cs = self.shadow(host, *cpu.seg(Seg::Cs), false, true)?;
+        let [ss, ds, es, fs] = self.data(host, cpu, true)?;
+        let gs = self.shadow(host, *cpu.seg(Seg::Gs), true, true)?;
+        Ok(Segments { cs, ss, ds, es, fs, gs })
+    }
+
+    /// Host selectors for translated code (and the guest GS shadow for
+    /// GS-prefix rewrites). Callouts come back here constantly with the
+    /// same guest segments: the result is cached until a segment or the
+    /// host LDT changes.
+    pub fn translated(&mut self, host: &mut Vcpu, cpu: &Cpu) -> Result<(Segments, u16), BackendError> {
+        let regs = [Seg::Ss, Seg::Ds, Seg::Es, Seg::Fs, Seg::Gs].map(|s| *cpu.seg(s));
+        if let Some(c) = &self.tc_cache {
+            if c.regs == regs && c.ldt_stamp == self.writes && c.cpl == cpu.cpl {
+                return Ok((c.segs, c.guest_gs));
+            }
+        }
+        // Translated user code (counting mode) keeps the guest's limits, as
+        // direct user code does: glibc's TLS accesses wrap around 4 GiB.
+        let user = cpu.cpl == 3;
+        let [ss, ds, es, fs] = self.data(host, cpu, user)?;
+        let segs = Segments { cs: host.vmm_code_selector(), ss, ds, es, fs, gs: host.vmm_data_selector() };
+        let guest_gs = self.shadow(host, regs[4], true, user)?;
+        self.tc_cache = Some(TcCache { regs, ldt_stamp: self.writes, cpl: cpu.cpl, segs, guest_gs });
+        Ok((segs, guest_gs))
+    }
+
+    /// Selectors for one instruction run natively in the exit-gate page:
+    /// the guest's data segments (truncated), GS the VMM segment unless
+    /// `guest_gs`.
+    pub fn native_step(&mut self, host: &mut Vcpu, cpu: &Cpu, guest_gs: bool) -> Result<Segments, BackendError> {
+        let gs = if guest_gs { self.shadow(host, *cpu.seg(Seg::Gs), true, false)? } else { host.vmm_data_selector() };
+        let [ss, ds, es, fs] = self.data(host, cpu, false)?;
+        Ok(Segments { cs: host.vmm_code_selector(), ss, ds, es, fs, gs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadows_keep_base_and_limit() {
+        let d = Descriptor {
+            base: 0x1234_5678,
+            limit: 0xABCD,
+            typ: 3,
+            s: true,
+            dpl: 3,
+            present: true,
+            db: true,
+            g: false,
+            avl: false,
+        };
+        let h = descriptor_shadow(&d, Some(0xFF80_0000)).unwrap();
+        assert_eq!((h.base, h.limit), (0x1234_5678, 0xABCD));
+    }
+
+    #[test]
+    fn shadow_selectors_round_trip() {
+        assert_eq!(shadow_index(0x10, false), Some(2));
+        assert_eq!(shadow_index(0x10, true), Some(USER_SLOTS + 2));
+        assert_eq!(shadow_index(0x0f, false), Some(LDT_SHADOW_BASE + 1));
+        assert_eq!(shadow_index(3, false), None);
+        for user in [false, true] {
+            let h = shadow_selector(0x10, user).unwrap();
+            assert_eq!(guest_selector(h, 0), Some(0x10));
+            let h = shadow_selector(0x0f, user).unwrap();
+            assert_eq!(guest_selector(h, 3), Some(0x0f));
+        }
+        assert!(shadow_index(0x33, true).unwrap() < crate::host::ldt::FIRST_RESERVED);
+        assert!(shadow_index((MAX_SHADOWED - 1) << 3 | 4, true).unwrap() < crate::host::ldt::FIRST_RESERVED);
+    }
+
+    #[test]
+    fn user_shadows_keep_wraparound_limits() {
+        // glibc TLS: base B, limit 4 GiB: gs:[-0x54] wraps to B - 0x54.
+        let tls = Descriptor {
+            base: 0x0823_e000,
+            limit: u32::MAX,
+            typ: 3,
+            s: true,
+            dpl: 3,
+            present: true,
+            db: true,
+            g: true,
+            avl: false,
+        };
+        assert_eq!(descriptor_shadow(&tls, None).unwrap().limit, u32::MAX);
+        assert!(descriptor_shadow(&tls, Some(0xFF80_0000)).unwrap().limit < 0xFF80_0000 - 0x0823_e000);
+    }
+}

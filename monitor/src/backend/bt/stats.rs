@@ -1,0 +1,81 @@
+//! The bt backend's counters, with stable names, and where the time went
+//! (in TSC cycles: reading the clock through the vDSO cost a quarter of a
+//! callout here).
+
+use std::time::{Duration, Instant};
+
+use engine::Engine;
+use shadow_mmu::ShadowMmu;
+
+/// Counters with stable names, plus where the time went.
+#[derive(Clone, Debug, Default)]
+pub struct BtStats {
+    /// Exit counts by name (a short list: a linear scan beats hashing).
+    pub exits: Vec<(&'static str, u64)>,
+    pub cycles_direct: u64,
+    pub cycles_translated: u64,
+    pub cycles_total: u64,
+}
+
+impl BtStats {
+    /// Counts one exit (or event) named `what`.
+    pub(super) fn count(&mut self, what: &'static str) {
+        match self.exits.iter_mut().find(|e| e.0 == what) {
+            Some(e) => e.1 += 1,
+            None => self.exits.push((what, 1)),
+        }
+    }
+
+    /// `cycles` spent in guest-mode code, direct or translated.
+    pub(super) fn charge_guest(&mut self, translated: bool, cycles: u64) {
+        if translated {
+            self.cycles_translated += cycles;
+        } else {
+            self.cycles_direct += cycles;
+        }
+    }
+
+    /// Every counter of the backend, the engine's and the MMU's, by name.
+    pub(super) fn listing(&self, engine: &Engine, mmu: &ShadowMmu, ldt_writes: u64) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self.exits.iter().map(|(k, n)| (format!("bt/exits/{k}"), *n)).collect();
+        let e = engine.stats();
+        v.push(("engine/blocks_translated".into(), e.blocks_translated));
+        v.push(("engine/guest_bytes".into(), e.guest_bytes_translated));
+        v.push(("engine/tc_bytes".into(), e.tc_bytes_used));
+        v.push(("engine/exits_unchained".into(), e.exits_unchained));
+        v.push(("engine/indirect_misses".into(), e.indirect_misses));
+        v.push(("engine/invalidations".into(), e.invalidations));
+        v.push(("engine/flushes".into(), e.flushes));
+        for (k, n) in &e.callouts_taken {
+            v.push((format!("engine/callouts/{k}"), *n));
+        }
+        let m = mmu.stats();
+        v.push(("mmu/hidden_faults".into(), m.hidden_faults));
+        v.push(("mmu/guest_page_faults".into(), m.guest_page_faults));
+        // Every shadow-MMU counter that moved, under its stable name.
+        v.extend(m.counters().iter().filter(|(_, n)| *n != 0).map(|(k, n)| ((*k).to_string(), *n)));
+        v.push(("bt/ldt_writes".into(), ldt_writes));
+        let us = |cycles: u64| (cycles as f64 / tsc_per_us()) as u64;
+        v.push(("bt/time_direct_us".into(), us(self.cycles_direct)));
+        v.push(("bt/time_translated_us".into(), us(self.cycles_translated)));
+        let guest = self.cycles_direct + self.cycles_translated;
+        v.push(("bt/time_monitor_us".into(), us(self.cycles_total.saturating_sub(guest))));
+        v.sort();
+        v
+    }
+}
+
+/// Host TSC cycles per microsecond, measured once (20 ms) when first asked.
+fn tsc_per_us() -> f64 {
+    static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *RATE.get_or_init(|| {
+        let (t, c) = (Instant::now(), rdtsc());
+        std::thread::sleep(Duration::from_millis(20));
+        (rdtsc().wrapping_sub(c)) as f64 / t.elapsed().as_secs_f64() / 1e6
+    })
+}
+
+pub(super) fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions in user mode on this host.
+    unsafe { std::arch::x86_64::_rdtsc() }
+}
