@@ -108,3 +108,25 @@ pub const EBDA_START: u32 = 0x0009_FC00;
 pub const BIOS_ROM_START: u32 = 0x000F_0000;
 /// First byte of memory above the legacy hole ("high memory", 1 MiB).
 pub const HIGH_MEMORY_START: u32 = 0x0010_0000;
+
+// ---- The APIC machine (`--machine pc`, devices/apic.rs, ioapic.rs) --------
+
+/// Local APIC registers (xAPIC MMIO, IA32_APIC_BASE's fixed base).
+pub const LAPIC_BASE: u64 = 0xFEE0_0000;
+pub const LAPIC_SIZE: u64 = 0x1000;
+/// I/O APIC index/data window.
+pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
+pub const IOAPIC_SIZE: u64 = 0x20;
+/// MP floating pointer and configuration table: the EBDA range Linux scans
+/// (639 KiB), reserved in the e820 map.
+pub const MPTABLE_ADDR: u64 = EBDA_START as u64;
+pub const MPTABLE_END: u64 = LEGACY_HOLE_START as u64;
+
+// ---- PCI devices of the `pc` machine (devices/pci.rs, virtio/) ------------
+
+/// I/O space for PCI BARs: device slot n (from 1) gets `PCI_IO_BASE + (n - 1)
+/// * 0x100`.
+pub const PCI_IO_BASE: u16 = 0xC000;
+/// I/O APIC pin of slot 1's INTA#; slot n uses `PCI_FIRST_IOAPIC_PIN + n - 1`
+/// (announced in the MP table), up to pin 23.
+pub const PCI_FIRST_IOAPIC_PIN: u8 = 16;

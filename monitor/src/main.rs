@@ -131,6 +131,18 @@ struct RunArgs {
     /// CPU backend: bt (binary translation) or kvm.
     #[arg(long, default_value = "bt")]
     backend: BackendKind,
+    /// The PC: pc (local APIC, I/O APIC and MP table, PCI host bridge,
+    /// CPUID with the TSC frequency) or isa (8259 PIC only, the first
+    /// machine; traces recorded without this option replay on it).
+    #[arg(long, default_value = "pc")]
+    machine: monitor::devices::platform::Machine,
+    /// A virtio-blk disk on a raw image, read-write or `,ro` (pc machine;
+    /// repeatable: /dev/vda, /dev/vdb, ...).
+    #[arg(long = "disk", value_name = "FILE[,ro]")]
+    disks: Vec<monitor::devices::virtio::blk::DiskSpec>,
+    /// A virtio-rng device (pc machine).
+    #[arg(long)]
+    rng: bool,
     /// Print exits, translation and shadow-MMU counters and where the time went.
     #[arg(long)]
     stats: bool,
@@ -265,6 +277,9 @@ fn run(a: RunArgs) -> ExitCode {
         interactive: !a.no_input,
         guest: a.guest,
         jail: jail_wanted(a.no_jail),
+        machine: a.machine,
+        disks: a.disks,
+        rng: a.rng,
     };
     if a.deterministic || a.record.is_some() || a.until.is_some() {
         let det = monitor::deterministic::DetOptions {

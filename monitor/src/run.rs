@@ -9,7 +9,9 @@ use thiserror::Error;
 
 use crate::backend::bt::{BtBackend, BtConfig};
 use crate::backend::{Backend, BackendError};
+use crate::cpu::policy::CpuPolicy;
 use crate::cpu::Cpu;
+use crate::devices::platform::Machine;
 use crate::devices::{Clock, HostClock, HostWallClock, Platform, PlatformConfig};
 use crate::loader::{linux, multiboot, BootState};
 use crate::memory::{GuestMemory, MemoryError};
@@ -53,6 +55,12 @@ pub struct RunOptions {
     /// before the first guest instruction. The `popek` binary sets it
     /// unless `--no-jail`; a library caller (tests) chooses.
     pub jail: bool,
+    /// The PC (`pc`: APICs, PCI; `isa`: what traces without the option ran on).
+    pub machine: Machine,
+    /// virtio-blk disks on raw images (`--disk FILE[,ro]`).
+    pub disks: Vec<crate::devices::virtio::blk::DiskSpec>,
+    /// A virtio-rng device (`--rng`).
+    pub rng: bool,
 }
 
 impl Default for RunOptions {
@@ -67,6 +75,9 @@ impl Default for RunOptions {
             interactive: false,
             guest: None,
             jail: false,
+            machine: Machine::default(),
+            disks: Vec::new(),
+            rng: false,
         }
     }
 }
@@ -102,6 +113,12 @@ pub enum RunError {
     Diverged { at: u64, last_good: u64, report: String },
     #[error("cannot jail the monitor: {0} (--no-jail runs without it, for debugging only)")]
     Jail(#[from] crate::jail::JailError),
+    #[error(transparent)]
+    MpTable(#[from] crate::devices::mptable::MpTableError),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::blk::BlockError),
+    #[error("the deterministic mode does not record virtio device input: no --disk or --rng with it")]
+    DeterministicDevices,
 }
 
 impl From<HeaderError> for RunError {
@@ -123,6 +140,7 @@ impl RunOptions {
             initrd: self.initrd.clone(),
             append: self.append.clone(),
             mem: self.mem,
+            machine: self.machine,
         }
     }
 
@@ -134,6 +152,7 @@ impl RunOptions {
             initrd: m.initrd,
             append: m.append,
             mem: m.mem,
+            machine: m.machine,
             ..RunOptions::default()
         }
     }
@@ -212,15 +231,56 @@ fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> 
     Ok(state.to_cpu())
 }
 
+/// Virtual time's TSC frequency in the deterministic mode (one tick per ns).
+pub const DETERMINISTIC_TSC_HZ: u64 = 1_000_000_000;
+
+/// The CPU of `machine`; the TSC runs at `tsc_hz` (the host's, or 1 GHz of
+/// virtual time in the deterministic mode).
+pub fn cpu_policy(machine: Machine, tsc_hz: u64) -> CpuPolicy {
+    match machine {
+        Machine::Isa => CpuPolicy::default(),
+        Machine::Pc => CpuPolicy::pc(tsc_hz),
+    }
+}
+
+/// The platform of `opts.machine` for a CPU of `policy`, with its virtio
+/// devices and its firmware tables written into `mem` (the MP table of the
+/// `pc` machine).
+fn platform(
+    opts: &RunOptions,
+    policy: &CpuPolicy,
+    mem: &Arc<GuestMemory>,
+    config: PlatformConfig,
+) -> Result<Platform, RunError> {
+    use crate::devices::virtio::{blk::Block, rng::Rng};
+    let mut platform = Platform::with_machine(config, opts.machine, policy.crystal_hz().unwrap_or(1))?;
+    for (i, d) in opts.disks.iter().enumerate() {
+        platform.add_virtio(Box::new(Block::open(d, i)?), mem)?;
+    }
+    if opts.rng {
+        platform.add_virtio(Box::new(Rng::default()), mem)?;
+    }
+    if opts.machine == Machine::Pc {
+        let mp = crate::devices::mptable::MpConfig {
+            cpu_signature: policy.signature,
+            cpu_features: policy.edx1,
+            pci: Some(platform.pci_irqs()),
+        };
+        crate::devices::mptable::write(mem, &mp)?;
+    }
+    Ok(platform)
+}
+
 fn backend(
     opts: &RunOptions,
     mem: &Arc<GuestMemory>,
     cpu: Cpu,
     deterministic: bool,
+    policy: CpuPolicy,
 ) -> Result<Box<dyn Backend>, RunError> {
     Ok(match opts.backend {
         BackendKind::Bt => {
-            let bt = BtConfig { deterministic: deterministic || opts.bt.deterministic, ..opts.bt };
+            let bt = BtConfig { deterministic: deterministic || opts.bt.deterministic, cpu: policy, ..opts.bt };
             Box::new(BtBackend::new(mem.clone(), cpu, bt)?)
         }
         BackendKind::Kvm => Box::new(crate::backend::kvm::KvmBackend::new(mem, &cpu)?),
@@ -248,13 +308,13 @@ fn build_machine(
     for n in notes.iter() {
         tracing::info!("{n}");
     }
-    let platform = Platform::new(PlatformConfig {
-        ram_size: mem.size(),
-        console,
-        clock: timing.clock.clone(),
-        wall_clock: timing.wall_clock,
-    })?;
-    let backend = backend(opts, &mem, cpu, timing.deterministic)?;
+    let deterministic = timing.deterministic || opts.bt.deterministic;
+    let tsc_hz = if deterministic { DETERMINISTIC_TSC_HZ } else { crate::devices::clock::host_tsc_hz() };
+    let policy = cpu_policy(opts.machine, tsc_hz);
+    let config =
+        PlatformConfig { ram_size: mem.size(), console, clock: timing.clock.clone(), wall_clock: timing.wall_clock };
+    let platform = platform(opts, &policy, &mem, config)?;
+    let backend = backend(opts, &mem, cpu, timing.deterministic, policy)?;
     Ok(Vm::new(mem, platform, backend, timing.clock))
 }
 
@@ -348,6 +408,9 @@ pub fn run_deterministic(
     if opts.backend != BackendKind::Bt {
         return Err(RunError::DeterministicNeedsBt);
     }
+    if !opts.disks.is_empty() || opts.rng {
+        return Err(RunError::DeterministicDevices);
+    }
     let t = std::time::Instant::now();
     let (header, det) = match &session {
         DetSession::Replay(trace) => {
@@ -368,7 +431,7 @@ pub fn run_deterministic(
                 command_line: header::command_line(&opts.machine()),
                 mem_bytes: opts.mem,
                 images: header::image_digests(&opts.machine())?,
-                cpuid: header::cpuid_entries(),
+                cpuid: header::cpuid_entries(opts.machine, DETERMINISTIC_TSC_HZ),
                 start_unix_ns: crate::devices::clock::WallClock::now_unix_ns(&start),
                 checkpoint_every: det.checkpoint_every,
                 memory_every: det.memory_every,

@@ -368,6 +368,7 @@ impl Vm {
         v.push(("vm/halts".into(), self.halts));
         v.push(("platform/pit_irq0_edges".into(), p.pit_irq0_edges));
         v.push(("platform/interrupts_acknowledged".into(), p.interrupts_acknowledged));
+        v.extend(self.platform.virtio_stats().into_iter().map(|(k, n)| (format!("platform/{k}"), n)));
         v.sort();
         v
     }

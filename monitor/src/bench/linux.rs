@@ -239,6 +239,7 @@ pub fn boot(
         interactive: false,
         guest: None,
         jail: false,
+        ..RunOptions::default()
     };
     let lines = TimedLines::default();
     let console = lines.clone();

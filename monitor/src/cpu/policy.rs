@@ -12,6 +12,7 @@ pub mod edx1 {
     pub const MSR: u32 = 1 << 5;
     pub const PAE: u32 = 1 << 6;
     pub const CX8: u32 = 1 << 8;
+    pub const APIC: u32 = 1 << 9;
     pub const SEP: u32 = 1 << 11;
     pub const PGE: u32 = 1 << 13;
     pub const CMOV: u32 = 1 << 15;
@@ -24,7 +25,7 @@ pub mod edx1 {
 }
 
 /// The guest CPUID/MSR policy.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuPolicy {
     pub vendor: [u8; 12],
     /// Leaf 1 EAX: family 6, model 13 (a Pentium M: SSE2, no long mode).
@@ -32,6 +33,10 @@ pub struct CpuPolicy {
     pub edx1: u32,
     pub ecx1: u32,
     pub brand: [u8; 48],
+    /// The guest TSC's frequency, announced in leaves 0x15 (a crystal of
+    /// `tsc_hz / tsc_ratio` Hz, TSC = crystal × `tsc_ratio`) and 0x16; `None`
+    /// keeps the highest basic leaf at 2 (the `isa` machine's CPU).
+    pub tsc_hz: Option<u64>,
 }
 
 impl Default for CpuPolicy {
@@ -46,6 +51,7 @@ impl Default for CpuPolicy {
             edx1: FPU | DE | PSE | TSC | MSR | CX8 | PGE | CMOV | PAT | CLFSH | MMX | FXSR | SSE | SSE2,
             ecx1: 0,
             brand,
+            tsc_hz: None,
         }
     }
 }
@@ -57,14 +63,61 @@ impl CpuPolicy {
         self
     }
 
+    /// The CPU of the `pc` machine: a local APIC (IA32_APIC_BASE), and a
+    /// TSC of `tsc_hz` that CPUID announces (leaves 0x15 and 0x16), so that
+    /// Linux neither calibrates the TSC nor the APIC timer.
+    pub fn pc(tsc_hz: u64) -> Self {
+        let mut p = Self::default();
+        p.edx1 |= edx1::APIC;
+        p.tsc_hz = Some(tsc_hz.max(1_000_000));
+        p
+    }
+
+    /// Has the CPU a local APIC?
+    pub fn has_apic(&self) -> bool {
+        self.edx1 & edx1::APIC != 0
+    }
+
+    /// TSC / crystal ratio of leaf 0x15: the smallest that makes the crystal
+    /// frequency fit ECX.
+    fn tsc_ratio(tsc_hz: u64) -> u32 {
+        u32::try_from(tsc_hz / (1 << 32) + 1).unwrap_or(u32::MAX)
+    }
+
+    /// The crystal clock of leaf 0x15: the local APIC timer's input clock.
+    pub fn crystal_hz(&self) -> Option<u64> {
+        self.tsc_hz.map(|t| t / u64::from(Self::tsc_ratio(t)))
+    }
+
+    fn max_basic_leaf(&self) -> u32 {
+        if self.tsc_hz.is_some() {
+            0x16
+        } else {
+            2
+        }
+    }
+
     /// CPUID leaf `eax` (subleaf `ecx`): `[eax, ebx, ecx, edx]`.
     pub fn cpuid(&self, leaf: u32, _subleaf: u32) -> [u32; 4] {
         let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let max = self.max_basic_leaf();
         match leaf {
-            0 => [2, word(&self.vendor[0..4]), word(&self.vendor[8..12]), word(&self.vendor[4..8])],
+            0 => [max, word(&self.vendor[0..4]), word(&self.vendor[8..12]), word(&self.vendor[4..8])],
             // EBX: CLFLUSH line size 8 qwords, one logical CPU, APIC id 0.
             1 => [self.signature, 0x0001_0800, self.ecx1, self.edx1],
             2 => [0x0000_0001, 0, 0, 0],
+            // Thermal and power: ARAT (the APIC timer runs in every C-state).
+            6 if max >= 6 => [1 << 2, 0, 0, 0],
+            0x15 if max >= 0x15 => {
+                let tsc = self.tsc_hz.unwrap_or(0);
+                let ratio = Self::tsc_ratio(tsc);
+                [1, ratio, self.crystal_hz().and_then(|c| u32::try_from(c).ok()).unwrap_or(0), 0]
+            }
+            0x16 if max >= 0x16 => {
+                let mhz = u32::try_from(self.tsc_hz.unwrap_or(0) / 1_000_000).unwrap_or(0) & 0xFFFF;
+                [mhz, mhz, 100, 0]
+            }
+            3..=0x14 if leaf <= max => [0, 0, 0, 0],
             0x8000_0000 => [0x8000_0004, 0, 0, 0],
             0x8000_0001 => [0, 0, 0, 0],
             0x8000_0002..=0x8000_0004 => {
@@ -73,7 +126,7 @@ impl CpuPolicy {
                 [word(&b[0..4]), word(&b[4..8]), word(&b[8..12]), word(&b[12..16])]
             }
             // Out-of-range basic leaves return the highest basic leaf's data (Intel).
-            l if l < 0x8000_0000 => self.cpuid(2, 0),
+            l if l < 0x8000_0000 => self.cpuid(max, 0),
             _ => [0, 0, 0, 0],
         }
     }
@@ -88,7 +141,22 @@ pub mod msr {
     pub const SYSENTER_ESP: u32 = 0x175;
     pub const SYSENTER_EIP: u32 = 0x176;
     pub const MISC_ENABLE: u32 = 0x1A0;
+    /// IA32_APIC_BASE (CPUs with a local APIC).
+    pub const APIC_BASE: u32 = 0x1B;
     pub const PAT: u32 = 0x277;
+}
+
+/// IA32_APIC_BASE: the enable bit (11) is the guest's; the BSP flag (8) is
+/// read-only; the base stays at `LAPIC_BASE`: a relocation, like a reserved
+/// bit (x2APIC's enable among them), is refused with #GP.
+pub fn apic_base_write(old: u64, value: u64) -> Result<u64, super::Fault> {
+    const ENABLE: u64 = 1 << 11;
+    const BSP: u64 = 1 << 8;
+    if value & !(ENABLE | BSP) != crate::layout::LAPIC_BASE {
+        tracing::warn!(value = format_args!("{value:#x}"), "IA32_APIC_BASE: relocation or reserved bits refused (#GP)");
+        return Err(super::Fault::gp(0));
+    }
+    Ok((old & !ENABLE) | (value & ENABLE))
 }
 
 #[cfg(test)]
@@ -114,6 +182,36 @@ mod tests {
         assert_eq!(edx & edx1::PAE, 0, "PAE only on request");
         assert_eq!(p.cpuid(1, 0)[2] & (1 << 30), 0, "no RDRAND");
         assert_eq!(p.cpuid(0x8000_0001, 0)[3] & (1 << 29), 0, "no long mode");
-        assert_ne!(p.clone().with_pae().cpuid(1, 0)[3] & edx1::PAE, 0);
+        assert_ne!(p.with_pae().cpuid(1, 0)[3] & edx1::PAE, 0);
+        assert_eq!(p.cpuid(0, 0)[0], 2);
+        assert_eq!(p.cpuid(0x15, 0), p.cpuid(2, 0), "beyond the highest leaf: the highest's data");
+    }
+
+    #[test]
+    fn pc_cpu_announces_apic_and_tsc_frequency() {
+        let p = CpuPolicy::pc(2_450_123_000);
+        assert!(p.has_apic());
+        assert_ne!(p.cpuid(1, 0)[3] & edx1::APIC, 0);
+        assert_eq!(p.cpuid(0, 0)[0], 0x16);
+        let [den, num, crystal, _] = p.cpuid(0x15, 0);
+        assert_eq!(u64::from(crystal) * u64::from(num) / u64::from(den), 2_450_123_000);
+        assert_eq!(p.cpuid(0x16, 0)[0], 2450);
+        assert_eq!(p.cpuid(6, 0)[0], 1 << 2);
+        assert_eq!(p.cpuid(7, 0), [0; 4], "no structured extended features");
+        assert_eq!(p.cpuid(1, 0)[2] & (1 << 24), 0, "no TSC-deadline timer");
+        // A TSC beyond 4.29 GHz: a crystal of half of it.
+        let fast = CpuPolicy::pc(5_000_000_000);
+        assert_eq!(fast.cpuid(0x15, 0), [1, 2, 2_500_000_000, 0]);
+        assert_eq!(fast.crystal_hz(), Some(2_500_000_000));
+    }
+
+    #[test]
+    fn apic_base_takes_the_enable_bit_and_refuses_relocation() {
+        let reset = 0xFEE0_0900;
+        assert_eq!(apic_base_write(reset, 0xFEE0_0100), Ok(0xFEE0_0100), "disable");
+        assert_eq!(apic_base_write(0xFEE0_0100, 0xFEE0_0800), Ok(0xFEE0_0900), "enable; BSP stays");
+        assert!(apic_base_write(reset, 0xFED0_0900).is_err(), "relocation");
+        assert!(apic_base_write(reset, 0xFEE0_0D00).is_err(), "x2APIC enable");
+        assert!(apic_base_write(reset, 0x1_FEE0_0900).is_err(), "beyond the physical width");
     }
 }

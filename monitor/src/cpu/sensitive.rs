@@ -602,6 +602,12 @@ fn msr_access(cpu: &mut Cpu, env: &mut Env<'_>, write: bool) -> Result<Outcome, 
             }
             m.pat
         }
+        msr::APIC_BASE if env.policy.has_apic() => {
+            if write {
+                m.apic_base = super::policy::apic_base_write(m.apic_base, value)?;
+            }
+            m.apic_base
+        }
         _ => return Err(Fault::gp(0).into()),
     };
     if !write {

@@ -86,6 +86,24 @@ impl WallClock for ManualClock {
     }
 }
 
+/// The host TSC's frequency in Hz, measured once (50 ms against
+/// CLOCK_MONOTONIC) and rounded to kHz. The guest's TSC is the host's in
+/// normal runs, so this is what CPUID leaves 0x15/0x16 announce.
+pub fn host_tsc_hz() -> u64 {
+    static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        // SAFETY: RDTSC has no preconditions in user mode on x86-64 Linux.
+        let rdtsc = || unsafe { std::arch::x86_64::_rdtsc() };
+        let (t0, c0) = (Instant::now(), rdtsc());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (c1, t1) = (rdtsc(), Instant::now());
+        let ns = (t1 - t0).as_nanos().max(1);
+        let hz = u128::from(c1.wrapping_sub(c0)) * 1_000_000_000 / ns;
+        let hz = u64::try_from(hz).unwrap_or(u64::MAX);
+        (hz + 500) / 1000 * 1000
+    })
+}
+
 /// Guest time in the deterministic mode: a function of the retired
 /// instruction count (one nanosecond per instruction, a 1 GHz TSC) plus the
 /// time not covered by instructions (idle skips while the guest halted, a

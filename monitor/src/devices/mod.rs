@@ -5,14 +5,19 @@
 //! their `layout.rs` ports, wires their interrupt lines into the PIC and
 //! collects their requests as [`PlatformEvent`]s. See docs/devices.md.
 
+pub mod apic;
 pub mod bus;
 pub mod clock;
 pub mod cmos;
+pub mod ioapic;
 pub mod misc;
+pub mod mptable;
+pub mod pci;
 pub mod pic;
 pub mod pit;
 pub mod platform;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{BusError, DeviceId, DeviceStats, MmioBus, MmioDevice, PortBus, PortDevice};
 pub use clock::{Clock, HostClock, HostWallClock, ManualClock, WallClock};

@@ -12,23 +12,68 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 
+use super::apic::{ApicStats, LocalApic, DM_EXTINT};
 use super::bus::{lock, AccessCounts, BusError, DeviceId, DeviceStats, MmioBus, PortBus, SharedMmioDevice};
 use super::clock::{Clock, HostClock, HostWallClock, WallClock};
 use super::cmos::Cmos;
+use super::ioapic::IoApic;
 use super::misc::{BochsShutdown, DebugExit, EventSink, PciConfig, PlatformEvent, PostPort, SystemControlA, I8042};
+use super::mptable::PciIrq;
+use super::pci::{host_bridge, PciBus};
 use super::pic::PicPair;
 use super::pit::Pit;
 use super::serial::{Serial, SerialStats};
+use super::virtio::pci::{config_header, VirtioPci, BAR_SIZE};
+use super::virtio::{DeviceMemory, VirtioDevice};
+use crate::layout::{IOAPIC_BASE, IOAPIC_SIZE, LAPIC_BASE, LAPIC_SIZE, PCI_FIRST_IOAPIC_PIN, PCI_IO_BASE};
 use crate::layout::{
     IRQ_COM1, IRQ_KEYBOARD, IRQ_PIT, IRQ_RTC, PORT_BOCHS_SHUTDOWN, PORT_CMOS, PORT_COM1, PORT_DEBUG_EXIT, PORT_ELCR,
     PORT_I8042_CMD, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PIC_MASTER, PORT_PIC_SLAVE, PORT_PIT, PORT_POST,
     PORT_SYSTEM_CONTROL_A, PORT_SYSTEM_CONTROL_B,
 };
 
+/// Which PC the platform is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Machine {
+    /// The ISA PC Popek had first: 8259 pair, PIT, RTC, UART, no APIC, no
+    /// PCI devices (0xcf8 answers nothing). What traces recorded without a
+    /// `--machine` option ran on.
+    Isa,
+    /// The ISA devices plus a local APIC, an I/O APIC (announced by an MP
+    /// table) and a PCI host bridge; CPUID shows the APIC and the TSC
+    /// frequency (leaves 0x15/0x16).
+    #[default]
+    Pc,
+}
+
+impl Machine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Isa => "isa",
+            Machine::Pc => "pc",
+        }
+    }
+}
+
+impl std::str::FromStr for Machine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "isa" => Ok(Machine::Isa),
+            "pc" => Ok(Machine::Pc),
+            o => Err(format!("unknown machine {o:?} (pc or isa)")),
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum PlatformError {
     #[error("cannot place a platform device: {0}")]
     Bus(#[from] BusError),
+    #[error("{0} needs the pc machine (PCI and an I/O APIC)")]
+    NeedsPc(&'static str),
+    #[error("no PCI slot left for {0} (at most {MAX_PCI_DEVICES} devices)")]
+    NoSlot(&'static str),
 }
 
 /// What a platform is built from.
@@ -63,6 +108,28 @@ pub struct PlatformStats {
     pub pit_irq0_edges: u64,
     /// Vectors handed out by `acknowledge_interrupt`.
     pub interrupts_acknowledged: u64,
+    /// The local APIC's counters (the `pc` machine).
+    pub apic: Option<ApicStats>,
+    /// Messages the I/O APIC sent.
+    pub ioapic_messages: u64,
+}
+
+/// Devices on PCI bus 0 besides the host bridge (I/O APIC pins 16-23).
+pub const MAX_PCI_DEVICES: usize = 8;
+
+/// A virtio device on the PCI bus.
+struct VirtioSlot {
+    id: DeviceId,
+    dev: Arc<Mutex<VirtioPci>>,
+    irq: PciIrq,
+}
+
+/// The interrupt controllers of the `pc` machine.
+struct Apics {
+    lapic: Arc<Mutex<LocalApic>>,
+    ioapic: Arc<Mutex<IoApic>>,
+    lapic_id: DeviceId,
+    ioapic_id: DeviceId,
 }
 
 /// Bus registrations whose accesses can move an interrupt line.
@@ -84,12 +151,22 @@ pub struct Platform {
     i8042: Arc<Mutex<I8042>>,
     port92: Arc<Mutex<SystemControlA>>,
     irq_sources: IrqSources,
+    apics: Option<Apics>,
+    pci: Option<Arc<Mutex<PciBus>>>,
+    virtio: Vec<VirtioSlot>,
     pit_irq0_edges: u64,
     interrupts_acknowledged: u64,
 }
 
 impl Platform {
+    /// The `isa` machine.
     pub fn new(config: PlatformConfig) -> Result<Self, PlatformError> {
+        Self::with_machine(config, Machine::Isa, 1)
+    }
+
+    /// The `machine`; the local APIC timer (`pc`) counts at `apic_timer_hz`
+    /// before its divider (what CPUID leaf 0x15 announces).
+    pub fn with_machine(config: PlatformConfig, machine: Machine, apic_timer_hz: u64) -> Result<Self, PlatformError> {
         let PlatformConfig { ram_size, console, clock, wall_clock } = config;
         let events = EventSink::new();
         let pic = Arc::new(Mutex::new(PicPair::new()));
@@ -112,12 +189,27 @@ impl Platform {
         ports.register("system-control-a", PORT_SYSTEM_CONTROL_A, 1, port92.clone())?;
         ports.register("debug-exit", PORT_DEBUG_EXIT, 4, Arc::new(Mutex::new(DebugExit::new(events.clone()))))?;
         let serial_id = ports.register("com1", PORT_COM1, 8, serial.clone())?;
-        ports.register(
-            "pci-config",
-            PORT_PCI_CONFIG_ADDRESS,
-            8,
-            Arc::new(Mutex::new(PciConfig::new(events.clone()))),
-        )?;
+        let pci_bus = (machine == Machine::Pc).then(|| {
+            let mut bus = PciBus::new(events.clone());
+            bus.add(0, Box::new(host_bridge()));
+            Arc::new(Mutex::new(bus))
+        });
+        let pci: super::bus::SharedPortDevice = match &pci_bus {
+            None => Arc::new(Mutex::new(PciConfig::new(events.clone()))),
+            Some(bus) => bus.clone(),
+        };
+        ports.register("pci-config", PORT_PCI_CONFIG_ADDRESS, 8, pci)?;
+        let mut mmio = MmioBus::new();
+        let apics = match machine {
+            Machine::Isa => None,
+            Machine::Pc => {
+                let lapic = Arc::new(Mutex::new(LocalApic::new(clock.clone(), apic_timer_hz)));
+                let ioapic = Arc::new(Mutex::new(IoApic::new()));
+                let lapic_id = mmio.register("lapic", LAPIC_BASE, LAPIC_SIZE, lapic.clone())?;
+                let ioapic_id = mmio.register("ioapic", IOAPIC_BASE, IOAPIC_SIZE, ioapic.clone())?;
+                Some(Apics { lapic, ioapic, lapic_id, ioapic_id })
+            }
+        };
         ports.register(
             "bochs-shutdown",
             PORT_BOCHS_SHUTDOWN,
@@ -127,7 +219,7 @@ impl Platform {
 
         Ok(Self {
             ports,
-            mmio: MmioBus::new(),
+            mmio,
             clock,
             events,
             pic,
@@ -137,6 +229,9 @@ impl Platform {
             i8042,
             port92,
             irq_sources: IrqSources { serial: serial_id, cmos: cmos_id, i8042: i8042_data },
+            apics,
+            pci: pci_bus,
+            virtio: Vec::new(),
             pit_irq0_edges: 0,
             interrupts_acknowledged: 0,
         })
@@ -157,12 +252,109 @@ impl Platform {
 
     /// A guest read of MMIO at `addr`.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
-        self.mmio.read(addr, data);
+        let id = self.mmio.read(addr, data);
+        self.after_mmio(id);
     }
 
     /// A guest write of MMIO at `addr`.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
-        self.mmio.write(addr, data);
+        let id = self.mmio.write(addr, data);
+        self.after_mmio(id);
+    }
+
+    /// Puts a virtio device on the next PCI slot (the `pc` machine): its
+    /// registers at a VMM-assigned I/O BAR, INTA# on the next I/O APIC pin.
+    /// Returns the routing for the MP table.
+    pub fn add_virtio(
+        &mut self,
+        dev: Box<dyn VirtioDevice>,
+        mem: &Arc<crate::memory::GuestMemory>,
+    ) -> Result<PciIrq, PlatformError> {
+        let name = dev.name();
+        let Some(bus) = &self.pci else { return Err(PlatformError::NeedsPc(name)) };
+        if self.virtio.len() >= MAX_PCI_DEVICES {
+            return Err(PlatformError::NoSlot(name));
+        }
+        let n = self.virtio.len() as u8;
+        let slot = 1 + n;
+        let io_base = PCI_IO_BASE + u16::from(n) * BAR_SIZE;
+        let pin = PCI_FIRST_IOAPIC_PIN + n;
+        let device_type = dev.device_type();
+        let dev = Arc::new(Mutex::new(VirtioPci::new(dev, DeviceMemory::new(mem), io_base)));
+        let id = self.ports.register(name, io_base, BAR_SIZE, dev.clone())?;
+        lock(bus).add(slot, Box::new(config_header(device_type, io_base, pin)));
+        let irq = PciIrq { device: slot, pin: 0, ioapic_pin: pin };
+        self.virtio.push(VirtioSlot { id, dev, irq });
+        Ok(irq)
+    }
+
+    /// The PCI interrupt routing (for the MP table).
+    pub fn pci_irqs(&self) -> Vec<PciIrq> {
+        self.virtio.iter().map(|v| v.irq).collect()
+    }
+
+    /// Counters of the virtio devices: `(device name/counter, value)`.
+    pub fn virtio_stats(&self) -> Vec<(String, u64)> {
+        let mut v = Vec::new();
+        for (i, s) in self.virtio.iter().enumerate() {
+            let d = lock(&s.dev);
+            for (k, n) in d.stats() {
+                v.push((format!("{}{i}/{k}", d.name()), n));
+            }
+        }
+        v
+    }
+
+    /// Which machine this is.
+    pub fn machine(&self) -> Machine {
+        if self.apics.is_some() {
+            Machine::Pc
+        } else {
+            Machine::Isa
+        }
+    }
+
+    /// After an access to an interrupt controller: EOIs to the I/O APIC,
+    /// its messages to the local APIC.
+    fn after_mmio(&mut self, id: Option<DeviceId>) {
+        if let (Some(id), Some(a)) = (id, &self.apics) {
+            if id == a.lapic_id || id == a.ioapic_id {
+                self.route_apic_messages();
+            }
+        }
+    }
+
+    fn route_apic_messages(&mut self) {
+        let Some(a) = &self.apics else { return };
+        let mut lapic = lock(&a.lapic);
+        let mut ioapic = lock(&a.ioapic);
+        loop {
+            for v in lapic.take_eois() {
+                ioapic.eoi(v);
+            }
+            let messages = ioapic.take_messages();
+            if messages.is_empty() {
+                break;
+            }
+            for m in messages {
+                if m.mode == DM_EXTINT {
+                    // An I/O APIC pin in ExtINT mode passes the 8259's INTR:
+                    // the 8259 path below serves it when LINT0 is open.
+                    continue;
+                }
+                lapic.accept(m);
+            }
+        }
+    }
+
+    /// ISA line `line` at `level`: into the 8259 pair and (the `pc`
+    /// machine) I/O APIC pin `line`, as the MP table says.
+    fn set_line(&mut self, line: u8, level: bool) {
+        lock(&self.pic).set_irq(line, level);
+        if let Some(a) = &self.apics {
+            lock(&a.ioapic).set_pin(usize::from(line), level);
+            self.route_apic_messages();
+        }
     }
 
     /// Adds an MMIO device (local APIC, test devices).
@@ -178,14 +370,32 @@ impl Platform {
 
     /// Is an interrupt waiting for the CPU (the PIC's INT output)?
     pub fn pending_interrupt(&mut self) -> bool {
-        lock(&self.pic).pending()
+        match &self.apics {
+            None => lock(&self.pic).pending(),
+            Some(a) => {
+                let lapic = lock(&a.lapic);
+                lapic.pending().is_some() || (lapic.extint_open() && lock(&self.pic).pending())
+            }
+        }
     }
 
     /// The INTA cycle: the vector to deliver now, or `None` if nothing is
     /// pending any more. Call only when the guest can take it (IF=1, no
     /// interrupt shadow): the PIC marks it in service.
     pub fn acknowledge_interrupt(&mut self) -> Option<u8> {
-        let v = lock(&self.pic).acknowledge();
+        let v = match &self.apics {
+            None => lock(&self.pic).acknowledge(),
+            // The APIC's fixed interrupts first, then the 8259 through LINT0
+            // (QEMU's order).
+            Some(a) => {
+                let mut lapic = lock(&a.lapic);
+                match lapic.acknowledge() {
+                    Some(v) => Some(v),
+                    None if lapic.extint_open() => lock(&self.pic).acknowledge(),
+                    None => None,
+                }
+            }
+        };
         self.interrupts_acknowledged += u64::from(v.is_some());
         v
     }
@@ -195,12 +405,15 @@ impl Platform {
     pub fn poll_timers(&mut self, now_ns: u64) {
         let edges = lock(&self.pit).poll(now_ns);
         let rtc = lock(&self.cmos).poll(now_ns);
-        let mut pic = lock(&self.pic);
         if edges > 0 {
             self.pit_irq0_edges += edges;
-            pic.pulse_irq(IRQ_PIT);
+            self.set_line(IRQ_PIT, true);
+            self.set_line(IRQ_PIT, false);
         }
-        pic.set_irq(IRQ_RTC, rtc);
+        self.set_line(IRQ_RTC, rtc);
+        if let Some(a) = &self.apics {
+            lock(&a.lapic).poll(now_ns);
+        }
     }
 
     /// The earliest time at which `poll_timers` will have something to do,
@@ -208,7 +421,8 @@ impl Platform {
     pub fn next_deadline_ns(&self) -> Option<u64> {
         let pit = lock(&self.pit).next_irq_deadline_ns();
         let rtc = lock(&self.cmos).next_deadline_ns();
-        pit.into_iter().chain(rtc).min()
+        let lapic = self.apics.as_ref().and_then(|a| lock(&a.lapic).next_deadline_ns());
+        pit.into_iter().chain(rtc).chain(lapic).min()
     }
 
     /// The platform clock's current time (the base of deadlines).
@@ -223,7 +437,7 @@ impl Platform {
             s.push_input(data);
             s.irq_level()
         };
-        lock(&self.pic).set_irq(IRQ_COM1, level);
+        self.set_line(IRQ_COM1, level);
     }
 
     /// Reset, debug-exit and power-off requests since the last call.
@@ -245,12 +459,23 @@ impl Platform {
             serial: lock(&self.serial).stats(),
             pit_irq0_edges: self.pit_irq0_edges,
             interrupts_acknowledged: self.interrupts_acknowledged,
+            apic: self.apics.as_ref().map(|a| lock(&a.lapic).stats()),
+            ioapic_messages: self.apics.as_ref().map_or(0, |a| lock(&a.ioapic).sent),
         }
     }
 
     /// Propagates the interrupt line of the device just accessed.
     fn after_access(&mut self, id: Option<DeviceId>) {
         let Some(id) = id else { return };
+        if let Some(i) = self.virtio.iter().position(|v| v.id == id) {
+            let level = lock(&self.virtio[i].dev).irq_level();
+            let pin = self.virtio[i].irq.ioapic_pin;
+            if let Some(a) = &self.apics {
+                lock(&a.ioapic).set_pin(usize::from(pin), level);
+                self.route_apic_messages();
+            }
+            return;
+        }
         let src = &self.irq_sources;
         let (line, level) = if id == src.serial {
             (IRQ_COM1, lock(&self.serial).irq_level())
@@ -261,7 +486,7 @@ impl Platform {
         } else {
             return;
         };
-        lock(&self.pic).set_irq(line, level);
+        self.set_line(line, level);
     }
 }
 
@@ -409,6 +634,179 @@ mod tests {
         assert_eq!(p.io_in(0x71, 1), 0x23);
         p.io_out(0x70, 1, 0x04);
         assert_eq!(p.io_in(0x71, 1), 0x22);
+    }
+
+    fn pc_platform() -> (Platform, ManualClock) {
+        let clock = ManualClock::new(1_000_000_000);
+        let cfg = PlatformConfig {
+            ram_size: 256 << 20,
+            console: Box::new(Capture::default()),
+            clock: Arc::new(clock.clone()),
+            wall_clock: Arc::new(ManualClock::new(0)),
+        };
+        (Platform::with_machine(cfg, Machine::Pc, 1_000_000_000).unwrap(), clock)
+    }
+
+    fn mmio_write32(p: &mut Platform, addr: u64, v: u32) {
+        p.mmio_write(addr, &v.to_le_bytes());
+    }
+
+    fn mmio_read32(p: &mut Platform, addr: u64) -> u32 {
+        let mut b = [0u8; 4];
+        p.mmio_read(addr, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn pc_machine_passes_the_8259_through_lint0_until_the_guest_masks_it() {
+        let (mut p, clock) = pc_platform();
+        assert_eq!(p.machine(), Machine::Pc);
+        init_pic(&mut p, 0xFE, 0xFF);
+        p.io_out(0x43, 1, 0x34);
+        p.io_out(0x40, 1, 0x9B);
+        p.io_out(0x40, 1, 0x2E);
+        let d = p.next_deadline_ns().unwrap();
+        clock.set(d);
+        p.poll_timers(d);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x30), "virtual wire: the APIC is untouched");
+        p.io_out(0x20, 1, 0x20);
+        // Linux's APIC mode: LINT0 masked ExtINT.
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, LAPIC_BASE + 0x350, 0x1_0700);
+        let d = p.next_deadline_ns().unwrap();
+        clock.set(d);
+        p.poll_timers(d);
+        assert!(!p.pending_interrupt(), "the 8259's INTR no longer reaches the CPU");
+    }
+
+    #[test]
+    fn pc_machine_routes_isa_lines_through_the_io_apic() {
+        let (mut p, clock) = pc_platform();
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, LAPIC_BASE + 0x350, 0x1_0700);
+        // I/O APIC pin 0 (IRQ0) → vector 0x30, pin 4 (COM1) → 0x34, physical dest 0.
+        for (pin, vector) in [(0u32, 0x30u32), (4, 0x34)] {
+            mmio_write32(&mut p, IOAPIC_BASE, 0x10 + 2 * pin);
+            mmio_write32(&mut p, IOAPIC_BASE + 0x10, vector);
+            mmio_write32(&mut p, IOAPIC_BASE, 0x11 + 2 * pin);
+            mmio_write32(&mut p, IOAPIC_BASE + 0x10, 0);
+        }
+        p.io_out(0x43, 1, 0x34);
+        p.io_out(0x40, 1, 0x9B);
+        p.io_out(0x40, 1, 0x2E);
+        let mut vectors = Vec::new();
+        for _ in 0..3 {
+            let d = p.next_deadline_ns().unwrap();
+            clock.set(d);
+            p.poll_timers(d);
+            vectors.push(p.acknowledge_interrupt().unwrap());
+            assert!(!p.pending_interrupt());
+            mmio_write32(&mut p, LAPIC_BASE + 0xB0, 0);
+        }
+        assert_eq!(vectors, vec![0x30; 3]);
+        // Serial RX on pin 4.
+        p.io_out(0x3F9, 1, 0x01);
+        p.push_console_input(b"k");
+        assert_eq!(p.acknowledge_interrupt(), Some(0x34));
+        mmio_write32(&mut p, LAPIC_BASE + 0xB0, 0);
+        assert_eq!(mmio_read32(&mut p, LAPIC_BASE + 0x130), 0, "ISR empty");
+        let stats = p.stats();
+        assert!(stats.ioapic_messages >= 4);
+        assert_eq!(stats.apic.unwrap().eois, 4);
+    }
+
+    #[test]
+    fn pc_machine_apic_timer_sets_the_deadline() {
+        let (mut p, clock) = pc_platform();
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, LAPIC_BASE + 0x3E0, 0xB);
+        mmio_write32(&mut p, LAPIC_BASE + 0x320, 0xEC);
+        mmio_write32(&mut p, LAPIC_BASE + 0x380, 4_000_000);
+        let d = p.next_deadline_ns().unwrap();
+        assert_eq!(d, clock.now_ns() + 4_000_000);
+        clock.set(d);
+        p.poll_timers(d);
+        assert!(p.pending_interrupt());
+        assert_eq!(p.acknowledge_interrupt(), Some(0xEC));
+    }
+
+    #[test]
+    fn pc_machine_has_a_host_bridge_and_the_isa_machine_none() {
+        let (mut pc, _) = pc_platform();
+        pc.io_out(0xCF8, 4, 0x8000_0000);
+        assert_eq!(pc.io_in(0xCFC, 4), 0x1237_8086);
+        let (mut isa, _, _) = platform();
+        isa.io_out(0xCF8, 4, 0x8000_0000);
+        assert_eq!(isa.io_in(0xCFC, 4), 0xFFFF_FFFF);
+        assert_eq!(isa.machine(), Machine::Isa);
+        let mut b = [0u8; 4];
+        isa.mmio_read(LAPIC_BASE + 0x30, &mut b);
+        assert_eq!(b, [0xFF; 4], "no local APIC on the isa machine");
+    }
+
+    /// A driver's view of a virtio-blk disk on the pc machine: found by
+    /// config mechanism #1, set up through its I/O BAR, a read request
+    /// completed with an interrupt through I/O APIC pin 16.
+    #[test]
+    fn virtio_blk_on_the_pc_machine_end_to_end() {
+        use crate::devices::virtio::blk::{Block, DiskSpec};
+        let (mut p, _) = pc_platform();
+        let mem = Arc::new(crate::memory::GuestMemory::new(4 << 20).unwrap());
+        let img = std::env::temp_dir().join(format!("popek-platform-blk-{}.img", std::process::id()));
+        std::fs::write(&img, [0x5Au8; 4096]).unwrap();
+        let blk = Block::open(&DiskSpec { path: img.clone(), read_only: false }, 0).unwrap();
+        let irq = p.add_virtio(Box::new(blk), &mem).unwrap();
+        assert_eq!((irq.device, irq.ioapic_pin), (1, 16));
+        // PCI: 00:01.0 is a virtio block device with BAR0 = I/O 0xc000.
+        p.io_out(0xCF8, 4, 0x8000_0800);
+        assert_eq!(p.io_in(0xCFC, 4), 0x1001_1AF4);
+        p.io_out(0xCF8, 4, 0x8000_0810);
+        let bar = p.io_in(0xCFC, 4);
+        assert_eq!(bar, 0xC001);
+        let io = (bar & !3) as u16;
+        // APIC mode, pin 16 level-triggered → vector 0x51.
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        mmio_write32(&mut p, IOAPIC_BASE, 0x10 + 32);
+        mmio_write32(&mut p, IOAPIC_BASE + 0x10, 0xA051);
+        // Driver set-up: status, features, queue 0 at 0x10000.
+        p.io_out(io + 0x12, 1, 0x03);
+        let features = p.io_in(io, 4);
+        p.io_out(io + 0x04, 4, features);
+        assert_eq!(p.io_in(io + 0x14, 4), 8, "capacity: 8 sectors");
+        assert_eq!(p.io_in(io + 0x0C, 2), 128);
+        p.io_out(io + 0x08, 4, 0x10);
+        p.io_out(io + 0x12, 1, 0x07);
+        // One read of sector 1 into 0x30000.
+        let (desc, avail, _) = crate::devices::virtio::pci::legacy_ring_addresses(0x1_0000, 128);
+        let put_desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut b = addr.to_le_bytes().to_vec();
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&flags.to_le_bytes());
+            b.extend_from_slice(&next.to_le_bytes());
+            mem.write(desc + 16 * i, &b).unwrap();
+        };
+        mem.write(0x2_0000, &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        put_desc(0, 0x2_0000, 16, 1, 1);
+        put_desc(1, 0x3_0000, 512, 3, 2);
+        put_desc(2, 0x2_0100, 1, 2, 0);
+        mem.write(avail + 4, &0u16.to_le_bytes()).unwrap();
+        mem.write(avail + 2, &1u16.to_le_bytes()).unwrap();
+        assert!(!p.pending_interrupt());
+        p.io_out(io + 0x10, 2, 0);
+        assert_eq!(p.acknowledge_interrupt(), Some(0x51));
+        assert_eq!(mem.slice(0x3_0000, 512).unwrap(), &[0x5A; 512][..]);
+        assert_eq!(mem.slice(0x2_0100, 1).unwrap(), &[0]);
+        // The handler reads the ISR (INTA# drops), then EOIs: no second message.
+        assert_eq!(p.io_in(io + 0x13, 1), 1);
+        mmio_write32(&mut p, LAPIC_BASE + 0xB0, 0);
+        assert!(!p.pending_interrupt());
+        let stats = p.virtio_stats();
+        assert!(stats.contains(&("virtio-blk0/reads".to_string(), 1)), "{stats:?}");
+        let _ = std::fs::remove_file(img);
+        // The isa machine has no PCI slots.
+        let (mut isa, _, _) = platform();
+        let rng = Box::new(crate::devices::virtio::rng::Rng::default());
+        assert!(matches!(isa.add_virtio(rng, &mem), Err(PlatformError::NeedsPc("virtio-rng"))));
     }
 
     #[test]

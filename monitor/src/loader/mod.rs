@@ -165,10 +165,20 @@ pub const BOOT_GDT: [u64; 4] = [0, 0, 0x00CF_9B00_0000_FFFF, 0x00CF_9300_0000_FF
 /// Writes [`BOOT_GDT`] at [`BOOT_GDT_ADDR`] and records the GDT and stack
 /// ranges in `state`.
 pub(crate) fn write_boot_gdt(mem: &GuestMemory, state: &mut BootState) -> Result<(), MemoryError> {
+    write_boot_gdt_at(mem, state, 0)
+}
+
+/// [`write_boot_gdt`] with the GDT and the stack moved up by `shift` bytes
+/// (a multiboot kernel linked over the usual place); GDTR and ESP follow.
+pub(crate) fn write_boot_gdt_at(mem: &GuestMemory, state: &mut BootState, shift: u32) -> Result<(), MemoryError> {
     let bytes: Vec<u8> = BOOT_GDT.iter().flat_map(|d| d.to_le_bytes()).collect();
-    mem.write(u64::from(BOOT_GDT_ADDR), &bytes)?;
-    state.add_range(RangeKind::Gdt, u64::from(BOOT_GDT_ADDR), bytes.len() as u64);
-    state.add_range(RangeKind::Stack, u64::from(BOOT_STACK_BOTTOM), u64::from(BOOT_STACK_TOP - BOOT_STACK_BOTTOM));
+    let gdt = BOOT_GDT_ADDR + shift;
+    mem.write(u64::from(gdt), &bytes)?;
+    state.gdtr.base = gdt;
+    state.esp = BOOT_STACK_TOP + shift;
+    state.add_range(RangeKind::Gdt, u64::from(gdt), bytes.len() as u64);
+    let stack = BOOT_STACK_BOTTOM + shift;
+    state.add_range(RangeKind::Stack, u64::from(stack), u64::from(BOOT_STACK_TOP - BOOT_STACK_BOTTOM));
     Ok(())
 }
 

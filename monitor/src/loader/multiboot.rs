@@ -5,14 +5,21 @@
 //! 8192 bytes. With flag 16 (address fields) the a.out kludge fields say what
 //! to load where; otherwise the image must be an ELF32 i386 executable whose
 //! `PT_LOAD` segments are loaded at `p_paddr` (bss zero-filled). Modules go
-//! page-aligned above the kernel. The information structure, the memory map,
-//! the module list and all strings live in `[MULTIBOOT_INFO_ADDR,
-//! MULTIBOOT_INFO_END)`. Entry: EAX = 0x2BADB002, EBX = info address.
+//! page-aligned above the kernel. The boot GDT, the stack, the information
+//! structure, the memory map, the module list and all strings live in the
+//! boot area `[BOOT_GDT_ADDR, MULTIBOOT_INFO_END)`; when the kernel is linked
+//! over it (real-mode style kernels at 0x8000), the whole area moves, as one
+//! piece, to the first place the image and the modules leave free: a lower
+//! page below the EBDA, else above the modules (QEMU also keeps its loader
+//! data out of the image's way). Entry: EAX = 0x2BADB002, EBX = info
+//! address.
 
 use thiserror::Error;
 
-use super::{align_up, e820_map, le_u16, le_u32, overlaps, overlaps_legacy_hole, write_boot_gdt, BootState, RangeKind};
-use crate::layout::{BOOT_GDT_ADDR, HIGH_MEMORY_START, MULTIBOOT_INFO_ADDR, MULTIBOOT_INFO_END, PAGE_SIZE};
+use super::{
+    align_up, e820_map, le_u16, le_u32, overlaps, overlaps_legacy_hole, write_boot_gdt_at, BootState, RangeKind,
+};
+use crate::layout::{BOOT_GDT_ADDR, EBDA_START, HIGH_MEMORY_START, MULTIBOOT_INFO_ADDR, MULTIBOOT_INFO_END, PAGE_SIZE};
 use crate::memory::{GuestMemory, MemoryError};
 
 /// Magic value of the multiboot header in the image.
@@ -106,11 +113,10 @@ pub enum MultibootError {
     #[error("{what} at {start:#x}..{end:#x} overlaps the legacy hole (0xa0000..0x100000)")]
     LegacyHole { what: &'static str, start: u64, end: u64 },
     #[error(
-        "{what} at {start:#x}..{end:#x} overlaps the boot GDT, stack and multiboot information area ({:#x}..{:#x})",
-        BOOT_GDT_ADDR,
-        MULTIBOOT_INFO_END
+        "no room for the boot GDT, stack and multiboot information ({:#x} bytes) clear of the kernel and modules",
+        MULTIBOOT_INFO_END - BOOT_GDT_ADDR
     )]
-    OverlapsBootData { what: &'static str, start: u64, end: u64 },
+    NoRoomForBootData,
     #[error("entry point {0:#x} is not inside the loaded kernel")]
     EntryNotLoaded(u32),
     #[error("arithmetic overflow computing {0}")]
@@ -314,16 +320,30 @@ fn check_placement(what: &'static str, start: u64, len: u64, ram: u64) -> Result
     if overlaps_legacy_hole(start, len) {
         return Err(MultibootError::LegacyHole { what, start, end });
     }
-    let boot = u64::from(BOOT_GDT_ADDR);
-    if overlaps(start, len, boot, u64::from(MULTIBOOT_INFO_END) - boot) {
-        return Err(MultibootError::OverlapsBootData { what, start, end });
-    }
     Ok(())
 }
 
-/// A bump allocator over the information area.
+/// How far the boot area `[BOOT_GDT_ADDR, MULTIBOOT_INFO_END)` must move up
+/// to clear every range in `used` (the kernel and the modules): 0 when it
+/// does not collide, else the first page-aligned place below the EBDA, else
+/// just above the highest used byte.
+fn boot_area_shift(used: &[(u64, u64)], ram: u64) -> Result<u32> {
+    let base = u64::from(BOOT_GDT_ADDR);
+    let size = u64::from(MULTIBOOT_INFO_END - BOOT_GDT_ADDR);
+    let free = |at: u64| at + size <= ram && !used.iter().any(|&(s, l)| overlaps(at, size, s, l));
+    let page = u64::from(PAGE_SIZE);
+    let low = (0..).map(|i| base + i * page).take_while(|&at| at + size <= u64::from(EBDA_START));
+    let top = used.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+    let high = align_up(top, page).map(|a| a + (base % page)).filter(|&a| !overlaps_legacy_hole(a, size));
+    let at = low.chain(high).find(|&at| free(at)).ok_or(MultibootError::NoRoomForBootData)?;
+    u32::try_from(at - base).map_err(|_| MultibootError::NoRoomForBootData)
+}
+
+/// A bump allocator over the information area (at `MULTIBOOT_INFO_ADDR +
+/// shift`).
 struct InfoArea {
     bytes: Vec<u8>,
+    shift: u32,
 }
 
 impl InfoArea {
@@ -335,7 +355,7 @@ impl InfoArea {
         if self.bytes.len() > limit {
             return Err(MultibootError::InfoAreaFull(self.bytes.len() as u64));
         }
-        Ok(MULTIBOOT_INFO_ADDR + at as u32)
+        Ok(MULTIBOOT_INFO_ADDR + self.shift + at as u32)
     }
 
     fn string(&mut self, what: &'static str, s: &str) -> Result<u32> {
@@ -399,8 +419,14 @@ pub fn load(mem: &GuestMemory, image: &[u8], cmdline: &str, modules: &[Module<'_
         next = align_up(next + len, page).ok_or(MultibootError::Overflow("modules"))?;
     }
 
+    // The boot area, clear of everything loaded.
+    let mut used: Vec<(u64, u64)> = plan.segments.iter().map(|s| (s.paddr, s.memsz)).collect();
+    used.extend(mod_ranges.iter().map(|&(s, e)| (u64::from(s), u64::from(e - s))));
+    let shift = boot_area_shift(&used, ram)?;
+    let info_addr = MULTIBOOT_INFO_ADDR + shift;
+
     // Information structure, then memory map, module list and strings.
-    let mut info = InfoArea { bytes: vec![0; INFO_SIZE as usize] };
+    let mut info = InfoArea { bytes: vec![0; INFO_SIZE as usize], shift };
     let map = e820_map(ram);
     let mut mmap = Vec::with_capacity(map.len() * MMAP_ENTRY_SIZE as usize);
     for e in &map {
@@ -436,12 +462,12 @@ pub fn load(mem: &GuestMemory, image: &[u8], cmdline: &str, modules: &[Module<'_
     info.put_u32(info_offset::MMAP_LENGTH, mmap.len() as u32);
     info.put_u32(info_offset::MMAP_ADDR, mmap_addr);
     info.put_u32(info_offset::BOOT_LOADER_NAME, name_addr);
-    mem.write(u64::from(MULTIBOOT_INFO_ADDR), &info.bytes)?;
-    state.add_range(RangeKind::MultibootInfo, u64::from(MULTIBOOT_INFO_ADDR), info.bytes.len() as u64);
-    write_boot_gdt(mem, &mut state)?;
+    mem.write(u64::from(info_addr), &info.bytes)?;
+    state.add_range(RangeKind::MultibootInfo, u64::from(info_addr), info.bytes.len() as u64);
+    write_boot_gdt_at(mem, &mut state, shift)?;
 
     state.eax = BOOTLOADER_MAGIC;
-    state.ebx = MULTIBOOT_INFO_ADDR;
+    state.ebx = info_addr;
     Ok(state)
 }
 
@@ -670,13 +696,47 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_linked_at_0x8000_moves_the_boot_area_out_of_its_way() {
+        let m = mem();
+        // 0x8000..0xa84c as in the real-mode test kernel (with bss).
+        let st = load(&m, &build_elf(CODE, 0x8000, 0x8000, 0x2800), "low", &[]).unwrap();
+        let kernel = (0x8000u64, 0x2800 + CODE.len() as u64);
+        for r in &st.ranges {
+            if !matches!(r.kind, RangeKind::Kernel | RangeKind::Bss) {
+                assert!(!overlaps(r.start, r.len, kernel.0, kernel.1), "{r:?} is on the kernel");
+            }
+        }
+        assert_eq!(st.ebx, st.range(&RangeKind::MultibootInfo).unwrap().start as u32);
+        assert_eq!(st.gdtr.base as u64, st.range(&RangeKind::Gdt).unwrap().start);
+        let stack = st.range(&RangeKind::Stack).unwrap();
+        assert_eq!(u64::from(st.esp), stack.end());
+        assert!(st.ebx >= 0xA84C || st.ebx + INFO_SIZE <= 0x8000);
+        assert_eq!(cstr(&m, m.read_u32(u64::from(st.ebx + info_offset::CMDLINE)).unwrap()), "low");
+        let gdt = m.slice(u64::from(st.gdtr.base), 32).unwrap();
+        assert_eq!(&gdt[16..24], &BOOT_GDT_CODE.to_le_bytes());
+        // The kernel's own bytes are intact.
+        assert_eq!(m.slice(0x8000, CODE.len() as u64).unwrap(), CODE);
+        // A kernel clear of the usual area keeps it.
+        let usual = load(&mem(), &good(), "", &[]).unwrap();
+        assert_eq!(usual.ebx, MULTIBOOT_INFO_ADDR);
+        assert_eq!(usual.esp, crate::layout::BOOT_STACK_TOP);
+    }
+
+    const BOOT_GDT_CODE: u64 = super::super::BOOT_GDT[2];
+
+    #[test]
     fn placement_errors() {
         let e = |img: &[u8]| load(&mem(), img, "", &[]).unwrap_err();
         assert!(matches!(e(&build_elf(CODE, 0xFFFF_0000, 0xFFFF_0000, 0)), MultibootError::DoesNotFit { .. }));
         assert!(matches!(e(&build_elf(CODE, 0xFFFF_FFF0, 0xFFFF_FFF0, 0x100)), MultibootError::DoesNotFit { .. }));
         assert!(matches!(e(&build_elf(CODE, 0xB8000, 0xB8000, 0)), MultibootError::LegacyHole { .. }));
         assert!(matches!(e(&build_elf(CODE, 0x9F000, 0x9F000, 0x1000)), MultibootError::LegacyHole { .. }));
-        assert!(matches!(e(&build_elf(CODE, 0x9000, 0x9000, 0)), MultibootError::OverlapsBootData { .. }));
+        // A kernel on every low page and up to the top of RAM leaves no room.
+        let huge = build_elf(CODE, 0x1000, 0x1000, (0x9F000 - 0x1000) - CODE.len() as u32);
+        let mut m2 = vec![0u8; (RAM - 0x10_0000) as usize];
+        m2.truncate((RAM - 0x10_0000 - 0x100) as usize);
+        let mods = [Module { data: &m2, cmdline: "" }];
+        assert!(matches!(load(&mem(), &huge, "", &mods), Err(MultibootError::NoRoomForBootData)));
         // Below 1 MiB but clear of the boot data: fine.
         load(&mem(), &build_elf(CODE, 0x30000, 0x30000, 0), "", &[]).unwrap();
         let big = vec![0u8; RAM as usize];

@@ -20,6 +20,9 @@ pub struct MachineSpec {
     pub append: Option<String>,
     /// Guest RAM in bytes.
     pub mem: u64,
+    /// The PC; a header without `--machine` means `isa` (recorded before
+    /// there was a choice).
+    pub machine: crate::devices::platform::Machine,
 }
 
 #[derive(Debug, Error)]
@@ -76,12 +79,14 @@ pub fn command_line(m: &MachineSpec) -> Vec<String> {
         v.extend(["--append".to_string(), a.clone()]);
     }
     v.extend(["--mem".to_string(), m.mem.to_string()]);
+    v.extend(["--machine".to_string(), m.machine.name().to_string()]);
     v
 }
 
 /// Rebuilds the machine from a trace header's command line.
 pub fn machine_from_header(h: &Header) -> Result<MachineSpec, HeaderError> {
-    let mut m = MachineSpec { mem: h.mem_bytes, ..MachineSpec::default() };
+    let mut m =
+        MachineSpec { mem: h.mem_bytes, machine: crate::devices::platform::Machine::Isa, ..MachineSpec::default() };
     let mut it = h.command_line.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().cloned().ok_or_else(|| HeaderError::Malformed(format!("{flag} without a value")));
@@ -91,6 +96,7 @@ pub fn machine_from_header(h: &Header) -> Result<MachineSpec, HeaderError> {
             "--initrd" => m.initrd = Some(PathBuf::from(value()?)),
             "--append" => m.append = Some(value()?),
             "--mem" => m.mem = parse_size(&value()?).map_err(HeaderError::Malformed)?,
+            "--machine" => m.machine = value()?.parse().map_err(HeaderError::Malformed)?,
             other => return Err(HeaderError::Malformed(format!("unknown machine option {other:?}"))),
         }
     }
@@ -98,8 +104,8 @@ pub fn machine_from_header(h: &Header) -> Result<MachineSpec, HeaderError> {
 }
 
 /// The CPUID answers of the guest's policy (recorded in trace headers).
-pub fn cpuid_entries() -> Vec<CpuidEntry> {
-    let p = crate::cpu::policy::CpuPolicy::default();
+pub fn cpuid_entries(machine: crate::devices::platform::Machine, tsc_hz: u64) -> Vec<CpuidEntry> {
+    let p = crate::run::cpu_policy(machine, tsc_hz);
     let mut v = Vec::new();
     for base in [0u32, 0x8000_0000] {
         let max = p.cpuid(base, 0)[0];
@@ -150,8 +156,12 @@ mod tests {
             initrd: Some("i".into()),
             append: Some("console=ttyS0 quiet".into()),
             mem: 128 << 20,
+            machine: crate::devices::platform::Machine::Pc,
         };
         let h = Header { command_line: command_line(&m), mem_bytes: 1, ..Header::default() };
         assert_eq!(machine_from_header(&h).unwrap(), m);
+        // Recorded before `--machine` existed: the isa machine.
+        let old = Header { command_line: vec!["--mem".into(), "1M".into()], ..Header::default() };
+        assert_eq!(machine_from_header(&old).unwrap().machine, crate::devices::platform::Machine::Isa);
     }
 }

@@ -60,6 +60,8 @@ pub struct BtConfig {
     /// Shadow MMU: unmap supervisor-only shadows on every entry to CPL 3
     /// (`--engine isolate`; docs/security.md says what it does and costs).
     pub user_isolation: bool,
+    /// The CPU the guest sees (CPUID, MSRs): the machine's.
+    pub cpu: CpuPolicy,
 }
 
 impl BtConfig {
@@ -148,7 +150,7 @@ impl BtBackend {
             guest: Guest { mem, mmu, window },
             cpu,
             engine,
-            policy: CpuPolicy::default(),
+            policy: config.cpu,
             shadows: Shadows::new(base),
             pending: Pending::default(),
             want_window: false,
