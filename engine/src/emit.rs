@@ -560,24 +560,38 @@ impl Emitter {
         self.at(next);
     }
 
+    /// An out-of-line callout stub for guest EIP `eip` (no instruction of
+    /// its own): the poll's and each block exit's. Returns its site id.
+    fn stub_callout(
+        &mut self,
+        kind: CalloutKind,
+        eip: u32,
+        resume_off: Option<u32>,
+        insns_before: u32,
+        exit: Option<usize>,
+    ) -> u32 {
+        self.at(eip);
+        let id = self.ctx.first_site + self.sites.len() as u32;
+        emit_callout(&mut self.asm, id);
+        let instruction = Instruction::default();
+        self.sites.push(PendingSite {
+            id,
+            kind,
+            guest_eip: eip,
+            next_eip: eip,
+            instruction,
+            resume_off,
+            insns_before,
+            exit,
+        });
+        id
+    }
+
     /// Out-of-line exit stubs, then the relocations of the jumps to them.
     fn exit_stubs(&mut self) {
         if let Some((field, resume)) = self.pending_poll.take() {
-            let eip = self.ctx.guest_eip;
             let stub = self.off();
-            self.at(eip);
-            let id = self.ctx.first_site + self.sites.len() as u32;
-            emit_callout(&mut self.asm, id);
-            self.sites.push(PendingSite {
-                id,
-                kind: CalloutKind::Poll,
-                guest_eip: eip,
-                next_eip: eip,
-                instruction: Instruction::default(),
-                resume_off: Some(resume),
-                insns_before: 0,
-                exit: None,
-            });
+            self.stub_callout(CalloutKind::Poll, self.ctx.guest_eip, Some(resume), 0, None);
             let rel = stub.wrapping_sub(field + 4);
             let mut alter = self.asm.alter();
             alter.goto(dynasmrt::AssemblyOffset(field as usize));
@@ -586,19 +600,7 @@ impl Emitter {
         let pending = std::mem::take(&mut self.pending_exits);
         for (field, target, insns) in pending {
             let stub = self.off();
-            self.at(target);
-            let id = self.ctx.first_site + self.sites.len() as u32;
-            emit_callout(&mut self.asm, id);
-            self.sites.push(PendingSite {
-                id,
-                kind: CalloutKind::BlockExit,
-                guest_eip: target,
-                next_eip: target,
-                instruction: Instruction::default(),
-                resume_off: None,
-                insns_before: insns,
-                exit: Some(self.exits.len()),
-            });
+            let id = self.stub_callout(CalloutKind::BlockExit, target, None, insns, Some(self.exits.len()));
             self.exits.push(ExitReloc {
                 field_off: field,
                 stub_off: stub,
