@@ -1,6 +1,6 @@
 //! Callout sites: what the monitor learns from `VcpuPage.callout_id`.
 
-use crate::classify::{Flow, Sensitive};
+use crate::classify::{Class, Classification, Flow, Sensitive};
 use iced_x86::Instruction;
 
 /// Why translated code exited to the monitor.
@@ -25,6 +25,16 @@ pub enum CalloutKind {
 }
 
 impl CalloutKind {
+    /// The instruction class a site of this kind performs (`Ident` for the
+    /// kinds that perform none: block exits, misses, polls).
+    pub fn class(&self) -> Class {
+        match *self {
+            CalloutKind::Sensitive(s) => Class::Sensitive(s),
+            CalloutKind::ControlFlow(f) => Class::ControlFlow(f),
+            _ => Class::Ident,
+        }
+    }
+
     /// Stable counter name (`/engine/callouts/<name>`).
     pub fn name(&self) -> String {
         match self {
@@ -63,6 +73,9 @@ pub struct CalloutSite {
     pub next_eip: u32,
     /// The decoded guest instruction (default for `Poll`/`IndirectMiss`).
     pub instruction: Instruction,
+    /// The table's attributes of the site's class (`classify::of_class`,
+    /// looked up once here rather than on every callout).
+    pub classification: Classification,
     /// Where to re-enter the TC after performing the instruction, when the
     /// translation goes on after it. The monitor may always ignore it and
     /// look up `next_eip` instead, and must when the callout changed

@@ -3,6 +3,7 @@
 //! lookup table; invalidation and flush.
 
 use crate::callout::{CalloutKind, CalloutSite, FIRST_SITE_ID, MISS_SITE_ID};
+use crate::classify::{self, Class};
 use crate::decode::{self, CodePage, GuestCode};
 use crate::emit::{self, EmitCtx, Emitted};
 use crate::fxhash::FxHashMap;
@@ -69,6 +70,8 @@ struct SiteRecord {
     site: CalloutSite,
     block: Option<u32>,
     exit: Option<usize>,
+    /// Callouts taken through this site (folded by kind at `stats()`).
+    taken: u64,
 }
 
 /// The translator: owns the TC, the lookup table and their maps.
@@ -135,6 +138,7 @@ impl Engine {
                 guest_eip: 0,
                 next_eip: 0,
                 instruction: Instruction::default(),
+                classification: classify::of_class(Class::Ident),
                 resume_tc: None,
                 insns_before: 0,
                 block_insns: 0,
@@ -409,6 +413,9 @@ impl Engine {
 
     /// Code pages that appeared since the last call (incremental protection).
     pub fn take_new_code_pages(&mut self) -> Vec<u64> {
+        if self.new_pages.is_empty() {
+            return Vec::new();
+        }
         std::mem::take(&mut self.new_pages).into_iter().collect()
     }
 
@@ -424,7 +431,11 @@ impl Engine {
         self.clear_table(0);
         self.clear_table(1);
         self.site_base += self.sites.len() as u32;
-        self.sites.clear();
+        for r in self.sites.drain(..) {
+            if r.taken != 0 {
+                *self.callouts_by_kind.entry(r.site.kind).or_default() += r.taken;
+            }
+        }
         self.tc_next = self.tc_first;
         self.capped_block = None;
         self.generation += 1;
@@ -434,10 +445,17 @@ impl Engine {
 
     /// Monitor-reported: a callout was taken (for statistics).
     pub fn note_callout(&mut self, id: u32) {
-        let Some(kind) = self.callout_site(id).map(|s| s.kind) else { return };
-        // Named at `stats()` time: a name per callout cost more than the
-        // rest of the callout's bookkeeping.
-        *self.callouts_by_kind.entry(kind).or_default() += 1;
+        // Counted per site and named at `stats()` time: a name, or even a
+        // hash by kind, per callout cost more than the rest of a hooked
+        // callout's bookkeeping.
+        let kind = if id == MISS_SITE_ID {
+            *self.callouts_by_kind.entry(CalloutKind::IndirectMiss).or_default() += 1;
+            CalloutKind::IndirectMiss
+        } else {
+            let Some(r) = id.checked_sub(self.site_base).and_then(|n| self.sites.get_mut(n as usize)) else { return };
+            r.taken += 1;
+            r.site.kind
+        };
         match kind {
             CalloutKind::BlockExit => self.stats.exits_unchained += 1,
             CalloutKind::IndirectMiss => self.stats.indirect_misses += 1,
@@ -450,6 +468,9 @@ impl Engine {
         let mut s = self.stats.clone();
         for (kind, n) in &self.callouts_by_kind {
             *s.callouts_taken.entry(kind.name()).or_default() += n;
+        }
+        for r in self.sites.iter().filter(|r| r.taken != 0) {
+            *s.callouts_taken.entry(r.site.kind.name()).or_default() += r.taken;
         }
         s.indirect_hits = u64::from(self.view.read_u32(vmm_area::vcpu::INDIRECT_HITS));
         s
@@ -593,12 +614,14 @@ impl Engine {
                     guest_eip: s.guest_eip,
                     next_eip: s.next_eip,
                     instruction: s.instruction,
+                    classification: classify::of_class(s.kind.class()),
                     resume_tc: s.resume_off.map(|o| start + o),
                     insns_before: s.insns_before,
                     block_insns,
                 },
                 block: Some(id),
                 exit: s.exit,
+                taken: 0,
             });
         }
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use monitor::backend::bt::BtConfig;
 use monitor::run::{parse_size, BackendKind, RunOptions};
 
 #[derive(Parser)]
@@ -241,8 +242,8 @@ fn init_tracing(verbose: u8) {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-fn bt_config(log_translations: bool, engine: &[String]) -> Result<monitor::backend::bt::BtConfig, String> {
-    let mut bt = monitor::backend::bt::BtConfig { log_translations, ..Default::default() };
+fn bt_config(log_translations: bool, engine: &[String]) -> Result<BtConfig, String> {
+    let mut bt = BtConfig { log_translations, ..Default::default() };
     for e in engine {
         bt.apply_switch(e)?;
     }
@@ -260,7 +261,7 @@ fn print_stats(notes: &[String], stats: &[(String, u64)]) {
 }
 
 fn run(a: RunArgs) -> ExitCode {
-    let bt = match bt_config(a.log_translations, &a.engine) {
+    let bt = match bt_config(a.log_translations, &a.engine).map(|b| BtConfig { profile_callouts: a.stats, ..b }) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("popek: {e}");

@@ -37,6 +37,28 @@ pub const EXIT_ABORTED: u32 = 3;
 /// A signal other than a kick arrived while entering (bad selector, no
 /// compatibility mode): the guest did not run.
 pub const EXIT_ENTRY_FAULT: u32 = 4;
+/// The callout hook handled the last callout and asked for the run loop.
+pub const EXIT_HOOKED: u32 = 5;
+
+/// What a [`CalloutHook`] decided (its return value).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookAction {
+    /// Not handled: the callout exits to the run loop as usual.
+    Exit = 0,
+    /// Handled: the frame holds the next entry state; enter it at once.
+    Resume = 1,
+    /// Handled, but the run loop must see the result: exit with
+    /// [`EXIT_HOOKED`].
+    Done = 2,
+}
+
+/// A callout hook: called by the callout exit path on the monitor stack, in
+/// 64-bit mode, with the host FS base (thread-locals work) but the guest's
+/// segment registers and x87 state still loaded, guest XMM0-7 and MXCSR
+/// saved aside. It may change the frame (registers, selectors, EIP) and
+/// must not enter guest code itself.
+pub type CalloutHook = unsafe fn(*mut ()) -> HookAction;
 
 /// The XSAVE image, 64-byte aligned as XSAVE requires.
 #[repr(C, align(64))]
@@ -82,7 +104,23 @@ pub struct Frame {
     pub syscall_nr: i32,
     /// SIGSYS: the call's audit architecture (i386 or x86-64).
     pub syscall_arch: u32,
-    pub _pad: [u32; 2],
+    /// Nonzero when a selector in the frame or an LDT entry changed since
+    /// the last entry: a hooked resume reloads SS, DS and ES only then (FS
+    /// and GS always, for their bases).
+    pub seg_dirty: u32,
+    /// The callout hook ([`CalloutHook`] as an address) and its context;
+    /// 0 when callouts exit to the run loop.
+    pub hook_fn: u64,
+    pub hook_ctx: u64,
+    /// Guest MXCSR and XMM0-7 while a hook runs (the rest of the guest's
+    /// FPU state stays in the registers: monitor code does not use x87).
+    pub hook_mxcsr: u32,
+    /// The guest's FS base while a hook runs with the host's.
+    pub hook_fsbase: u64,
+    /// Far pointer of a hooked resume: EIP then CS.
+    pub resume_far: [u16; 3],
+    pub _pad: [u16; 3],
+    pub hook_xmm: [u128; 8],
     pub xsave: XsaveArea,
 }
 
@@ -120,7 +158,14 @@ pub static mut POPEK_FRAME: Frame = Frame {
     fault_addr: 0,
     syscall_nr: 0,
     syscall_arch: 0,
-    _pad: [0; 2],
+    seg_dirty: 0,
+    hook_fn: 0,
+    hook_ctx: 0,
+    hook_mxcsr: 0,
+    hook_fsbase: 0,
+    resume_far: [0; 3],
+    _pad: [0; 3],
+    hook_xmm: [0; 8],
     xsave: XsaveArea([0; XSAVE_AREA_SIZE]),
 };
 
@@ -139,18 +184,68 @@ extern "C" {
     fn popek_enter_fault();
     fn popek_exit_callout();
     fn popek_exit_signal();
+    fn popek_resume_window();
+    fn popek_resume_window_end();
+    fn popek_resume_abort();
 }
 
-/// Runs the guest until the next exit.
+std::thread_local! {
+    /// A panic caught in a callout hook, re-raised once the exit path is
+    /// back on the monitor's own state.
+    static HOOK_PANIC: std::cell::RefCell<Option<Box<dyn std::any::Any + Send>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Called by the callout exit path when a hook is set (see [`CalloutHook`]).
+extern "C" fn popek_callout_hook() -> u32 {
+    // SAFETY: the vCPU thread owns the frame; `enter` wrote both fields
+    // from a `CalloutHook` and the context its caller vouched for.
+    let (f, ctx) = unsafe {
+        let fr = &*std::ptr::addr_of!(POPEK_FRAME);
+        (fr.hook_fn, fr.hook_ctx)
+    };
+    // SAFETY: `hook_fn` is nonzero here (the exit path checked) and was
+    // written from a `CalloutHook`.
+    let hook: CalloutHook = unsafe { std::mem::transmute::<usize, CalloutHook>(f as usize) };
+    // SAFETY: per `enter`'s contract, `ctx` is valid for `hook` now.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { hook(ctx as *mut ()) })) {
+        Ok(a) => a as u32,
+        Err(p) => {
+            HOOK_PANIC.with(|c| *c.borrow_mut() = Some(p));
+            HookAction::Done as u32
+        }
+    }
+}
+
+/// Re-raises a panic a callout hook caught (after `enter` returned).
+pub(super) fn rethrow_hook_panic() {
+    if let Some(p) = HOOK_PANIC.with(|c| c.borrow_mut().take()) {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// Runs the guest until the next exit, handing callouts to `hook` first.
 ///
 /// # Safety
 /// `POPEK_FRAME` must hold a valid guest state: selectors that load (checked
 /// by the caller against the LDT it wrote), a valid XSAVE image, and the
 /// current thread must have the signal handlers, the alternate signal stack
-/// and the seccomp filter installed.
-pub(super) unsafe fn enter() -> u32 {
+/// and the seccomp filter installed. With a hook, `ctx` must be valid for it
+/// until this returns, and nothing else may use what it points to meanwhile.
+pub(super) unsafe fn enter(hook: Option<(CalloutHook, *mut ())>) -> u32 {
+    // SAFETY: the vCPU thread owns the frame; no reference to it is live.
+    unsafe {
+        let f = &mut *std::ptr::addr_of_mut!(POPEK_FRAME);
+        (f.hook_fn, f.hook_ctx) = match hook {
+            Some((h, ctx)) => (h as usize as u64, ctx as u64),
+            None => (0, 0),
+        };
+        f.seg_dirty = 0;
+    }
     // SAFETY: per the function contract.
-    unsafe { popek_enter() }
+    let r = unsafe { popek_enter() };
+    rethrow_hook_panic();
+    r
 }
 
 fn addr(f: unsafe extern "C" fn()) -> usize {
@@ -160,6 +255,17 @@ fn addr(f: unsafe extern "C" fn()) -> usize {
 /// Whether `rip` is in the entry window (a kick there aborts the entry).
 pub(super) fn in_entry_window(rip: u64) -> bool {
     (addr(popek_enter_window)..addr(popek_enter_window_end)).contains(&(rip as usize))
+}
+
+/// Whether `rip` is in a hooked resume's window (same rule as entry).
+pub(super) fn in_resume_window(rip: u64) -> bool {
+    (addr(popek_resume_window)..addr(popek_resume_window_end)).contains(&(rip as usize))
+}
+
+/// Where a kick in the resume window goes (the guest FPU state is live
+/// there, so this path saves it, unlike the entry abort).
+pub(super) fn resume_abort_address() -> u64 {
+    addr(popek_resume_abort) as u64
 }
 
 /// Address of the 64-bit callout exit path (the exit gate jumps there).
@@ -277,9 +383,13 @@ global_asm!(
     "pushfq",
     "pop rax",
     "mov [rip + {f} + {eflags}], eax",
-    // Guest AC or DF must not leak into monitor code.
+    // Guest AC, DF or TF must not leak into monitor code (POPFQ only when
+    // one is set: it is the slowest instruction here).
+    "test eax, {monitor_unsafe_flags}",
+    "jz 4f",
     "push 0x202",
     "popfq",
+    "4:",
     "mov ax, ss",
     "mov [rip + {f} + {ss}], ax",
     "mov ax, ds",
@@ -291,6 +401,96 @@ global_asm!(
     "mov ax, gs",
     "mov [rip + {f} + {gs}], ax",
     "mov dword ptr [rip + {f} + {exit_reason}], {callout}",
+    "cmp qword ptr [rip + {f} + {hook_fn}], 0",
+    "je 1f",
+    // The hook: monitor code with the host FS base (thread-locals), the
+    // guest's SSE registers set aside, on the monitor stack (16-aligned).
+    "rdfsbase rax",
+    "mov [rip + {f} + {hook_fsbase}], rax",
+    "mov rax, [rip + {f} + {host_fsbase}]",
+    "wrfsbase rax",
+    "movups [rip + {f} + {hook_xmm}], xmm0",
+    "movups [rip + {f} + {hook_xmm} + 16], xmm1",
+    "movups [rip + {f} + {hook_xmm} + 32], xmm2",
+    "movups [rip + {f} + {hook_xmm} + 48], xmm3",
+    "movups [rip + {f} + {hook_xmm} + 64], xmm4",
+    "movups [rip + {f} + {hook_xmm} + 80], xmm5",
+    "movups [rip + {f} + {hook_xmm} + 96], xmm6",
+    "movups [rip + {f} + {hook_xmm} + 112], xmm7",
+    "stmxcsr [rip + {f} + {hook_mxcsr}]",
+    "ldmxcsr [rip + {f} + {host_mxcsr}]",
+    "sub rsp, 8",
+    "call {hook}",
+    "add rsp, 8",
+    "ldmxcsr [rip + {f} + {hook_mxcsr}]",
+    "movups xmm0, [rip + {f} + {hook_xmm}]",
+    "movups xmm1, [rip + {f} + {hook_xmm} + 16]",
+    "movups xmm2, [rip + {f} + {hook_xmm} + 32]",
+    "movups xmm3, [rip + {f} + {hook_xmm} + 48]",
+    "movups xmm4, [rip + {f} + {hook_xmm} + 64]",
+    "movups xmm5, [rip + {f} + {hook_xmm} + 80]",
+    "movups xmm6, [rip + {f} + {hook_xmm} + 96]",
+    "movups xmm7, [rip + {f} + {hook_xmm} + 112]",
+    "cmp eax, {resume}",
+    "je popek_resume_window",
+    "cmp eax, {done}",
+    "jne 1f",
+    "mov dword ptr [rip + {f} + {exit_reason}], {hooked}",
+    "jmp 1f",
+    // Hooked resume: back into guest-mode code at the frame's state with a
+    // far jump (no XRSTOR, no IRETQ). A kick here is redirected to
+    // `popek_resume_abort`, as in the entry window; one that came between
+    // the hook's last look and this window is caught by the first compare.
+    ".globl popek_resume_window",
+    "popek_resume_window:",
+    "cmp byte ptr [rip + {kick}], 0",
+    "jne popek_resume_abort",
+    // Segment registers only when a selector or the LDT changed; else only
+    // the FS base the hook replaced. (A kick before this point may have
+    // put the host's FS and GS bases back, but then the kick is pending
+    // and the compare above left.)
+    "cmp dword ptr [rip + {f} + {seg_dirty}], 0",
+    "je 3f",
+    "mov ax, [rip + {f} + {ss}]",
+    "mov ss, ax",
+    "mov ax, [rip + {f} + {ds}]",
+    "mov ds, ax",
+    "mov ax, [rip + {f} + {es}]",
+    "mov es, ax",
+    "mov ax, [rip + {f} + {fs}]",
+    "mov fs, ax",
+    "mov ax, [rip + {f} + {gs}]",
+    "mov gs, ax",
+    "jmp 5f",
+    "3:",
+    "mov rax, [rip + {f} + {hook_fsbase}]",
+    "wrfsbase rax",
+    "5:",
+    "mov eax, [rip + {f} + {eip}]",
+    "mov [rip + {f} + {resume_far}], eax",
+    "mov ax, [rip + {f} + {cs}]",
+    "mov [rip + {f} + {resume_far} + 4], ax",
+    "mov eax, [rip + {f} + {eflags}]",
+    "push rax",
+    "popfq",
+    "mov ecx, [rip + {f} + {ecx}]",
+    "mov edx, [rip + {f} + {edx}]",
+    "mov ebx, [rip + {f} + {ebx}]",
+    "mov ebp, [rip + {f} + {ebp}]",
+    "mov esi, [rip + {f} + {esi}]",
+    "mov edi, [rip + {f} + {edi}]",
+    "mov eax, [rip + {f} + {eax}]",
+    "mov esp, [rip + {f} + {esp}]",
+    "jmp fword ptr [rip + {f} + {resume_far}]",
+    ".globl popek_resume_window_end",
+    "popek_resume_window_end:",
+    // A kick in the resume window: the guest did not run again; its FPU
+    // state is in the registers, so save it (label 1).
+    ".globl popek_resume_abort",
+    "popek_resume_abort:",
+    "mov rsp, [rip + {f} + {host_rsp}]",
+    "mov byte ptr [rip + {kick}], 0",
+    "mov dword ptr [rip + {f} + {exit_reason}], {aborted}",
     "jmp 1f",
     // Signal exit: the handler saved the guest registers and pointed RIP
     // here with RSP = host_rsp; the guest's FPU state is live again.
@@ -364,6 +564,17 @@ global_asm!(
     aborted = const EXIT_ABORTED,
     entry_fault = const EXIT_ENTRY_FAULT,
     callout = const EXIT_CALLOUT,
+    hooked = const EXIT_HOOKED,
+    resume = const HookAction::Resume as u32,
+    done = const HookAction::Done as u32,
+    hook = sym popek_callout_hook,
+    hook_fn = const offset_of!(Frame, hook_fn),
+    hook_xmm = const offset_of!(Frame, hook_xmm),
+    hook_mxcsr = const offset_of!(Frame, hook_mxcsr),
+    hook_fsbase = const offset_of!(Frame, hook_fsbase),
+    monitor_unsafe_flags = const 0x4_0500,
+    seg_dirty = const offset_of!(Frame, seg_dirty),
+    resume_far = const offset_of!(Frame, resume_far),
 );
 
 /// A compat-mode function entered by a bare far call, with no monitor state

@@ -278,9 +278,11 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut l
         return;
     }
 
-    if entry::in_entry_window(rip) {
+    let resuming = entry::in_resume_window(rip);
+    if resuming || entry::in_entry_window(rip) {
         if kick {
-            redirect(g, entry::enter_abort_address(), None);
+            let to = if resuming { entry::resume_abort_address() } else { entry::enter_abort_address() };
+            redirect(g, to, None);
         } else {
             // SAFETY: as above: this is the vCPU thread, mid-entry.
             let f = unsafe { &mut *frame };

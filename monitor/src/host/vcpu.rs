@@ -105,6 +105,9 @@ pub enum Exit {
     Kick,
     /// Translated code called out to the monitor (the id is in the vCPU page).
     Callout,
+    /// The callout hook of [`Vcpu::run_hooked`] handled a callout and asked
+    /// for the run loop; the hook's owner knows what it decided.
+    Hooked,
 }
 
 /// FPU/SSE state of the guest, as saved by XSAVE.
@@ -353,7 +356,11 @@ impl Vcpu {
             self.check_selector(sel, false, true)?;
         }
         let f = self.frame_mut();
-        (f.cs, f.ss, f.ds, f.es, f.fs, f.gs) = (s.cs, s.ss, s.ds, s.es, s.fs, s.gs);
+        let new = (s.cs, s.ss, s.ds, s.es, s.fs, s.gs);
+        if (f.cs, f.ss, f.ds, f.es, f.fs, f.gs) != new {
+            (f.cs, f.ss, f.ds, f.es, f.fs, f.gs) = new;
+            f.seg_dirty = 1;
+        }
         Ok(())
     }
 
@@ -364,6 +371,8 @@ impl Vcpu {
         }
         let sel = ldt::set_entry(index, &seg)?;
         self.ldt.insert(index, seg);
+        // A loaded selector may name this entry: reload before resuming.
+        self.frame_mut().seg_dirty = 1;
         Ok(sel)
     }
 
@@ -414,9 +423,36 @@ impl Vcpu {
         // (which keeps reserved bits clear), and `new` installed handlers,
         // alternate stack and seccomp filter on this thread (the type is
         // not Send).
-        let reason = unsafe { entry::enter() };
+        let reason = unsafe { entry::enter(None) };
+        self.exit_of(reason)
+    }
+
+    /// Runs guest-mode code until the next exit, handing each callout to
+    /// `hook` first: what it handles resumes guest-mode code at once, with
+    /// no XSAVE/XRSTOR, host segment reloads or IRETQ (docs/execution-host.md).
+    ///
+    /// # Safety
+    /// `this` must point to a live `Vcpu` and `ctx` be valid for `hook` until
+    /// this returns; the hook is the only user of either meanwhile (it may
+    /// reach this `Vcpu` through `ctx`, e.g. to set registers or segments,
+    /// but must not run it).
+    pub unsafe fn run_hooked(this: *mut Vcpu, hook: entry::CalloutHook, ctx: *mut ()) -> Result<Exit, HostError> {
+        // SAFETY: as in `run`; the hook contract is the caller's.
+        let reason = unsafe { entry::enter(Some((hook, ctx))) };
+        // SAFETY: the hook is done; `this` is live (caller's contract).
+        unsafe { (*this).exit_of(reason) }
+    }
+
+    /// Whether a kick is waiting for the next entry (a hook that sees one
+    /// hands the run loop the exit instead of resuming).
+    pub fn kick_pending(&self) -> bool {
+        POPEK_KICK_PENDING.load(Ordering::SeqCst) != 0
+    }
+
+    fn exit_of(&mut self, reason: u32) -> Result<Exit, HostError> {
         match reason {
             entry::EXIT_CALLOUT => Ok(Exit::Callout),
+            entry::EXIT_HOOKED => Ok(Exit::Hooked),
             entry::EXIT_ABORTED => Ok(Exit::Kick),
             entry::EXIT_ENTRY_FAULT => {
                 let f = self.frame();

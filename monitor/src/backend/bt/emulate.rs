@@ -41,6 +41,13 @@ pub(super) struct Pending {
     pub exit: Option<Result<VmExit, BackendError>>,
 }
 
+impl Pending {
+    /// Nothing waits for the machine.
+    pub fn is_idle(&self) -> bool {
+        self.io.is_none() && self.mmio.is_none() && self.exit.is_none()
+    }
+}
+
 /// Whether the instruction completed (its count and EIP move on).
 fn completes(result: &Result<Outcome, ExecError>) -> bool {
     matches!(
@@ -59,7 +66,13 @@ impl BtBackend {
     /// virtual CPU.
     pub(super) fn emulate(&mut self, insn: &Instruction, c: &Classification, next_eip: u32) -> Step {
         tracing::trace!(eip = format_args!("{:#x}", self.cpu.eip), next = format_args!("{next_eip:#x}"), %insn, "sensitive");
-        let host_tsc = self.guest_tsc_base();
+        // The clock only for what reads it (a TSC read is a tenth of a
+        // hooked callout on these hosts).
+        let reads_tsc = matches!(
+            c.class,
+            Class::Sensitive(Sensitive::Rdtsc | Sensitive::Rdtscp | Sensitive::Rdmsr | Sensitive::Wrmsr)
+        );
+        let host_tsc = if reads_tsc { self.guest_tsc_base() } else { 0 };
         let result = {
             let mut lin = self.guest.linear();
             let mut env = Env { mem: &mut lin, policy: &self.policy, host_tsc };

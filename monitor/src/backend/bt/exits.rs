@@ -40,7 +40,7 @@ pub(super) fn exception_of(exit: Exit) -> Event {
         Exit::SimdFault => Event::Exception(Fault::new(vector::XM)),
         Exit::GeneralProtection { error_code, .. } => Event::Exception(Fault::gp(guest_error_code(error_code))),
         Exit::PageFault { address, error_code } => Event::Exception(Fault::page(address, error_code)),
-        Exit::SystemCall { .. } | Exit::Kick | Exit::Callout => Event::Exception(Fault::gp(0)),
+        Exit::SystemCall { .. } | Exit::Kick | Exit::Callout | Exit::Hooked => Event::Exception(Fault::gp(0)),
     }
 }
 
@@ -114,7 +114,7 @@ impl BtBackend {
                 self.stats.count("kick");
                 Ok(Some(VmExit::Interrupted))
             }
-            Exit::Callout => Err(failed("guest user code jumped into the exit gate")),
+            Exit::Callout | Exit::Hooked => Err(failed("guest user code jumped into the exit gate")),
             other => {
                 self.stats.count("user_exception");
                 self.raise(exception_of(other))
@@ -286,6 +286,12 @@ impl BtBackend {
         self.engine.note_callout(id);
         self.counter.refund(site.block_insns, site.insns_before);
         self.stats.count("callout");
+        if self.config.profile_callouts {
+            self.open_callout = Some((site.kind, super::stats::rdtsc()));
+        }
+        // The key the continuation belongs to: the one at the callout,
+        // moved to the next instruction.
+        let key = BlockKey { eip: site.next_eip, ..self.key() };
         match site.kind {
             CalloutKind::BlockExit => {
                 self.cpu.eip = site.next_eip;
@@ -313,13 +319,14 @@ impl BtBackend {
                 self.cpu.eip = site.guest_eip;
                 self.fault(Fault::gp(0))
             }
-            CalloutKind::Sensitive(s) => {
+            CalloutKind::Sensitive(_) | CalloutKind::ControlFlow(_) => {
                 self.cpu.eip = site.guest_eip;
-                self.emulate(&site.instruction, &classify::of_class(Class::Sensitive(s)), site.next_eip)
-            }
-            CalloutKind::ControlFlow(f) => {
-                self.cpu.eip = site.guest_eip;
-                self.emulate(&site.instruction, &classify::of_class(Class::ControlFlow(f)), site.next_eip)
+                let step = self.emulate(&site.instruction, &site.classification, site.next_eip);
+                // Asked again: the instruction may have dropped its block.
+                if let Some(tc) = self.engine.callout_site(id).and_then(|s| s.resume_tc) {
+                    self.resume_at = Some((key, tc));
+                }
+                step
             }
         }
     }

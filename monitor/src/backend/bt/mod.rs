@@ -62,6 +62,13 @@ pub struct BtConfig {
     pub user_isolation: bool,
     /// The CPU the guest sees (CPUID, MSRs): the machine's.
     pub cpu: CpuPolicy,
+    /// Every callout returns to the run loop through the full exit path
+    /// (`--engine slowcallouts`), instead of the callout hook that resumes
+    /// the TC from the exit path (see [`BtBackend::callout_hook`]).
+    pub slow_callouts: bool,
+    /// Time every callout by kind for `--stats` (two TSC reads each: a
+    /// tenth of a hooked callout, so off unless asked for).
+    pub profile_callouts: bool,
 }
 
 impl BtConfig {
@@ -75,10 +82,11 @@ impl BtConfig {
             "noinline" => self.engine.inline_flags = false,
             "inline" => self.engine.inline_flags = true,
             "isolate" => self.user_isolation = true,
+            "slowcallouts" => self.slow_callouts = true,
             s if s.starts_with("corrupt=") => self.engine.corrupt_named(&s["corrupt=".len()..])?,
             other => {
                 return Err(format!(
-                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, isolate, corrupt=MNEMONIC)"
+                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, isolate, slowcallouts, corrupt=MNEMONIC)"
                 ))
             }
         }
@@ -122,6 +130,28 @@ pub struct BtBackend {
     /// IRET returns to the faulting instruction, the page is mapped then
     /// (`exits::RetryFault`).
     retry: Option<exits::RetryFault>,
+    /// What the callout hook decided when it handed back to the run loop
+    /// ([`Exit::Hooked`]).
+    hook_result: Option<Step>,
+    /// The callout hook is running: guest-mode code must not be entered.
+    in_hook: bool,
+    /// The kind of the callout the run loop is handling and when its exit
+    /// arrived (charged to the kind at the next entry).
+    open_callout: Option<(engine::callout::CalloutKind, u64)>,
+    /// The guest selectors last written to the vCPU page.
+    written_sels: Option<([u16; 6], u16)>,
+    /// Where the callout being handled continues in the TC when it leaves
+    /// the guest at its `next_eip` with the block key unchanged.
+    /// Valid until the next entry or `run` call.
+    resume_at: Option<(BlockKey, u32)>,
+}
+
+/// What getting the next translated entry ready produced.
+enum Prepared {
+    /// The frame holds the entry state: run it.
+    Ready,
+    /// Something else happens first (a stop, a fault on the code fetch).
+    Instead(Step),
 }
 
 impl BtBackend {
@@ -160,6 +190,11 @@ impl BtBackend {
             stats: BtStats::default(),
             counter: Counter::new(config.deterministic),
             retry: None,
+            hook_result: None,
+            in_hook: false,
+            open_callout: None,
+            written_sels: None,
+            resume_at: None,
         };
         b.alias.write_u32(page::EXIT_FAR, window.exit_gate());
         b.alias.write_u16(page::EXIT_FAR + 4, crate::host::ldt::HOST_CS64);
@@ -229,13 +264,109 @@ impl BtBackend {
     }
 
     fn run_host(&mut self, translated: bool) -> Result<Exit, BackendError> {
+        self.run_host_with(translated, false)
+    }
+
+    /// Runs translated code, with the callout hook when it may be used: not
+    /// in the counting mode (whose stops the run loop places), and only with
+    /// block-entry polls (a kick that lands while the hook runs is seen at
+    /// the next poll point).
+    fn run_tc(&mut self) -> Result<Exit, BackendError> {
+        let hooked = !self.config.slow_callouts && !self.counter.is_on() && self.config.engine.poll_at_block_entry;
+        self.run_host_with(true, hooked)
+    }
+
+    fn run_host_with(&mut self, translated: bool, hooked: bool) -> Result<Exit, BackendError> {
+        if self.in_hook {
+            return Err(failed("guest-mode code entered from inside the callout hook"));
+        }
+        self.resume_at = None;
         let t = stats::rdtsc();
-        let exit = self.host.run().map_err(|e| match e {
+        if let Some((kind, since)) = self.open_callout.take() {
+            self.stats.charge_callout(kind, t.wrapping_sub(since), false);
+        }
+        let exit = if hooked {
+            let me: *mut BtBackend = self;
+            // SAFETY: `me` is this backend, live for the whole call, and no
+            // reference to it is used until `run_hooked` returns: the hook
+            // (`callout_hook_entry`) is its only user meanwhile, and never
+            // runs the vCPU (`in_hook`).
+            unsafe { Vcpu::run_hooked(std::ptr::addr_of_mut!((*me).host), Self::callout_hook_entry, me.cast()) }
+        } else {
+            self.host.run()
+        };
+        let exit = exit.map_err(|e| match e {
             crate::host::HostError::GuestEscape(escape) => BackendError::GuestEscape(escape),
             e => failed(e),
         });
         self.stats.charge_guest(translated, stats::rdtsc().wrapping_sub(t));
         exit
+    }
+
+    /// # Safety
+    /// `ctx` is the `BtBackend` that `run_host_with` passed to `run_hooked`.
+    unsafe fn callout_hook_entry(ctx: *mut ()) -> crate::host::entry::HookAction {
+        // SAFETY: per the contract, and `run_host_with` uses nothing of the
+        // backend while the hook runs.
+        let b = unsafe { &mut *ctx.cast::<BtBackend>() };
+        b.in_hook = true;
+        let action = b.callout_hook();
+        b.in_hook = false;
+        action
+    }
+
+    /// The callout hook: what the run loop would do for the callout and the
+    /// next translated entry, done from the exit path (VMware's monitor ran
+    /// its callouts in the guest's context for the same reason). Control
+    /// returns to the TC with no XSAVE/XRSTOR, host segment reloads, IRETQ
+    /// or trip through the step loop; anything the machine must see, or
+    /// that the step loop decides (a window for interrupts, a kick, user
+    /// code to run directly), goes back to the run loop instead.
+    fn callout_hook(&mut self) -> crate::host::entry::HookAction {
+        use crate::host::entry::HookAction;
+        let t = if self.config.profile_callouts { stats::rdtsc() } else { 0 };
+        let step = self.after_translated(Exit::Callout);
+        let kind = self.open_callout.take().map(|(k, _)| k);
+        let action = match step {
+            Ok(None) if self.tc_goes_on() => match self.prepare_tc_entry() {
+                Ok(Prepared::Ready) => HookAction::Resume,
+                Ok(Prepared::Instead(step)) => {
+                    self.hook_result = Some(step);
+                    HookAction::Done
+                }
+                Err(e) => {
+                    self.hook_result = Some(Err(e));
+                    HookAction::Done
+                }
+            },
+            step => {
+                self.hook_result = Some(step);
+                HookAction::Done
+            }
+        };
+        if let Some(kind) = kind {
+            self.stats.charge_callout(kind, stats::rdtsc().wrapping_sub(t), true);
+        }
+        action
+    }
+
+    /// Whether the run loop would enter translated code next, with nothing
+    /// to do first.
+    fn tc_goes_on(&self) -> bool {
+        let stop = self.cpu.halted
+            || (self.want_window && self.interrupts_enabled())
+            || self.raw_resume
+            || self.kick_deferred
+            || !self.pending.is_idle()
+            || self.host.kick_pending();
+        !stop && !self.runs_direct()
+    }
+
+    /// Whether guest code at the current state runs directly (user code
+    /// outside the counting mode) rather than from the TC.
+    fn runs_direct(&self) -> bool {
+        let c = &self.cpu;
+        !self.counter.is_on() && c.cpl == 3 && c.iopl() < 3 && c.protected_mode() && c.eflags & flags::VM == 0
     }
 
     /// Delivers an exception or interrupt through the guest's IDT.
@@ -273,12 +404,10 @@ impl BtBackend {
     fn step_once(&mut self) -> Step {
         if self.raw_resume {
             self.raw_resume = false;
-            let exit = self.run_host(true)?;
-            return self.after_translated(exit);
+            let exit = self.run_tc()?;
+            return self.finish_tc(exit);
         }
-        let c = &self.cpu;
-        let direct =
-            !self.counter.is_on() && c.cpl == 3 && c.iopl() < 3 && c.protected_mode() && c.eflags & flags::VM == 0;
+        let direct = self.runs_direct();
         self.cpu.interrupt_shadow = false;
         if direct {
             self.step_direct()
@@ -310,18 +439,34 @@ impl BtBackend {
     }
 
     fn step_translated(&mut self) -> Step {
+        if let Prepared::Instead(step) = self.prepare_tc_entry()? {
+            return step;
+        }
+        let exit = self.run_tc()?;
+        self.finish_tc(exit)
+    }
+
+    /// The frame and the vCPU page made ready to enter the TC at the
+    /// guest's EIP (translating the block if needed).
+    fn prepare_tc_entry(&mut self) -> Result<Prepared, BackendError> {
+        self.cpu.interrupt_shadow = false;
         let key = self.key();
         // Stops by count (checkpoints, input points) and by guest time
         // (timer deadlines) alike.
         let budget = match self.counter.budget() {
-            Budget::StopNow => return Ok(Some(VmExit::Interrupted)),
+            Budget::StopNow => return Ok(Prepared::Instead(Ok(Some(VmExit::Interrupted)))),
             Budget::Upto(b) => Some(b),
             Budget::Unlimited => None,
         };
-        let tc = match self.enter_block(key, budget) {
-            Ok(tc) => tc,
-            Err(EngineError::Fetch(f)) => return self.fetch_fault(f.linear),
-            Err(e) => return Err(failed(e)),
+        let resume = self.resume_at.take().filter(|(k, _)| *k == key && budget.is_none());
+        let tc = match resume {
+            // The callout's own continuation: no lookup.
+            Some((_, tc)) => tc,
+            None => match self.enter_block(key, budget) {
+                Ok(tc) => tc,
+                Err(EngineError::Fetch(f)) => return Ok(Prepared::Instead(self.fetch_fault(f.linear))),
+                Err(e) => return Err(failed(e)),
+            },
         };
         if let Some(b) = budget {
             self.counter.entered(b);
@@ -330,7 +475,14 @@ impl BtBackend {
         self.after_translation(&key);
         self.write_entry_state()?;
         self.load_host_regs(tc);
-        let exit = self.run_host(true)?;
+        Ok(Prepared::Ready)
+    }
+
+    /// Back from a run of translated code: the hook's decision, or the exit.
+    fn finish_tc(&mut self, exit: Exit) -> Step {
+        if exit == Exit::Hooked {
+            return self.hook_result.take().unwrap_or(Ok(None));
+        }
         self.after_translated(exit)
     }
 
@@ -350,10 +502,14 @@ impl BtBackend {
     /// The vCPU page and the host segments as translated code expects them.
     fn write_entry_state(&mut self) -> Result<(), BackendError> {
         let (segs, guest_gs) = self.shadows.translated(&mut self.host, &self.cpu)?;
-        self.alias.write_u16(page::GUEST_GS_SEL, guest_gs);
-        for (i, sreg) in Seg::ALL.iter().enumerate() {
-            let sel = u32::from(self.cpu.seg(*sreg).selector);
-            self.alias.write_u32(page::GUEST_SEL + 4 * i as u32, sel);
+        let sels = Seg::ALL.map(|s| self.cpu.seg(s).selector);
+        // The selectors only when they changed: the TC does not write them.
+        if self.written_sels != Some((sels, guest_gs)) {
+            self.alias.write_u16(page::GUEST_GS_SEL, guest_gs);
+            for (i, sel) in sels.iter().enumerate() {
+                self.alias.write_u32(page::GUEST_SEL + 4 * i as u32, u32::from(*sel));
+            }
+            self.written_sels = Some((sels, guest_gs));
         }
         self.alias.write_u32(page::VIF, self.cpu.eflags & flags::IF);
         self.alias.write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
@@ -406,6 +562,7 @@ impl Backend for BtBackend {
     }
 
     fn run(&mut self) -> Result<VmExit, BackendError> {
+        self.resume_at = None;
         if let Some(r) = self.pending.exit.take() {
             return r;
         }

@@ -99,7 +99,7 @@ pub fn guest_error_code(code: u32) -> u32 {
 /// CPL and the host LDT are unchanged.
 #[derive(Clone, Copy, Debug)]
 struct TcCache {
-    regs: [SegReg; 5],
+    regs: [u128; 5],
     ldt_stamp: u64,
     cpl: u8,
     segs: Segments,
@@ -168,19 +168,20 @@ impl Shadows {
     /// same guest segments: the result is cached until a segment or the
     /// host LDT changes.
     pub fn translated(&mut self, host: &mut Vcpu, cpu: &Cpu) -> Result<(Segments, u16), BackendError> {
-        let regs = [Seg::Ss, Seg::Ds, Seg::Es, Seg::Fs, Seg::Gs].map(|s| *cpu.seg(s));
+        let packed = [Seg::Ss, Seg::Ds, Seg::Es, Seg::Fs, Seg::Gs].map(|s| pack(cpu.seg(s)));
         if let Some(c) = &self.tc_cache {
-            if c.regs == regs && c.ldt_stamp == self.writes && c.cpl == cpu.cpl {
+            if c.regs == packed && c.ldt_stamp == self.writes && c.cpl == cpu.cpl {
                 return Ok((c.segs, c.guest_gs));
             }
         }
+        let regs = [Seg::Ss, Seg::Ds, Seg::Es, Seg::Fs, Seg::Gs].map(|s| *cpu.seg(s));
         // Translated user code (counting mode) keeps the guest's limits, as
         // direct user code does: glibc's TLS accesses wrap around 4 GiB.
         let user = cpu.cpl == 3;
         let [ss, ds, es, fs] = self.data(host, cpu, user)?;
         let segs = Segments { cs: host.vmm_code_selector(), ss, ds, es, fs, gs: host.vmm_data_selector() };
         let guest_gs = self.shadow(host, regs[4], true, user)?;
-        self.tc_cache = Some(TcCache { regs, ldt_stamp: self.writes, cpl: cpu.cpl, segs, guest_gs });
+        self.tc_cache = Some(TcCache { regs: packed, ldt_stamp: self.writes, cpl: cpu.cpl, segs, guest_gs });
         Ok((segs, guest_gs))
     }
 
@@ -194,9 +195,64 @@ impl Shadows {
     }
 }
 
+/// A segment register in one integer (every field, so equal packs mean
+/// equal registers): the cache check runs on every entry into the TC, where
+/// a field-by-field compare of five registers cost a sixth of a callout.
+fn pack(r: &SegReg) -> u128 {
+    let d = &r.cache;
+    let bits = u128::from(d.typ & 0xF)
+        | u128::from(d.s) << 4
+        | u128::from(d.dpl & 3) << 5
+        | u128::from(d.present) << 7
+        | u128::from(d.db) << 8
+        | u128::from(d.g) << 9
+        | u128::from(d.avl) << 10;
+    u128::from(r.selector) | u128::from(d.base) << 16 | u128::from(d.limit) << 48 | bits << 80
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_registers_differ_in_every_field() {
+        let base = SegReg {
+            selector: 0x10,
+            cache: Descriptor {
+                base: 0x1000,
+                limit: 0xFFFF,
+                typ: 3,
+                s: true,
+                dpl: 0,
+                present: true,
+                db: true,
+                g: false,
+                avl: false,
+            },
+        };
+        let mut variants = vec![base];
+        let mut v = base;
+        v.selector = 0x18;
+        variants.push(v);
+        let edits: [fn(&mut Descriptor); 9] = [
+            |d| d.base = 0x2000,
+            |d| d.limit = 0xFFFE,
+            |d| d.typ = 2,
+            |d| d.s = false,
+            |d| d.dpl = 3,
+            |d| d.present = false,
+            |d| d.db = false,
+            |d| d.g = true,
+            |d| d.avl = true,
+        ];
+        for edit in edits {
+            let mut v = base;
+            edit(&mut v.cache);
+            variants.push(v);
+        }
+        let packs: std::collections::HashSet<u128> = variants.iter().map(pack).collect();
+        assert_eq!(packs.len(), variants.len());
+    }
 
     #[test]
     fn shadows_keep_base_and_limit() {

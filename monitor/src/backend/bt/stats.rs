@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use engine::callout::CalloutKind;
 use engine::Engine;
 use shadow_mmu::ShadowMmu;
 
@@ -15,6 +16,20 @@ pub struct BtStats {
     pub cycles_direct: u64,
     pub cycles_translated: u64,
     pub cycles_total: u64,
+    /// Monitor time per callout kind: how many were handled in the hook
+    /// (resuming the TC from the exit path) and by the run loop, and the
+    /// cycles each path spent from the exit to the next entry (the exit
+    /// and entry paths themselves excluded).
+    pub callouts: Vec<(CalloutKind, CalloutTime)>,
+}
+
+/// Where one callout kind's time went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CalloutTime {
+    pub hooked: u64,
+    pub hooked_cycles: u64,
+    pub looped: u64,
+    pub looped_cycles: u64,
 }
 
 impl BtStats {
@@ -23,6 +38,26 @@ impl BtStats {
         match self.exits.iter_mut().find(|e| e.0 == what) {
             Some(e) => e.1 += 1,
             None => self.exits.push((what, 1)),
+        }
+    }
+
+    /// `cycles` of monitor time for one callout of `kind`, in the hook or
+    /// the run loop.
+    pub(super) fn charge_callout(&mut self, kind: CalloutKind, cycles: u64, hooked: bool) {
+        let i = match self.callouts.iter().position(|e| e.0 == kind) {
+            Some(i) => i,
+            None => {
+                self.callouts.push((kind, CalloutTime::default()));
+                self.callouts.len() - 1
+            }
+        };
+        let t = &mut self.callouts[i].1;
+        if hooked {
+            t.hooked += 1;
+            t.hooked_cycles += cycles;
+        } else {
+            t.looped += 1;
+            t.looped_cycles += cycles;
         }
     }
 
@@ -60,6 +95,24 @@ impl BtStats {
         v.push(("bt/time_translated_us".into(), us(self.cycles_translated)));
         let guest = self.cycles_direct + self.cycles_translated;
         v.push(("bt/time_monitor_us".into(), us(self.cycles_total.saturating_sub(guest))));
+        // Per callout kind: how many took each path and the mean monitor
+        // time of one (hook time is inside time_translated_us).
+        let ns_each =
+            |cycles: u64, n: u64| if n == 0 { 0 } else { (cycles as f64 * 1e3 / tsc_per_us() / n as f64) as u64 };
+        let mut hook_cycles = 0;
+        for (kind, t) in &self.callouts {
+            let name = kind.name();
+            hook_cycles += t.hooked_cycles;
+            if t.hooked != 0 {
+                v.push((format!("bt/callouts/{name}/hooked"), t.hooked));
+                v.push((format!("bt/callouts/{name}/hooked_ns_each"), ns_each(t.hooked_cycles, t.hooked)));
+            }
+            if t.looped != 0 {
+                v.push((format!("bt/callouts/{name}/looped"), t.looped));
+                v.push((format!("bt/callouts/{name}/looped_ns_each"), ns_each(t.looped_cycles, t.looped)));
+            }
+        }
+        v.push(("bt/time_hooks_us".into(), us(hook_cycles)));
         v.sort();
         v
     }
