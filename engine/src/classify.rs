@@ -123,6 +123,14 @@ pub enum Sensitive {
     Unsupported,
 }
 
+impl Sensitive {
+    /// Whether performing it can load a segment register (exceptions it
+    /// raises aside): the monitor then re-derives the segment shadows.
+    pub fn loads_segments(&self) -> bool {
+        matches!(self, Sensitive::MovToSeg | Sensitive::PopSeg | Sensitive::LoadFarPtr(_) | Sensitive::Rsm)
+    }
+}
+
 /// Flag usage bits.
 pub const FLAGS_R: u8 = 1;
 pub const FLAGS_W: u8 = 2;

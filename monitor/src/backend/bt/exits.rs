@@ -10,7 +10,7 @@ use iced_x86::{Decoder, DecoderOptions};
 use shadow_mmu::{EmulateReason, FaultOutcome};
 
 use super::segments::{guest_error_code, guest_selector};
-use super::{failed, unsupported, BtBackend, Step};
+use super::{failed, unsupported, BtBackend, Resume, Step};
 use crate::backend::VmExit;
 use crate::cpu::interrupt::{self, Event};
 use crate::cpu::operand::gpr_write;
@@ -321,10 +321,17 @@ impl BtBackend {
             }
             CalloutKind::Sensitive(_) | CalloutKind::ControlFlow(_) => {
                 self.cpu.eip = site.guest_eip;
+                let before = (self.cpu.seg(Seg::Cs).selector, self.cpu.cpl);
                 let step = self.emulate(&site.instruction, &site.classification, site.next_eip);
+                // Segments as they were: an instruction that loads none, which
+                // went on to the next one (no exception delivered) at the same
+                // CS and CPL.
+                let segs_kept = matches!(site.kind, CalloutKind::Sensitive(s) if !s.loads_segments())
+                    && self.cpu.eip == site.next_eip
+                    && (self.cpu.seg(Seg::Cs).selector, self.cpu.cpl) == before;
                 // Asked again: the instruction may have dropped its block.
                 if let Some(tc) = self.engine.callout_site(id).and_then(|s| s.resume_tc) {
-                    self.resume_at = Some((key, tc));
+                    self.resume_at = Some(Resume { key, tc, segs_kept });
                 }
                 step
             }

@@ -143,7 +143,18 @@ pub struct BtBackend {
     /// Where the callout being handled continues in the TC when it leaves
     /// the guest at its `next_eip` with the block key unchanged.
     /// Valid until the next entry or `run` call.
-    resume_at: Option<(BlockKey, u32)>,
+    resume_at: Option<Resume>,
+}
+
+/// Where a callout continues in the TC: its site's continuation, for the
+/// block key it belongs to.
+#[derive(Clone, Copy, Debug)]
+struct Resume {
+    key: BlockKey,
+    tc: u32,
+    /// No segment register changed: the host selectors and the vCPU page's
+    /// copies are still right.
+    segs_kept: bool,
 }
 
 /// What getting the next translated entry ready produced.
@@ -458,10 +469,10 @@ impl BtBackend {
             Budget::Upto(b) => Some(b),
             Budget::Unlimited => None,
         };
-        let resume = self.resume_at.take().filter(|(k, _)| *k == key && budget.is_none());
+        let resume = self.resume_at.take().filter(|r| r.key == key && budget.is_none());
         let tc = match resume {
             // The callout's own continuation: no lookup.
-            Some((_, tc)) => tc,
+            Some(r) => r.tc,
             None => match self.enter_block(key, budget) {
                 Ok(tc) => tc,
                 Err(EngineError::Fetch(f)) => return Ok(Prepared::Instead(self.fetch_fault(f.linear))),
@@ -473,7 +484,11 @@ impl BtBackend {
             self.alias.write_u32(page::BUDGET, b as u32);
         }
         self.after_translation(&key);
-        self.write_entry_state()?;
+        if resume.is_some_and(|r| r.segs_kept) {
+            self.write_entry_flags();
+        } else {
+            self.write_entry_state()?;
+        }
         self.load_host_regs(tc);
         Ok(Prepared::Ready)
     }
@@ -511,14 +526,19 @@ impl BtBackend {
             }
             self.written_sels = Some((sels, guest_gs));
         }
-        self.alias.write_u32(page::VIF, self.cpu.eflags & flags::IF);
-        self.alias.write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
-        self.alias.write_u32(page::IRQ_PENDING, u32::from(self.want_window));
-        self.alias.write_u32(page::POLL, 0);
+        self.write_entry_flags();
         if self.host.segments() != segs {
             self.host.set_segments(segs).map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// The vCPU page's virtual flags and poll state for an entry.
+    fn write_entry_flags(&mut self) {
+        self.alias.write_u32(page::VIF, self.cpu.eflags & flags::IF);
+        self.alias.write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
+        self.alias.write_u32(page::IRQ_PENDING, u32::from(self.want_window));
+        self.alias.write_u32(page::POLL, 0);
     }
 
     /// Back from translated code: the guest's registers, virtual flags and
