@@ -158,6 +158,12 @@ struct RunArgs {
     /// the test-only corrupt=MNEMONIC.
     #[arg(long, value_delimiter = ',')]
     engine: Vec<String>,
+    /// How guest user code runs: directly, from the translation cache
+    /// (system calls and exceptions without host traps), or chosen per
+    /// address space from measurements (bt backend; the deterministic mode
+    /// always translates).
+    #[arg(long, default_value = "adaptive")]
+    user_exec: monitor::backend::bt::user_exec::UserExec,
     /// Deterministic mode: all code translated, instructions counted,
     /// virtual time (implied by --record).
     #[arg(long)]
@@ -261,7 +267,11 @@ fn print_stats(notes: &[String], stats: &[(String, u64)]) {
 }
 
 fn run(a: RunArgs) -> ExitCode {
-    let bt = match bt_config(a.log_translations, &a.engine).map(|b| BtConfig { profile_callouts: a.stats, ..b }) {
+    let bt = match bt_config(a.log_translations, &a.engine).map(|b| BtConfig {
+        profile_callouts: a.stats,
+        user_exec: a.user_exec,
+        ..b
+    }) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("popek: {e}");

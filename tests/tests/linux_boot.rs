@@ -10,6 +10,7 @@ use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use monitor::backend::bt::user_exec::UserExec;
 use monitor::backend::bt::{BtBackend, BtConfig};
 
 use monitor::loader::{initramfs, linux};
@@ -29,6 +30,10 @@ fn guests() -> Option<(PathBuf, PathBuf)> {
 }
 
 fn boot(script: &str) -> Option<(Vm, Capture)> {
+    boot_with(script, BtConfig::default())
+}
+
+fn boot_with(script: &str, config: BtConfig) -> Option<(Vm, Capture)> {
     let (kernel, busybox) = guests()?;
     let mem = Arc::new(GuestMemory::new(256 << 20).unwrap());
     let initrd = initramfs::busybox_initramfs(&busybox, script, &[]).unwrap();
@@ -36,12 +41,12 @@ fn boot(script: &str) -> Option<(Vm, Capture)> {
     let boot = linux::load(&mem, &image, "console=ttyS0 panic=-1 quiet", Some(&initrd)).unwrap();
     assert!(boot.reservetop_added, "the loader reserves the VMM area in the guest");
     let (platform, out, clock) = captured_platform(mem.size());
-    let bt = BtBackend::new(mem.clone(), boot.state.to_cpu(), BtConfig::default()).unwrap();
+    let bt = BtBackend::new(mem.clone(), boot.state.to_cpu(), config).unwrap();
     Some((Vm::new(mem, platform, Box::new(bt), clock), out))
 }
 
-#[test]
-fn linux_runs_its_init_script_and_powers_off() {
+/// The init script's checks, with guest user code run as `user_exec` says.
+fn init_script_runs(user_exec: UserExec) {
     let _l = vm_lock();
     let script = "#!/bin/sh\n\
         mount -t proc proc /proc\n\
@@ -53,7 +58,7 @@ fn linux_runs_its_init_script_and_powers_off() {
         while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done\n\
         echo init: $i fork/exec done\n\
         poweroff -f\n";
-    let Some((mut vm, out)) = boot(script) else { return };
+    let Some((mut vm, out)) = boot_with(script, BtConfig { user_exec, ..BtConfig::default() }) else { return };
     let r = vm.run().unwrap();
     let text = out.text();
     assert_eq!(r, RunOutcome::HaltedWithInterruptsOff, "{text}");
@@ -63,6 +68,21 @@ fn linux_runs_its_init_script_and_powers_off() {
     assert!(text.contains("proc") && text.contains("init"), "ls /: {text}");
     assert!(text.contains("init: 200 fork/exec done"), "{text}");
     assert!(text.contains("reboot: System halted") || text.contains("System halted"), "{text}");
+}
+
+#[test]
+fn linux_runs_its_init_script_and_powers_off() {
+    init_script_runs(UserExec::Adaptive);
+}
+
+#[test]
+fn linux_init_script_with_user_code_run_directly() {
+    init_script_runs(UserExec::Direct);
+}
+
+#[test]
+fn linux_init_script_with_user_code_translated() {
+    init_script_runs(UserExec::Translated);
 }
 
 #[test]

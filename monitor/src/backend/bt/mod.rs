@@ -26,6 +26,7 @@ pub mod memory;
 mod reexec;
 pub mod segments;
 pub mod stats;
+pub mod user_exec;
 
 use std::sync::Arc;
 
@@ -69,6 +70,9 @@ pub struct BtConfig {
     /// Time every callout by kind for `--stats` (two TSC reads each: a
     /// tenth of a hooked callout, so off unless asked for).
     pub profile_callouts: bool,
+    /// How guest user code runs (`--user-exec`; the counting mode always
+    /// translates it).
+    pub user_exec: user_exec::UserExec,
 }
 
 impl BtConfig {
@@ -144,6 +148,11 @@ pub struct BtBackend {
     /// the guest at its `next_eip` with the block key unchanged.
     /// Valid until the next entry or `run` call.
     resume_at: Option<Resume>,
+    /// Direct or translated user code, per address space.
+    user_exec: user_exec::Policy,
+    /// An external interrupt was delivered since the last TC entry (the
+    /// user-exec policy does not blame user code for it).
+    interrupted: bool,
 }
 
 /// Where a callout continues in the TC: its site's continuation, for the
@@ -206,6 +215,11 @@ impl BtBackend {
             open_callout: None,
             written_sels: None,
             resume_at: None,
+            interrupted: false,
+            user_exec: user_exec::Policy::new(
+                config.user_exec,
+                if config.user_exec == user_exec::UserExec::Adaptive { stats::tsc_per_us() } else { 1.0 },
+            ),
         };
         b.alias.write_u32(page::EXIT_FAR, window.exit_gate());
         b.alias.write_u16(page::EXIT_FAR + 4, crate::host::ldt::HOST_CS64);
@@ -363,7 +377,7 @@ impl BtBackend {
 
     /// Whether the run loop would enter translated code next, with nothing
     /// to do first.
-    fn tc_goes_on(&self) -> bool {
+    fn tc_goes_on(&mut self) -> bool {
         let stop = self.cpu.halted
             || (self.want_window && self.interrupts_enabled())
             || self.raw_resume
@@ -374,10 +388,16 @@ impl BtBackend {
     }
 
     /// Whether guest code at the current state runs directly (user code
-    /// outside the counting mode) rather than from the TC.
-    fn runs_direct(&self) -> bool {
+    /// outside the counting mode, unless the user-exec policy translates
+    /// its address space) rather than from the TC.
+    fn runs_direct(&mut self) -> bool {
         let c = &self.cpu;
-        !self.counter.is_on() && c.cpl == 3 && c.iopl() < 3 && c.protected_mode() && c.eflags & flags::VM == 0
+        !self.counter.is_on()
+            && c.cpl == 3
+            && c.iopl() < 3
+            && c.protected_mode()
+            && c.eflags & flags::VM == 0
+            && !self.user_exec.translated(c.cr3)
     }
 
     /// Delivers an exception or interrupt through the guest's IDT.
@@ -431,7 +451,23 @@ impl BtBackend {
         let segs = self.shadows.direct(&mut self.host, &self.cpu)?;
         self.host.set_segments(segs).map_err(failed)?;
         self.load_host_regs(self.cpu.eip);
+        self.user_exec.stretch_cancel();
+        let (cr3, t) = (self.cpu.cr3, stats::rdtsc());
         let exit = self.run_host(false)?;
+        let step = self.after_direct(exit, segs);
+        // What the run cost this address space, for the user-exec policy:
+        // did it end in the guest kernel?
+        let dt = stats::rdtsc().wrapping_sub(t);
+        if self.cpu.cpl != 3 {
+            self.user_exec.direct_entry(cr3, dt);
+        } else {
+            self.user_exec.direct_time(cr3, dt);
+        }
+        step
+    }
+
+    /// Back from direct user code that ran with selectors `segs`.
+    fn after_direct(&mut self, exit: Exit, segs: crate::host::Segments) -> Step {
         self.cpu.eip = self.save_host_regs();
         let raw = self.sync_user_selectors(segs);
         if raw
@@ -462,6 +498,16 @@ impl BtBackend {
     fn prepare_tc_entry(&mut self) -> Result<Prepared, BackendError> {
         self.cpu.interrupt_shadow = false;
         let key = self.key();
+        // Stretches of translated user code, for the user-exec policy.
+        if key.cpl == 3 {
+            if !self.user_exec.in_stretch() {
+                self.interrupted = false;
+                self.user_exec.stretch_begins(self.cpu.cr3, stats::rdtsc());
+            }
+        } else if self.user_exec.in_stretch() {
+            let entry = !std::mem::take(&mut self.interrupted);
+            self.user_exec.stretch_ends(stats::rdtsc(), entry);
+        }
         // Stops by count (checkpoints, input points) and by guest time
         // (timer deadlines) alike.
         let budget = match self.counter.budget() {
@@ -622,6 +668,7 @@ impl Backend for BtBackend {
     fn inject_interrupt(&mut self, vector: u8) -> Result<(), BackendError> {
         self.stats.count("interrupt");
         self.cpu.halted = false;
+        self.interrupted = true;
         match self.raise(Event::External(vector))? {
             None => Ok(()),
             Some(_) => Err(failed("triple fault while delivering an external interrupt")),
@@ -676,6 +723,11 @@ impl Backend for BtBackend {
     }
 
     fn stats(&self) -> Vec<(String, u64)> {
-        self.stats.listing(&self.engine, &self.guest.mmu, self.shadows.writes())
+        let mut v = self.stats.listing(&self.engine, &self.guest.mmu, self.shadows.writes());
+        if self.user_exec.mode() == user_exec::UserExec::Adaptive {
+            v.extend(self.user_exec.counters().iter().map(|(k, n)| ((*k).to_string(), *n)));
+            v.sort();
+        }
+        v
     }
 }

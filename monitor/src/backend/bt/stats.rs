@@ -119,7 +119,7 @@ impl BtStats {
 }
 
 /// Host TSC cycles per microsecond, measured once (20 ms) when first asked.
-fn tsc_per_us() -> f64 {
+pub(super) fn tsc_per_us() -> f64 {
     static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *RATE.get_or_init(|| {
         let (t, c) = (Instant::now(), rdtsc());

@@ -1,0 +1,320 @@
+//! How guest user code runs: directly (native speed, but every system call,
+//! exception and page fault is a host trap, 5-9 µs here) or from the TC
+//! (kernel entries are callouts that deliver through the guest IDT with no
+//! trap, but computing code pays the translation's overhead). The policy
+//! chooses per guest address space (CR3), at run time, from what each mode
+//! costs that address space:
+//!
+//! - direct: user time per kernel entry. An address space that enters the
+//!   kernel more often than every [`Policy::TO_TRANSLATED_US`] of user time
+//!   (a shell loop, a syscall benchmark, fork/exec) is translated;
+//! - translated: the length of each stretch of user code between kernel
+//!   entries. Stretches longer than [`Policy::TO_DIRECT_US`] on average
+//!   (a compression, a sort) go back to direct execution.
+//!
+//! Both decisions average a window of [`Policy::WINDOW`] events, and the two
+//! thresholds are far apart: an address space does not thrash between modes.
+//! docs/translator.md ("User code") gives the measurements behind the
+//! numbers.
+
+use std::collections::HashMap;
+
+/// `--user-exec`: which mode guest user code runs in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UserExec {
+    /// Always directly (the first Popek).
+    Direct,
+    /// Always from the TC (kernel entries without host traps).
+    Translated,
+    /// Per address space, from measurements (this module).
+    #[default]
+    Adaptive,
+}
+
+/// One address space's measurements.
+#[derive(Clone, Copy, Debug, Default)]
+struct Space {
+    translated: bool,
+    /// Events in the current window and their total user cycles.
+    events: u32,
+    cycles: u64,
+}
+
+/// What the policy did, for `--stats`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PolicyStats {
+    pub to_translated: u64,
+    pub to_direct: u64,
+    /// Kernel entries from direct user code that the policy saw.
+    pub direct_entries: u64,
+    /// Stretches of translated user code that ended in a kernel entry.
+    pub translated_stretches: u64,
+}
+
+/// The per-address-space choice.
+#[derive(Debug)]
+pub struct Policy {
+    mode: UserExec,
+    /// TSC cycles per µs (the thresholds are in µs).
+    tsc_per_us: f64,
+    spaces: HashMap<u32, Space>,
+    /// The address space and mode of the last question (the common case:
+    /// the same one again).
+    last: Option<(u32, bool)>,
+    /// When the current stretch of translated user code began, and in
+    /// which address space.
+    stretch: Option<(u32, u64)>,
+    pub stats: PolicyStats,
+}
+
+impl Policy {
+    /// Events averaged per decision.
+    pub const WINDOW: u32 = 32;
+    /// Direct user code that enters the kernel more often than this (µs of
+    /// user time per entry) runs translated: a trap costs 5-9 µs here, so
+    /// below ~20 µs of work per entry the traps dominate.
+    pub const TO_TRANSLATED_US: f64 = 20.0;
+    /// Translated user code whose stretches between kernel entries average
+    /// more than this runs directly again: the TC's overhead on such
+    /// stretches outweighs the trap it saves.
+    pub const TO_DIRECT_US: f64 = 150.0;
+    /// At most this many address spaces remembered (a fork storm must not
+    /// grow the map without bound); forgotten ones start direct again.
+    const MAX_SPACES: usize = 4096;
+
+    pub fn new(mode: UserExec, tsc_per_us: f64) -> Policy {
+        Policy { mode, tsc_per_us, spaces: HashMap::new(), last: None, stretch: None, stats: PolicyStats::default() }
+    }
+
+    pub fn mode(&self) -> UserExec {
+        self.mode
+    }
+
+    /// Whether user code of address space `cr3` runs translated now.
+    pub fn translated(&mut self, cr3: u32) -> bool {
+        match self.mode {
+            UserExec::Direct => false,
+            UserExec::Translated => true,
+            UserExec::Adaptive => match self.last {
+                Some((c, t)) if c == cr3 => t,
+                _ => {
+                    let t = self.spaces.get(&cr3).is_some_and(|s| s.translated);
+                    self.last = Some((cr3, t));
+                    t
+                }
+            },
+        }
+    }
+
+    /// Direct user code of `cr3` ran `cycles` and then entered the guest
+    /// kernel (a system call, an exception, a guest page fault).
+    pub fn direct_entry(&mut self, cr3: u32, cycles: u64) {
+        self.stats.direct_entries += 1;
+        self.observe(cr3, false, cycles, true);
+    }
+
+    /// Direct user code of `cr3` ran `cycles` and stopped without entering
+    /// the kernel (an interrupt, a hidden fault): user time of the window.
+    pub fn direct_time(&mut self, cr3: u32, cycles: u64) {
+        self.observe(cr3, false, cycles, false);
+    }
+
+    /// Whether a stretch of translated user code is being timed.
+    pub fn in_stretch(&self) -> bool {
+        self.stretch.is_some()
+    }
+
+    /// Translated user code of `cr3` began to run at TSC `now`.
+    pub fn stretch_begins(&mut self, cr3: u32, now: u64) {
+        if self.mode == UserExec::Adaptive && self.stretch.is_none() {
+            self.stretch = Some((cr3, now));
+        }
+    }
+
+    /// The stretch is not one (user code went on directly).
+    pub fn stretch_cancel(&mut self) {
+        self.stretch = None;
+    }
+
+    /// Translated user code left for the kernel at TSC `now`: by its own
+    /// doing (`entry`: INT, an exception, a guest page fault) or for an
+    /// external interrupt, which says nothing of the code.
+    pub fn stretch_ends(&mut self, now: u64, entry: bool) {
+        let Some((cr3, start)) = self.stretch.take() else { return };
+        if entry {
+            self.stats.translated_stretches += 1;
+        }
+        self.observe(cr3, true, now.wrapping_sub(start), entry);
+    }
+
+    /// Adds `cycles` of user time of `cr3`, in mode `translated`, ending in
+    /// a kernel entry or not, to the address space's window; switches mode
+    /// when the window says so. Direct code goes translated when a window
+    /// of entries averages under [`Self::TO_TRANSLATED_US`]; translated
+    /// code goes direct when its average is over [`Self::TO_DIRECT_US`], or
+    /// at once when the window's time alone says so (a computing loop
+    /// enters the kernel only for interrupts).
+    fn observe(&mut self, cr3: u32, translated: bool, cycles: u64, entry: bool) {
+        if self.mode != UserExec::Adaptive {
+            return;
+        }
+        if !self.spaces.contains_key(&cr3) && self.spaces.len() >= Self::MAX_SPACES {
+            self.spaces.clear();
+            self.last = None;
+        }
+        let (to_translated, to_direct) =
+            (Self::TO_TRANSLATED_US * self.tsc_per_us, Self::TO_DIRECT_US * self.tsc_per_us);
+        let s = self.spaces.entry(cr3).or_default();
+        if s.translated != translated {
+            return;
+        }
+        s.events += u32::from(entry);
+        s.cycles = s.cycles.saturating_add(cycles);
+        let window = f64::from(Self::WINDOW);
+        let switch = if translated && s.cycles as f64 > window * to_direct {
+            true
+        } else if s.events >= Self::WINDOW {
+            let avg = s.cycles as f64 / f64::from(s.events);
+            if translated {
+                avg > to_direct
+            } else {
+                avg < to_translated
+            }
+        } else {
+            return;
+        };
+        (s.events, s.cycles) = (0, 0);
+        if switch {
+            s.translated = !translated;
+            self.last = None;
+            if translated {
+                self.stats.to_direct += 1;
+            } else {
+                self.stats.to_translated += 1;
+            }
+            tracing::debug!(cr3 = format_args!("{cr3:#x}"), translated = !translated, "user-exec policy switched");
+        }
+    }
+
+    /// The policy's counters, by stable name.
+    pub fn counters(&self) -> [(&'static str, u64); 5] {
+        [
+            ("bt/user_exec/to_translated", self.stats.to_translated),
+            ("bt/user_exec/to_direct", self.stats.to_direct),
+            ("bt/user_exec/direct_entries", self.stats.direct_entries),
+            ("bt/user_exec/translated_stretches", self.stats.translated_stretches),
+            ("bt/user_exec/spaces_translated", self.spaces.values().filter(|s| s.translated).count() as u64),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1 cycle per µs: thresholds read directly in cycles.
+    fn adaptive() -> Policy {
+        Policy::new(UserExec::Adaptive, 1.0)
+    }
+
+    #[test]
+    fn fixed_modes_ignore_measurements() {
+        let mut d = Policy::new(UserExec::Direct, 1.0);
+        let mut t = Policy::new(UserExec::Translated, 1.0);
+        for _ in 0..1000 {
+            d.direct_entry(1, 1);
+            t.stretch_begins(1, 0);
+            t.stretch_ends(1_000_000, true);
+        }
+        assert!(!d.translated(1));
+        assert!(t.translated(1));
+    }
+
+    #[test]
+    fn dense_kernel_entries_switch_to_translated_after_a_window() {
+        let mut p = adaptive();
+        for i in 0..Policy::WINDOW {
+            assert!(!p.translated(0x1000), "switched early, after {i} entries");
+            p.direct_entry(0x1000, 5);
+        }
+        assert!(p.translated(0x1000));
+        assert!(!p.translated(0x2000), "another address space keeps its own mode");
+        assert_eq!(p.stats.to_translated, 1);
+    }
+
+    #[test]
+    fn sparse_kernel_entries_stay_direct() {
+        let mut p = adaptive();
+        for _ in 0..10 * Policy::WINDOW {
+            p.direct_entry(0x1000, 500);
+        }
+        assert!(!p.translated(0x1000));
+    }
+
+    #[test]
+    fn long_translated_stretches_go_back_to_direct() {
+        let mut p = adaptive();
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(0x1000, 1);
+        }
+        assert!(p.translated(0x1000));
+        let mut now = 0;
+        for _ in 0..Policy::WINDOW {
+            p.stretch_begins(0x1000, now);
+            now += 1000;
+            p.stretch_ends(now, true);
+        }
+        assert!(!p.translated(0x1000));
+        assert_eq!(p.stats.to_direct, 1);
+    }
+
+    #[test]
+    fn between_the_thresholds_nothing_changes() {
+        // 60 µs per entry: above TO_TRANSLATED, below TO_DIRECT.
+        let mut p = adaptive();
+        for _ in 0..4 * Policy::WINDOW {
+            p.direct_entry(7, 60);
+        }
+        assert!(!p.translated(7));
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(7, 1);
+        }
+        assert!(p.translated(7));
+        let mut now = 0;
+        for _ in 0..4 * Policy::WINDOW {
+            p.stretch_begins(7, now);
+            now += 60;
+            p.stretch_ends(now, true);
+        }
+        assert!(p.translated(7), "no thrash between the thresholds");
+    }
+
+    #[test]
+    fn computing_between_interrupts_goes_direct_without_a_window_of_entries() {
+        let mut p = adaptive();
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(9, 1);
+        }
+        assert!(p.translated(9));
+        // Interrupts only, each after 4 ms of user time: a few are enough.
+        let mut now = 0;
+        let mut n = 0;
+        while p.translated(9) {
+            p.stretch_begins(9, now);
+            now += 4000;
+            p.stretch_ends(now, false);
+            n += 1;
+            assert!(n < Policy::WINDOW, "stayed translated for a whole window of interrupts");
+        }
+        assert_eq!(p.stats.translated_stretches, 0);
+    }
+
+    #[test]
+    fn interrupts_do_not_count_as_kernel_entries_of_direct_code() {
+        let mut p = adaptive();
+        for _ in 0..10 * Policy::WINDOW {
+            p.direct_time(3, 1);
+        }
+        assert!(!p.translated(3));
+    }
+}
