@@ -214,6 +214,7 @@ impl Engine {
             ss32: key.ss32(),
             cs32: key.cs32,
             inline_flags: self.config.inline_flags,
+            native_rdtsc: self.config.native_rdtsc && !self.config.count_insns,
             corrupt: self.config.corrupt,
         };
         let mangled = mangle::mangle(&decoded, &mctx);
@@ -441,6 +442,15 @@ impl Engine {
         self.generation += 1;
         self.stats.flushes += 1;
         self.stats.tc_bytes_used = u64::from(self.tc_first - TC);
+    }
+
+    /// Whether RDTSC runs natively from now on; flushes the TC when that
+    /// changes (translations embed the choice).
+    pub fn set_native_rdtsc(&mut self, on: bool) {
+        if self.config.native_rdtsc != on {
+            self.config.native_rdtsc = on;
+            self.flush();
+        }
     }
 
     /// Monitor-reported: a callout was taken (for statistics).

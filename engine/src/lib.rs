@@ -106,6 +106,10 @@ pub struct Config {
     /// exits with a `Poll` callout, before running, when the budget would go
     /// negative (docs/translator.md, "Counting").
     pub count_insns: bool,
+    /// RDTSC runs natively (the host's TSC is the guest's: no offset, and
+    /// CR4.TSD clear). The monitor turns it off, flushing the TC, when the
+    /// guest changes either ([`crate::Engine::set_native_rdtsc`]).
+    pub native_rdtsc: bool,
     /// Test-only fault injection: every IDENT instruction with this mnemonic
     /// and a 32-bit general-purpose destination gets `lea r, [r + 1]`
     /// appended. Replay must catch it (issue 7's acceptance test).
@@ -122,6 +126,7 @@ impl Default for Config {
             count_indirect_hits: false,
             inline_flags: true,
             count_insns: false,
+            native_rdtsc: false,
             corrupt: None,
         }
     }

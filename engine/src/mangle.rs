@@ -82,6 +82,8 @@ pub struct MangleCtx {
     pub cs32: bool,
     /// Inline PUSHF/POPF (else callouts).
     pub inline_flags: bool,
+    /// RDTSC as itself ([`crate::Config::native_rdtsc`]).
+    pub native_rdtsc: bool,
     /// Test-only corruption ([`crate::Config::corrupt`]).
     pub corrupt: Option<iced_x86::Mnemonic>,
 }
@@ -254,6 +256,9 @@ fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx) -> Mangle
             rewritten(insn, vec![Op::Popf, Op::IrqCheck { check_vif: true }])
         }
         Sensitive::PushSeg if flat_stack => push_segment(insn),
+        // The guest's TSC is the host's: the instruction itself (it
+        // touches no flags and cannot fault with CR4.TSD clear).
+        Sensitive::Rdtsc if ctx.native_rdtsc => rewritten(insn, vec![Op::Copy { bytes: vec![0x0F, 0x31], gs: false }]),
         _ => callout(insn, CalloutKind::Sensitive(s), !insn.class.ends_block),
     }
 }

@@ -596,3 +596,39 @@ fn callout_sequence_matches_the_abi_bytes() {
     assert_eq!(e.callout_site(id).unwrap().kind, CalloutKind::Sensitive(Sensitive::Hlt));
     assert_eq!(e.callout_site(id).unwrap().resume_tc, None, "hlt ends the block");
 }
+
+#[test]
+fn rdtsc_is_native_only_while_the_monitor_says_the_guest_tsc_is_the_hosts() {
+    // rdtsc ; nop ; ret
+    let code = asm32(BASE, |a| {
+        a.rdtsc().unwrap();
+        a.nop().unwrap();
+        a.ret().unwrap();
+    });
+    let key = BlockKey::flat32(BASE);
+    let callouts = |e: &engine::Engine| e.stats().callout_sites.get("sensitive/rdtsc").copied().unwrap_or(0);
+    let mut mem = Mem::new(BASE, &code);
+    let mut e = engine_with(Config { native_rdtsc: true, ..Config::default() });
+    e.translate(key, &mut mem).unwrap();
+    let rdtsc = e.block(&key).unwrap().insns[0].clone();
+    assert_eq!(rdtsc.disposition, engine::mangle::Disposition::Rewritten);
+    assert_eq!(callouts(&e), 0);
+    let tc = e.block_bytes(&key).unwrap();
+    let b = e.block(&key).unwrap();
+    let at = (rdtsc.tc_start - b.tc_start) as usize;
+    let end = (rdtsc.tc_end - b.tc_start) as usize;
+    assert!(tc[at..end].windows(2).any(|w| w == [0x0F, 0x31]), "the instruction itself: {:02x?}", &tc[at..end]);
+
+    // The guest changed its TSC: translations are dropped and the next
+    // one calls out.
+    e.set_native_rdtsc(false);
+    assert!(e.block(&key).is_none(), "the TC was flushed");
+    e.translate(key, &mut mem).unwrap();
+    assert_eq!(e.block(&key).unwrap().insns[0].disposition, engine::mangle::Disposition::Callout);
+    assert_eq!(callouts(&e), 1);
+
+    // The counting mode never runs it natively (virtual time).
+    let mut c = engine_with(Config { native_rdtsc: true, count_insns: true, ..Config::default() });
+    c.translate(key, &mut mem).unwrap();
+    assert_eq!(c.block(&key).unwrap().insns[0].disposition, engine::mangle::Disposition::Callout);
+}

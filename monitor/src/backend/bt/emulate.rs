@@ -78,6 +78,13 @@ impl BtBackend {
             let mut env = Env { mem: &mut lin, policy: &self.policy, host_tsc };
             sensitive::execute(&mut self.cpu, &mut env, insn, c)
         };
+        if reads_tsc || matches!(c.class, Class::Sensitive(Sensitive::MovToCr)) {
+            // Native RDTSC only while the guest's TSC is the host's.
+            let tsc_is_hosts = self.cpu.msr.tsc_offset == 0 && self.cpu.cr4 & crate::cpu::state::cr4::TSD == 0;
+            if !tsc_is_hosts {
+                self.engine.set_native_rdtsc(false);
+            }
+        }
         if completes(&result) {
             self.counter.retire();
             if matches!(c.class, Class::Sensitive(Sensitive::Rdtsc | Sensitive::Rdtscp)) {

@@ -186,6 +186,9 @@ impl BtBackend {
         let mut engine_config = config.engine;
         if config.deterministic {
             engine_config.count_insns = true;
+        } else {
+            // The guest's TSC starts as the host's (no offset, TSD clear).
+            engine_config.native_rdtsc = cpu.msr.tsc_offset == 0 && cpu.cr4 & crate::cpu::state::cr4::TSD == 0;
         }
         let engine = Engine::new(view, engine_config).map_err(failed)?;
         let mmu = ShadowMmu::new(MmuConfig {
