@@ -259,7 +259,7 @@ impl Vm {
             }
             self.offer_interrupt()?;
             ticker.deadline.store(self.platform.next_deadline_ns().unwrap_or(u64::MAX), Ordering::Release);
-            let exit = match self.backend.run() {
+            let exit = match self.backend.run_with_ports(&mut self.platform) {
                 Ok(e) => e,
                 Err(error) => return Err(VmError::Stopped { error, state: self.backend.cpu_state().dump() }),
             };

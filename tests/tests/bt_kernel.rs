@@ -384,3 +384,88 @@ fn far_jump_and_iret_change_cs_and_eip() {
     k.run();
     assert_eq!(k.outs, vec![(0x80, 0x18), (0x80, 0x08)]);
 }
+
+/// Ports that answer IN with `0x1234_5600 | port low byte` and record OUTs;
+/// port 0xF4 stops the run (its OUT changes the loop state).
+struct FakePorts {
+    outs: Vec<(u16, u8, u32)>,
+    stop: bool,
+}
+
+impl monitor::backend::Ports for FakePorts {
+    fn io_in(&mut self, port: u16, _size: u8) -> u32 {
+        0x1234_5600 | u32::from(port & 0xFF)
+    }
+    fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        self.outs.push((port, size, value));
+        self.stop |= port == 0xF4;
+    }
+    fn loop_state(&mut self) -> monitor::backend::LoopState {
+        monitor::backend::LoopState { interrupt_pending: false, next_deadline_ns: None, events: self.stop }
+    }
+}
+
+#[test]
+fn port_io_in_place_matches_port_io_through_the_run_loop() {
+    // IN of every size into registers that keep their other bytes, OUT of
+    // every size, then OUT 0xF4.
+    let body = |a: &mut CodeAssembler| -> Result<(), iced_x86::IcedError> {
+        a.mov(eax, 0xAABB_CCDDu32)?;
+        a.mov(dx, 0x61)?;
+        a.in_(al, dx)?;
+        a.mov(ebx, eax)?;
+        a.mov(eax, 0xAABB_CCDDu32)?;
+        a.mov(dx, 0x62)?;
+        a.in_(ax, dx)?;
+        a.mov(ecx, eax)?;
+        a.in_(eax, 0x63)?;
+        a.mov(esi, eax)?;
+        a.mov(dx, 0x70)?;
+        a.out(dx, al)?;
+        a.out(dx, ax)?;
+        a.out(dx, eax)?;
+        a.mov(eax, 7)?;
+        a.out(0xF4, eax)?;
+        a.hlt()?;
+        Ok(())
+    };
+    // Through the run loop: every access is an exit, answered as FakePorts would.
+    let mut k = Kernel::new(body);
+    let mut loop_ports = FakePorts { outs: Vec::new(), stop: false };
+    loop {
+        match k.bt.run().expect("run") {
+            VmExit::IoIn { port, size } => {
+                let v = monitor::backend::Ports::io_in(&mut loop_ports, port, size);
+                k.bt.complete_io_in(v);
+            }
+            VmExit::IoOut { port, size, value } => {
+                monitor::backend::Ports::io_out(&mut loop_ports, port, size, value);
+                if port == 0xF4 {
+                    break;
+                }
+            }
+            VmExit::Interrupted => {}
+            e => panic!("unexpected exit {e:?}"),
+        }
+    }
+    let through_loop = k.bt.cpu().clone();
+    drop(k);
+    // In place: the same guest with the ports lent to the backend.
+    let mut k = Kernel::new(body);
+    let mut ports = FakePorts { outs: Vec::new(), stop: false };
+    while !ports.stop {
+        match k.bt.run_with_ports(&mut ports).expect("run") {
+            VmExit::Interrupted => {}
+            e => panic!("an access left the backend: {e:?}"),
+        }
+    }
+    let in_place = k.bt.cpu().clone();
+    assert_eq!(ports.outs, loop_ports.outs);
+    assert_eq!(in_place.gpr, through_loop.gpr, "registers differ");
+    assert_eq!(in_place.eip, through_loop.eip);
+    assert_eq!(in_place.gpr[3], 0xAABB_CC61, "IN AL keeps the upper bytes");
+    assert_eq!(in_place.gpr[1], 0xAABB_5662, "IN AX keeps the upper half");
+    assert_eq!(in_place.gpr[6], 0x1234_5663);
+    let stats = k.bt.stats();
+    assert!(stats.iter().any(|(n, v)| n == "bt/exits/io_in_place" && *v >= 7), "{stats:?}");
+}

@@ -66,10 +66,36 @@ pub enum BackendError {
 pub type Kick = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// One virtual CPU of some kind.
+/// The machine's port space, for a backend that answers port I/O without
+/// returning to the run loop (the bt backend's callouts, outside the
+/// deterministic mode, whose recordings see every access).
+pub trait Ports {
+    fn io_in(&mut self, port: u16, size: u8) -> u32;
+    fn io_out(&mut self, port: u16, size: u8, value: u32);
+    /// A fingerprint of what the run loop acts on (pending interrupts,
+    /// timer deadlines, platform events): when an access changes it, the
+    /// backend returns to the loop.
+    fn loop_state(&mut self) -> LoopState;
+}
+
+/// What the run loop acts on between backend runs (see [`Ports`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopState {
+    pub interrupt_pending: bool,
+    pub next_deadline_ns: Option<u64>,
+    pub events: bool,
+}
+
 pub trait Backend {
     fn name(&self) -> &'static str;
     /// Runs guest code until the next [`VmExit`].
     fn run(&mut self) -> Result<VmExit, BackendError>;
+    /// [`Backend::run`], with port I/O the backend may perform on `ports`
+    /// itself (an access then is no exit). The default ignores `ports`.
+    fn run_with_ports(&mut self, ports: &mut dyn Ports) -> Result<VmExit, BackendError> {
+        let _ = ports;
+        self.run()
+    }
     /// The value of the `IN` that caused the last exit.
     fn complete_io_in(&mut self, value: u32);
     /// The value of the MMIO read that caused the last exit.

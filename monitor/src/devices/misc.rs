@@ -39,6 +39,11 @@ impl EventSink {
         lock(&self.0).push(event);
     }
 
+    /// Whether an event waits.
+    pub fn any(&self) -> bool {
+        !lock(&self.0).is_empty()
+    }
+
     /// All events posted since the last call, oldest first.
     pub fn take(&self) -> Vec<PlatformEvent> {
         std::mem::take(&mut *lock(&self.0))

@@ -250,6 +250,15 @@ impl Platform {
         self.after_access(id);
     }
 
+    /// What the run loop acts on (see [`crate::backend::Ports`]).
+    pub fn loop_state(&mut self) -> crate::backend::LoopState {
+        crate::backend::LoopState {
+            interrupt_pending: self.pending_interrupt(),
+            next_deadline_ns: self.next_deadline_ns(),
+            events: self.events.any(),
+        }
+    }
+
     /// A guest read of MMIO at `addr`.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
         let id = self.mmio.read(addr, data);
@@ -487,6 +496,18 @@ impl Platform {
             return;
         };
         self.set_line(line, level);
+    }
+}
+
+impl crate::backend::Ports for Platform {
+    fn io_in(&mut self, port: u16, size: u8) -> u32 {
+        Platform::io_in(self, port, size)
+    }
+    fn io_out(&mut self, port: u16, size: u8, value: u32) {
+        Platform::io_out(self, port, size, value)
+    }
+    fn loop_state(&mut self) -> crate::backend::LoopState {
+        Platform::loop_state(self)
     }
 }
 

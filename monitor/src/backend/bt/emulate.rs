@@ -162,6 +162,9 @@ impl BtBackend {
             self.counter.retire();
             return Ok(None);
         }
+        if let Some(step) = self.io_in_place(op, next_eip) {
+            return step;
+        }
         self.stats.count("io");
         Ok(Some(match op {
             IoOp::In { port, size } => {
@@ -185,6 +188,45 @@ impl BtBackend {
                 VmExit::IoOut { port, size, value }
             }
         }))
+    }
+
+    /// IN/OUT performed on the machine's ports from here, when it lent
+    /// them (`run_with_ports`) and the run is not counted: no trip through
+    /// the run loop, unless the access changed what the loop acts on (an
+    /// interrupt pending, a timer deadline, a platform event), which then
+    /// gets the loop's attention at once. `None`: take the run loop's way.
+    fn io_in_place(&mut self, op: IoOp, next_eip: u32) -> Option<Step> {
+        let ports = self.ports?;
+        if self.counter.is_on() {
+            return None;
+        }
+        let (port, size, value) = match op {
+            IoOp::In { port, size } => (port, size, None),
+            IoOp::Out { port, size, value } => (port, size, Some(value)),
+            IoOp::Ins { .. } | IoOp::Outs { .. } => return None,
+        };
+        // SAFETY: `ports` is the `&mut dyn Ports` of the enclosing
+        // `run_with_ports` call, which outlives this one and makes no other
+        // use of it meanwhile.
+        let ports = unsafe { &mut *ports.0.as_ptr() };
+        let before = ports.loop_state();
+        match value {
+            None => {
+                let v = ports.io_in(port, size);
+                let reg = match size {
+                    1 => iced_x86::Register::AL,
+                    2 => iced_x86::Register::AX,
+                    _ => iced_x86::Register::EAX,
+                };
+                gpr_write(&mut self.cpu, reg, v);
+            }
+            Some(v) => ports.io_out(port, size, v),
+        }
+        self.cpu.eip = next_eip;
+        self.counter.retire();
+        self.stats.count("io_in_place");
+        let after = ports.loop_state();
+        Some(Ok(if after != before || after.events { Some(VmExit::Interrupted) } else { None }))
     }
 
     /// Finishes the pending I/O instruction (OUT completes on the next run).

@@ -153,7 +153,14 @@ pub struct BtBackend {
     /// An external interrupt was delivered since the last TC entry (the
     /// user-exec policy does not blame user code for it).
     interrupted: bool,
+    /// The machine's ports during `run_with_ports` (see [`PortsRef`]).
+    ports: Option<PortsRef>,
 }
+
+/// The machine's ports, lent for one `run_with_ports` call: a pointer with
+/// the borrow's lifetime erased, set and cleared by that call only.
+#[derive(Clone, Copy)]
+struct PortsRef(std::ptr::NonNull<dyn super::Ports + 'static>);
 
 /// Where a callout continues in the TC: its site's continuation, for the
 /// block key it belongs to.
@@ -219,6 +226,7 @@ impl BtBackend {
             written_sels: None,
             resume_at: None,
             interrupted: false,
+            ports: None,
             user_exec: user_exec::Policy::new(
                 config.user_exec,
                 if config.user_exec == user_exec::UserExec::Adaptive { stats::tsc_per_us() } else { 1.0 },
@@ -628,6 +636,17 @@ impl BtBackend {
 impl Backend for BtBackend {
     fn name(&self) -> &'static str {
         "bt"
+    }
+
+    fn run_with_ports(&mut self, ports: &mut dyn super::Ports) -> Result<VmExit, BackendError> {
+        let p: std::ptr::NonNull<dyn super::Ports + '_> = std::ptr::NonNull::from(ports);
+        // SAFETY: only the lifetime is erased; `self.ports` is cleared
+        // before this returns, and nothing keeps a copy (see `with_ports`).
+        let p: std::ptr::NonNull<dyn super::Ports + 'static> = unsafe { std::mem::transmute(p) };
+        self.ports = Some(PortsRef(p));
+        let r = self.run();
+        self.ports = None;
+        r
     }
 
     fn run(&mut self) -> Result<VmExit, BackendError> {
