@@ -14,7 +14,7 @@ use crate::stats::Stats;
 use crate::vmm_area::{self, VmmAreaView, LOOKUP_ENTRIES, SCRATCH_ECX, TC};
 use crate::{BlockKey, Config, EngineError, KeyContext};
 use iced_x86::{Instruction, Register};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 /// TC bytes kept at the end for the capped block of the counting mode.
 const CAPPED_SLOT: u32 = 16 * 1024;
@@ -85,14 +85,19 @@ pub struct Engine {
     /// Counting mode: the slot at the end of the TC where capped blocks go
     /// (one at a time: each is entered right away and is dead once left).
     capped_slot: Option<u32>,
+    /// The block in the capped slot (the latest capped block).
     capped_block: Option<u32>,
     miss_stub: u32,
     miss_len: u32,
     miss_site: CalloutSite,
     blocks: Vec<Option<Block>>,
     by_key: FxHashMap<BlockKey, u32>,
-    by_tc: BTreeMap<u32, u32>,
-    by_page: BTreeMap<u64, Vec<u32>>,
+    /// (first TC byte, block) in TC order: blocks are bump-allocated, each
+    /// after the previous one until a flush, so recording one is a push (a
+    /// BTreeMap insert before). Dropped blocks stay until the flush
+    /// (`block_at` skips them); the capped slot's block is `capped_block`.
+    by_tc: Vec<(u32, u32)>,
+    by_page: FxHashMap<u64, Vec<u32>>,
     /// CPL 3 blocks by linear page (revalidated on every address-space switch).
     user_pages: FxHashMap<u32, Vec<u32>>,
     new_pages: BTreeSet<u64>,
@@ -103,8 +108,9 @@ pub struct Engine {
     generation: u64,
     stats: Stats,
     callouts_by_kind: FxHashMap<CalloutKind, u64>,
-    /// Callout sites emitted, by kind (named at `stats()`: a name per site
-    /// cost a `format!` and a string-keyed map insert).
+    /// Callout sites of flushed generations, by kind (the live ones are
+    /// counted at `stats()`: naming each site as it was recorded cost a
+    /// `format!` and a string-keyed map insert per site).
     sites_by_kind: FxHashMap<CalloutKind, u64>,
     /// The stages' outputs, reused from block to block.
     scratch: Scratch,
@@ -159,8 +165,8 @@ impl Engine {
             },
             blocks: Vec::new(),
             by_key: FxHashMap::default(),
-            by_tc: BTreeMap::new(),
-            by_page: BTreeMap::new(),
+            by_tc: Vec::new(),
+            by_page: FxHashMap::default(),
             user_pages: FxHashMap::default(),
             new_pages: BTreeSet::new(),
             tables: [LookupTable::new(vmm_area::LOOKUP_TABLE), LookupTable::new(vmm_area::LOOKUP_TABLE_USER)],
@@ -254,10 +260,7 @@ impl Engine {
         if let (false, Some(slot)) = (register, self.capped_slot) {
             self.emit_at(slot, &key, s)?;
             if s.emitted.code.len() as u32 <= CAPPED_SLOT {
-                let id = self.blocks.len() as u32;
-                let entry = self.install(key, s, register, slot);
-                self.capped_block = Some(id);
-                return Ok(entry);
+                return Ok(self.install(key, s, register, slot));
             }
         }
         if !self.emit_at_next(&key, s)? {
@@ -292,9 +295,15 @@ impl Engine {
 
     /// The block whose TC bytes contain `tc_eip`.
     pub fn block_at(&self, tc_eip: u32) -> Option<&Block> {
-        let (_, &id) = self.by_tc.range(..=tc_eip).next_back()?;
+        let id = match self.capped_slot {
+            Some(slot) if tc_eip >= self.view.addr(slot) => self.capped_block?,
+            _ => {
+                let n = self.by_tc.partition_point(|&(start, _)| start <= tc_eip);
+                self.by_tc[n.checked_sub(1)?].1
+            }
+        };
         let b = self.blocks[id as usize].as_ref()?;
-        (tc_eip < b.tc_start + b.tc_len).then_some(b)
+        (tc_eip >= b.tc_start && tc_eip < b.tc_start + b.tc_len).then_some(b)
     }
 
     /// The callout site `id` (from `VcpuPage.callout_id`).
@@ -439,7 +448,9 @@ impl Engine {
     /// Guest-physical pages that hold translated code now: the monitor
     /// write-protects them in every shadow mapping.
     pub fn code_pages(&self) -> Vec<u64> {
-        self.by_page.keys().copied().collect()
+        let mut pages: Vec<u64> = self.by_page.keys().copied().collect();
+        pages.sort_unstable();
+        pages
     }
 
     /// Code pages that appeared since the last call (incremental protection).
@@ -466,6 +477,7 @@ impl Engine {
             if r.taken != 0 {
                 *self.callouts_by_kind.entry(r.site.kind).or_default() += r.taken;
             }
+            *self.sites_by_kind.entry(r.site.kind).or_default() += 1;
         }
         self.tc_next = self.tc_first;
         self.capped_block = None;
@@ -512,7 +524,11 @@ impl Engine {
         for r in self.sites.iter().filter(|r| r.taken != 0) {
             *s.callouts_taken.entry(r.site.kind.name()).or_default() += r.taken;
         }
-        for (kind, n) in &self.sites_by_kind {
+        let mut sites = self.sites_by_kind.clone();
+        for r in &self.sites {
+            *sites.entry(r.site.kind).or_default() += 1;
+        }
+        for (kind, n) in sites {
             *s.callout_sites.entry(kind.name()).or_default() += n;
         }
         s.indirect_hits = u64::from(self.view.read_u32(vmm_area::vcpu::INDIRECT_HITS));
@@ -635,7 +651,11 @@ impl Engine {
         if register {
             self.by_key.insert(key, id);
         }
-        self.by_tc.insert(start, id);
+        if Some(at) == self.capped_slot {
+            self.capped_block = Some(id);
+        } else {
+            self.by_tc.push((start, id));
+        }
         tracing::trace!(target: "engine", ?key, start, len, "translated");
         if self.config.chaining {
             self.chain_eagerly(id, &key);
@@ -646,7 +666,6 @@ impl Engine {
     /// The callout sites of block `id` (emitted at TC address `start`).
     fn record_sites(&mut self, e: &Emitted, start: u32, id: u32, block_insns: u32) {
         for s in &e.sites {
-            *self.sites_by_kind.entry(s.kind).or_default() += 1;
             self.sites.push(SiteRecord {
                 site: CalloutSite {
                     id: s.id,
@@ -754,7 +773,6 @@ impl Engine {
         if self.by_key.get(&b.key) == Some(&id) {
             self.by_key.remove(&b.key);
         }
-        self.by_tc.remove(&b.tc_start);
         for p in &b.pages {
             if let Some(list) = self.by_page.get_mut(&p.phys) {
                 list.retain(|&x| x != id);
