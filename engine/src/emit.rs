@@ -20,7 +20,8 @@
 
 use crate::callout::CalloutKind;
 use crate::classify::LoopKind;
-use crate::mangle::{MangledInsn, Op};
+use crate::decode::DecodedBlock;
+use crate::mangle::{MangledBlock, Op};
 use crate::recover::RecoveryEntry;
 use crate::vmm_area::{vcpu, SCRATCH_ECX};
 use dynasmrt::x86::X86Relocation;
@@ -95,8 +96,9 @@ pub struct ExitReloc {
     pub insns_before: u32,
 }
 
-/// Output of stage 3.
-#[derive(Clone, Debug)]
+/// Output of stage 3. The engine keeps one and emits every block into it
+/// ([`emit_block`]): its vectors and the assembler's buffer are allocated
+/// once, not per block.
 pub struct Emitted {
     pub code: Vec<u8>,
     /// Offset of the direct entry (after the indirect-entry prologue).
@@ -108,6 +110,28 @@ pub struct Emitted {
     pub insn_ranges: Vec<(u32, u32)>,
     /// Start of the out-of-line exit stubs.
     pub stubs_off: u32,
+    /// The assembler, empty between blocks. No dynasm label or relocation
+    /// is used (rel32 fields are computed from `EmitCtx::tc_addr` or listed
+    /// in `exits`), so its base address does not matter.
+    asm: VecAssembler<X86Relocation>,
+    /// Exit relocations waiting for their stub: (field offset, target, insns).
+    pending_exits: Vec<(u32, u32, u32)>,
+}
+
+impl Default for Emitted {
+    fn default() -> Emitted {
+        Emitted {
+            code: Vec::new(),
+            entry_off: 0,
+            sites: Vec::new(),
+            exits: Vec::new(),
+            recovery: Vec::new(),
+            insn_ranges: Vec::new(),
+            stubs_off: 0,
+            asm: VecAssembler::new(0),
+            pending_exits: Vec::new(),
+        }
+    }
 }
 
 /// End offset of a rel8 jump whose displacement is patched by `bind`.
@@ -128,6 +152,8 @@ struct State {
     exact: bool,
 }
 
+/// The emitter's state; its vectors are those of an [`Emitted`], borrowed
+/// for the block.
 struct Emitter {
     asm: VecAssembler<X86Relocation>,
     ctx: EmitCtx,
@@ -142,41 +168,66 @@ struct Emitter {
     insns_done: u32,
 }
 
-/// Emits one mangled block.
-pub fn emit_block(ctx: EmitCtx, insns: &[MangledInsn]) -> Result<Emitted, dynasmrt::DynasmError> {
+/// Emits one mangled block into `out` (overwriting what it held).
+pub fn emit_block(
+    ctx: EmitCtx,
+    decoded: &DecodedBlock,
+    mangled: &MangledBlock,
+    out: &mut Emitted,
+) -> Result<(), dynasmrt::DynasmError> {
+    if out.asm.offset().0 != 0 {
+        // A previous block failed half-way: start from a fresh assembler.
+        out.asm = VecAssembler::new(0);
+    }
     let mut e = Emitter {
-        asm: VecAssembler::new(ctx.tc_addr as usize),
+        asm: std::mem::replace(&mut out.asm, VecAssembler::new(0)),
         ctx,
-        sites: Vec::new(),
-        exits: Vec::new(),
-        pending_exits: Vec::new(),
+        sites: cleared(&mut out.sites),
+        exits: cleared(&mut out.exits),
+        pending_exits: cleared(&mut out.pending_exits),
         pending_poll: None,
-        recovery: Vec::new(),
+        recovery: cleared(&mut out.recovery),
         insns_done: 0,
     };
+    let mut insn_ranges = cleared(&mut out.insn_ranges);
     e.indirect_entry();
     let entry_off = e.off();
-    let flags_dead = || crate::classify::arith_flags_dead_at_entry(insns.iter().map(|m| &m.insn.instr));
+    let flags_dead = || crate::classify::arith_flags_dead_at_entry(decoded.insns.iter().map(|d| &d.instr));
     if ctx.poll_at_entry && !ctx.count_insns && flags_dead() {
         e.flag_poll(ctx.guest_eip);
     } else if ctx.poll_at_entry || ctx.count_insns {
-        let charge = ctx.count_insns.then_some(insns.len() as u32);
+        let charge = ctx.count_insns.then_some(mangled.len() as u32);
         e.poll_check(ctx.guest_eip, ctx.poll_at_entry.then_some(POLL), None, charge, 0);
     }
-    let mut insn_ranges = Vec::with_capacity(insns.len());
-    for m in insns {
+    for (d, m) in decoded.insns.iter().zip(&mangled.insns) {
         let start = e.off();
-        let (eip, next) = (m.insn.eip(), m.insn.next_eip());
-        for op in &m.ops {
-            e.op(op, eip, next, &m.insn.instr);
+        let (eip, next) = (d.eip(), d.next_eip());
+        for op in mangled.ops(m) {
+            e.op(op, eip, next, &d.instr);
         }
         insn_ranges.push((start, e.off()));
         e.insns_done += 1;
     }
     let stubs_off = e.off();
     e.exit_stubs();
-    let code = e.asm.finalize()?;
-    Ok(Emitted { code, entry_off, sites: e.sites, exits: e.exits, recovery: e.recovery, insn_ranges, stubs_off })
+    out.code.clear();
+    out.code.extend(e.asm.drain()?);
+    out.asm = e.asm;
+    out.entry_off = entry_off;
+    out.stubs_off = stubs_off;
+    out.sites = e.sites;
+    out.exits = e.exits;
+    out.pending_exits = e.pending_exits;
+    out.recovery = e.recovery;
+    out.insn_ranges = insn_ranges;
+    Ok(())
+}
+
+/// `v`'s buffer, emptied (taken out of an [`Emitted`] for one block).
+fn cleared<T>(v: &mut Vec<T>) -> Vec<T> {
+    let mut v = std::mem::take(v);
+    v.clear();
+    v
 }
 
 impl Emitter {
@@ -290,7 +341,6 @@ impl Emitter {
         self.at(eip);
         self.spill_ecx();
         self.mark(eip, true, false, true);
-        let mut skips = Vec::new();
         let mut exhausted = None;
         if let Some(n) = charge {
             // Flag-free: budget -= n; the high half is 0xFFFF exactly when
@@ -306,20 +356,20 @@ impl Emitter {
             );
             exhausted = Some(self.short_jump(JECXZ));
         }
-        if vif.is_some() {
+        let vif_skip = vif.map(|()| {
             x86!(self.asm; gs mov ecx, DWORD [VIF]);
-            skips.push(self.short_jump(JECXZ));
-        }
-        match flag {
+            self.short_jump(JECXZ)
+        });
+        let flag_skip = match flag {
             Some(flag) => {
                 x86!(self.asm; gs mov ecx, DWORD [flag]);
-                skips.push(self.short_jump(JECXZ));
+                self.short_jump(JECXZ)
             }
             None => {
                 self.asm.extend([0xEB, 0]);
-                skips.push(ShortFixup(self.off()));
+                ShortFixup(self.off())
             }
-        }
+        };
         if let Some(f) = exhausted {
             self.bind(f);
         }
@@ -328,9 +378,10 @@ impl Emitter {
         let id = self.ctx.first_site + self.sites.len() as u32;
         emit_callout(&mut self.asm, id);
         self.mark(eip, true, false, true);
-        for s in skips {
+        if let Some(s) = vif_skip {
             self.bind(s);
         }
+        self.bind(flag_skip);
         self.reload_ecx();
         self.at(eip);
         let resume = self.off();
@@ -609,9 +660,8 @@ impl Emitter {
                 insns_before: insns,
             });
         }
-        let exits = self.exits.clone();
         let mut alter = self.asm.alter();
-        for x in exits {
+        for x in &self.exits {
             let rel = x.stub_off.wrapping_sub(x.field_off + 4);
             alter.goto(dynasmrt::AssemblyOffset(x.field_off as usize));
             alter.extend(rel.to_le_bytes());

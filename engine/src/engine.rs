@@ -4,17 +4,17 @@
 
 use crate::callout::{CalloutKind, CalloutSite, FIRST_SITE_ID, MISS_SITE_ID};
 use crate::classify::{self, Class};
-use crate::decode::{self, CodePage, GuestCode};
+use crate::decode::{self, CodePage, DecodedBlock, GuestCode, InsnBytes};
 use crate::emit::{self, EmitCtx, Emitted};
 use crate::fxhash::FxHashMap;
 use crate::link::{self, ExitLink, LinkRef};
-use crate::mangle::{self, Disposition, MangleCtx, MangledInsn};
+use crate::mangle::{self, Disposition, MangleCtx, MangledBlock};
 use crate::recover::{self, Recovery, RecoveryEntry};
 use crate::stats::Stats;
 use crate::vmm_area::{self, VmmAreaView, LOOKUP_ENTRIES, SCRATCH_ECX, TC};
 use crate::{BlockKey, Config, EngineError, KeyContext};
 use iced_x86::{Instruction, Register};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 /// TC bytes kept at the end for the capped block of the counting mode.
 const CAPPED_SLOT: u32 = 16 * 1024;
@@ -23,7 +23,7 @@ const CAPPED_SLOT: u32 = 16 * 1024;
 #[derive(Clone, Debug)]
 pub struct GuestInsnRecord {
     pub instr: Instruction,
-    pub bytes: Vec<u8>,
+    pub bytes: InsnBytes,
     pub disposition: Disposition,
     /// TC address range of its inline translation.
     pub tc_start: u32,
@@ -85,14 +85,19 @@ pub struct Engine {
     /// Counting mode: the slot at the end of the TC where capped blocks go
     /// (one at a time: each is entered right away and is dead once left).
     capped_slot: Option<u32>,
+    /// The block in the capped slot (the latest capped block).
     capped_block: Option<u32>,
     miss_stub: u32,
     miss_len: u32,
     miss_site: CalloutSite,
     blocks: Vec<Option<Block>>,
     by_key: FxHashMap<BlockKey, u32>,
-    by_tc: BTreeMap<u32, u32>,
-    by_page: BTreeMap<u64, Vec<u32>>,
+    /// (first TC byte, block) in TC order: blocks are bump-allocated, each
+    /// after the previous one until a flush, so recording one is a push (a
+    /// BTreeMap insert before). Dropped blocks stay until the flush
+    /// (`block_at` skips them); the capped slot's block is `capped_block`.
+    by_tc: Vec<(u32, u32)>,
+    by_page: FxHashMap<u64, Vec<u32>>,
     /// CPL 3 blocks by linear page (revalidated on every address-space switch).
     user_pages: FxHashMap<u32, Vec<u32>>,
     new_pages: BTreeSet<u64>,
@@ -103,6 +108,21 @@ pub struct Engine {
     generation: u64,
     stats: Stats,
     callouts_by_kind: FxHashMap<CalloutKind, u64>,
+    /// Callout sites of flushed generations, by kind (the live ones are
+    /// counted at `stats()`: naming each site as it was recorded cost a
+    /// `format!` and a string-keyed map insert per site).
+    sites_by_kind: FxHashMap<CalloutKind, u64>,
+    /// The stages' outputs, reused from block to block.
+    scratch: Scratch,
+}
+
+/// Per-block work buffers: decode, mangle and emit write into these
+/// instead of allocating per block and per instruction.
+#[derive(Default)]
+struct Scratch {
+    decoded: DecodedBlock,
+    mangled: MangledBlock,
+    emitted: Emitted,
 }
 
 impl Engine {
@@ -145,8 +165,8 @@ impl Engine {
             },
             blocks: Vec::new(),
             by_key: FxHashMap::default(),
-            by_tc: BTreeMap::new(),
-            by_page: BTreeMap::new(),
+            by_tc: Vec::new(),
+            by_page: FxHashMap::default(),
             user_pages: FxHashMap::default(),
             new_pages: BTreeSet::new(),
             tables: [LookupTable::new(vmm_area::LOOKUP_TABLE), LookupTable::new(vmm_area::LOOKUP_TABLE_USER)],
@@ -155,6 +175,8 @@ impl Engine {
             generation: 0,
             stats: Stats::default(),
             callouts_by_kind: FxHashMap::default(),
+            sites_by_kind: FxHashMap::default(),
+            scratch: Scratch::default(),
         };
         e.view.write(TC, &stub);
         e.clear_table(0);
@@ -208,7 +230,22 @@ impl Engine {
         max_insns: usize,
         register: bool,
     ) -> Result<u32, EngineError> {
-        let decoded = decode::decode_block(&key, code, max_insns)?;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = self.build_in(&mut scratch, key, code, max_insns, register);
+        self.scratch = scratch;
+        r
+    }
+
+    /// The translator's stages, each writing into `s`.
+    fn build_in(
+        &mut self,
+        s: &mut Scratch,
+        key: BlockKey,
+        code: &mut dyn GuestCode,
+        max_insns: usize,
+        register: bool,
+    ) -> Result<u32, EngineError> {
+        decode::decode_into(&key, code, max_insns, &mut s.decoded)?;
         let mctx = MangleCtx {
             cpl: key.cpl,
             ss32: key.ss32(),
@@ -217,28 +254,24 @@ impl Engine {
             native_rdtsc: self.config.native_rdtsc && !self.config.count_insns,
             corrupt: self.config.corrupt,
         };
-        let mangled = mangle::mangle(&decoded, &mctx);
+        mangle::mangle_into(&s.decoded, &mctx, &mut s.mangled);
         // Capped blocks use the reserved slot when they fit: they would
         // otherwise fill the TC (one per exact stop) until a flush.
         if let (false, Some(slot)) = (register, self.capped_slot) {
-            let e = self.emit_at(slot, &key, &mangled)?;
-            if e.code.len() as u32 <= CAPPED_SLOT {
-                let id = self.blocks.len() as u32;
-                let entry = self.install(key, decoded.pages, mangled, e, register, slot);
-                self.capped_block = Some(id);
-                return Ok(entry);
+            self.emit_at(slot, &key, s)?;
+            if s.emitted.code.len() as u32 <= CAPPED_SLOT {
+                return Ok(self.install(key, s, register, slot));
             }
         }
-        let emitted = match self.emit_at_next(&key, &mangled)? {
-            Some(e) => e,
-            None => {
-                tracing::debug!(target: "engine", "translation cache full: flushing");
-                self.flush();
-                self.emit_at_next(&key, &mangled)?.ok_or(EngineError::BlockTooLarge)?
+        if !self.emit_at_next(&key, s)? {
+            tracing::debug!(target: "engine", "translation cache full: flushing");
+            self.flush();
+            if !self.emit_at_next(&key, s)? {
+                return Err(EngineError::BlockTooLarge);
             }
-        };
+        }
         let at = self.tc_next;
-        Ok(self.install(key, decoded.pages, mangled, emitted, register, at))
+        Ok(self.install(key, s, register, at))
     }
 
     /// What the monitor calls to enter the TC at `key`: makes `key`'s
@@ -262,9 +295,15 @@ impl Engine {
 
     /// The block whose TC bytes contain `tc_eip`.
     pub fn block_at(&self, tc_eip: u32) -> Option<&Block> {
-        let (_, &id) = self.by_tc.range(..=tc_eip).next_back()?;
+        let id = match self.capped_slot {
+            Some(slot) if tc_eip >= self.view.addr(slot) => self.capped_block?,
+            _ => {
+                let n = self.by_tc.partition_point(|&(start, _)| start <= tc_eip);
+                self.by_tc[n.checked_sub(1)?].1
+            }
+        };
         let b = self.blocks[id as usize].as_ref()?;
-        (tc_eip < b.tc_start + b.tc_len).then_some(b)
+        (tc_eip >= b.tc_start && tc_eip < b.tc_start + b.tc_len).then_some(b)
     }
 
     /// The callout site `id` (from `VcpuPage.callout_id`).
@@ -409,7 +448,9 @@ impl Engine {
     /// Guest-physical pages that hold translated code now: the monitor
     /// write-protects them in every shadow mapping.
     pub fn code_pages(&self) -> Vec<u64> {
-        self.by_page.keys().copied().collect()
+        let mut pages: Vec<u64> = self.by_page.keys().copied().collect();
+        pages.sort_unstable();
+        pages
     }
 
     /// Code pages that appeared since the last call (incremental protection).
@@ -436,6 +477,7 @@ impl Engine {
             if r.taken != 0 {
                 *self.callouts_by_kind.entry(r.site.kind).or_default() += r.taken;
             }
+            *self.sites_by_kind.entry(r.site.kind).or_default() += 1;
         }
         self.tc_next = self.tc_first;
         self.capped_block = None;
@@ -482,6 +524,13 @@ impl Engine {
         for r in self.sites.iter().filter(|r| r.taken != 0) {
             *s.callouts_taken.entry(r.site.kind.name()).or_default() += r.taken;
         }
+        let mut sites = self.sites_by_kind.clone();
+        for r in &self.sites {
+            *sites.entry(r.site.kind).or_default() += 1;
+        }
+        for (kind, n) in sites {
+            *s.callout_sites.entry(kind.name()).or_default() += n;
+        }
         s.indirect_hits = u64::from(self.view.read_u32(vmm_area::vcpu::INDIRECT_HITS));
         s
     }
@@ -525,14 +574,15 @@ impl Engine {
         self.blocks[id as usize].as_ref().expect("live block")
     }
 
-    fn emit_at_next(&self, key: &BlockKey, mangled: &[MangledInsn]) -> Result<Option<Emitted>, EngineError> {
-        let e = self.emit_at(self.tc_next, key, mangled)?;
-        let fits = u64::from(self.tc_next) + e.code.len() as u64 <= u64::from(self.tc_end);
-        Ok(fits.then_some(e))
+    /// Emits `key`'s block (decoded and mangled in `s`) into `s.emitted`
+    /// for the next free TC offset; false when it does not fit.
+    fn emit_at_next(&self, key: &BlockKey, s: &mut Scratch) -> Result<bool, EngineError> {
+        self.emit_at(self.tc_next, key, s)?;
+        Ok(u64::from(self.tc_next) + s.emitted.code.len() as u64 <= u64::from(self.tc_end))
     }
 
-    /// Emits `key`'s block for TC offset `at`.
-    fn emit_at(&self, at: u32, key: &BlockKey, mangled: &[MangledInsn]) -> Result<Emitted, EngineError> {
+    /// Emits `key`'s block into `s.emitted` for TC offset `at`.
+    fn emit_at(&self, at: u32, key: &BlockKey, s: &mut Scratch) -> Result<(), EngineError> {
         let ctx = EmitCtx {
             tc_addr: self.view.addr(at),
             vmm_base: self.view.base,
@@ -544,18 +594,12 @@ impl Engine {
             count_insns: self.config.count_insns,
             lookup_table: vmm_area::lookup_table(key.cpl),
         };
-        Ok(emit::emit_block(ctx, mangled)?)
+        Ok(emit::emit_block(ctx, &s.decoded, &s.mangled, &mut s.emitted)?)
     }
 
-    fn install(
-        &mut self,
-        key: BlockKey,
-        pages: Vec<CodePage>,
-        mangled: Vec<MangledInsn>,
-        e: Emitted,
-        register: bool,
-        at: u32,
-    ) -> u32 {
+    /// Writes the block emitted in `s` at TC offset `at` and records it.
+    fn install(&mut self, key: BlockKey, s: &Scratch, register: bool, at: u32) -> u32 {
+        let e = &s.emitted;
         let id = self.blocks.len() as u32;
         let start = self.view.addr(at);
         let len = e.code.len() as u32;
@@ -564,8 +608,9 @@ impl Engine {
             self.tc_next = (self.tc_next + len).next_multiple_of(16);
         }
 
+        let n_insns = s.decoded.insns.len() as u32;
         let first_site = self.site_base + self.sites.len() as u32;
-        self.record_sites(&e, start, id, mangled.len() as u32);
+        self.record_sites(e, start, id, n_insns);
         let exits = e
             .exits
             .iter()
@@ -577,11 +622,12 @@ impl Engine {
                 chained: None,
             })
             .collect();
-        let guest_bytes: u32 = mangled.iter().map(|m| m.insn.bytes.len() as u32).sum();
-        let insns = guest_records(&mangled, &e, start);
+        let guest_bytes: u32 = s.decoded.insns.iter().map(|d| d.bytes.len() as u32).sum();
+        let insns = guest_records(&s.decoded, &s.mangled, e, start);
+        let pages = s.decoded.pages.clone();
         self.index_pages(&key, &pages, id);
         self.stats.blocks_translated += 1;
-        self.stats.guest_insns_translated += mangled.len() as u64;
+        self.stats.guest_insns_translated += u64::from(n_insns);
         self.stats.guest_bytes_translated += u64::from(guest_bytes);
         self.stats.tc_bytes_used = u64::from(self.tc_next - TC);
         self.stats.tc_bytes_emitted += u64::from(len);
@@ -594,7 +640,7 @@ impl Engine {
             pages,
             exits,
             incoming: Vec::new(),
-            recovery: e.recovery,
+            recovery: e.recovery.clone(),
             insns,
             guest_bytes,
             sites: first_site..first_site + e.sites.len() as u32,
@@ -605,7 +651,11 @@ impl Engine {
         if register {
             self.by_key.insert(key, id);
         }
-        self.by_tc.insert(start, id);
+        if Some(at) == self.capped_slot {
+            self.capped_block = Some(id);
+        } else {
+            self.by_tc.push((start, id));
+        }
         tracing::trace!(target: "engine", ?key, start, len, "translated");
         if self.config.chaining {
             self.chain_eagerly(id, &key);
@@ -616,7 +666,6 @@ impl Engine {
     /// The callout sites of block `id` (emitted at TC address `start`).
     fn record_sites(&mut self, e: &Emitted, start: u32, id: u32, block_insns: u32) {
         for s in &e.sites {
-            *self.stats.callout_sites.entry(s.kind.name()).or_default() += 1;
             self.sites.push(SiteRecord {
                 site: CalloutSite {
                     id: s.id,
@@ -724,7 +773,6 @@ impl Engine {
         if self.by_key.get(&b.key) == Some(&id) {
             self.by_key.remove(&b.key);
         }
-        self.by_tc.remove(&b.tc_start);
         for p in &b.pages {
             if let Some(list) = self.by_page.get_mut(&p.phys) {
                 list.retain(|&x| x != id);
@@ -809,13 +857,15 @@ fn table_class(cpl: u8) -> usize {
 
 /// What the engine keeps of each guest instruction of a block emitted at
 /// TC address `start`.
-fn guest_records(mangled: &[MangledInsn], e: &Emitted, start: u32) -> Vec<GuestInsnRecord> {
-    mangled
+fn guest_records(decoded: &DecodedBlock, mangled: &MangledBlock, e: &Emitted, start: u32) -> Vec<GuestInsnRecord> {
+    decoded
+        .insns
         .iter()
+        .zip(&mangled.insns)
         .zip(&e.insn_ranges)
-        .map(|(m, &(a, b))| GuestInsnRecord {
-            instr: m.insn.instr,
-            bytes: m.insn.bytes.clone(),
+        .map(|((d, m), &(a, b))| GuestInsnRecord {
+            instr: d.instr,
+            bytes: d.bytes,
             disposition: m.disposition,
             tc_start: start + a,
             tc_end: start + b,

@@ -5,8 +5,9 @@
 
 use crate::callout::CalloutKind;
 use crate::classify::{self, Class, Flow, LoopKind, Sensitive};
-use crate::decode::{BlockEnd, DecodedBlock, DecodedInsn};
+use crate::decode::{BlockEnd, DecodedBlock, DecodedInsn, InsnBytes, MAX_INSN_LEN};
 use iced_x86::{Code, Encoder, Instruction, OpKind, Register};
+use std::ops::Range;
 
 /// How an instruction was translated (for the disassembly log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,12 +31,12 @@ impl Disposition {
 }
 
 /// A translator operation: what the emitter must produce for (part of) a
-/// guest instruction.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// guest instruction. Plain data (`Copy`): byte sequences are inline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Guest instruction bytes, run as is; `gs`: wrap in the GS-prefix
     /// rewrite (guest GS selector loaded around it).
-    Copy { bytes: Vec<u8>, gs: bool },
+    Copy { bytes: InsnBytes, gs: bool },
     /// Exit to the monitor; `resume`: the translation goes on after it.
     Callout { kind: CalloutKind, resume: bool },
     /// Direct jump out of the block (chainable exit).
@@ -50,9 +51,9 @@ pub enum Op {
     /// Near return through the lookup table.
     Ret { op16: bool, imm: u16, ss32: bool },
     /// Indirect jump: `load` is `mov ecx|cx, <operand>`, then lookup.
-    IndirectJmp { load: Vec<u8>, op16: bool },
+    IndirectJmp { load: InsnBytes, op16: bool },
     /// Indirect call: load target, push the guest return address, lookup.
-    IndirectCall { load: Vec<u8>, op16: bool, ret_eip: u32 },
+    IndirectCall { load: InsnBytes, op16: bool, ret_eip: u32 },
     /// Virtual IF := value (CLI 0, STI 0x200).
     SetVif(u32),
     /// PUSHFD with the virtual IF/IOPL merged in.
@@ -66,12 +67,48 @@ pub enum Op {
     FallThrough { target: u32 },
 }
 
-/// One guest instruction after mangling.
+/// One guest instruction after mangling (the `n`th of the block: its
+/// decoded form is `DecodedBlock::insns[n]`).
 #[derive(Clone, Debug)]
 pub struct MangledInsn {
-    pub insn: DecodedInsn,
     pub disposition: Disposition,
-    pub ops: Vec<Op>,
+    /// Its operations in [`MangledBlock::ops`].
+    ops: Range<u32>,
+}
+
+/// The result of stage 2: per guest instruction a disposition and a run of
+/// operations, all operations in one vector. The engine keeps one and
+/// mangles every block into it: no allocation per instruction.
+#[derive(Clone, Debug, Default)]
+pub struct MangledBlock {
+    pub insns: Vec<MangledInsn>,
+    ops: Vec<Op>,
+}
+
+impl MangledBlock {
+    /// The operations of `m` (one of `self.insns`).
+    pub fn ops(&self, m: &MangledInsn) -> &[Op] {
+        &self.ops[m.ops.start as usize..m.ops.end as usize]
+    }
+    pub fn len(&self) -> usize {
+        self.insns.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.insns.is_empty()
+    }
+    /// Appends an instruction whose operations are those pushed since
+    /// `first_op` (`self.ops.len()` before its handler ran).
+    fn finish(&mut self, first_op: usize, disposition: Disposition) {
+        let ops = first_op as u32..self.ops.len() as u32;
+        self.insns.push(MangledInsn { disposition, ops });
+    }
+    /// Appends `op` to the last instruction.
+    fn push_to_last(&mut self, op: Op) {
+        self.ops.push(op);
+        if let Some(last) = self.insns.last_mut() {
+            last.ops.end = self.ops.len() as u32;
+        }
+    }
 }
 
 /// What the translation depends on besides the bytes.
@@ -89,43 +126,51 @@ pub struct MangleCtx {
 }
 
 /// The mangle walk.
-pub fn mangle(block: &DecodedBlock, ctx: &MangleCtx) -> Vec<MangledInsn> {
-    let mut out: Vec<MangledInsn> = Vec::with_capacity(block.insns.len() + 1);
-    let mut sti_shadow = false;
-    for insn in &block.insns {
-        let mut m = mangle_one(insn, ctx);
-        // STI: interrupts become deliverable after the NEXT instruction.
-        // (The check reads vif too: the shadowed instruction may be a CLI.)
-        if sti_shadow && !insn.class.ends_block {
-            m.ops.push(Op::IrqCheck { check_vif: true });
-        }
-        sti_shadow = m.ops.contains(&Op::SetVif(0x200));
-        out.push(m);
-    }
-    if block.end != BlockEnd::Instruction {
-        if let Some(last) = out.last_mut() {
-            last.ops.push(Op::FallThrough { target: block.next_eip });
-        }
-    }
+pub fn mangle(block: &DecodedBlock, ctx: &MangleCtx) -> MangledBlock {
+    let mut out = MangledBlock::default();
+    mangle_into(block, ctx, &mut out);
     out
 }
 
-fn mangle_one(insn: &DecodedInsn, ctx: &MangleCtx) -> MangledInsn {
+/// [`mangle`] into `out`, reusing its vectors.
+pub fn mangle_into(block: &DecodedBlock, ctx: &MangleCtx, out: &mut MangledBlock) {
+    out.insns.clear();
+    out.ops.clear();
+    let mut sti_shadow = false;
+    for insn in &block.insns {
+        let first_op = out.ops.len();
+        let disposition = mangle_one(insn, ctx, &mut out.ops);
+        // STI: interrupts become deliverable after the NEXT instruction.
+        // (The check reads vif too: the shadowed instruction may be a CLI.)
+        if sti_shadow && !insn.class.ends_block {
+            out.ops.push(Op::IrqCheck { check_vif: true });
+        }
+        sti_shadow = out.ops[first_op..].contains(&Op::SetVif(0x200));
+        out.finish(first_op, disposition);
+    }
+    if block.end != BlockEnd::Instruction && !out.insns.is_empty() {
+        out.push_to_last(Op::FallThrough { target: block.next_eip });
+    }
+}
+
+/// Each handler pushes the instruction's operations to `ops` and returns
+/// its disposition.
+fn mangle_one(insn: &DecodedInsn, ctx: &MangleCtx, ops: &mut Vec<Op>) -> Disposition {
     let c = insn.class;
     if c.cpl0_only && ctx.cpl > 0 {
-        return callout(insn, CalloutKind::GeneralProtection, false);
+        return callout(ops, CalloutKind::GeneralProtection, false);
     }
     match c.class {
-        Class::Ident => mangle_ident(insn, ctx),
-        Class::ControlFlow(f) => mangle_flow(insn, f, ctx),
-        Class::Sensitive(s) => mangle_sensitive(insn, s, ctx),
+        Class::Ident => mangle_ident(insn, ctx, ops),
+        Class::ControlFlow(f) => mangle_flow(insn, f, ctx, ops),
+        Class::Sensitive(s) => mangle_sensitive(insn, s, ctx, ops),
     }
 }
 
 /// `push Sreg` (32-bit): push the guest's selector, which the monitor keeps
 /// in the vCPU page, with one flag-free, restartable instruction:
 /// `push dword gs:[guest_sel + 4*sreg]` (65 FF 35 disp32).
-fn push_segment(insn: &DecodedInsn) -> MangledInsn {
+fn push_segment(insn: &DecodedInsn, ops: &mut Vec<Op>) -> Disposition {
     use iced_x86::Register;
     let index = match insn.instr.op0_register() {
         Register::ES => 0,
@@ -134,48 +179,49 @@ fn push_segment(insn: &DecodedInsn) -> MangledInsn {
         Register::DS => 3,
         Register::FS => 4,
         Register::GS => 5,
-        _ => return callout(insn, CalloutKind::Sensitive(Sensitive::PushSeg), !insn.class.ends_block),
+        _ => return callout(ops, CalloutKind::Sensitive(Sensitive::PushSeg), !insn.class.ends_block),
     };
-    let disp = crate::vmm_area::vcpu::GUEST_SEL + 4 * index;
-    let mut bytes = vec![0x65, 0xFF, 0x35];
-    bytes.extend_from_slice(&disp.to_le_bytes());
-    rewritten(insn, vec![Op::Copy { bytes, gs: false }])
+    let disp = (crate::vmm_area::vcpu::GUEST_SEL + 4 * index).to_le_bytes();
+    let bytes = InsnBytes::new(&[0x65, 0xFF, 0x35, disp[0], disp[1], disp[2], disp[3]]);
+    rewritten(ops, &[Op::Copy { bytes, gs: false }])
 }
 
-fn rewritten(insn: &DecodedInsn, ops: Vec<Op>) -> MangledInsn {
-    MangledInsn { insn: insn.clone(), disposition: Disposition::Rewritten, ops }
+fn rewritten(ops: &mut Vec<Op>, seq: &[Op]) -> Disposition {
+    ops.extend_from_slice(seq);
+    Disposition::Rewritten
 }
 
-fn callout(insn: &DecodedInsn, kind: CalloutKind, resume: bool) -> MangledInsn {
-    MangledInsn { insn: insn.clone(), disposition: Disposition::Callout, ops: vec![Op::Callout { kind, resume }] }
+fn callout(ops: &mut Vec<Op>, kind: CalloutKind, resume: bool) -> Disposition {
+    ops.push(Op::Callout { kind, resume });
+    Disposition::Callout
 }
 
 /// IDENT: the bytes themselves in 32-bit code; 16-bit code is re-encoded
 /// for the 32-bit TC segment (operand/address-size prefixes), which is the
 /// same instruction. A guest GS memory operand gets the GS rewrite.
-fn mangle_ident(insn: &DecodedInsn, ctx: &MangleCtx) -> MangledInsn {
+fn mangle_ident(insn: &DecodedInsn, ctx: &MangleCtx, ops: &mut Vec<Op>) -> Disposition {
     let gs = classify::uses_gs_memory(&insn.instr);
     let bytes = if ctx.cs32 {
-        insn.bytes.clone()
+        insn.bytes
     } else {
         match encode32(&insn.instr) {
             Some(b) => b,
-            None => return callout(insn, CalloutKind::Sensitive(Sensitive::Unsupported), false),
+            None => return callout(ops, CalloutKind::Sensitive(Sensitive::Unsupported), false),
         }
     };
     let disposition = if gs || !ctx.cs32 { Disposition::Rewritten } else { Disposition::Ident };
-    let mut ops = vec![Op::Copy { bytes, gs }];
+    ops.push(Op::Copy { bytes, gs });
     if ctx.corrupt == Some(insn.instr.mnemonic()) {
         if let Some(lea) = corrupting_lea(&insn.instr) {
             ops.push(Op::Copy { bytes: lea, gs: false });
         }
     }
-    MangledInsn { insn: insn.clone(), disposition, ops }
+    disposition
 }
 
 /// `lea r32, [r32 + 1]` for an instruction whose first operand is a 32-bit
 /// general-purpose register other than ESP (the corrupting test switch).
-fn corrupting_lea(i: &Instruction) -> Option<Vec<u8>> {
+fn corrupting_lea(i: &Instruction) -> Option<InsnBytes> {
     if i.op_count() == 0 || i.op0_kind() != OpKind::Register {
         return None;
     }
@@ -185,46 +231,48 @@ fn corrupting_lea(i: &Instruction) -> Option<Vec<u8>> {
     }
     let n = (r.number() - Register::EAX.number()) as u8;
     // 8D /r with mod=01 (disp8), reg=r, rm=r: lea r, [r + 1].
-    Some(vec![0x8D, 0x40 | (n << 3) | n, 0x01])
+    Some(InsnBytes::new(&[0x8D, 0x40 | (n << 3) | n, 0x01]))
 }
 
-fn encode32(i: &Instruction) -> Option<Vec<u8>> {
+/// `i` encoded for the 32-bit TC segment (16-bit code, indirect branch
+/// loads).
+fn encode32(i: &Instruction) -> Option<InsnBytes> {
     let mut enc = Encoder::new(32);
-    enc.encode(i, 0).ok()?;
-    Some(enc.take_buffer())
+    let len = enc.encode(i, 0).ok()?;
+    (len <= MAX_INSN_LEN).then(|| InsnBytes::new(&enc.take_buffer()))
 }
 
-fn mangle_flow(insn: &DecodedInsn, f: Flow, ctx: &MangleCtx) -> MangledInsn {
+fn mangle_flow(insn: &DecodedInsn, f: Flow, ctx: &MangleCtx, ops: &mut Vec<Op>) -> Disposition {
     let i = &insn.instr;
     let op16 = classify::operand_size(i) == 16;
     let next = insn.next_eip();
     match f {
-        Flow::DirectJmp => rewritten(insn, vec![Op::Jmp { target: i.near_branch32() }]),
+        Flow::DirectJmp => rewritten(ops, &[Op::Jmp { target: i.near_branch32() }]),
         Flow::Jcc => {
             let cc = i.condition_code() as u8 - 1;
-            rewritten(insn, vec![Op::Jcc { cc, target: i.near_branch32(), fallthrough: next }])
+            rewritten(ops, &[Op::Jcc { cc, target: i.near_branch32(), fallthrough: next }])
         }
         Flow::Loop(kind) => {
             let cx = classify::loop_counter_is_cx(i);
-            rewritten(insn, vec![Op::Loop { kind, cx, target: i.near_branch32(), fallthrough: next }])
+            rewritten(ops, &[Op::Loop { kind, cx, target: i.near_branch32(), fallthrough: next }])
         }
-        Flow::DirectCall => rewritten(insn, vec![Op::Call { ret_eip: next, op16, target: i.near_branch32() }]),
+        Flow::DirectCall => rewritten(ops, &[Op::Call { ret_eip: next, op16, target: i.near_branch32() }]),
         Flow::Ret | Flow::RetImm => {
             let imm = if f == Flow::RetImm { i.immediate16() } else { 0 };
-            rewritten(insn, vec![Op::Ret { op16, imm, ss32: ctx.ss32 }])
+            rewritten(ops, &[Op::Ret { op16, imm, ss32: ctx.ss32 }])
         }
-        Flow::IndirectJmp | Flow::IndirectCall => mangle_indirect(insn, f, op16),
-        _ => callout(insn, CalloutKind::ControlFlow(f), false),
+        Flow::IndirectJmp | Flow::IndirectCall => mangle_indirect(insn, f, op16, ops),
+        _ => callout(ops, CalloutKind::ControlFlow(f), false),
     }
 }
 
 /// Indirect JMP/CALL: load the target into ECX with the guest's own operand
 /// (re-encoded as `mov ecx, <operand>`), then the inline lookup. A GS
 /// operand would need the GS rewrite around the load: left to the monitor.
-fn mangle_indirect(insn: &DecodedInsn, f: Flow, op16: bool) -> MangledInsn {
+fn mangle_indirect(insn: &DecodedInsn, f: Flow, op16: bool, ops: &mut Vec<Op>) -> Disposition {
     let i = &insn.instr;
     if classify::uses_gs_memory(i) {
-        return callout(insn, CalloutKind::ControlFlow(f), false);
+        return callout(ops, CalloutKind::ControlFlow(f), false);
     }
     let mut load = *i;
     load.set_code(if op16 { Code::Mov_r16_rm16 } else { Code::Mov_r32_rm32 });
@@ -235,30 +283,32 @@ fn mangle_indirect(insn: &DecodedInsn, f: Flow, op16: bool) -> MangledInsn {
     load.set_op0_kind(OpKind::Register);
     load.set_op0_register(if op16 { Register::CX } else { Register::ECX });
     let Some(load) = encode32(&load) else {
-        return callout(insn, CalloutKind::ControlFlow(f), false);
+        return callout(ops, CalloutKind::ControlFlow(f), false);
     };
     let op = if f == Flow::IndirectCall {
         Op::IndirectCall { load, op16, ret_eip: insn.next_eip() }
     } else {
         Op::IndirectJmp { load, op16 }
     };
-    rewritten(insn, vec![op])
+    rewritten(ops, &[op])
 }
 
-fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx) -> MangledInsn {
+fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx, ops: &mut Vec<Op>) -> Disposition {
     let ring0 = ctx.cpl == 0;
     let flat_stack = ctx.ss32 && classify::operand_size(&insn.instr) == 32;
     match s {
-        Sensitive::Cli if ring0 => rewritten(insn, vec![Op::SetVif(0)]),
-        Sensitive::Sti if ring0 => rewritten(insn, vec![Op::SetVif(0x200)]),
-        Sensitive::Pushf if ring0 && ctx.inline_flags && flat_stack => rewritten(insn, vec![Op::Pushf]),
+        Sensitive::Cli if ring0 => rewritten(ops, &[Op::SetVif(0)]),
+        Sensitive::Sti if ring0 => rewritten(ops, &[Op::SetVif(0x200)]),
+        Sensitive::Pushf if ring0 && ctx.inline_flags && flat_stack => rewritten(ops, &[Op::Pushf]),
         Sensitive::Popf if ring0 && ctx.inline_flags && flat_stack => {
-            rewritten(insn, vec![Op::Popf, Op::IrqCheck { check_vif: true }])
+            rewritten(ops, &[Op::Popf, Op::IrqCheck { check_vif: true }])
         }
-        Sensitive::PushSeg if flat_stack => push_segment(insn),
+        Sensitive::PushSeg if flat_stack => push_segment(insn, ops),
         // The guest's TSC is the host's: the instruction itself (it
         // touches no flags and cannot fault with CR4.TSD clear).
-        Sensitive::Rdtsc if ctx.native_rdtsc => rewritten(insn, vec![Op::Copy { bytes: vec![0x0F, 0x31], gs: false }]),
-        _ => callout(insn, CalloutKind::Sensitive(s), !insn.class.ends_block),
+        Sensitive::Rdtsc if ctx.native_rdtsc => {
+            rewritten(ops, &[Op::Copy { bytes: InsnBytes::new(&[0x0F, 0x31]), gs: false }])
+        }
+        _ => callout(ops, CalloutKind::Sensitive(s), !insn.class.ends_block),
     }
 }
