@@ -14,6 +14,8 @@ pub enum CalloutKind {
     /// A privileged instruction in a block translated for CPL > 0: raise
     /// #GP(0) at `guest_eip` (the instruction is in the site).
     GeneralProtection,
+    /// A DIV/IDIV about to divide by zero: raise #DE at `guest_eip`.
+    DivideError,
     /// An unchained direct branch: translate `next_eip`, `Engine::chain`, go on.
     BlockExit,
     /// Indirect branch, return or indirect call whose target
@@ -44,6 +46,7 @@ impl CalloutKind {
             }
             CalloutKind::ControlFlow(f) => format!("flow/{f:?}").to_lowercase(),
             CalloutKind::GeneralProtection => "gp".into(),
+            CalloutKind::DivideError => "de".into(),
             CalloutKind::BlockExit => "block-exit".into(),
             CalloutKind::IndirectMiss => "indirect-miss".into(),
             CalloutKind::Poll => "poll".into(),
@@ -54,7 +57,7 @@ impl CalloutKind {
 /// One callout site of the TC (`Engine::callout_site(id)`).
 ///
 /// Guest state at the far jump of a site:
-/// - `Sensitive`, `ControlFlow`, `GeneralProtection`: as at the start of the
+/// - `Sensitive`, `ControlFlow`, `GeneralProtection`, `DivideError`: as at the start of the
 ///   instruction at `guest_eip` (nothing of it executed); the monitor
 ///   performs it and continues at `next_eip` (or `resume_tc`).
 /// - `BlockExit`: the branch is done (a call's return address pushed); the

@@ -482,6 +482,7 @@ impl Emitter {
                 x86!(self.asm; gs mov DWORD [VIF], v);
                 self.at(next);
             }
+            Op::DivCheck { load } => self.div_check(load, eip, next, instr),
             Op::Pushf => self.pushf(eip, next),
             Op::Popf => self.popf(eip, next),
             Op::IrqCheck { check_vif } => {
@@ -490,6 +491,27 @@ impl Emitter {
                 self.poll_check(next, Some(IRQ_PENDING), check_vif.then_some(()), None, retired)
             }
         }
+    }
+
+    /// `mov [spill], ecx; <load divisor into ecx>; jecxz zero; reload ecx;
+    /// jmp over; zero: reload ecx; callout DivideError; over:` -- the guest
+    /// state at the callout is the DIV's own (flags untouched).
+    fn div_check(&mut self, load: &[u8], eip: u32, next: u32, instr: &Instruction) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        self.asm.extend(load.iter());
+        let zero = self.short_jump(JECXZ);
+        self.reload_ecx();
+        self.at(eip);
+        let over = self.short_jump(0xEB);
+        self.bind(zero);
+        self.mark(eip, true, false, true);
+        self.reload_ecx();
+        self.at(eip);
+        self.callout(CalloutKind::DivideError, eip, next, instr, false);
+        self.bind(over);
+        self.at(eip);
     }
 
     fn copy(&mut self, bytes: &[u8], gs: bool, eip: u32, next: u32) {

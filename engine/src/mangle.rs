@@ -65,6 +65,10 @@ pub enum Op {
     IrqCheck { check_vif: bool },
     /// The block ends without a branch (page end, size cap).
     FallThrough { target: u32 },
+    /// Before DIV/IDIV: `load` is `mov ecx, <divisor>` (or MOVZX), and a
+    /// zero divisor exits with a `DivideError` callout, flag-free (JECXZ),
+    /// instead of the host trap the instruction would take.
+    DivCheck { load: InsnBytes },
 }
 
 /// One guest instruction after mangling (the `n`th of the block: its
@@ -209,7 +213,11 @@ fn mangle_ident(insn: &DecodedInsn, ctx: &MangleCtx, ops: &mut Vec<Op>) -> Dispo
             None => return callout(ops, CalloutKind::Sensitive(Sensitive::Unsupported), false),
         }
     };
-    let disposition = if gs || !ctx.cs32 { Disposition::Rewritten } else { Disposition::Ident };
+    let mut disposition = if gs || !ctx.cs32 { Disposition::Rewritten } else { Disposition::Ident };
+    if let Some(load) = divisor_load(&insn.instr) {
+        ops.push(Op::DivCheck { load });
+        disposition = Disposition::Rewritten;
+    }
     ops.push(Op::Copy { bytes, gs });
     if ctx.corrupt == Some(insn.instr.mnemonic()) {
         if let Some(lea) = corrupting_lea(&insn.instr) {
@@ -217,6 +225,37 @@ fn mangle_ident(insn: &DecodedInsn, ctx: &MangleCtx, ops: &mut Vec<Op>) -> Dispo
         }
     }
     disposition
+}
+
+/// DIV/IDIV's divisor into ECX (`mov ecx, r/m32`, `movzx ecx, r/m16|8`),
+/// for the zero check of [`Op::DivCheck`]: a #DE the translator sees coming
+/// costs a callout instead of a host trap (5-9 µs). `None` for a GS operand
+/// (it would need the GS rewrite) or an operand the 32-bit encoder cannot
+/// express.
+fn divisor_load(i: &Instruction) -> Option<InsnBytes> {
+    if !matches!(i.mnemonic(), iced_x86::Mnemonic::Div | iced_x86::Mnemonic::Idiv) || classify::uses_gs_memory(i) {
+        return None;
+    }
+    let size = match i.op0_kind() {
+        OpKind::Register => i.op0_register().size(),
+        OpKind::Memory => i.memory_size().size(),
+        _ => return None,
+    };
+    let code = match size {
+        1 => Code::Movzx_r32_rm8,
+        2 => Code::Movzx_r32_rm16,
+        4 => Code::Mov_r32_rm32,
+        _ => return None,
+    };
+    let mut load = *i;
+    load.set_code(code);
+    load.set_op1_kind(i.op0_kind());
+    if i.op0_kind() == OpKind::Register {
+        load.set_op1_register(i.op0_register());
+    }
+    load.set_op0_kind(OpKind::Register);
+    load.set_op0_register(Register::ECX);
+    encode32(&load)
 }
 
 /// `lea r32, [r32 + 1]` for an instruction whose first operand is a 32-bit

@@ -632,3 +632,40 @@ fn rdtsc_is_native_only_while_the_monitor_says_the_guest_tsc_is_the_hosts() {
     c.translate(key, &mut mem).unwrap();
     assert_eq!(c.block(&key).unwrap().insns[0].disposition, engine::mangle::Disposition::Callout);
 }
+
+#[test]
+fn div_checks_its_divisor_without_touching_flags_and_calls_out_on_zero() {
+    // div ebx ; idiv byte [esi+4] ; div dword gs:[0] ; ret
+    let code = asm32(BASE, |a| {
+        a.div(ebx).unwrap();
+        a.idiv(byte_ptr(esi + 4)).unwrap();
+        a.div(dword_ptr(0).gs()).unwrap();
+        a.ret().unwrap();
+    });
+    let mut mem = Mem::new(BASE, &code);
+    let mut e = engine();
+    let key = BlockKey::flat32(BASE);
+    let entry = e.translate(key, &mut mem).unwrap();
+    let b = e.block(&key).unwrap().clone();
+    let ins = tc_insns(&e, &key, entry);
+    let l = texts(&ins);
+    // Each checked DIV: divisor into ECX (spilled first), JECXZ to the callout.
+    let first = find(&l, 0, "mov ecx,ebx");
+    assert!(l[first + 1].starts_with("jecxz"), "{l:?}");
+    let second = find(&l, first, "movzx ecx,byte ptr [esi+0x4]");
+    assert!(l[second + 1].starts_with("jecxz"), "{l:?}");
+    // Nothing of the checks writes flags (the DIVs themselves do).
+    for (i, insn) in ins.iter().enumerate().take(second + 8) {
+        if !matches!(insn.mnemonic(), Mnemonic::Div | Mnemonic::Idiv) {
+            assert_eq!(insn.rflags_modified(), 0, "{} writes flags: {l:?}", l[i]);
+        }
+    }
+    let de: Vec<_> = (0..64)
+        .filter_map(|n| e.callout_site(engine::callout::FIRST_SITE_ID + n))
+        .filter(|s| s.kind == CalloutKind::DivideError)
+        .map(|s| s.guest_eip)
+        .collect();
+    assert_eq!(de, vec![b.insns[0].instr.ip32(), b.insns[1].instr.ip32()], "one #DE site per checked DIV, at the DIV");
+    // The GS operand is left to the host trap (it would need the GS rewrite).
+    assert_eq!(b.insns[2].disposition, engine::mangle::Disposition::Rewritten);
+}

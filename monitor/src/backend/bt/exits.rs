@@ -319,6 +319,10 @@ impl BtBackend {
                 self.cpu.eip = site.guest_eip;
                 self.fault(Fault::gp(0))
             }
+            CalloutKind::DivideError => {
+                self.cpu.eip = site.guest_eip;
+                self.fault(Fault::new(vector::DE))
+            }
             CalloutKind::Sensitive(_) | CalloutKind::ControlFlow(_) => {
                 self.cpu.eip = site.guest_eip;
                 let before = (self.cpu.seg(Seg::Cs).selector, self.cpu.cpl);
