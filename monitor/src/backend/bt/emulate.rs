@@ -122,6 +122,7 @@ impl BtBackend {
             MmuEffect::Invlpg(lin) => mmu.invlpg(&phys, &mut mapper, lin),
             MmuEffect::Cr0 { new, .. } => mmu.set_cr0(&phys, &mut mapper, new),
             MmuEffect::Cr4 { new, .. } => mmu.set_cr4(&phys, &mut mapper, new),
+            MmuEffect::Efer { new } => mmu.set_efer(&phys, &mut mapper, new),
         };
         r.map_err(super::failed)?;
         if matches!(effect, MmuEffect::Cr3 { .. } | MmuEffect::Invlpg(_)) {
