@@ -595,3 +595,53 @@ fn stale_large_page_stays_until_invlpg() {
     assert_eq!(v.mmu.mapped_pages(), 0);
     assert_eq!(v.fault(0x8012_3000, Access::read()), FaultOutcome::GuestPageFault { cr2: 0x8012_3000, error_code: 0 });
 }
+
+/// Linux's page-table isolation under PAE: a kernel and a user PDPT share
+/// the user page directory; the kernel's 2 MiB page and its 4 KiB data are
+/// not in the user one. Switching back and forth keeps the user pages
+/// without a per-page check, parks the kernel's and revives them with no
+/// new mapping and no hidden fault.
+#[test]
+fn page_table_isolation_switches_park_and_revive_the_kernel() {
+    let mut v = common::vm();
+    let mut k = shadow_mmu::fake::PagerPae::new(TABLES);
+    k.map_4k(&mut v.mem, 0x0804_8000, 0x20_0000, RW_US | AD);
+    k.map_2m(&mut v.mem, 0xC000_0000, 0x40_0000, pte::RW | AD);
+    k.map_4k(&mut v.mem, 0xC060_0000, 0x30_0000, pte::RW | AD);
+    // The user PDPT: the same user page directory, no kernel directory.
+    let user_cr3 = (TABLES + 0x1_0000) as u32;
+    let user_pdpte = v.mem.u64(TABLES);
+    v.mem.set_u64(u64::from(user_cr3), user_pdpte);
+    v.paging_pae(&k, true);
+    for gva in [0x0804_8000u32, 0xC000_0000, 0xC060_0000] {
+        assert_eq!(v.fault(gva, Access::write()), FaultOutcome::Resolved, "{gva:#x}");
+    }
+    // Walked once: the directory entries have A set now.
+    let maps = v.win.map_calls();
+    let checked = v.mmu.stats().cr3_checked_pages;
+    for _ in 0..3 {
+        v.set_cr3(user_cr3);
+        assert!(v.mmu.entry(0x0804_8000).is_some());
+        assert_eq!(v.mmu.entry(0xC000_0000), None);
+        assert_eq!(v.win.at(0xC000_0000).map(|(_, p)| p), Some(Prot::NONE), "parked");
+        assert!(matches!(v.fault(0xC060_0000, Access::read()), FaultOutcome::GuestPageFault { .. }));
+        v.set_cr3(k.cr3);
+        assert_eq!(v.win.at(0xC000_0000), Some((0x40_0000, Prot::RWX)), "revived");
+    }
+    assert_eq!(v.win.map_calls(), maps, "no new mapping");
+    // 0xC060_0000 faulted under the user tables (a #PF drops its parked
+    // shadow), so only the large page came back.
+    assert_eq!(v.mmu.entry(0xC060_0000), None);
+    // Only the user page, once: it was shadowed after its region's last
+    // snapshot; from then on the snapshot vouches for it.
+    assert_eq!(v.mmu.stats().cr3_checked_pages - checked, 1);
+    // A kernel PTE changed while the user tables were loaded: caught.
+    v.fault(0xC060_0000, Access::read());
+    v.set_cr3(user_cr3);
+    let a = k.pte_addr(&mut v.mem, 0xC060_0000);
+    v.mem.set_u64(a, 0x30_1000 | pte::RW | AD | pte::P);
+    v.set_cr3(k.cr3);
+    assert_eq!(v.win.at(0xC060_0000), None, "stale: unmapped, not revived");
+    assert_eq!(v.fault(0xC060_0000, Access::read()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0xC060_0000).unwrap().0, 0x30_1000);
+}
