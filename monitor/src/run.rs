@@ -235,11 +235,17 @@ fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> 
 pub const DETERMINISTIC_TSC_HZ: u64 = 1_000_000_000;
 
 /// The CPU of `machine`; the TSC runs at `tsc_hz` (the host's, or 1 GHz of
-/// virtual time in the deterministic mode).
-pub fn cpu_policy(machine: Machine, tsc_hz: u64) -> CpuPolicy {
-    match machine {
+/// virtual time in the deterministic mode). With user isolation the guest
+/// is told it is not susceptible to Meltdown (docs/security.md).
+pub fn cpu_policy(machine: Machine, tsc_hz: u64, user_isolation: bool) -> CpuPolicy {
+    let p = match machine {
         Machine::Isa => CpuPolicy::default(),
         Machine::Pc => CpuPolicy::pc(tsc_hz),
+    };
+    if user_isolation {
+        p.with_rdcl_no()
+    } else {
+        p
     }
 }
 
@@ -310,7 +316,7 @@ fn build_machine(
     }
     let deterministic = timing.deterministic || opts.bt.deterministic;
     let tsc_hz = if deterministic { DETERMINISTIC_TSC_HZ } else { crate::devices::clock::host_tsc_hz() };
-    let policy = cpu_policy(opts.machine, tsc_hz);
+    let policy = cpu_policy(opts.machine, tsc_hz, opts.bt.user_isolation && opts.backend == BackendKind::Bt);
     let config =
         PlatformConfig { ram_size: mem.size(), console, clock: timing.clock.clone(), wall_clock: timing.wall_clock };
     let platform = platform(opts, &policy, &mem, config)?;
@@ -431,7 +437,7 @@ pub fn run_deterministic(
                 command_line: header::command_line(&opts.machine()),
                 mem_bytes: opts.mem,
                 images: header::image_digests(&opts.machine())?,
-                cpuid: header::cpuid_entries(opts.machine, DETERMINISTIC_TSC_HZ),
+                cpuid: header::cpuid_entries(opts.machine, DETERMINISTIC_TSC_HZ, opts.bt.user_isolation),
                 start_unix_ns: crate::devices::clock::WallClock::now_unix_ns(&start),
                 checkpoint_every: det.checkpoint_every,
                 memory_every: det.memory_every,

@@ -65,6 +65,15 @@ impl PhysMem for FakeMem {
     fn is_ram(&self, gpa: u64) -> bool {
         gpa < self.bytes.len() as u64 && !self.holes.iter().any(|h| h.contains(&gpa))
     }
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let n = buf.len() as u64;
+        let Some(end) = gpa.checked_add(n) else { return false };
+        if end > self.bytes.len() as u64 || self.holes.iter().any(|h| h.start < end && gpa < h.end) {
+            return false;
+        }
+        buf.copy_from_slice(&self.bytes[gpa as usize..end as usize]);
+        true
+    }
 }
 
 /// One recorded window call.
@@ -128,9 +137,13 @@ impl FakeMapper {
         self.pages.get(&(gva & !0xFFF)).copied()
     }
 
-    /// Panics unless the window holds exactly what the shadow state says.
+    /// Panics unless the window holds exactly what the shadow state says:
+    /// every shadow in force with its rights, every parked one with none.
     pub fn assert_matches(&self, mmu: &ShadowMmu) {
-        let shadow: BTreeMap<u32, (u64, Prot)> = mmu.entries().map(|(gva, e)| (gva, (e.gpa, e.prot))).collect();
+        let mut shadow: BTreeMap<u32, (u64, Prot)> = mmu.entries().map(|(gva, e)| (gva, (e.gpa, e.prot))).collect();
+        for (gva, e) in mmu.parked_entries() {
+            assert!(shadow.insert(gva, (e.gpa, Prot::NONE)).is_none(), "{gva:#x} both parked and in force");
+        }
         assert_eq!(self.pages, shadow, "window and shadow state disagree");
     }
 }

@@ -51,6 +51,18 @@ pub trait PhysMem {
     /// Whether the 4 KiB frame holding `gpa` is plain RAM that may be mapped
     /// into the window (not MMIO, not a hole, inside the memfd).
     fn is_ram(&self, gpa: u64) -> bool;
+    /// Reads `buf.len()` bytes at `gpa` (page-table snapshots); `false` if
+    /// any of them is outside RAM (`buf` is then unspecified). Implementors
+    /// with a flat view of RAM should override this with one copy.
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        let mut at = gpa;
+        for chunk in buf.chunks_mut(4) {
+            let Some(v) = self.read_u32(at) else { return false };
+            chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+            at += 4;
+        }
+        true
+    }
 }
 
 /// Which window operation failed.
@@ -103,6 +115,9 @@ impl<T: PhysMem + ?Sized> PhysMem for &mut T {
     }
     fn is_ram(&self, gpa: u64) -> bool {
         (**self).is_ram(gpa)
+    }
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        (**self).read_bytes(gpa, buf)
     }
 }
 

@@ -143,9 +143,75 @@ pub struct ShadowMmu {
     large: BTreeSet<(u32, PageSize)>,
     /// Guest-physical frames holding translated code.
     code_pages: FrameSet,
+    /// What the non-global shadows in force were validated under, per
+    /// directory region (2 MiB under PAE, 4 MiB otherwise): MOV CR3 checks
+    /// a region at once when its directory entry and page-table bytes did
+    /// not change, and page by page only where they did.
+    regions: BTreeMap<u32, Region>,
+    /// Regions whose non-global shadows belong to another address space
+    /// (the current one has another directory entry there): their entries
+    /// stay in `entries`, mapped on the host with no rights, so any access
+    /// faults as if they were gone. A MOV CR3 back to an address space with
+    /// that directory entry revives them with one `protect` per run instead
+    /// of a hidden fault and an `mmap` each; a fault in the region while
+    /// parked unmaps them.
+    parked_regions: BTreeMap<u32, Region>,
     cpl: u8,
     stats: Stats,
 }
+
+/// The validation state of the non-global shadows of one directory region.
+#[derive(Clone, Debug, Default)]
+struct Region {
+    /// The directory entry ([`dir_key`]) every one of them was validated
+    /// under; `None` when they came from different ones.
+    key: Option<u64>,
+    /// First page covered by `snap`.
+    lo: u32,
+    /// The page-table bytes of `lo` and the pages after it, as they were
+    /// when the shadows were last validated (4 KiB pages only).
+    snap: Vec<u8>,
+    /// 4 KiB pages installed or upgraded since `snap` was taken: their
+    /// entries changed (A/D) or are not covered, so they are checked alone.
+    fresh: Vec<u32>,
+    /// Some shadow lets writes through (a large page's D must still be set).
+    write_ok: bool,
+    /// Times parked: every [`EVICT_EVERY`]th park unmaps instead, so a region
+    /// the guest stopped using leaves the working set.
+    parks: u32,
+    /// Its pages as host calls see them; `None` once a shadow of the region
+    /// was added, removed or changed rights.
+    cache: Option<RegionCache>,
+}
+
+/// What parking and reviving a region costs in host calls, computed once
+/// per change of its shadows instead of once per MOV CR3.
+#[derive(Clone, Debug, Default)]
+struct RegionCache {
+    /// Non-global shadows.
+    pages: usize,
+    /// `(first, last page)` spans to protect to none when parking.
+    park: Vec<(u32, u32)>,
+    /// `(start, len, rights)` runs to restore when reviving.
+    revive: Vec<(u32, u32, Prot)>,
+}
+
+/// What [`ShadowMmu::check_region`] found.
+struct RegionCheck {
+    /// Pages that no longer map as their shadow says (ascending).
+    failed: Vec<u32>,
+    /// The region's current directory entry, if usable.
+    key: Option<u64>,
+    /// Nothing was checked alone: the region's record stays as it is.
+    unchanged: bool,
+    /// Every non-global shadow of the region failed.
+    all_failed: bool,
+}
+
+/// A region is unmapped rather than parked once in this many parks: MOV
+/// CR3 revives every parked region of the address space, touched or not,
+/// and the host cannot say which were; one that is still in use refaults.
+const EVICT_EVERY: u32 = 16;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 
@@ -180,6 +246,8 @@ impl ShadowMmu {
             rmap: FrameMap::default(),
             large: BTreeSet::new(),
             code_pages: FrameSet::default(),
+            regions: BTreeMap::new(),
+            parked_regions: BTreeMap::new(),
             cpl: 0,
             stats: Stats::default(),
         }
@@ -197,18 +265,39 @@ impl ShadowMmu {
         &self.stats
     }
 
-    /// The shadow of the page holding `gva`, if any.
-    pub fn entry(&self, gva: u32) -> Option<ShadowEntry> {
-        self.entries.get(&page_of(gva)).copied()
+    /// Whether the shadow at `gva` (if any) is parked.
+    fn is_parked(&self, gva: u32, e: &ShadowEntry) -> bool {
+        !e.global && !self.parked_regions.is_empty() && self.parked_regions.contains_key(&self.region_of(gva))
     }
 
-    /// Every shadowed page, ascending by guest-virtual address.
+    /// The shadow in force for the page holding `gva`, if any.
+    pub fn entry(&self, gva: u32) -> Option<ShadowEntry> {
+        self.entries.get(&page_of(gva)).copied().filter(|e| !self.is_parked(page_of(gva), e))
+    }
+
+    /// Every shadow in force, ascending by guest-virtual address.
     pub fn entries(&self) -> impl Iterator<Item = (u32, ShadowEntry)> + '_ {
-        self.entries.iter().map(|(&k, &e)| (k, e))
+        self.entries.iter().filter(|(&k, e)| !self.is_parked(k, e)).map(|(&k, &e)| (k, e))
     }
 
     pub fn mapped_pages(&self) -> usize {
-        self.entries.len()
+        self.entries().count()
+    }
+
+    /// Parked shadows (mapped on the host without rights, kept for an
+    /// address space that may come back), ascending by guest-virtual address.
+    pub fn parked_entries(&self) -> impl Iterator<Item = (u32, ShadowEntry)> + '_ {
+        self.entries.iter().filter(|(&k, e)| self.is_parked(k, e)).map(|(&k, &e)| (k, e))
+    }
+
+    /// Unmaps the parked shadows of the region at `base` (the current
+    /// address space is about to map something there).
+    fn evict_parked<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, base: u32) -> Result<(), MmuError> {
+        if self.parked_regions.remove(&base).is_some() {
+            let n = self.drop_where(mapper, self.region_range(base), |_, e| !e.global)?;
+            self.stats.parked_evicted_pages += n as u64;
+        }
+        Ok(())
     }
 
     /// Virtual aliases currently shadowing the frame holding `gpa`.
@@ -225,7 +314,7 @@ impl ShadowMmu {
     /// and what an isolation mode unmaps on a switch to CPL 3.
     pub fn supervisor_only_runs(&self) -> Vec<(u32, u32)> {
         let mut runs: Vec<(u32, u32)> = Vec::new();
-        for (&gva, e) in &self.entries {
+        for (gva, e) in self.entries() {
             if e.user {
                 continue;
             }
@@ -353,6 +442,9 @@ impl ShadowMmu {
     ) -> Result<(), MmuError> {
         let page = page_of(t.gva);
         let frame = frame_of(t.gpa);
+        if !self.parked_regions.is_empty() {
+            self.evict_parked(mapper, self.region_of(page))?;
+        }
         let entry = ShadowEntry {
             gpa: frame,
             prot: self.prot_for(t.perms, t.dirty, frame),
@@ -364,10 +456,51 @@ impl ShadowMmu {
             dir: if t.size == PageSize::Size4K { 0 } else { t.dir },
         };
         if let Some(old) = self.entries.get(&page).copied().filter(|old| old.gpa == frame) {
-            return self.upgrade(mapper, page, old, entry);
+            self.upgrade(mapper, page, old, entry)?;
+            self.note_run(page, std::slice::from_ref(&entry), t.dir);
+            return Ok(());
         }
         let run = self.plan_run(mem, t, entry);
-        self.map_run(mapper, run.0, &run.1)
+        self.map_run(mapper, run.0, &run.1)?;
+        self.note_run(run.0, &run.1, t.dir);
+        Ok(())
+    }
+
+    /// Size of a directory region: what one directory entry maps.
+    fn region_size(&self) -> u32 {
+        if self.regs.mode() == PagingMode::Pae {
+            2 << 20
+        } else {
+            4 << 20
+        }
+    }
+
+    fn region_of(&self, gva: u32) -> u32 {
+        gva & !(self.region_size() - 1)
+    }
+
+    fn region_range(&self, base: u32) -> RangeInclusive<u32> {
+        base..=base + (self.region_size() - 1)
+    }
+
+    /// Records that `run` (one guest page table or large page, so one
+    /// region) was just shadowed through directory entry `key`.
+    fn note_run(&mut self, start: u32, run: &[ShadowEntry], key: u64) {
+        if self.regs.mode() == PagingMode::Off {
+            return;
+        }
+        let base = self.region_of(start);
+        let mut region = self.regions.remove(&base).unwrap_or(Region { key: Some(key), ..Region::default() });
+        for (i, e) in run.iter().enumerate().filter(|(_, e)| !e.global) {
+            if region.key != Some(key) {
+                region.key = None;
+            }
+            if e.guest_size == PageSize::Size4K {
+                region.fresh.push(start + PAGE_SIZE * i as u32);
+            }
+            region.write_ok |= e.write_ok;
+        }
+        self.regions.insert(base, region);
     }
 
     /// The frame is already shadowed here: fix the rights in place.
@@ -414,6 +547,7 @@ impl ShadowMmu {
         leaf: ShadowEntry,
     ) -> Result<(), MmuError> {
         let mut pages = Vec::new();
+        self.region_changed(leaf.guest_page);
         for (&gva, e) in self.entries.range_mut(range_of(leaf.guest_page, leaf.guest_size)) {
             if e.guest_page != leaf.guest_page || e.guest_size != leaf.guest_size {
                 continue;
@@ -574,7 +708,44 @@ impl ShadowMmu {
     /// span of them that no surviving shadow interrupts in one call (holes
     /// in a span are already unmapped, so covering them is harmless).
     /// Inserts a shadow entry, keeping the non-global index in step.
+    /// A shadow at `gva` was added, removed or changed rights: its region's
+    /// host-call cache is stale.
+    fn region_changed(&mut self, gva: u32) {
+        let base = self.region_of(gva);
+        if let Some(r) = self.regions.get_mut(&base) {
+            r.cache = None;
+        }
+        if let Some(r) = self.parked_regions.get_mut(&base) {
+            r.cache = None;
+        }
+    }
+
+    /// The host-call cache of the region at `base` (in force or parked).
+    fn region_cache(&mut self, base: u32) -> RegionCache {
+        let cached = self.regions.get(&base).or_else(|| self.parked_regions.get(&base)).and_then(|r| r.cache.clone());
+        if let Some(c) = cached {
+            return c;
+        }
+        let pages: Vec<u32> = self.nonglobal.range(self.region_range(base)).copied().collect();
+        let mut revive: Vec<(u32, u32, Prot)> = Vec::new();
+        for &gva in &pages {
+            let prot = self.entries[&gva].prot;
+            match revive.last_mut() {
+                Some((start, len, p)) if *start + *len == gva && *p == prot => *len += PAGE_SIZE,
+                _ => revive.push((gva, PAGE_SIZE, prot)),
+            }
+        }
+        let c = RegionCache { pages: pages.len(), park: self.spans_without_globals(&pages), revive };
+        if let Some(r) = self.regions.get_mut(&base).or(self.parked_regions.get_mut(&base)) {
+            r.cache = Some(c.clone());
+        }
+        c
+    }
+
     fn put(&mut self, gva: u32, e: ShadowEntry) -> Option<ShadowEntry> {
+        if !self.regions.is_empty() || !self.parked_regions.is_empty() {
+            self.region_changed(gva);
+        }
         if e.global {
             self.nonglobal.remove(&gva);
         } else {
@@ -607,21 +778,6 @@ impl ShadowMmu {
         self.drop_victims(mapper, spans, victims)
     }
 
-    /// Drops every non-global shadow (MOV CR3 with CR4.PGE), walking only
-    /// those. Unmapped spans never cover a surviving (global) shadow.
-    fn drop_nonglobal<H: HostMapper + ?Sized>(&mut self, mapper: &mut H) -> Result<usize, MmuError> {
-        let mut spans: Vec<(u32, u32)> = Vec::new();
-        let victims: Vec<u32> = self.nonglobal.iter().copied().collect();
-        for &gva in &victims {
-            match spans.last_mut() {
-                // Extend only over adjacent pages: a gap may hold a global shadow.
-                Some((_, last)) if last.wrapping_add(1) == gva => *last = gva + (PAGE_SIZE - 1),
-                _ => spans.push((gva, gva + (PAGE_SIZE - 1))),
-            }
-        }
-        self.drop_victims(mapper, spans, victims)
-    }
-
     fn drop_victims<H: HostMapper + ?Sized>(
         &mut self,
         mapper: &mut H,
@@ -634,6 +790,9 @@ impl ShadowMmu {
         }
         for &gva in &victims {
             if let Some(e) = self.entries.remove(&gva) {
+                if !e.global {
+                    self.region_changed(gva);
+                }
                 self.nonglobal.remove(&gva);
                 self.rmap_remove(e.gpa, gva);
             }
@@ -656,43 +815,93 @@ impl ShadowMmu {
         Ok(())
     }
 
-    /// INVLPG: drops the shadow of the page holding `gva` (the whole guest
-    /// page when it came from a 2/4 MiB page), global or not.
-    pub fn invlpg<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, gva: u32) -> Result<(), MmuError> {
+    /// INVLPG: the TLB entry of the page holding `gva` (of the whole guest
+    /// page when it came from a 2/4 MiB page), global or not, is gone. A
+    /// shadow the current tables still map identically (same frame, same
+    /// rights, A set, D set if it lets writes through) stays: dropping and
+    /// refaulting it would set no A/D bit and map the same thing, so keeping
+    /// it is indistinguishable (a large page's 512 shadows cost one
+    /// directory-entry read). Anything else goes, parked shadows of the page
+    /// included.
+    pub fn invlpg<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
+        &mut self,
+        mem: &M,
+        mapper: &mut H,
+        gva: u32,
+    ) -> Result<(), MmuError> {
         self.stats.invlpg += 1;
-        self.drop_translation(mapper, gva)
+        if !self.parked_regions.is_empty() && self.parked_regions.contains_key(&self.region_of(gva)) {
+            // Not in force: nothing to keep.
+            return self.drop_translation(mapper, gva);
+        }
+        let mut dir = None;
+        for size in [PageSize::Size4M, PageSize::Size2M] {
+            let base = gva & !(size.bytes() - 1);
+            if !self.large.contains(&(base, size)) {
+                continue;
+            }
+            let mut siblings =
+                self.entries.range(range_of(base, size)).filter(|(_, e)| e.guest_page == base && e.guest_size == size);
+            let keep = match siblings.next().map(|(&g, &e)| (g, e)) {
+                // One sibling stands for all (they share the leaf); D is
+                // needed if any of them lets writes through.
+                Some((g, e)) => {
+                    let write_ok = e.write_ok || siblings.any(|(_, s)| s.write_ok);
+                    self.still_maps(mem, g, &ShadowEntry { write_ok, ..e }, &mut dir)
+                }
+                None => false,
+            };
+            if keep {
+                self.stats.invlpg_kept += 1;
+            } else {
+                self.large.remove(&(base, size));
+                self.drop_where(mapper, range_of(base, size), |_, e| e.guest_page == base && e.guest_size == size)?;
+            }
+        }
+        let page = page_of(gva);
+        if let Some(e) = self.entries.get(&page).copied().filter(|e| e.guest_size == PageSize::Size4K) {
+            if self.still_maps(mem, page, &e, &mut dir) {
+                self.stats.invlpg_kept += 1;
+            } else {
+                self.drop_where(mapper, page..=page, |_, _| true)?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops every shadow, global ones included.
     pub fn flush_all<H: HostMapper + ?Sized>(&mut self, mapper: &mut H) -> Result<(), MmuError> {
         self.stats.flushes += 1;
-        self.flush(mapper, false)
+        self.flush(mapper)
     }
 
-    fn flush<H: HostMapper + ?Sized>(&mut self, mapper: &mut H, keep_global: bool) -> Result<(), MmuError> {
-        let n = if keep_global {
-            self.drop_nonglobal(mapper)?
-        } else {
-            self.drop_where(mapper, 0..=u32::MAX, |_, _| true)?
-        };
-        if !keep_global {
-            self.large.clear();
-        }
-        debug!(dropped = n, keep_global, "shadow flush");
+    fn flush<H: HostMapper + ?Sized>(&mut self, mapper: &mut H) -> Result<(), MmuError> {
+        let n = self.drop_where(mapper, 0..=u32::MAX, |_, _| true)?;
+        self.large.clear();
+        self.regions.clear();
+        self.parked_regions.clear();
+        debug!(dropped = n, "shadow flush");
         Ok(())
     }
 
     /// MOV CR3: like a TLB flush of the non-global entries (all with
     /// CR4.PGE=0), except that a shadow the new address space maps
-    /// identically stays: an accessed directory entry, then for a 4 KiB page
-    /// an accessed leaf mapping the same frame with the same rights (its
-    /// own page table or a shared one), for a large page the same directory
-    /// entry. Keeping it is then
-    /// indistinguishable from dropping it and refaulting (the refault would
-    /// set no A/D bit that is not already set), and saves a host fault and
-    /// an `mmap` per page: shared text and libraries, the zero page, and
-    /// every user page across Linux's page-table-isolation switches. Under
-    /// PAE paging the PDPTEs are reloaded first; on
+    /// identically stays (an accessed directory entry, then for a 4 KiB page
+    /// an accessed leaf mapping the same frame with the same rights, its own
+    /// page table or a shared one; for a large page the same directory
+    /// entry): keeping it is indistinguishable from dropping it and
+    /// refaulting, which would set no A/D bit that is not already set.
+    ///
+    /// The check goes by directory region: when the region's directory entry
+    /// is the one its shadows were validated under and the page-table bytes
+    /// behind them did not change since (a snapshot), all of them stay
+    /// without a walk; only changed entries are checked one by one. Shadows
+    /// that fail because the new address space has another directory entry
+    /// there are *parked* (host rights removed, one `protect` per span)
+    /// rather than unmapped, and parked shadows whose directory entry is
+    /// back (Linux's page-table isolation switches between a user and a
+    /// kernel page directory twice per system call) are revived after the
+    /// same check. Under PAE paging the PDPTEs are reloaded first; on
     /// [`MmuError::PdpteReserved`] nothing changed and the guest gets #GP(0).
     pub fn set_cr3<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
         &mut self,
@@ -706,34 +915,219 @@ impl ShadowMmu {
         }
         self.regs = new;
         self.stats.cr3_switches += 1;
-        let pge = self.regs.pge();
-        // Ascending order: one directory entry read per 2/4 MiB region.
-        let mut dir: Option<(u32, Option<u64>)> = None;
+        if new.mode() == PagingMode::Off {
+            // Identity: no translation depends on CR3.
+            return Ok(());
+        }
+        // 1. The shadows in force, region by region.
+        let regions = std::mem::take(&mut self.regions);
         let mut victims = Vec::new();
-        let mut checked = 0u64;
-        for (&gva, e) in &self.entries {
-            if pge && e.global {
+        let mut to_park: Vec<(u32, Region)> = Vec::new();
+        let mut touched = Vec::new();
+        let mut kept = 0usize;
+        for (base, r) in regions {
+            if self.nonglobal.range(self.region_range(base)).next().is_none() {
                 continue;
             }
-            checked += 1;
-            if !self.still_maps(mem, gva, e, &mut dir) {
-                victims.push(gva);
+            self.stats.cr3_regions_checked += 1;
+            let check = self.check_region(mem, base, &r);
+            if check.all_failed && r.key.is_some() && r.key != check.key {
+                // Another directory entry (or none) here: the address space
+                // these came from may come back.
+                to_park.push((base, r));
+                continue;
+            }
+            victims.extend_from_slice(&check.failed);
+            if check.all_failed {
+                continue;
+            }
+            if check.unchanged {
+                self.regions.insert(base, Region { key: check.key, ..r });
+                kept += self.region_cache(base).pages;
+            } else {
+                kept += self.region_len(base) - check.failed.len();
+                self.regions.insert(base, Region { key: check.key, parks: r.parks, ..Region::default() });
+                touched.push(base);
             }
         }
-        self.stats.cr3_checked_pages += checked;
-        let kept = self.entries.len() - victims.len();
-        self.stats.cr3_kept_pages += kept as u64;
-        let mut spans: Vec<(u32, u32)> = Vec::new();
-        for &gva in &victims {
-            match spans.last_mut() {
-                // Extend only over adjacent victims: a gap may hold a kept shadow.
-                Some((_, last)) if last.wrapping_add(1) == gva => *last = gva + (PAGE_SIZE - 1),
-                _ => spans.push((gva, gva + (PAGE_SIZE - 1))),
+        let dropped = victims.len();
+        let spans = runs(&victims).into_iter().map(|(s, l)| (s, s + (l - 1))).collect();
+        self.drop_victims(mapper, spans, victims)?;
+        // 2. Park what another address space may want back: one `protect`
+        // per span of the region not interrupted by a global shadow.
+        let mut parked_now = BTreeSet::new();
+        let mut parked_pages = 0usize;
+        for (base, mut r) in to_park {
+            r.parks += 1;
+            if r.parks % EVICT_EVERY == 0 {
+                let n = self.drop_where(mapper, self.region_range(base), |_, e| !e.global)?;
+                self.stats.parked_evicted_pages += n as u64;
+                continue;
+            }
+            self.parked_regions.insert(base, r);
+            let cache = self.region_cache(base);
+            for &(start, last) in &cache.park {
+                self.host_protect(mapper, start, last - start + PAGE_SIZE, Prot::NONE)?;
+            }
+            parked_pages += cache.pages;
+            parked_now.insert(base);
+        }
+        self.stats.cr3_parked_pages += parked_pages as u64;
+        // 3. Revive parked regions whose directory entry is back.
+        let mut revived = 0usize;
+        let candidates: Vec<u32> = self.parked_regions.keys().copied().filter(|b| !parked_now.contains(b)).collect();
+        for base in candidates {
+            let Some((_, pde)) = directory_entry(mem, &self.regs, &self.pdptes, base) else { continue };
+            if self.parked_regions[&base].key != Some(dir_key(pde)) {
+                continue;
+            }
+            let check = self.check_region(mem, base, &self.parked_regions[&base].clone());
+            if !check.failed.is_empty() {
+                // Still without rights: the unmap needs no protect first.
+                let spans = runs(&check.failed).into_iter().map(|(s, l)| (s, s + (l - 1))).collect();
+                self.drop_victims(mapper, spans, check.failed.clone())?;
+            }
+            let cache = self.region_cache(base);
+            let r = self.parked_regions.remove(&base).expect("present");
+            if check.all_failed || cache.pages == 0 {
+                continue;
+            }
+            for &(start, len, prot) in &cache.revive {
+                self.host_protect(mapper, start, len, prot)?;
+            }
+            revived += cache.pages;
+            if check.unchanged {
+                self.regions.insert(base, Region { key: check.key, ..r });
+            } else {
+                self.regions.insert(base, Region { key: check.key, parks: r.parks, ..Region::default() });
+                touched.push(base);
             }
         }
-        let n = self.drop_victims(mapper, spans, victims)?;
-        debug!(dropped = n, kept, "address space switch");
+        self.stats.cr3_unparked_pages += revived as u64;
+        self.stats.cr3_kept_pages += (kept + revived) as u64;
+        // 4. New snapshots where something changed.
+        for base in touched {
+            self.snapshot(mem, base);
+        }
+        debug!(dropped, kept, parked = parked_pages, revived, "address space switch");
         Ok(())
+    }
+
+    /// Spans `(first, last page)` covering sorted non-global `pages`, merged
+    /// across gaps that hold no other shadow (unmapped window pages, whose
+    /// rights a `protect` to none leaves as they are).
+    fn spans_without_globals(&self, pages: &[u32]) -> Vec<(u32, u32)> {
+        let mut spans: Vec<(u32, u32)> = Vec::new();
+        for &p in pages {
+            match spans.last_mut() {
+                Some((_, last)) if self.entries.range(*last + PAGE_SIZE..p).next().is_none() => *last = p,
+                _ => spans.push((p, p)),
+            }
+        }
+        spans
+    }
+
+    /// Checks the non-global shadows of the region at `base`, validated as
+    /// `r` says, against the current tables: by the directory entry and the
+    /// page-table snapshot, and page by page only where those changed.
+    fn check_region<M: PhysMem + ?Sized>(&mut self, mem: &M, base: u32, r: &Region) -> RegionCheck {
+        let pde = directory_entry(mem, &self.regs, &self.pdptes, base)
+            .map(|(_, v)| v)
+            .filter(|&p| p & pte::P != 0 && p & pte::A != 0 && !dir_reserved(&self.regs, p));
+        let Some(pde) = pde else {
+            let failed: Vec<u32> = self.nonglobal.range(self.region_range(base)).copied().collect();
+            return RegionCheck { failed, key: None, unchanged: false, all_failed: true };
+        };
+        let key = dir_key(pde);
+        let large = pde & pte::PS != 0 && (self.regs.pse() || self.regs.mode() == PagingMode::Pae);
+        let all = |s: &Self| -> Vec<u32> { s.nonglobal.range(s.region_range(base)).copied().collect() };
+        let suspects: Vec<u32> = if r.key != Some(key) || (large && r.write_ok && pde & pte::D == 0) {
+            all(self)
+        } else if large {
+            Vec::new()
+        } else {
+            self.changed_pages(mem, pde, base, r)
+        };
+        let unchanged = suspects.is_empty() && r.fresh.is_empty();
+        self.stats.cr3_checked_pages += suspects.len() as u64;
+        let mut dir = None;
+        let mut failed = Vec::new();
+        let checked = suspects.len();
+        for gva in suspects {
+            match self.entries.get(&gva) {
+                Some(e) if self.still_maps(mem, gva, e, &mut dir) => {}
+                _ => failed.push(gva),
+            }
+        }
+        let all_failed = !failed.is_empty() && failed.len() == checked && checked == self.region_len(base);
+        RegionCheck { failed, key: Some(key), unchanged, all_failed }
+    }
+
+    fn region_len(&self, base: u32) -> usize {
+        self.nonglobal.range(self.region_range(base)).count()
+    }
+
+    /// The non-global pages of a 4 KiB region whose page-table entries may
+    /// differ from what they were validated against: outside the snapshot,
+    /// changed since it, or shadowed after it.
+    fn changed_pages<M: PhysMem + ?Sized>(&self, mem: &M, pde: u64, base: u32, r: &Region) -> Vec<u32> {
+        let esz = if self.regs.mode() == PagingMode::Pae { 8usize } else { 4 };
+        let first = leaf_of(&self.regs, pde, r.lo).entry_gpa;
+        let mut now = vec![0u8; r.snap.len()];
+        let readable = r.snap.is_empty() || mem.read_bytes(first, &mut now);
+        let covered = (r.snap.len() / esz) as u32;
+        let end = r.lo.wrapping_add(covered * PAGE_SIZE);
+        let range = self.region_range(base);
+        if readable && !r.snap.is_empty() && now == r.snap && r.fresh.is_empty() {
+            // Only pages outside the snapshot (none, normally).
+            let mut out: Vec<u32> = self.nonglobal.range(*range.start()..r.lo.max(*range.start())).copied().collect();
+            if u64::from(end) <= u64::from(*range.end()) && end > r.lo {
+                out.extend(self.nonglobal.range(end..=*range.end()));
+            }
+            return out;
+        }
+        let mut fresh = r.fresh.clone();
+        fresh.sort_unstable();
+        self.nonglobal
+            .range(range)
+            .copied()
+            .filter(|&p| {
+                if !readable || r.snap.is_empty() || p < r.lo || fresh.binary_search(&p).is_ok() {
+                    return true;
+                }
+                let i = ((p - r.lo) / PAGE_SIZE) as usize;
+                i >= covered as usize || now[i * esz..(i + 1) * esz] != r.snap[i * esz..(i + 1) * esz]
+            })
+            .collect()
+    }
+
+    /// Takes a new snapshot of the page-table bytes behind the 4 KiB
+    /// shadows in force in the region at `base`.
+    fn snapshot<M: PhysMem + ?Sized>(&mut self, mem: &M, base: u32) {
+        let small: Vec<u32> = self
+            .nonglobal
+            .range(self.region_range(base))
+            .copied()
+            .filter(|p| self.entries.get(p).is_some_and(|e| e.guest_size == PageSize::Size4K))
+            .collect();
+        let write_ok =
+            self.nonglobal.range(self.region_range(base)).any(|p| self.entries.get(p).is_some_and(|e| e.write_ok));
+        let pde = directory_entry(mem, &self.regs, &self.pdptes, base).map(|(_, v)| v);
+        let Some(r) = self.regions.get_mut(&base) else { return };
+        r.write_ok = write_ok;
+        r.fresh.clear();
+        r.snap.clear();
+        let (Some(&lo), Some(&hi), Some(pde)) = (small.first(), small.last(), pde) else { return };
+        let esz = if self.regs.mode() == PagingMode::Pae { 8u64 } else { 4 };
+        let first = leaf_of(&self.regs, pde, lo).entry_gpa;
+        let mut snap = vec![0u8; (u64::from((hi - lo) / PAGE_SIZE + 1) * esz) as usize];
+        if mem.read_bytes(first, &mut snap) {
+            r.lo = lo;
+            r.snap = snap;
+        } else {
+            // Outside RAM: no snapshot, so every page is checked alone.
+            r.fresh = small;
+        }
     }
 
     /// Whether the current paging registers translate `gva` exactly as its
@@ -834,7 +1228,7 @@ impl ShadowMmu {
         self.regs = new;
         if changed {
             self.stats.flushes += 1;
-            self.flush(mapper, false)?;
+            self.flush(mapper)?;
         }
         Ok(())
     }
@@ -851,7 +1245,10 @@ impl ShadowMmu {
         for gva in self.aliases(frame) {
             let e = self.entries[&gva];
             if e.prot.write {
-                self.host_protect(mapper, gva, PAGE_SIZE, e.prot.read_only())?;
+                // A parked shadow has no host rights: only its record changes.
+                if !self.is_parked(gva, &e) {
+                    self.host_protect(mapper, gva, PAGE_SIZE, e.prot.read_only())?;
+                }
                 self.put(gva, ShadowEntry { prot: e.prot.read_only(), ..e });
             }
         }
@@ -871,7 +1268,9 @@ impl ShadowMmu {
         for gva in self.aliases(frame) {
             let e = self.entries[&gva];
             if e.write_ok && !e.prot.write {
-                self.host_protect(mapper, gva, PAGE_SIZE, e.prot.writable())?;
+                if !self.is_parked(gva, &e) {
+                    self.host_protect(mapper, gva, PAGE_SIZE, e.prot.writable())?;
+                }
                 self.put(gva, ShadowEntry { prot: e.prot.writable(), ..e });
             }
         }

@@ -37,8 +37,23 @@ pub struct Stats {
     /// Shadows a MOV CR3 kept because the new address space maps them
     /// identically (summed over switches).
     pub cr3_kept_pages: u64,
-    /// Non-global shadows a MOV CR3 examined (kept or dropped).
+    /// Shadows a MOV CR3 had to check one by one (their page-table entry
+    /// changed, or their directory entry did); the others were checked a
+    /// region at a time.
     pub cr3_checked_pages: u64,
+    /// Directory regions a MOV CR3 checked (summed over switches).
+    pub cr3_regions_checked: u64,
+    /// Shadows a MOV CR3 parked (mapped with no rights) because the new
+    /// address space has another directory entry there.
+    pub cr3_parked_pages: u64,
+    /// Parked shadows a MOV CR3 revived (their directory entry came back).
+    pub cr3_unparked_pages: u64,
+    /// Parked shadows unmapped: a fault in their region, or the periodic
+    /// eviction that keeps unused regions from being revived forever.
+    pub parked_evicted_pages: u64,
+    /// INVLPGs whose shadows stayed because the tables still map them
+    /// identically (one per small page or per large page).
+    pub invlpg_kept: u64,
     /// Full flushes (CR0/CR4/EFER changes, `flush_all`, CR3 without PGE).
     pub flushes: u64,
     pub code_pages_protected: u64,
@@ -61,7 +76,7 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 26] {
+    pub fn counters(&self) -> [(&'static str, u64); 31] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
@@ -84,6 +99,11 @@ impl Stats {
             ("shadow/tlb/cr3", self.cr3_switches),
             ("shadow/tlb/cr3_kept_pages", self.cr3_kept_pages),
             ("shadow/tlb/cr3_checked_pages", self.cr3_checked_pages),
+            ("shadow/tlb/cr3_regions_checked", self.cr3_regions_checked),
+            ("shadow/tlb/cr3_parked_pages", self.cr3_parked_pages),
+            ("shadow/tlb/cr3_unparked_pages", self.cr3_unparked_pages),
+            ("shadow/tlb/parked_evicted_pages", self.parked_evicted_pages),
+            ("shadow/tlb/invlpg_kept", self.invlpg_kept),
             ("shadow/tlb/flush", self.flushes),
             ("shadow/code/protected", self.code_pages_protected),
             ("shadow/code/unprotected", self.code_pages_unprotected),

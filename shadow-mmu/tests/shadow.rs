@@ -122,18 +122,49 @@ fn stale_shadow_stays_until_cr3_reload() {
 fn invlpg_anywhere_in_a_large_page_drops_all_of_it() {
     let config = MmuConfig { batch_large: 64 << 10, ..MmuConfig::default() };
     let (mut v, mut p) = vm32(config, cr4::PSE);
-    p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, RW_US);
+    let pde = p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, RW_US);
     p.map_4k(&mut v.mem, 0x8040_0000, 0x20_0000, RW_US);
     v.fault(0x8000_0000, Access::read());
     v.fault(0x8020_0000, Access::read());
     v.fault(0x8040_0000, Access::read());
     assert_eq!(v.mmu.mapped_pages(), 16 + 16 + 1);
-    // An address of the large page that has no shadow of its own.
+    // The large page maps as before: an INVLPG keeps it (a refault would
+    // map the same and set no A/D bit), at the cost of one PDE read.
+    v.invlpg(0x803F_F000);
+    assert_eq!(v.mmu.mapped_pages(), 16 + 16 + 1);
+    assert_eq!(v.mmu.stats().invlpg_kept, 1);
+    // The guest narrows it: an address of the large page that has no
+    // shadow of its own drops all of it.
+    v.mem.set_u32(pde, v.mem.u32(pde) & !(pte::RW as u32));
     v.invlpg(0x803F_F000);
     assert_eq!(v.mmu.mapped_pages(), 1);
     assert!(v.mmu.entry(0x8040_0000).is_some());
     // Both runs go in one unmap: nothing survives between them.
     assert_eq!(v.win.unmap_calls(), 1);
+}
+
+#[test]
+fn invlpg_keeps_a_large_page_only_while_its_dirty_bit_stays() {
+    let config = MmuConfig { batch_large: 64 << 10, ..MmuConfig::default() };
+    let (mut v, mut p) = vm32(config, cr4::PSE);
+    let pde = p.map_4m(&mut v.mem, 0x8000_0000, 0x40_0000, RW_US);
+    v.fault(0x8000_0000, Access::read());
+    v.fault(0x8020_0000, Access::write());
+    assert_eq!(v.win.at(0x8020_0000).unwrap().1, Prot::RWX);
+    // The guest cleans the page (clears D) and flushes: the writable
+    // shadows must go, or the next write would not set D again.
+    v.mem.set_u32(pde, v.mem.u32(pde) & !(pte::D as u32));
+    v.invlpg(0x8000_0000);
+    assert_eq!(v.mmu.mapped_pages(), 0);
+    assert_eq!(v.fault(0x8020_0000, Access::read()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0x8020_0000).unwrap().1, Prot::RX, "read-only until the next write");
+    v.fault(0x8020_0000, Access::write());
+    assert_ne!(v.mem.u32(pde) as u64 & pte::D, 0);
+    // Cleared A: dropped too (the next access must set it again).
+    v.mem.set_u32(pde, v.mem.u32(pde) & !(pte::A as u32));
+    v.invlpg(0x8020_0000);
+    assert_eq!(v.mmu.mapped_pages(), 0);
+    assert_eq!(v.mmu.stats().invlpg_kept, 0);
 }
 
 #[test]
@@ -185,19 +216,44 @@ fn an_address_space_switch_keeps_what_the_new_one_maps_identically() {
         let pde = q.pde_addr(gva);
         v.mem.set_u32(pde, v.mem.u32(pde) | pte::A as u32);
     }
-    let unmaps = v.win.unmap_calls();
+    let (unmaps, protects) = (v.win.unmap_calls(), v.win.protect_calls());
     v.set_cr3(q.cr3);
     assert_eq!(v.win.at(0x0800_0000), Some((0x20_0000, Prot::RWX)), "kept, without a new mapping");
     for gone in [0x0900_0000, 0x0A00_0000, 0x0B00_0000] {
-        assert_eq!(v.win.at(gone), None, "{gone:#x}");
+        assert_eq!(v.mmu.entry(gone), None, "{gone:#x}");
+        // B has other page tables there: A's shadows are parked, mapped
+        // with no rights (any access faults and re-walks B's tables).
+        assert_eq!(v.win.at(gone).map(|(_, prot)| prot), Some(Prot::NONE), "{gone:#x}");
     }
-    assert_eq!(v.win.unmap_calls() - unmaps, 3, "each dropped page is its own span");
+    assert_eq!(v.win.unmap_calls(), unmaps, "nothing unmapped");
+    assert_eq!(v.win.protect_calls() - protects, 3, "each parked page is its own span");
     let b_pte = q.pte_addr(&mut v.mem, 0x0B00_0000);
     assert_eq!(v.mem.u32(b_pte) as u64 & pte::A, 0, "no A set behind the guest's back");
     assert_eq!(v.mmu.stats().cr3_kept_pages, 1);
-    // Back to A: what B kept (identical in A too) stays again.
+    assert_eq!(v.mmu.stats().cr3_parked_pages, 3);
+    // A fault on a parked page walks B's tables and replaces it.
+    assert_eq!(v.fault(0x0900_0000, Access::read().user()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0x0900_0000).unwrap().0, 0x30_1000);
+    // Back to A: what B kept stays, A's parked shadows come back with
+    // their rights (one protect each), the replaced one is checked anew.
+    let (maps, protects) = (v.win.map_calls(), v.win.protect_calls());
     v.set_cr3(p.cr3);
-    assert!(v.mmu.entry(0x0800_0000).is_some());
+    for gva in [0x0800_0000u32, 0x0A00_0000, 0x0B00_0000] {
+        assert!(v.mmu.entry(gva).is_some(), "{gva:#x}");
+    }
+    assert_eq!(v.win.at(0x0A00_0000), Some((0x20_2000, Prot::RWX)));
+    assert_eq!(v.mmu.entry(0x0900_0000), None, "B's shadow is not A's: parked in turn");
+    assert_eq!(v.win.map_calls(), maps, "no new mapping");
+    assert_eq!(v.win.protect_calls() - protects, 3, "two revived, one parked");
+    assert_eq!(v.mmu.stats().cr3_unparked_pages, 2);
+    // A changed entry in A's table while parked: not revived.
+    v.set_cr3(q.cr3);
+    let a_pte = p.pte_addr(&mut v.mem, 0x0A00_0000);
+    v.mem.set_u32(a_pte, 0x20_5000 | (RW_US | AD | pte::P) as u32);
+    v.set_cr3(p.cr3);
+    assert_eq!(v.mmu.entry(0x0A00_0000), None);
+    assert_eq!(v.win.at(0x0A00_0000), None, "the stale parked shadow is unmapped");
+    assert!(v.mmu.entry(0x0B00_0000).is_some());
 }
 
 #[test]
@@ -495,14 +551,21 @@ fn counter_names_are_unique_and_stable() {
 #[test]
 fn invlpg_of_a_small_page_splits_a_batched_run() {
     let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    let mut ptes = Vec::new();
     for i in 0..16u32 {
-        p.map_4k(&mut v.mem, 0xC000_0000 + i * 4096, 0x20_0000 + i * 4096, pte::RW | AD);
+        ptes.push(p.map_4k(&mut v.mem, 0xC000_0000 + i * 4096, 0x20_0000 + i * 4096, pte::RW | AD));
     }
     v.fault(0xC000_0000, Access::read());
     assert_eq!(v.mmu.mapped_pages(), 16);
+    // Unchanged: the INVLPG keeps the shadow.
+    v.invlpg(0xC000_5000);
+    assert_eq!(v.mmu.mapped_pages(), 16);
+    // Retargeted: it goes.
+    v.mem.set_u32(ptes[5], 0x20_F000 | (pte::RW | AD | pte::P) as u32);
     v.invlpg(0xC000_5000);
     assert_eq!(v.mmu.mapped_pages(), 15);
     assert_eq!(v.win.calls.last(), Some(&MapCall::Unmap { gva: 0xC000_5000, len: 0x1000 }));
+    assert_eq!(v.mmu.stats().invlpg_kept, 1);
 }
 
 #[test]
@@ -531,4 +594,54 @@ fn stale_large_page_stays_until_invlpg() {
     v.invlpg(0x8012_3000);
     assert_eq!(v.mmu.mapped_pages(), 0);
     assert_eq!(v.fault(0x8012_3000, Access::read()), FaultOutcome::GuestPageFault { cr2: 0x8012_3000, error_code: 0 });
+}
+
+/// Linux's page-table isolation under PAE: a kernel and a user PDPT share
+/// the user page directory; the kernel's 2 MiB page and its 4 KiB data are
+/// not in the user one. Switching back and forth keeps the user pages
+/// without a per-page check, parks the kernel's and revives them with no
+/// new mapping and no hidden fault.
+#[test]
+fn page_table_isolation_switches_park_and_revive_the_kernel() {
+    let mut v = common::vm();
+    let mut k = shadow_mmu::fake::PagerPae::new(TABLES);
+    k.map_4k(&mut v.mem, 0x0804_8000, 0x20_0000, RW_US | AD);
+    k.map_2m(&mut v.mem, 0xC000_0000, 0x40_0000, pte::RW | AD);
+    k.map_4k(&mut v.mem, 0xC060_0000, 0x30_0000, pte::RW | AD);
+    // The user PDPT: the same user page directory, no kernel directory.
+    let user_cr3 = (TABLES + 0x1_0000) as u32;
+    let user_pdpte = v.mem.u64(TABLES);
+    v.mem.set_u64(u64::from(user_cr3), user_pdpte);
+    v.paging_pae(&k, true);
+    for gva in [0x0804_8000u32, 0xC000_0000, 0xC060_0000] {
+        assert_eq!(v.fault(gva, Access::write()), FaultOutcome::Resolved, "{gva:#x}");
+    }
+    // Walked once: the directory entries have A set now.
+    let maps = v.win.map_calls();
+    let checked = v.mmu.stats().cr3_checked_pages;
+    for _ in 0..3 {
+        v.set_cr3(user_cr3);
+        assert!(v.mmu.entry(0x0804_8000).is_some());
+        assert_eq!(v.mmu.entry(0xC000_0000), None);
+        assert_eq!(v.win.at(0xC000_0000).map(|(_, p)| p), Some(Prot::NONE), "parked");
+        assert!(matches!(v.fault(0xC060_0000, Access::read()), FaultOutcome::GuestPageFault { .. }));
+        v.set_cr3(k.cr3);
+        assert_eq!(v.win.at(0xC000_0000), Some((0x40_0000, Prot::RWX)), "revived");
+    }
+    assert_eq!(v.win.map_calls(), maps, "no new mapping");
+    // 0xC060_0000 faulted under the user tables (a #PF drops its parked
+    // shadow), so only the large page came back.
+    assert_eq!(v.mmu.entry(0xC060_0000), None);
+    // Only the user page, once: it was shadowed after its region's last
+    // snapshot; from then on the snapshot vouches for it.
+    assert_eq!(v.mmu.stats().cr3_checked_pages - checked, 1);
+    // A kernel PTE changed while the user tables were loaded: caught.
+    v.fault(0xC060_0000, Access::read());
+    v.set_cr3(user_cr3);
+    let a = k.pte_addr(&mut v.mem, 0xC060_0000);
+    v.mem.set_u64(a, 0x30_1000 | pte::RW | AD | pte::P);
+    v.set_cr3(k.cr3);
+    assert_eq!(v.win.at(0xC060_0000), None, "stale: unmapped, not revived");
+    assert_eq!(v.fault(0xC060_0000, Access::read()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0xC060_0000).unwrap().0, 0x30_1000);
 }

@@ -24,6 +24,16 @@ pub mod edx1 {
     pub const SSE2: u32 = 1 << 26;
 }
 
+/// CPUID leaf 0x8000_0001 EDX: execute-disable (EFER.NXE, PTE bit 63).
+pub const EXT_EDX_NX: u32 = 1 << 20;
+/// CPUID leaf 7 EDX: the IA32_ARCH_CAPABILITIES MSR exists.
+pub const EDX7_ARCH_CAPABILITIES: u32 = 1 << 29;
+/// IA32_ARCH_CAPABILITIES bit 0: not susceptible to rogue data cache load
+/// (Meltdown); Linux then leaves page-table isolation off.
+pub const ARCH_CAP_RDCL_NO: u64 = 1 << 0;
+/// EFER bits the guest may set: NXE only (no long mode, no SYSCALL).
+pub const EFER_NXE: u64 = 1 << 11;
+
 /// The guest CPUID/MSR policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuPolicy {
@@ -37,6 +47,14 @@ pub struct CpuPolicy {
     /// `tsc_hz / tsc_ratio` Hz, TSC = crystal × `tsc_ratio`) and 0x16; `None`
     /// keeps the highest basic leaf at 2 (the `isa` machine's CPU).
     pub tsc_hz: Option<u64>,
+    /// Leaf 0x8000_0001 EDX: NX on the `pc` machine (its shadow MMU maps
+    /// XD pages without host execute rights), nothing on `isa` (traces
+    /// recorded there must see the same CPU).
+    pub ext_edx: u32,
+    /// IA32_ARCH_CAPABILITIES, announced in leaf 7 when `Some`:
+    /// `RDCL_NO` only when the monitor itself keeps supervisor pages out of
+    /// user code's reach (`--engine isolate`), see docs/security.md.
+    pub arch_caps: Option<u64>,
 }
 
 impl Default for CpuPolicy {
@@ -52,6 +70,8 @@ impl Default for CpuPolicy {
             ecx1: 0,
             brand,
             tsc_hz: None,
+            ext_edx: 0,
+            arch_caps: None,
         }
     }
 }
@@ -70,7 +90,23 @@ impl CpuPolicy {
         let mut p = Self::default();
         p.edx1 |= edx1::APIC;
         p.tsc_hz = Some(tsc_hz.max(1_000_000));
+        p.ext_edx = EXT_EDX_NX;
         p
+    }
+
+    /// Tells the guest it is not susceptible to Meltdown (RDCL_NO): right
+    /// when user code cannot reach supervisor pages in the window, i.e. with
+    /// user isolation. Needs leaf 7 (the `pc` machine); no effect otherwise.
+    pub fn with_rdcl_no(mut self) -> Self {
+        if self.max_basic_leaf() >= 7 {
+            self.arch_caps = Some(ARCH_CAP_RDCL_NO);
+        }
+        self
+    }
+
+    /// Does the CPU offer NX (and so EFER)?
+    pub fn has_nx(&self) -> bool {
+        self.ext_edx & EXT_EDX_NX != 0
     }
 
     /// Has the CPU a local APIC?
@@ -108,6 +144,7 @@ impl CpuPolicy {
             2 => [0x0000_0001, 0, 0, 0],
             // Thermal and power: ARAT (the APIC timer runs in every C-state).
             6 if max >= 6 => [1 << 2, 0, 0, 0],
+            7 if max >= 7 => [0, 0, 0, if self.arch_caps.is_some() { EDX7_ARCH_CAPABILITIES } else { 0 }],
             0x15 if max >= 0x15 => {
                 let tsc = self.tsc_hz.unwrap_or(0);
                 let ratio = Self::tsc_ratio(tsc);
@@ -119,7 +156,7 @@ impl CpuPolicy {
             }
             3..=0x14 if leaf <= max => [0, 0, 0, 0],
             0x8000_0000 => [0x8000_0004, 0, 0, 0],
-            0x8000_0001 => [0, 0, 0, 0],
+            0x8000_0001 => [0, 0, 0, self.ext_edx],
             0x8000_0002..=0x8000_0004 => {
                 let o = ((leaf - 0x8000_0002) * 16) as usize;
                 let b = &self.brand[o..o + 16];
@@ -144,6 +181,10 @@ pub mod msr {
     /// IA32_APIC_BASE (CPUs with a local APIC).
     pub const APIC_BASE: u32 = 0x1B;
     pub const PAT: u32 = 0x277;
+    /// IA32_ARCH_CAPABILITIES (read-only; CPUs that announce it in leaf 7).
+    pub const ARCH_CAPABILITIES: u32 = 0x10A;
+    /// IA32_EFER (CPUs with NX here: only NXE is writable).
+    pub const EFER: u32 = 0xC000_0080;
 }
 
 /// IA32_APIC_BASE: the enable bit (11) is the guest's; the BSP flag (8) is
@@ -198,6 +239,12 @@ mod tests {
         assert_eq!(p.cpuid(0x16, 0)[0], 2450);
         assert_eq!(p.cpuid(6, 0)[0], 1 << 2);
         assert_eq!(p.cpuid(7, 0), [0; 4], "no structured extended features");
+        assert_ne!(p.cpuid(0x8000_0001, 0)[3] & EXT_EDX_NX, 0, "NX on the pc machine");
+        assert_eq!(CpuPolicy::default().cpuid(0x8000_0001, 0)[3], 0, "isa: the recorded traces' CPU");
+        let iso = p.with_rdcl_no();
+        assert_ne!(iso.cpuid(7, 0)[3] & EDX7_ARCH_CAPABILITIES, 0);
+        assert_eq!(iso.arch_caps, Some(ARCH_CAP_RDCL_NO));
+        assert_eq!(CpuPolicy::default().with_rdcl_no().arch_caps, None, "no leaf 7 on isa");
         assert_eq!(p.cpuid(1, 0)[2] & (1 << 24), 0, "no TSC-deadline timer");
         // A TSC beyond 4.29 GHz: a crystal of half of it.
         let fast = CpuPolicy::pc(5_000_000_000);

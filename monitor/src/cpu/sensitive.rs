@@ -35,9 +35,21 @@ pub enum IoOp {
 /// What the shadow MMU must hear about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MmuEffect {
-    Cr0 { old: u32, new: u32 },
-    Cr3 { new: u32 },
-    Cr4 { old: u32, new: u32 },
+    Cr0 {
+        old: u32,
+        new: u32,
+    },
+    Cr3 {
+        new: u32,
+    },
+    Cr4 {
+        old: u32,
+        new: u32,
+    },
+    /// WRMSR IA32_EFER (NXE changes the host rights of every shadow).
+    Efer {
+        new: u64,
+    },
     Invlpg(u32),
 }
 
@@ -601,6 +613,22 @@ fn msr_access(cpu: &mut Cpu, env: &mut Env<'_>, write: bool) -> Result<Outcome, 
                 m.pat = value;
             }
             m.pat
+        }
+        msr::EFER if env.policy.has_nx() => {
+            if write {
+                if value & !super::policy::EFER_NXE != 0 {
+                    return Err(Fault::gp(0).into());
+                }
+                m.efer = value;
+                return Ok(Outcome::Mmu(MmuEffect::Efer { new: value }));
+            }
+            m.efer
+        }
+        msr::ARCH_CAPABILITIES if env.policy.arch_caps.is_some() => {
+            if write {
+                return Err(Fault::gp(0).into());
+            }
+            env.policy.arch_caps.unwrap_or(0)
         }
         msr::APIC_BASE if env.policy.has_apic() => {
             if write {

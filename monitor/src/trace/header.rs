@@ -104,8 +104,8 @@ pub fn machine_from_header(h: &Header) -> Result<MachineSpec, HeaderError> {
 }
 
 /// The CPUID answers of the guest's policy (recorded in trace headers).
-pub fn cpuid_entries(machine: crate::devices::platform::Machine, tsc_hz: u64) -> Vec<CpuidEntry> {
-    let p = crate::run::cpu_policy(machine, tsc_hz);
+pub fn cpuid_entries(machine: crate::devices::platform::Machine, tsc_hz: u64, isolation: bool) -> Vec<CpuidEntry> {
+    let p = crate::run::cpu_policy(machine, tsc_hz, isolation);
     let mut v = Vec::new();
     for base in [0u32, 0x8000_0000] {
         let max = p.cpuid(base, 0)[0];

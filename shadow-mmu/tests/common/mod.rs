@@ -52,7 +52,7 @@ impl Vm {
     }
 
     pub fn invlpg(&mut self, gva: u32) {
-        self.mmu.invlpg(&mut self.win, gva).unwrap();
+        self.mmu.invlpg(&self.mem, &mut self.win, gva).unwrap();
         self.win.assert_matches(&self.mmu);
     }
 }

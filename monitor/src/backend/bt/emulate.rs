@@ -139,9 +139,10 @@ impl BtBackend {
         let (mmu, phys, mut mapper) = self.guest.paging();
         let r = match effect {
             MmuEffect::Cr3 { new } => mmu.set_cr3(&phys, &mut mapper, new),
-            MmuEffect::Invlpg(lin) => mmu.invlpg(&mut mapper, lin),
+            MmuEffect::Invlpg(lin) => mmu.invlpg(&phys, &mut mapper, lin),
             MmuEffect::Cr0 { new, .. } => mmu.set_cr0(&phys, &mut mapper, new),
             MmuEffect::Cr4 { new, .. } => mmu.set_cr4(&phys, &mut mapper, new),
+            MmuEffect::Efer { new } => mmu.set_efer(&phys, &mut mapper, new),
         };
         r.map_err(super::failed)?;
         if matches!(effect, MmuEffect::Cr3 { .. } | MmuEffect::Invlpg(_)) {

@@ -35,6 +35,9 @@ impl PhysMem for Phys<'_> {
     fn is_ram(&self, gpa: u64) -> bool {
         gpa < self.0.size()
     }
+    fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.0.read(gpa, buf).is_ok()
+    }
 }
 
 /// The window, as the shadow MMU drives it.
