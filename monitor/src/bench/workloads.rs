@@ -26,7 +26,8 @@
 //!
 //! Backends: `native` always (the same static i386 busybox runs on the
 //! host as 32-bit processes, the same script in a directory laid out as
-//! the initramfs, so `find` walks the same tree: see [`native_tree`]); then
+//! the initramfs, on tmpfs as the guest's files are, so `find` walks the
+//! same tree: see [`native_tree`] and [`native_base`]); then
 //! each peer of `--backends` (default `bt,kvm,qemu`) as the linux suite
 //! boots them (kvm after its probe, qemu skipped with `--quick` or when not
 //! installed). A backend that cannot run is reported with the reason and
@@ -224,10 +225,27 @@ impl Drop for TempDir {
     }
 }
 
+/// Where the native tree goes: /dev/shm (tmpfs) when it is there and
+/// writable, since the guest's files live in RAM too (its root is the
+/// initramfs); otherwise the temporary directory.
+pub fn native_base() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let writable = std::fs::metadata(shm).is_ok_and(|m| m.is_dir())
+        && std::ffi::CString::new("/dev/shm")
+            // SAFETY: access(2) on a NUL-terminated path; no memory is kept.
+            .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
+    if writable {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// Runs the script natively: the static i386 busybox's shell in the tree
-/// [`native_tree`] lays out, with an empty environment but `PATH`.
+/// [`native_tree`] lays out (under [`native_base`]), with an empty
+/// environment but `PATH`.
 pub fn run_native(busybox: &Path, p: &Params) -> Result<TimedLines, BenchError> {
-    let dir = TempDir(std::env::temp_dir().join(format!("popek-workloads-{}", std::process::id())));
+    let dir = TempDir(native_base().join(format!("popek-workloads-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
     let init = native_tree(&dir.0, busybox, p)
         .map_err(|e| fail(format!("cannot lay out {} for the native run: {e}", dir.0.display())))?;
