@@ -30,6 +30,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{BenchError, Report, Row};
@@ -161,21 +162,37 @@ pub struct Console {
     from: usize,
     /// The arrival time of each chunk: `(offset into log, seconds)`.
     stamps: Vec<(usize, f64)>,
+    /// The end of the process's stderr, and the thread reading it.
+    stderr: Arc<Mutex<Vec<u8>>>,
+    err_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Console {
-    /// Starts `cmd` with stdin and stdout on pipes (stderr kept for errors
-    /// is not needed: it goes to the parent's).
+    /// Starts `cmd` with stdin, stdout and stderr on pipes (the end of
+    /// stderr goes into error messages).
     pub fn spawn(mut cmd: Command) -> Result<Console, BenchError> {
         let start = Instant::now();
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| fail(format!("cannot start {:?}: {e}", cmd.get_program())))?;
         let input = child.stdin.take();
         let mut out = child.stdout.take().ok_or_else(|| fail("no stdout pipe".into()))?;
+        let mut err = child.stderr.take().ok_or_else(|| fail("no stderr pipe".into()))?;
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        let err_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = err.read(&mut buf) {
+                let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                s.extend_from_slice(&buf[..n]);
+                // Keep the last 8 KiB.
+                let excess = s.len().saturating_sub(8192);
+                s.drain(..excess);
+            }
+        });
         let (tx, rx) = channel();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -186,7 +203,17 @@ impl Console {
                 }
             }
         });
-        Ok(Console { child, input, rx, start, log: String::new(), from: 0, stamps: Vec::new() })
+        Ok(Console {
+            child,
+            input,
+            rx,
+            start,
+            log: String::new(),
+            from: 0,
+            stamps: Vec::new(),
+            stderr,
+            err_thread: Some(err_thread),
+        })
     }
 
     /// Seconds since the process was started.
@@ -216,8 +243,29 @@ impl Console {
                     return Err(fail(format!("no {what:?} within {timeout:?}; console so far:\n{}", self.tail())))
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(fail(format!("the VMM exited before {what:?}; console:\n{}", self.tail())))
+                    let st = self.reap(Duration::from_secs(2));
+                    return Err(fail(format!("the VMM exited ({st}) before {what:?}; console:\n{}", self.tail())));
                 }
+            }
+        }
+    }
+
+    /// After the console closed: waits up to `grace` for the process to
+    /// exit and, if it did, for the rest of its stderr. Its exit status, as
+    /// text.
+    fn reap(&mut self, grace: Duration) -> String {
+        let end = Instant::now() + grace;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => {
+                    if let Some(t) = self.err_thread.take() {
+                        let _ = t.join();
+                    }
+                    return st.to_string();
+                }
+                Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) => return "still running".into(),
+                Err(e) => return format!("unknown: {e}"),
             }
         }
     }
@@ -252,10 +300,18 @@ impl Console {
         }
     }
 
-    /// The last lines of the console, for error messages.
+    /// The last lines of the console and of stderr, for error messages.
     pub fn tail(&self) -> String {
         let lines: Vec<&str> = self.log.lines().collect();
-        lines[lines.len().saturating_sub(25)..].join("\n")
+        let mut t = lines[lines.len().saturating_sub(25)..].join("\n");
+        let err = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        if !err.is_empty() {
+            let err = String::from_utf8_lossy(&err);
+            let lines: Vec<&str> = err.lines().collect();
+            t.push_str("\n(stderr)\n");
+            t.push_str(&lines[lines.len().saturating_sub(10)..].join("\n"));
+        }
+        t
     }
 }
 
@@ -451,7 +507,12 @@ pub fn run_report(image: Result<Image, String>, opts: &Options) -> Result<Report
         copy_sparse(&image.disk, &copy.0)
             .map_err(|e| fail(format!("cannot copy {} to {}: {e}", image.disk.display(), copy.0.display())))?;
         tracing::info!(secs = t.elapsed().as_secs_f64(), "distro: image copied");
-        let figs = session(cmd, opts.quick).map_err(|e| fail(format!("{b}: {e}")))?;
+        let figs = session(cmd, opts.quick).map_err(|e| match e {
+            BenchError::UnexpectedExit(m) => {
+                BenchError::UnexpectedExit(m.replacen("distro suite: ", &format!("distro suite: {b}: "), 1))
+            }
+            other => other,
+        })?;
         let cells: Vec<String> = figs.iter().map(|(n, v)| format!("{n} {v:.2} s")).collect();
         println!("distro: {b}: {}", cells.join(", "));
         report.rows.extend(figs.into_iter().map(|(n, v)| Row::new("distro", n, b, v, "s")));
