@@ -26,6 +26,9 @@
 //! A skipped peer prints `linux: <peer> skipped: <reason>` and gets one
 //! [`Row::skipped`] per figure (JSON `value: null, skipped: <reason>`).
 //!
+//! The boot machinery here (`boot`, `boot_jailed`, `boot_qemu`,
+//! `run_native_command`, [`TimedLines`]) also serves the workloads suite.
+//!
 //! Inputs: `POPEK_KERNEL`, `POPEK_BUSYBOX`, `POPEK_NB32`, by default
 //! `../shared/guests/linux-686/{vmlinuz,busybox}` and
 //! `../shared/guests/bench/nb32` relative to the current directory.
