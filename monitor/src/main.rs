@@ -96,8 +96,9 @@ enum Command {
         /// Shorter runs (less precise).
         #[arg(long)]
         quick: bool,
-        /// Backends to compare, comma-separated (suites nano and linux): bt,
-        /// kvm, qemu; default all three. The linux suite always runs native.
+        /// Backends to compare, comma-separated (suites nano, linux,
+        /// workloads: bt, kvm, qemu, default all three; distro: bt, qemu).
+        /// The linux and workloads suites always run native.
         #[arg(long, value_delimiter = ',')]
         backends: Option<Vec<String>>,
         /// Also draw the results as a log-scale SVG bar chart (suite nano).
@@ -606,9 +607,32 @@ fn main() -> ExitCode {
                         report.rows
                     })
                 }
+                "distro" => {
+                    let popek = std::env::current_exe().ok();
+                    let mut opts =
+                        monitor::bench::distro::Options { quick, popek, no_jail: !jailed, ..Default::default() };
+                    if let Some(b) = backends {
+                        opts.backends = b;
+                    }
+                    monitor::bench::distro::run_opts(&opts).map(|report| {
+                        print!("{}", monitor::bench::to_table(&report.rows));
+                        report.rows
+                    })
+                }
+                "workloads" => {
+                    let popek = jailed.then(|| std::env::current_exe().ok()).flatten();
+                    let mut opts = monitor::bench::linux::Options { quick, popek, ..Default::default() };
+                    if let Some(b) = backends {
+                        opts.backends = b;
+                    }
+                    monitor::bench::workloads::run_opts(&opts).map(|report| {
+                        print!("{}", monitor::bench::to_table(&report.rows));
+                        report.rows
+                    })
+                }
                 _ => {
                     if backends.is_some() {
-                        eprintln!("popek: --backends is for --suite nano and linux; ignored");
+                        eprintln!("popek: --backends is for --suite nano, linux, workloads and distro; ignored");
                     }
                     let rows = if jailed && monitor::bench::worker::JAILED_SUITES.contains(&suite.as_str()) {
                         std::env::current_exe()

@@ -1,5 +1,6 @@
 //! Debian 12 i386 with systemd from a virtio disk (scripts/make-debian-image.sh
-//! builds target/debian/{vmlinuz,initrd.img,debian.img}; SKIPPED without it):
+//! builds target/debian/{vmlinuz,initrd.img,debian.img}, .ci/run builds it into
+//! ~/.cache/popek/debian; SKIPPED without it; the sessions write to a copy):
 //! boot to `login:`, log in as root, `systemctl is-system-running`, write and
 //! sync a file, `poweroff`; boot again and find the file.
 
@@ -9,21 +10,37 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+use monitor::bench::distro;
 use monitor::devices::virtio::blk::DiskSpec;
 use monitor::run::{run, RunOptions};
 
-fn image_dir() -> Option<PathBuf> {
-    let d = std::env::var_os("POPEK_DEBIAN_IMAGE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debian"));
-    if ["vmlinuz", "initrd.img", "debian.img"].iter().all(|f| d.join(f).exists()) {
-        Some(d)
-    } else {
-        eprintln!(
-            "SKIPPED: no Debian image in {} (run scripts/make-debian-image.sh; needs a Debian mirror)",
-            d.display()
-        );
-        None
+/// The image (`$POPEK_DEBIAN_IMAGE`, else target/debian, else the cache
+/// `.ci/run` fills, `~/.cache/popek/debian`), its disk copied to a scratch
+/// file the sessions write to (the image itself stays as built).
+fn image_dir() -> Option<(PathBuf, ScratchDir)> {
+    let dirs = distro::image_dirs(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debian"));
+    let image = match distro::find_image(&dirs) {
+        Ok(i) => i,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    };
+    let scratch = ScratchDir(std::env::temp_dir().join(format!("popek-debian-boot-{}", std::process::id())));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    for (name, from) in [("vmlinuz", &image.kernel), ("initrd.img", &image.initrd)] {
+        std::os::unix::fs::symlink(std::fs::canonicalize(from).unwrap(), scratch.0.join(name)).unwrap();
+    }
+    distro::copy_sparse(&image.disk, &scratch.0.join("debian.img")).unwrap();
+    Some((scratch.0.clone(), scratch))
+}
+
+/// Removes the scratch directory when dropped.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -110,7 +127,7 @@ fn session(dir: &std::path::Path, commands: &str) -> (String, Duration) {
 
 #[test]
 fn debian_boots_to_login_runs_systemd_and_keeps_a_synced_file() {
-    let Some(dir) = image_dir() else { return };
+    let Some((dir, _scratch)) = image_dir() else { return };
     let stamp = format!("{}", std::process::id());
     let (log, to_login) = session(
         &dir,

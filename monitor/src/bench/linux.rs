@@ -26,6 +26,9 @@
 //! A skipped peer prints `linux: <peer> skipped: <reason>` and gets one
 //! [`Row::skipped`] per figure (JSON `value: null, skipped: <reason>`).
 //!
+//! The boot machinery here (`boot`, `boot_jailed`, `boot_qemu`,
+//! `run_native_command`, [`TimedLines`]) also serves the workloads suite.
+//!
 //! Inputs: `POPEK_KERNEL`, `POPEK_BUSYBOX`, `POPEK_NB32`, by default
 //! `../shared/guests/linux-686/{vmlinuz,busybox}` and
 //! `../shared/guests/bench/nb32` relative to the current directory.
@@ -74,22 +77,29 @@ impl Inputs {
     /// Resolves `POPEK_KERNEL`, `POPEK_BUSYBOX`, `POPEK_NB32` (defaults
     /// under `../shared/guests`) and checks that each file exists.
     pub fn from_env() -> Result<Inputs, BenchError> {
-        let pick = |var: &str, default: &str| -> Result<PathBuf, BenchError> {
-            let (p, from) = match std::env::var_os(var) {
-                Some(v) => (PathBuf::from(v), format!("${var}")),
-                None => (PathBuf::from(default), format!("the default; set {var} to override")),
-            };
-            if p.is_file() {
-                Ok(p)
-            } else {
-                Err(BenchError::Input(format!("{} not found ({from})", p.display())))
-            }
-        };
         Ok(Inputs {
-            kernel: pick("POPEK_KERNEL", "../shared/guests/linux-686/vmlinuz")?,
-            busybox: pick("POPEK_BUSYBOX", "../shared/guests/linux-686/busybox")?,
-            nb32: pick("POPEK_NB32", "../shared/guests/bench/nb32")?,
+            kernel: input_file("POPEK_KERNEL", DEFAULT_KERNEL)?,
+            busybox: input_file("POPEK_BUSYBOX", DEFAULT_BUSYBOX)?,
+            nb32: input_file("POPEK_NB32", "../shared/guests/bench/nb32")?,
         })
+    }
+}
+
+/// The default kernel and busybox, relative to the current directory.
+pub const DEFAULT_KERNEL: &str = "../shared/guests/linux-686/vmlinuz";
+pub const DEFAULT_BUSYBOX: &str = "../shared/guests/linux-686/busybox";
+
+/// The file named by the environment variable `var`, or `default`; an
+/// error naming both when it is not a file.
+pub fn input_file(var: &str, default: &str) -> Result<PathBuf, BenchError> {
+    let (p, from) = match std::env::var_os(var) {
+        Some(v) => (PathBuf::from(v), format!("${var}")),
+        None => (PathBuf::from(default), format!("the default; set {var} to override")),
+    };
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(BenchError::Input(format!("{} not found ({from})", p.display())))
     }
 }
 
@@ -143,7 +153,8 @@ impl TimedLines {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).1.clone()
     }
 
-    fn tail(&self, n: usize) -> String {
+    /// The last `n` complete lines, for error messages.
+    pub fn tail(&self, n: usize) -> String {
         let l = self.lines();
         l[l.len().saturating_sub(n)..].iter().map(|(_, s)| s.as_str()).collect::<Vec<_>>().join("\n")
     }
@@ -205,7 +216,7 @@ pub fn figure_names() -> Vec<(&'static str, &'static str)> {
 }
 
 /// Removes a temporary file when dropped.
-struct TempFile(PathBuf);
+pub struct TempFile(pub PathBuf);
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -221,7 +232,7 @@ impl Drop for TempFile {
 /// lines and the VM's counters.
 pub fn boot(
     kind: BackendKind,
-    inputs: &Inputs,
+    kernel: &Path,
     initrd_path: &Path,
     timeout: Duration,
 ) -> Result<(TimedLines, Vec<(String, u64)>), BenchError> {
@@ -230,7 +241,7 @@ pub fn boot(
         BackendKind::Kvm => "kvm",
     };
     let opts = RunOptions {
-        kernel: Some(inputs.kernel.clone()),
+        kernel: Some(kernel.to_owned()),
         initrd: Some(initrd_path.to_owned()),
         append: Some(CMDLINE.to_owned()),
         mem: RAM,
@@ -274,13 +285,13 @@ pub fn boot(
 pub fn boot_jailed(
     exe: &Path,
     backend: &str,
-    inputs: &Inputs,
+    kernel: &Path,
     initrd_path: &Path,
     timeout: Duration,
 ) -> Result<(TimedLines, Vec<(String, u64)>), BenchError> {
     let args: Vec<String> = [
         "--kernel",
-        &inputs.kernel.display().to_string(),
+        &kernel.display().to_string(),
         "--initrd",
         &initrd_path.display().to_string(),
         "--append",
@@ -397,29 +408,37 @@ pub fn kvm_probe(kernel: &Path) -> Option<String> {
 
 /// Runs nb32 on the host, its stdout lines timed on a pipe.
 pub fn run_native(nb32: &Path, scale: f64) -> Result<TimedLines, BenchError> {
+    let mut cmd = Command::new(nb32);
+    cmd.arg(scale.to_string());
+    run_native_command(cmd, "nb32")
+}
+
+/// Runs `cmd` (a static i386 program, or one that runs them) on the host,
+/// its stdout lines timed on a pipe from just before it starts; `what`
+/// names it in errors. Refuses from a seccomp-filtered thread (one that ran
+/// a vCPU): the program's i386 system calls would die of SIGSYS there.
+pub fn run_native_command(mut cmd: Command, what: &str) -> Result<TimedLines, BenchError> {
     let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
     if status.lines().any(|l| l.starts_with("Seccomp:") && l.trim_end() != "Seccomp:\t0") {
-        return Err(fail(
-            "this thread runs under a seccomp filter (it ran a vCPU?); a native i386 nb32 started from it would die of SIGSYS"
-                .into(),
-        ));
+        return Err(fail(format!(
+            "this thread runs under a seccomp filter (it ran a vCPU?); a native i386 {what} started from it would die of SIGSYS"
+        )));
     }
     let lines = TimedLines::default();
     let start = Instant::now();
-    let mut child = Command::new(nb32)
-        .arg(scale.to_string())
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| fail(format!("cannot run {} natively (a static i386 binary): {e}", nb32.display())))?;
+        .map_err(|e| fail(format!("cannot run {what} natively (a static i386 binary): {e}")))?;
     let out = child.stdout.take().expect("piped stdout");
     for l in BufReader::new(out).lines() {
-        let l = l.map_err(|e| fail(format!("reading nb32's output: {e}")))?;
+        let l = l.map_err(|e| fail(format!("reading {what}'s output: {e}")))?;
         lines.push_line(start.elapsed().as_secs_f64(), l);
     }
-    let st = child.wait().map_err(|e| fail(format!("waiting for nb32: {e}")))?;
+    let st = child.wait().map_err(|e| fail(format!("waiting for {what}: {e}")))?;
     if !st.success() {
-        return Err(fail(format!("native nb32 failed ({st}):\n{}", lines.tail(10))));
+        return Err(fail(format!("native {what} failed ({st}):\n{}", lines.tail(10))));
     }
     Ok(lines)
 }
@@ -430,10 +449,13 @@ pub fn find_qemu() -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join("qemu-system-i386")).find(|p| p.is_file())
 }
 
+/// The line nb32 prints last.
+pub const NB_DONE: &str = "NB done";
+
 /// Boots the same kernel and initramfs under QEMU TCG, its serial console
-/// on a pipe, timed the same way. Stops QEMU once nb32 is done and the
-/// guest has had a few seconds to power off.
-pub fn boot_qemu(qemu: &Path, kernel: &Path, initrd_path: &Path) -> Result<TimedLines, BenchError> {
+/// on a pipe, timed the same way. Stops QEMU once the guest printed the
+/// line `done` (trimmed) and has had a few seconds to power off.
+pub fn boot_qemu(qemu: &Path, kernel: &Path, initrd_path: &Path, done: &str) -> Result<TimedLines, BenchError> {
     let lines = TimedLines::default();
     let start = Instant::now();
     let mut child = Command::new(qemu)
@@ -462,7 +484,7 @@ pub fn boot_qemu(qemu: &Path, kernel: &Path, initrd_path: &Path) -> Result<Timed
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok((t, l)) => {
-                if l.trim() == "NB done" {
+                if l.trim() == done {
                     done_at = Some(Instant::now());
                 }
                 lines.push_line(t, l);
@@ -483,7 +505,7 @@ pub fn boot_qemu(qemu: &Path, kernel: &Path, initrd_path: &Path) -> Result<Timed
         if let Some(mut e) = child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut err);
         }
-        return Err(fail(format!("QEMU ended ({st}) before nb32 was done: {err}\n{}", lines.tail(20))));
+        return Err(fail(format!("QEMU ended ({st}) before the guest printed {done:?}: {err}\n{}", lines.tail(20))));
     }
     Ok(lines)
 }
@@ -491,7 +513,7 @@ pub fn boot_qemu(qemu: &Path, kernel: &Path, initrd_path: &Path) -> Result<Timed
 /// The peers of a default run, in order (native always runs too).
 pub const DEFAULT_BACKENDS: [&str; 3] = ["bt", "kvm", "qemu"];
 /// How long one boot (bt, kvm or QEMU) may take before it is given up.
-const BOOT_TIMEOUT: Duration = QEMU_TIMEOUT;
+pub const BOOT_TIMEOUT: Duration = QEMU_TIMEOUT;
 
 /// What `popek bench --suite linux` was asked for.
 #[derive(Clone, Debug)]
@@ -517,9 +539,15 @@ pub use super::Report;
 
 /// Checks a `--backends` list: every name one of bt, kvm, qemu.
 pub fn check_backends(backends: &[String]) -> Result<(), BenchError> {
+    check_backends_of("linux", backends)
+}
+
+/// [`check_backends`] for `suite` (the suites that boot Linux on bt, kvm
+/// and qemu and always run native).
+pub fn check_backends_of(suite: &'static str, backends: &[String]) -> Result<(), BenchError> {
     match backends.iter().find(|b| !DEFAULT_BACKENDS.contains(&b.as_str())) {
         Some(b) => Err(BenchError::UnknownBackend {
-            suite: "linux",
+            suite,
             backend: b.clone(),
             known: "bt, kvm, qemu; native always runs".into(),
         }),
@@ -588,12 +616,12 @@ pub fn run_report(inputs: &Inputs, opts: &Options) -> Result<Report, BenchError>
             }
         };
         let lines = match b.as_str() {
-            "qemu" => boot_qemu(&find_qemu().expect("checked above"), &inputs.kernel, &path)?,
+            "qemu" => boot_qemu(&find_qemu().expect("checked above"), &inputs.kernel, &path, NB_DONE)?,
             peer => {
                 let kind = if peer == "kvm" { BackendKind::Kvm } else { BackendKind::Bt };
                 let (lines, stats) = match &opts.popek {
-                    Some(exe) => boot_jailed(exe, peer, inputs, &path, BOOT_TIMEOUT)?,
-                    None => boot(kind, inputs, &path, BOOT_TIMEOUT)?,
+                    Some(exe) => boot_jailed(exe, peer, &inputs.kernel, &path, BOOT_TIMEOUT)?,
+                    None => boot(kind, &inputs.kernel, &path, BOOT_TIMEOUT)?,
                 };
                 let interesting = [
                     "bt/time_",

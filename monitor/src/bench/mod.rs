@@ -6,12 +6,14 @@
 //! `skipped` field giving the reason.
 
 pub mod bt;
+pub mod distro;
 pub mod host;
 pub mod linux;
 pub mod mmu;
 pub mod nano;
 pub mod replay;
 pub mod worker;
+pub mod workloads;
 
 use std::fmt::Write as _;
 
@@ -28,7 +30,7 @@ pub enum BenchError {
     UnexpectedExit(String),
     #[error("a benchmark input is missing: {0}")]
     Input(String),
-    #[error("unknown suite {0:?} (known: host, bt, mmu, linux, nano)")]
+    #[error("unknown suite {0:?} (known: host, bt, mmu, linux, nano, replay, workloads, distro)")]
     UnknownSuite(String),
     #[error("unknown backend {backend:?} for suite {suite} (known: {known})")]
     UnknownBackend { suite: &'static str, backend: String, known: String },
@@ -45,6 +47,8 @@ pub fn run_suite(name: &str, quick: bool) -> Result<Vec<Row>, BenchError> {
         "linux" => linux::run(quick),
         "nano" => nano::run(quick),
         "replay" => replay::run(quick),
+        "workloads" => workloads::run(quick),
+        "distro" => distro::run(quick),
         other => Err(BenchError::UnknownSuite(other.into())),
     }
 }
@@ -140,12 +144,12 @@ pub fn to_json(rows: &[Row]) -> String {
 /// The rows as an aligned text table; a skipped figure reads `skipped [n]`,
 /// and note `[n]` under the table gives the reason.
 pub fn to_table(rows: &[Row]) -> String {
-    let mut o = format!("{:<8} {:<24} {:<8} {:>14} {}\n", "suite", "name", "backend", "value", "unit");
+    let mut o = format!("{:<9} {:<24} {:<8} {:>14} {}\n", "suite", "name", "backend", "value", "unit");
     let mut notes: Vec<(&str, &str)> = Vec::new();
     for r in rows {
         match &r.skipped {
             None => {
-                let _ = writeln!(o, "{:<8} {:<24} {:<8} {:>14.3} {}", r.suite, r.name, r.backend, r.value, r.unit);
+                let _ = writeln!(o, "{:<9} {:<24} {:<8} {:>14.3} {}", r.suite, r.name, r.backend, r.value, r.unit);
             }
             Some(why) => {
                 let n = match notes.iter().position(|&(b, w)| b == r.backend && w == why) {
@@ -156,7 +160,7 @@ pub fn to_table(rows: &[Row]) -> String {
                     }
                 };
                 let cell = format!("skipped [{n}]");
-                let _ = writeln!(o, "{:<8} {:<24} {:<8} {:>14} {}", r.suite, r.name, r.backend, cell, r.unit);
+                let _ = writeln!(o, "{:<9} {:<24} {:<8} {:>14} {}", r.suite, r.name, r.backend, cell, r.unit);
             }
         }
     }
