@@ -303,7 +303,7 @@ impl Engine {
             }
         };
         let b = self.blocks[id as usize].as_ref()?;
-        (tc_eip >= b.tc_start && tc_eip < b.tc_start + b.tc_len).then_some(b)
+        (tc_eip.wrapping_sub(b.tc_start) < b.tc_len).then_some(b)
     }
 
     /// The callout site `id` (from `VcpuPage.callout_id`).
@@ -578,7 +578,11 @@ impl Engine {
     /// for the next free TC offset; false when it does not fit.
     fn emit_at_next(&self, key: &BlockKey, s: &mut Scratch) -> Result<bool, EngineError> {
         self.emit_at(self.tc_next, key, s)?;
-        Ok(u64::from(self.tc_next) + s.emitted.code.len() as u64 <= u64::from(self.tc_end))
+        // Strictly below the end: the TC ends at 2^32 with the default VMM
+        // base, and a block ending exactly there had `tc_start + tc_len`
+        // wrap to 0, so no address of it was found (a kick landing in it
+        // stopped the VM with "no translation covers TC address").
+        Ok(u64::from(self.tc_next) + (s.emitted.code.len() as u64) < u64::from(self.tc_end))
     }
 
     /// Emits `key`'s block into `s.emitted` for TC offset `at`.

@@ -669,3 +669,35 @@ fn div_checks_its_divisor_without_touching_flags_and_calls_out_on_zero() {
     // The GS operand is left to the host trap (it would need the GS rewrite).
     assert_eq!(b.insns[2].disposition, engine::mangle::Disposition::Rewritten);
 }
+
+#[test]
+fn every_block_of_a_full_tc_is_found_at_its_last_byte() {
+    // The default VMM area ends at 2^32: the TC's last block must not wrap
+    // (`tc_start + tc_len` overflowing once made such a block invisible to
+    // `block_at`, and a kick landing in it stopped the VM).
+    let mut e = engine();
+    let first = BlockKey::flat32(BASE);
+    let mut highest = 0;
+    for n in 0u32.. {
+        // Distinct blocks of varying length: k NOPs, then ret.
+        let eip = BASE + n * 0x40;
+        let k = (n % 37) as usize;
+        let code = asm32(eip, |a| {
+            for _ in 0..k {
+                a.nop().unwrap();
+            }
+            a.ret().unwrap();
+        });
+        let key = BlockKey::flat32(eip);
+        e.translate(key, &mut Mem::new(eip, &code)).unwrap();
+        if n > 0 && e.block(&first).is_none() {
+            break; // the TC flushed: it was full
+        }
+        let b = e.block(&key).unwrap();
+        assert!(b.tc_start.checked_add(b.tc_len).is_some(), "block at {:#x}+{:#x} wraps", b.tc_start, b.tc_len);
+        let last = b.tc_start + (b.tc_len - 1);
+        assert!(e.block_at(last).is_some(), "block at {:#x}+{:#x} not found at its last byte", b.tc_start, b.tc_len);
+        highest = highest.max(last);
+    }
+    assert!(highest > 0xFFF0_0000, "the TC filled up to its end ({highest:#x})");
+}
