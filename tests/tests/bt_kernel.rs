@@ -469,3 +469,30 @@ fn port_io_in_place_matches_port_io_through_the_run_loop() {
     let stats = k.bt.stats();
     assert!(stats.iter().any(|(n, v)| n == "bt/exits/io_in_place" && *v >= 7), "{stats:?}");
 }
+
+#[test]
+fn callouts_keep_every_arithmetic_flag_and_df() {
+    // For each pattern: load it into EFLAGS (inline POPFD), make a callout
+    // (MOV from CR0: resumed from the exit path), read EFLAGS back (inline
+    // PUSHFD) and OUT it to port 0x80.
+    const PATTERNS: [u32; 8] = [0x000, 0x8D5, 0x800, 0x001, 0x044, 0x490, 0xCD5, 0x400];
+    let mut k = Kernel::new(|a| {
+        for p in PATTERNS {
+            a.push(p | 0x202)?;
+            a.popfd()?;
+            a.mov(ebx, cr0)?;
+            a.pushfd()?;
+            a.pop(eax)?;
+            a.cld()?;
+            a.out(0x80, eax)?;
+        }
+        a.mov(eax, 1)?;
+        a.out(0xF4, eax)?;
+        a.hlt()?;
+        Ok(())
+    });
+    assert_eq!(k.run(), 1);
+    const MASK: u32 = 0x8D5 | 0x400;
+    let seen: Vec<u32> = k.outs.iter().filter(|(p, _)| *p == 0x80).map(|(_, v)| v & MASK).collect();
+    assert_eq!(seen, PATTERNS.to_vec(), "flags across a callout");
+}

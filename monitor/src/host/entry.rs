@@ -37,6 +37,10 @@ pub const EXIT_ABORTED: u32 = 3;
 /// A signal other than a kick arrived while entering (bad selector, no
 /// compatibility mode): the guest did not run.
 pub const EXIT_ENTRY_FAULT: u32 = 4;
+/// EFLAGS bits besides the arithmetic ones that guest-mode code can hold:
+/// TF, DF, NT, AC, ID. Monitor code runs with them clear.
+const SPECIAL_FLAGS: u32 = 0x100 | 0x400 | 0x4000 | 0x4_0000 | 0x20_0000;
+
 /// The callout hook handled the last callout and asked for the run loop.
 pub const EXIT_HOOKED: u32 = 5;
 
@@ -383,9 +387,10 @@ global_asm!(
     "pushfq",
     "pop rax",
     "mov [rip + {f} + {eflags}], eax",
-    // Guest AC, DF or TF must not leak into monitor code (POPFQ only when
-    // one is set: it is the slowest instruction here).
-    "test eax, {monitor_unsafe_flags}",
+    // Guest AC, DF, TF, NT or ID must not leak into monitor code (POPFQ
+    // only when one is set: it is the slowest instruction here). After
+    // this, those flags are clear, which the hooked resume relies on.
+    "test eax, {special_flags}",
     "jz 4f",
     "push 0x202",
     "popfq",
@@ -470,9 +475,24 @@ global_asm!(
     "mov [rip + {f} + {resume_far}], eax",
     "mov ax, [rip + {f} + {cs}]",
     "mov [rip + {f} + {resume_far} + 4], ax",
+    // EFLAGS: POPFQ only when the guest has one of the special flags set;
+    // else OF by an 8-bit add (1 + 0x7f overflows, 0 + 0x7f does not) and
+    // SF, ZF, AF, PF, CF by SAHF (the special flags are clear here, see
+    // the exit path).
     "mov eax, [rip + {f} + {eflags}]",
+    "test eax, {special_flags}",
+    "jz 6f",
     "push rax",
     "popfq",
+    "jmp 7f",
+    "6:",
+    "mov ecx, eax",
+    "shr ecx, 11",
+    "and ecx, 1",
+    "add cl, 0x7f",
+    "mov ah, al",
+    "sahf",
+    "7:",
     "mov ecx, [rip + {f} + {ecx}]",
     "mov edx, [rip + {f} + {edx}]",
     "mov ebx, [rip + {f} + {ebx}]",
@@ -572,7 +592,7 @@ global_asm!(
     hook_xmm = const offset_of!(Frame, hook_xmm),
     hook_mxcsr = const offset_of!(Frame, hook_mxcsr),
     hook_fsbase = const offset_of!(Frame, hook_fsbase),
-    monitor_unsafe_flags = const 0x4_0500,
+    special_flags = const SPECIAL_FLAGS,
     seg_dirty = const offset_of!(Frame, seg_dirty),
     resume_far = const offset_of!(Frame, resume_far),
 );

@@ -46,6 +46,8 @@ pub enum HostError {
     NoFsGsBase,
     #[error("this CPU/kernel lacks XSAVE, needed to keep guest FPU/SSE state apart from the monitor's")]
     NoXsave,
+    #[error("this CPU lacks LAHF/SAHF in 64-bit mode (CPUID 0x80000001 ECX bit 0), which the callout path uses")]
+    NoLahfSahf,
     #[error("the XSAVE area of this CPU ({0} bytes) is larger than Popek supports")]
     XsaveTooLarge(u32),
     #[error(

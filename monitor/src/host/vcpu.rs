@@ -218,6 +218,10 @@ fn check_host() -> Result<(), HostError> {
     if size as usize > XSAVE_AREA_SIZE {
         return Err(HostError::XsaveTooLarge(size));
     }
+    // The hooked resume restores flags with SAHF in 64-bit mode.
+    if std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 == 0 {
+        return Err(HostError::NoLahfSahf);
+    }
     Ok(())
 }
 
