@@ -465,3 +465,52 @@ fn bench_suites_run_their_vms_jailed() {
         assert!(rows.contains(&format!("\"name\":\"{row}\"")) && rows.contains("\"backend\":\"bt\""), "{rows}");
     }
 }
+
+#[test]
+fn translated_user_code_cannot_give_itself_iopl_3_through_the_vcpu_page() {
+    // User code's segments reach the VMM area (as direct user code's do):
+    // a process writes IOPL 3 into the vCPU page around a system call, then
+    // runs CLI. The monitor must not believe the page for CPL 3 code: CLI
+    // faults and Linux kills the process with SIGSEGV (status 139).
+    let Some((kernel, busybox)) = shared_guests() else { return };
+    let viopl = engine::vmm_area::DEFAULT_BASE + engine::vmm_area::vcpu::VIOPL;
+    let prog = i386_program(|entry| {
+        asm(32, entry, |a| {
+            a.mov(dword_ptr(viopl), 0x3000u32)?;
+            a.mov(eax, 20u32)?; // getpid
+            a.int(0x80)?;
+            a.mov(dword_ptr(viopl), 0x3000u32)?;
+            a.cli()?;
+            a.mov(ebx, 0u32)?;
+            a.mov(eax, 1u32)?; // exit(0)
+            a.int(0x80)
+        })
+    });
+    let prog_path = scratch("viopl-i386");
+    std::fs::write(&prog_path, prog).unwrap();
+    std::fs::set_permissions(&prog_path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let script = "#!/bin/sh\n/viopl\necho viopl: returned $?\npoweroff -f\n";
+    let initrd = monitor::loader::initramfs::busybox_initramfs(&busybox, script, &[("viopl".into(), prog_path)])
+        .expect("initramfs");
+    let initrd_path = scratch("viopl.cpio.gz");
+    std::fs::write(&initrd_path, initrd).unwrap();
+    for mode in ["translated", "adaptive", "direct"] {
+        let o = popek(
+            &[
+                "run",
+                "--kernel",
+                kernel.to_str().unwrap(),
+                "--initrd",
+                initrd_path.to_str().unwrap(),
+                "--append",
+                "console=ttyS0 quiet panic=-1",
+                "--no-input",
+                "--user-exec",
+                mode,
+            ],
+            Duration::from_secs(240),
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("viopl: returned 139"), "--user-exec {mode}: CLI must fault:\n{}", text(&o));
+    }
+}

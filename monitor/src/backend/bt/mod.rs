@@ -602,9 +602,15 @@ impl BtBackend {
     /// instruction count as the TC left them, then the exit's meaning.
     fn after_translated(&mut self, exit: Exit) -> Step {
         let host_eip = self.save_host_regs();
-        let vif = self.alias.read_u32(page::VIF) & flags::IF;
-        let viopl = self.alias.read_u32(page::VIOPL) & flags::IOPL;
-        self.cpu.eflags = (self.cpu.eflags & !(flags::IF | flags::IOPL)) | vif | viopl;
+        // Only kernel translations keep IF and IOPL in the vCPU page (inline
+        // CLI/STI/POPF are CPL 0 sequences). User code can write that page
+        // (its segments reach the VMM area, as direct user code's do): its
+        // copy is not believed, or a user process could give itself IOPL 3.
+        if self.cpu.cpl < 3 {
+            let vif = self.alias.read_u32(page::VIF) & flags::IF;
+            let viopl = self.alias.read_u32(page::VIOPL) & flags::IOPL;
+            self.cpu.eflags = (self.cpu.eflags & !(flags::IF | flags::IOPL)) | vif | viopl;
+        }
         self.counter.settle(self.alias.read_u32(page::BUDGET) as i32);
         self.handle_translated_exit(exit, host_eip)
     }
