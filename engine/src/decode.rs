@@ -171,9 +171,14 @@ pub fn decode_into(
         }
         let instr = dec.decode();
         let len = instr.len();
-        if instr.is_invalid() && pos + MAX_INSN_LEN > avail && !insns.is_empty() {
-            // Possibly cut short by the page end: let the next block (whose
-            // fetch reports the fault precisely) deal with it.
+        if instr.is_invalid() && dec.last_error() == iced_x86::DecoderError::NoMoreBytes {
+            // Cut short by the end of the fetched bytes: the next page could
+            // not be fetched. As the first instruction, that is the fetch
+            // fault the CPU takes on the next page (not #UD: demand-paged
+            // code straddles page ends); else the next block reports it.
+            if insns.is_empty() {
+                return Err(FetchFault { linear: next_page }.into());
+            }
             break BlockEnd::PageEnd;
         }
         let len = if instr.is_invalid() { len.max(1) } else { len };

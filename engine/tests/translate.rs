@@ -701,3 +701,24 @@ fn every_block_of_a_full_tc_is_found_at_its_last_byte() {
     }
     assert!(highest > 0xFFF0_0000, "the TC filled up to its end ({highest:#x})");
 }
+
+#[test]
+fn a_first_instruction_cut_by_an_unfetchable_page_is_that_pages_fetch_fault() {
+    // Mem holds 0x4000 bytes; the last page ends at BASE + 0x4000. A
+    // 5-byte `mov eax, imm32` starting 1 byte before that end must fault on
+    // the next page (demand-paged code straddles page ends), not decode as
+    // an invalid instruction (#UD: systemd died of it once).
+    let mut mem = Mem::new(BASE, &[]);
+    let at = BASE + 0x4000 - 1;
+    mem.at(at, &[0xB8]);
+    let mut e = engine();
+    match e.translate(BlockKey::flat32(at), &mut mem) {
+        Err(EngineError::Fetch(f)) => assert_eq!(f.linear, BASE + 0x4000),
+        other => panic!("expected the next page's fetch fault, got {other:?}"),
+    }
+    // In the middle of a block, the block ends before it instead.
+    let at = BASE + 0x4000 - 2;
+    mem.at(at, &[0x90, 0xB8]);
+    e.translate(BlockKey::flat32(at), &mut mem).unwrap();
+    assert_eq!(e.block(&BlockKey::flat32(at)).unwrap().insns.len(), 1, "the nop only");
+}
