@@ -79,7 +79,9 @@ impl Params {
 pub fn commands(p: &Params) -> [(&'static str, String); 7] {
     [
         ("seq", format!("seq 1 {} > file", p.seq_n)),
-        ("gzip", "gzip -c file > file.gz".into()),
+        // Through busybox itself: an applet link more in the shared
+        // initramfs would change the recorded traces' initrd.
+        ("gzip", "$R/bin/busybox gzip -c file > file.gz".into()),
         ("sort", "sort -r file > sorted".into()),
         ("md5sum", "md5sum file > /dev/null".into()),
         ("fork_exec", format!("i=0; while [ $i -lt {} ]; do $R/bin/true; i=$((i+1)); done", p.forks)),

@@ -47,8 +47,7 @@ pub const BUSYBOX_APPLETS: &[&str] = &[
     "mkdir", "rmdir", "rm", "cp", "mv", "ln", "ps", "kill", "dmesg", "sleep", "grep", "sed", "awk", "vi", "head",
     "tail", "wc", "date", "df", "free", "top", "env", "sync", "mknod", "chmod", "chown", "hostname", "stty", "tty",
     "id", "seq", "dd", "find", "test", "[", "printf", "hexdump", "md5sum", "sha256sum", "time", "uptime", "which",
-    "basename", "dirname", "readlink", "stat", "touch", "xargs", "tr", "cut", "sort", "uniq", "clear", "more", "gzip",
-    "gunzip", "zcat",
+    "basename", "dirname", "readlink", "stat", "touch", "xargs", "tr", "cut", "sort", "uniq", "clear", "more",
 ];
 
 /// A `/init` for [`busybox_initramfs`]: mounts /proc, /sys and devtmpfs,
