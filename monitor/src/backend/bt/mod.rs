@@ -155,6 +155,8 @@ pub struct BtBackend {
     interrupted: bool,
     /// The machine's ports during `run_with_ports` (see [`PortsRef`]).
     ports: Option<PortsRef>,
+    /// `Engine::blocks_translated` at the last look (user-exec policy).
+    user_blocks_seen: u64,
 }
 
 /// The machine's ports, lent for one `run_with_ports` call: a pointer with
@@ -227,6 +229,7 @@ impl BtBackend {
             resume_at: None,
             interrupted: false,
             ports: None,
+            user_blocks_seen: 0,
             user_exec: user_exec::Policy::new(
                 config.user_exec,
                 if config.user_exec == user_exec::UserExec::Adaptive { stats::tsc_per_us() } else { 1.0 },
@@ -622,6 +625,15 @@ impl BtBackend {
 
     /// Write-protects newly translated code pages and logs the block.
     fn after_translation(&mut self, key: &BlockKey) {
+        // Translations of user code count against translating that address
+        // space (the user-exec policy): a process that keeps needing new
+        // blocks (fork/exec churn, its blocks dropped at every switch) is
+        // better off direct.
+        let translated = self.engine.blocks_translated();
+        if key.cpl == 3 && translated != self.user_blocks_seen {
+            self.user_exec.user_translations(self.cpu.cr3, translated - self.user_blocks_seen);
+        }
+        self.user_blocks_seen = translated;
         let pages = self.engine.take_new_code_pages();
         if !pages.is_empty() {
             let (mmu, _, mut mapper) = self.guest.paging();

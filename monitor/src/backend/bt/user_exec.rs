@@ -38,6 +38,10 @@ struct Space {
     /// Events in the current window and their total user cycles.
     events: u32,
     cycles: u64,
+    /// Blocks translated for this space in the current window.
+    translations: u64,
+    /// Windows to stay direct after translation churn sent it back.
+    penalty: u32,
 }
 
 /// What the policy did, for `--stats`.
@@ -78,6 +82,12 @@ impl Policy {
     /// more than this runs directly again: the TC's overhead on such
     /// stretches outweighs the trap it saves.
     pub const TO_DIRECT_US: f64 = 150.0;
+    /// Translated code that needs a new block more often than once per
+    /// this many kernel entries goes back to direct...
+    const CHURN: u64 = 4;
+    /// ... and stays direct for this many windows (fork/exec churn: each
+    /// switch to another process drops the user blocks the space had).
+    const CHURN_PENALTY: u32 = 8;
     /// At most this many address spaces remembered (a fork storm must not
     /// grow the map without bound); forgotten ones start direct again.
     const MAX_SPACES: usize = 4096;
@@ -103,6 +113,15 @@ impl Policy {
                     t
                 }
             },
+        }
+    }
+
+    /// `n` blocks of `cr3`'s user code were translated.
+    pub fn user_translations(&mut self, cr3: u32, n: u64) {
+        if self.mode == UserExec::Adaptive {
+            if let Some(s) = self.spaces.get_mut(&cr3) {
+                s.translations += n;
+            }
         }
     }
 
@@ -171,19 +190,27 @@ impl Policy {
         s.events += u32::from(entry);
         s.cycles = s.cycles.saturating_add(cycles);
         let window = f64::from(Self::WINDOW);
+        // Translation churn: more than one new block per CHURN entries.
+        let churn = translated && s.translations * Self::CHURN > u64::from(s.events.max(1));
         let switch = if translated && s.cycles as f64 > window * to_direct {
             true
         } else if s.events >= Self::WINDOW {
             let avg = s.cycles as f64 / f64::from(s.events);
             if translated {
-                avg > to_direct
+                avg > to_direct || churn
+            } else if s.penalty > 0 {
+                s.penalty -= 1;
+                false
             } else {
                 avg < to_translated
             }
         } else {
             return;
         };
-        (s.events, s.cycles) = (0, 0);
+        if switch && churn {
+            s.penalty = Self::CHURN_PENALTY;
+        }
+        (s.events, s.cycles, s.translations) = (0, 0, 0);
         if switch {
             s.translated = !translated;
             self.last = None;
@@ -307,6 +334,34 @@ mod tests {
             assert!(n < Policy::WINDOW, "stayed translated for a whole window of interrupts");
         }
         assert_eq!(p.stats.translated_stretches, 0);
+    }
+
+    #[test]
+    fn translation_churn_sends_a_space_back_to_direct_for_a_while() {
+        let mut p = adaptive();
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(5, 1);
+        }
+        assert!(p.translated(5));
+        // Short stretches (translated pays off by time) but a new block
+        // every entry: back to direct.
+        let mut now = 0;
+        for _ in 0..Policy::WINDOW {
+            p.user_translations(5, 1);
+            p.stretch_begins(5, now);
+            now += 5;
+            p.stretch_ends(now, true);
+        }
+        assert!(!p.translated(5), "churn sent it back");
+        // Dense entries again: it stays direct for the penalty's windows.
+        for _ in 0..Policy::CHURN_PENALTY * Policy::WINDOW {
+            p.direct_entry(5, 1);
+            assert!(!p.translated(5), "penalty served");
+        }
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(5, 1);
+        }
+        assert!(p.translated(5), "translated again after the penalty");
     }
 
     #[test]
