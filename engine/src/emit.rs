@@ -23,7 +23,7 @@ use crate::classify::LoopKind;
 use crate::decode::DecodedBlock;
 use crate::mangle::{MangledBlock, Op};
 use crate::recover::RecoveryEntry;
-use crate::vmm_area::{vcpu, SCRATCH_ECX};
+use crate::vmm_area::{vcpu, SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX, SCRATCH_EDX, SCRATCH_FLAGS, SEG_CACHE};
 use dynasmrt::x86::X86Relocation;
 use dynasmrt::{dynasm, DynasmApi, VecAssembler};
 use iced_x86::Instruction;
@@ -43,6 +43,18 @@ const POLL: i32 = vcpu::POLL as i32;
 const BUDGET: i32 = vcpu::BUDGET as i32;
 const IRQ_PENDING: i32 = vcpu::IRQ_PENDING as i32;
 const HITS: i32 = vcpu::INDIRECT_HITS as i32;
+const GDT_LIVE: i32 = vcpu::GDT_LIVE as i32;
+const GDT_LIVE_END: i32 = vcpu::GDT_LIVE_END as i32;
+const SEG_LOADED: i32 = vcpu::SEG_LOADED as i32;
+const GUEST_SEL: i32 = vcpu::GUEST_SEL as i32;
+const GUEST_GS_SEL: i32 = vcpu::GUEST_GS_SEL as i32;
+const SPILL_EAX: i32 = vcpu::scratch(SCRATCH_EAX) as i32;
+const SPILL_EDX: i32 = vcpu::scratch(SCRATCH_EDX) as i32;
+const SPILL_EBX: i32 = vcpu::scratch(SCRATCH_EBX) as i32;
+const SPILL_FLAGS: i32 = vcpu::scratch(SCRATCH_FLAGS) as i32;
+const SEG_DESC: i32 = SEG_CACHE as i32;
+const SEG_RPL_OK: i32 = SEG_CACHE as i32 + 8;
+const SEG_VERW_OK: i32 = SEG_CACHE as i32 + 12;
 const IF_MASK: i32 = 0x200;
 const IOPL_MASK: i32 = 0x3000;
 
@@ -137,6 +149,10 @@ impl Default for Emitted {
 /// End offset of a rel8 jump whose displacement is patched by `bind`.
 #[must_use]
 struct ShortFixup(u32);
+
+/// End offset of a rel32 jump whose displacement is patched by `bind_near`.
+#[must_use]
+struct NearFixup(u32);
 
 /// rel8 opcodes (32-bit address size: ECX).
 const JECXZ: u8 = 0xE3;
@@ -297,10 +313,24 @@ impl Emitter {
 
     fn bind(&mut self, f: ShortFixup) {
         let rel = self.off() - f.0;
-        debug_assert!(rel < 0x80, "short jump out of range");
+        assert!(rel < 0x80, "short jump out of range");
         let mut alter = self.asm.alter();
         alter.goto(dynasmrt::AssemblyOffset(f.0 as usize - 1));
         alter.push(rel as u8);
+    }
+
+    /// A near Jcc (condition nibble `cc`) to a later point
+    /// ([`Emitter::bind_near`]).
+    fn near_jcc(&mut self, cc: u8) -> NearFixup {
+        self.asm.extend([0x0F, 0x80 | cc, 0, 0, 0, 0]);
+        NearFixup(self.off())
+    }
+
+    fn bind_near(&mut self, f: NearFixup) {
+        let rel = self.off() - f.0;
+        let mut alter = self.asm.alter();
+        alter.goto(dynasmrt::AssemblyOffset(f.0 as usize - 4));
+        alter.extend(rel.to_le_bytes());
     }
 
     fn rel32_to(&mut self, opcode: &[u8], abs: u32) {
@@ -455,21 +485,21 @@ impl Emitter {
                 self.exit_jump(&[0xE9], *target, n);
             }
             Op::Ret { op16, imm, ss32 } => self.ret(*op16, *imm, *ss32, eip),
-            Op::IndirectJmp { load, op16 } => {
+            Op::IndirectJmp { load, op16, gs } => {
                 self.at(eip);
                 self.spill_ecx();
                 self.mark(eip, true, false, true);
-                self.asm.extend(load.iter());
+                self.load_target(load, *gs, eip);
                 if *op16 {
                     x86!(self.asm; movzx ecx, cx);
                 }
                 self.dispatch(eip);
             }
-            Op::IndirectCall { load, op16, ret_eip } => {
+            Op::IndirectCall { load, op16, ret_eip, gs } => {
                 self.at(eip);
                 self.spill_ecx();
                 self.mark(eip, true, false, true);
-                self.asm.extend(load.iter());
+                self.load_target(load, *gs, eip);
                 self.push_imm(*ret_eip, *op16);
                 if *op16 {
                     x86!(self.asm; movzx ecx, cx);
@@ -483,6 +513,8 @@ impl Emitter {
                 self.at(next);
             }
             Op::DivCheck { load } => self.div_check(load, eip, next, instr),
+            Op::LoadSeg { sreg, load, pop, kind } => self.load_seg(*sreg, load, *pop, *kind, eip, next, instr),
+            Op::Verw { load } => self.verw(load, eip, next, instr),
             Op::Pushf => self.pushf(eip, next),
             Op::Popf => self.popf(eip, next),
             Op::IrqCheck { check_vif } => {
@@ -512,6 +544,184 @@ impl Emitter {
         self.callout(CalloutKind::DivideError, eip, next, instr, false);
         self.bind(over);
         self.at(eip);
+    }
+
+    /// MOV/POP Sreg through the segment cache (`vmm_area::SEG_CACHE`):
+    ///
+    /// ```text
+    ///       mov [spill], ecx; movzx ecx, <selector>     (the only guest access)
+    ///       save eax, edx, ebx; lahf; seto al; save eax (flags free from here)
+    ///       cmp ecx, 4; jb null                          (edx = 0: host null)
+    ///       cmp ecx, [gdt_live_end]; jae miss           (beyond the cached GDT)
+    ///       test cl, 4; jnz miss                         (LDT selector)
+    ///       edx = ecx & ~7; eax = ecx & 3
+    ///       cmp byte [rpl_ok + edx*2 + eax], 0; je miss  (checks fail at this RPL)
+    ///       ebx = [gdt_live]; compare [ebx + edx] (8 bytes) with [cache + edx*2]
+    ///       jne miss                                     (the GDT changed)
+    ///       edx = ecx | 7 (the host shadow selector)
+    /// null: guest_sel[sreg] = ecx; Sreg = edx; seg_loaded |= bit
+    ///       (pop: lea esp, [esp + n]); restore; jmp done
+    /// miss: restore; callout (the instruction's own)
+    /// done:
+    /// ```
+    ///
+    /// After the selector read nothing can fault (GS-relative reads of the
+    /// monitor's tables, and a shadow slot the monitor wrote), so that
+    /// stretch is marked inexact: a kick there resumes in place.
+    #[allow(clippy::too_many_arguments)]
+    fn load_seg(
+        &mut self,
+        sreg: u8,
+        load: &[u8],
+        pop: u8,
+        kind: CalloutKind,
+        eip: u32,
+        next: u32,
+        instr: &Instruction,
+    ) {
+        let (null, misses) = self.seg_cache_probe(load, SEG_RPL_OK, true, eip);
+        x86!(self.asm
+            ; mov edx, ecx
+            ; or edx, 7
+        );
+        if let Some(null) = null {
+            self.bind(null);
+        }
+        let sel_slot = GUEST_SEL + 4 * i32::from(sreg);
+        let bit = 1i32 << sreg;
+        x86!(self.asm; gs mov DWORD [sel_slot], ecx);
+        if sreg == 5 {
+            // GS stays the VMM's; GS-prefixed guest instructions load this.
+            x86!(self.asm; gs mov WORD [GUEST_GS_SEL], dx);
+        } else {
+            // mov Sreg, edx (8E /r, mod 11, reg = sreg, rm = EDX).
+            self.asm.extend([0x8E, 0xC2 | (sreg << 3)]);
+        }
+        x86!(self.asm; gs or DWORD [SEG_LOADED], bit);
+        if pop != 0 {
+            let n = i32::from(pop);
+            x86!(self.asm; lea esp, [esp + n]);
+        }
+        self.seg_cache_tails(misses, kind, eip, next, instr);
+    }
+
+    /// VERW through the segment cache: the probe of [`Emitter::load_seg`]
+    /// with the VERW bytes of the entry; a hit sets ZF in the saved flags
+    /// (a writable data segment at this RPL), anything else is the callout.
+    fn verw(&mut self, load: &[u8], eip: u32, next: u32, instr: &Instruction) {
+        let (_, misses) = self.seg_cache_probe(load, SEG_VERW_OK, false, eip);
+        x86!(self.asm; gs or BYTE [SPILL_FLAGS + 1], 0x40);
+        self.seg_cache_tails(misses, CalloutKind::Sensitive(crate::classify::Sensitive::Verw), eip, next, instr);
+    }
+
+    /// The common head of the segment-cache sequences: the selector in ECX,
+    /// EAX/EDX/EBX and the flags saved, the entry checked at `ok` (the
+    /// entry's byte per RPL) and against the live GDT. Returns the jump
+    /// taken for a null selector (`null_ok`; else nulls miss) and the
+    /// jumps to the miss path.
+    fn seg_cache_probe(
+        &mut self,
+        load: &[u8],
+        ok: i32,
+        null_ok: bool,
+        eip: u32,
+    ) -> (Option<ShortFixup>, Vec<NearFixup>) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        self.asm.extend(load.iter());
+        self.mark(eip, true, false, false);
+        x86!(self.asm
+            ; gs mov DWORD [SPILL_EAX], eax
+            ; lahf
+            ; seto al
+            ; gs mov DWORD [SPILL_FLAGS], eax
+            ; gs mov DWORD [SPILL_EDX], edx
+            ; gs mov DWORD [SPILL_EBX], ebx
+            ; cmp ecx, 4
+        );
+        let mut misses = Vec::new();
+        let null = if null_ok {
+            // A null selector (exits to user code reload null FS): host null.
+            let not_null = self.short_jump(0x73); // jae
+            x86!(self.asm; xor edx, edx);
+            let null = self.short_jump(0xEB);
+            self.bind(not_null);
+            Some(null)
+        } else {
+            misses.push(self.near_jcc(0x2)); // jb
+            None
+        };
+        // The miss path is further than a rel8 away: near Jcc (0F 8x).
+        x86!(self.asm; gs cmp ecx, DWORD [GDT_LIVE_END]);
+        misses.push(self.near_jcc(0x3)); // jae
+        x86!(self.asm; test cl, 4);
+        misses.push(self.near_jcc(0x5)); // jnz
+        x86!(self.asm
+            ; mov edx, ecx
+            ; and edx, 0xFFF8
+            ; mov eax, ecx
+            ; and eax, 3
+            ; gs cmp BYTE [eax + edx * 2 + ok], 0
+        );
+        misses.push(self.near_jcc(0x4)); // je
+        x86!(self.asm
+            ; gs mov ebx, DWORD [GDT_LIVE]
+            ; gs mov eax, DWORD [ebx + edx]
+            ; gs cmp eax, DWORD [edx * 2 + SEG_DESC]
+        );
+        misses.push(self.near_jcc(0x5)); // jne
+        x86!(self.asm
+            ; gs mov eax, DWORD [ebx + edx + 4]
+            ; gs cmp eax, DWORD [edx * 2 + SEG_DESC + 4]
+        );
+        misses.push(self.near_jcc(0x5)); // jne
+        (null, misses)
+    }
+
+    /// The common tail: restore and go on after a hit; restore and take
+    /// the instruction's callout after a miss.
+    fn seg_cache_tails(&mut self, misses: Vec<NearFixup>, kind: CalloutKind, eip: u32, next: u32, instr: &Instruction) {
+        self.mark(next, true, false, false);
+        self.restore_after_load_seg();
+        self.at(next);
+        let done = self.short_jump(0xEB);
+        for m in misses {
+            self.bind_near(m);
+        }
+        self.mark(eip, true, false, false);
+        self.restore_after_load_seg();
+        self.at(eip);
+        self.callout(kind, eip, next, instr, true);
+        self.bind(done);
+        self.at(next);
+    }
+
+    /// The registers and flags [`Emitter::load_seg`] saved, back.
+    fn restore_after_load_seg(&mut self) {
+        x86!(self.asm
+            ; gs mov ebx, DWORD [SPILL_EBX]
+            ; gs mov edx, DWORD [SPILL_EDX]
+            ; gs mov eax, DWORD [SPILL_FLAGS]
+            ; add al, 0x7f
+            ; sahf
+            ; gs mov eax, DWORD [SPILL_EAX]
+        );
+        self.reload_ecx();
+    }
+
+    /// An indirect branch's target load (ECX spilled), with the guest's GS
+    /// around it when its operand is GS-relative.
+    fn load_target(&mut self, load: &[u8], gs: bool, eip: u32) {
+        if !gs {
+            self.asm.extend(load.iter());
+            return;
+        }
+        load_gs(&mut self.asm, self.ctx.vmm_base + vcpu::GUEST_GS_SEL);
+        self.mark(eip, true, true, true);
+        self.asm.extend(load.iter());
+        load_gs(&mut self.asm, self.ctx.vmm_base + vcpu::VMM_GS_SEL);
+        self.mark(eip, true, false, true);
     }
 
     fn copy(&mut self, bytes: &[u8], gs: bool, eip: u32, next: u32) {

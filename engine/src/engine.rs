@@ -251,6 +251,7 @@ impl Engine {
             ss32: key.ss32(),
             cs32: key.cs32,
             inline_flags: self.config.inline_flags,
+            inline_segments: self.config.inline_segments,
             native_rdtsc: self.config.native_rdtsc && !self.config.count_insns,
             corrupt: self.config.corrupt,
         };

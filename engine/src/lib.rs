@@ -101,6 +101,9 @@ pub struct Config {
     pub count_indirect_hits: bool,
     /// Inline PUSHF/POPF sequences (else callouts).
     pub inline_flags: bool,
+    /// Inline MOV/POP to DS, ES, FS and GS in CPL 0 code through the
+    /// segment cache (else callouts; `vmm_area::SEG_CACHE`).
+    pub inline_segments: bool,
     /// Count retired guest instructions (the deterministic mode): every
     /// block entry charges its instruction count to `VcpuPage.budget` and
     /// exits with a `Poll` callout, before running, when the budget would go
@@ -125,6 +128,7 @@ impl Default for Config {
             tc_size: vmm_area::TC_SIZE,
             count_indirect_hits: false,
             inline_flags: true,
+            inline_segments: true,
             count_insns: false,
             native_rdtsc: false,
             corrupt: None,

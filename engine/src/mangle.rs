@@ -50,10 +50,11 @@ pub enum Op {
     Call { ret_eip: u32, op16: bool, target: u32 },
     /// Near return through the lookup table.
     Ret { op16: bool, imm: u16, ss32: bool },
-    /// Indirect jump: `load` is `mov ecx|cx, <operand>`, then lookup.
-    IndirectJmp { load: InsnBytes, op16: bool },
+    /// Indirect jump: `load` is `mov ecx|cx, <operand>`, then lookup; `gs`:
+    /// the load runs with the guest's GS (the GS-prefix rewrite).
+    IndirectJmp { load: InsnBytes, op16: bool, gs: bool },
     /// Indirect call: load target, push the guest return address, lookup.
-    IndirectCall { load: InsnBytes, op16: bool, ret_eip: u32 },
+    IndirectCall { load: InsnBytes, op16: bool, ret_eip: u32, gs: bool },
     /// Virtual IF := value (CLI 0, STI 0x200).
     SetVif(u32),
     /// PUSHFD with the virtual IF/IOPL merged in.
@@ -69,6 +70,14 @@ pub enum Op {
     /// zero divisor exits with a `DivideError` callout, flag-free (JECXZ),
     /// instead of the host trap the instruction would take.
     DivCheck { load: InsnBytes },
+    /// MOV/POP to DS, ES, FS or GS (`sreg`: 0, 3, 4, 5) through the segment
+    /// cache: `load` is `movzx ecx, <selector>`; a hit loads the host
+    /// shadow selector and, for POP, releases `pop` bytes of stack; a miss
+    /// is the instruction's callout (`kind`).
+    LoadSeg { sreg: u8, load: InsnBytes, pop: u8, kind: CalloutKind },
+    /// VERW through the segment cache (`load` as for `LoadSeg`): Linux's
+    /// MDS mitigation runs one on every return to user mode.
+    Verw { load: InsnBytes },
 }
 
 /// One guest instruction after mangling (the `n`th of the block: its
@@ -123,6 +132,8 @@ pub struct MangleCtx {
     pub cs32: bool,
     /// Inline PUSHF/POPF (else callouts).
     pub inline_flags: bool,
+    /// Inline MOV/POP Sreg through the segment cache (else callouts).
+    pub inline_segments: bool,
     /// RDTSC as itself ([`crate::Config::native_rdtsc`]).
     pub native_rdtsc: bool,
     /// Test-only corruption ([`crate::Config::corrupt`]).
@@ -188,6 +199,68 @@ fn push_segment(insn: &DecodedInsn, ops: &mut Vec<Op>) -> Disposition {
     let disp = (crate::vmm_area::vcpu::GUEST_SEL + 4 * index).to_le_bytes();
     let bytes = InsnBytes::new(&[0x65, 0xFF, 0x35, disp[0], disp[1], disp[2], disp[3]]);
     rewritten(ops, &[Op::Copy { bytes, gs: false }])
+}
+
+/// MOV Sreg, r/m16 or POP Sreg (DS, ES, FS, GS) as an inline load through
+/// the segment cache ([`Op::LoadSeg`]): Linux reloads four of them on every
+/// kernel entry and exit. `None` (a callout) for SS and CS, a GS-relative
+/// operand (it would need the GS rewrite) or what the encoder cannot say.
+fn segment_load(insn: &DecodedInsn, s: Sensitive) -> Option<Op> {
+    let i = &insn.instr;
+    let sreg = match i.op0_register() {
+        Register::ES => 0,
+        Register::DS => 3,
+        Register::FS => 4,
+        Register::GS => 5,
+        _ => return None,
+    };
+    let kind = CalloutKind::Sensitive(s);
+    if s == Sensitive::PopSeg {
+        // movzx ecx, word [esp]; the pop releases 4 bytes (2 with 66h).
+        let pop = match classify::operand_size(i) {
+            32 => 4,
+            16 => 2,
+            _ => return None,
+        };
+        return Some(Op::LoadSeg { sreg, load: InsnBytes::new(&[0x0F, 0xB7, 0x0C, 0x24]), pop, kind });
+    }
+    if classify::uses_gs_memory(i) {
+        return None;
+    }
+    Some(Op::LoadSeg { sreg, load: selector_load(i, 1)?, pop: 0, kind })
+}
+
+/// `movzx ecx, <operand n of i>`: a selector operand read with the guest's
+/// own addressing (a register's low word).
+fn selector_load(i: &Instruction, n: u32) -> Option<InsnBytes> {
+    let mut load = *i;
+    load.set_code(Code::Movzx_r32_rm16);
+    load.set_op0_kind(OpKind::Register);
+    load.set_op0_register(Register::ECX);
+    load.set_op1_kind(i.op_kind(n));
+    if i.op_kind(n) == OpKind::Register {
+        // MOV Sreg, r32 names the 32-bit register; the selector is its low word.
+        load.set_op1_register(low_word(i.op_register(n))?);
+    }
+    encode32(&load)
+}
+
+/// The 16-bit register of a general-purpose register (itself if 16-bit).
+fn low_word(r: Register) -> Option<Register> {
+    const WORDS: [Register; 8] = [
+        Register::AX,
+        Register::CX,
+        Register::DX,
+        Register::BX,
+        Register::SP,
+        Register::BP,
+        Register::SI,
+        Register::DI,
+    ];
+    if r.is_gpr16() {
+        return Some(r);
+    }
+    r.is_gpr32().then(|| WORDS[r.number() - Register::EAX.number()])
 }
 
 fn rewritten(ops: &mut Vec<Op>, seq: &[Op]) -> Disposition {
@@ -307,12 +380,11 @@ fn mangle_flow(insn: &DecodedInsn, f: Flow, ctx: &MangleCtx, ops: &mut Vec<Op>) 
 
 /// Indirect JMP/CALL: load the target into ECX with the guest's own operand
 /// (re-encoded as `mov ecx, <operand>`), then the inline lookup. A GS
-/// operand would need the GS rewrite around the load: left to the monitor.
+/// operand gets the GS-prefix rewrite around the load: i386 glibc makes
+/// every system call with `call *%gs:0x10` (the vDSO's entry).
 fn mangle_indirect(insn: &DecodedInsn, f: Flow, op16: bool, ops: &mut Vec<Op>) -> Disposition {
     let i = &insn.instr;
-    if classify::uses_gs_memory(i) {
-        return callout(ops, CalloutKind::ControlFlow(f), false);
-    }
+    let gs = classify::uses_gs_memory(i);
     let mut load = *i;
     load.set_code(if op16 { Code::Mov_r16_rm16 } else { Code::Mov_r32_rm32 });
     load.set_op1_kind(i.op0_kind());
@@ -325,9 +397,9 @@ fn mangle_indirect(insn: &DecodedInsn, f: Flow, op16: bool, ops: &mut Vec<Op>) -
         return callout(ops, CalloutKind::ControlFlow(f), false);
     };
     let op = if f == Flow::IndirectCall {
-        Op::IndirectCall { load, op16, ret_eip: insn.next_eip() }
+        Op::IndirectCall { load, op16, ret_eip: insn.next_eip(), gs }
     } else {
-        Op::IndirectJmp { load, op16 }
+        Op::IndirectJmp { load, op16, gs }
     };
     rewritten(ops, &[op])
 }
@@ -343,6 +415,18 @@ fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx, ops: &mut
             rewritten(ops, &[Op::Popf, Op::IrqCheck { check_vif: true }])
         }
         Sensitive::PushSeg if flat_stack => push_segment(insn, ops),
+        Sensitive::Verw if ring0 && ctx.inline_segments && ctx.cs32 && !classify::uses_gs_memory(&insn.instr) => {
+            match selector_load(&insn.instr, 0) {
+                Some(load) => rewritten(ops, &[Op::Verw { load }]),
+                None => callout(ops, CalloutKind::Sensitive(s), !insn.class.ends_block),
+            }
+        }
+        Sensitive::MovToSeg | Sensitive::PopSeg if ring0 && ctx.inline_segments && ctx.cs32 && ctx.ss32 => {
+            match segment_load(insn, s) {
+                Some(op) => rewritten(ops, &[op]),
+                None => callout(ops, CalloutKind::Sensitive(s), !insn.class.ends_block),
+            }
+        }
         // The guest's TSC is the host's: the instruction itself (it
         // touches no flags and cannot fault with CR4.TSD clear).
         Sensitive::Rdtsc if ctx.native_rdtsc => {

@@ -4,11 +4,13 @@
 //! ```text
 //! base + 0x00_0000  vCPU page (VcpuPage, GS-relative state of translated code)
 //! base + 0x00_0800    re-execution scratch (redirected memory operands)
+//! base + 0x00_0C00    segment cache: validated GDT descriptors (inline MOV Sreg)
 //! base + 0x00_1000  exit gate (64-bit code written by the monitor)
 //! base + 0x00_1040    bare-call trampoline (host benchmark baseline)
 //! base + 0x00_1100    native step (one guest instruction run outside the TC)
 //! base + 0x04_0000  indirect lookup table: 65 536 x u32 TC addresses
 //! base + 0x08_0000  the same for CPL 3 blocks
+//! base + 0x0C_0000  GDT alias: the guest frames holding its GDT, read-only
 //! base + 0x10_0000  translation cache (7 MiB): engine stubs, then blocks
 //! ```
 //!
@@ -39,6 +41,23 @@ pub const LOOKUP_ENTRIES: u32 = 65_536;
 pub const LOOKUP_TABLE_SIZE: u32 = LOOKUP_ENTRIES * 4;
 /// Start of the translation cache.
 pub const TC: u32 = 0x10_0000;
+/// The GDT alias: the guest-RAM frames that hold the guest's GDT, mapped
+/// read-only by the monitor, so inline segment loads compare the live
+/// descriptor with the validated one without a guest-memory access.
+pub const GDT_ALIAS: u32 = 0xC_0000;
+/// Pages of the GDT alias (the cached entries may straddle a page).
+pub const GDT_ALIAS_PAGES: u32 = 2;
+/// The segment cache: per GDT index below [`SEG_CACHE_ENTRIES`], the
+/// descriptor the monitor validated and wrote to that index's host LDT
+/// slot (8 bytes), then one byte per RPL: nonzero when a CPL 0 load of
+/// DS/ES/FS/GS with that RPL passes every check and needs no accessed-bit
+/// write; then one byte per RPL: nonzero when VERW at CPL 0 sets ZF.
+/// Inline MOV/POP Sreg and VERW hit when the live GDT entry equals it.
+pub const SEG_CACHE: u32 = VCPU_PAGE + 0xC00;
+/// Bytes per segment-cache entry (descriptor, 4 load bytes, 4 VERW bytes).
+pub const SEG_CACHE_ENTRY: u32 = 16;
+/// GDT indexes with a segment-cache entry (Linux uses 32).
+pub const SEG_CACHE_ENTRIES: u32 = 64;
 /// Size of the translation cache.
 pub const TC_SIZE: u32 = AREA_SIZE - TC;
 
@@ -64,12 +83,22 @@ pub const REEXEC_SCRATCH_LEN: u32 = 64;
 const _: () = assert!(EXIT_GATE + EXIT_GATE_LEN <= BARE_TRAMPOLINE);
 const _: () = assert!(BARE_TRAMPOLINE + BARE_TRAMPOLINE_LEN <= NATIVE_STEP);
 const _: () = assert!(NATIVE_STEP + NATIVE_STEP_LEN <= EXIT_GATE + 0x1000);
-const _: () = assert!(REEXEC_SCRATCH + REEXEC_SCRATCH_LEN <= EXIT_GATE);
+const _: () = assert!(REEXEC_SCRATCH + REEXEC_SCRATCH_LEN <= SEG_CACHE);
+const _: () = assert!(SEG_CACHE + SEG_CACHE_ENTRY * SEG_CACHE_ENTRIES <= EXIT_GATE);
+const _: () = assert!(LOOKUP_TABLE_USER + LOOKUP_TABLE_SIZE <= GDT_ALIAS);
+const _: () = assert!(GDT_ALIAS + GDT_ALIAS_PAGES * 4096 <= TC);
 
 /// Number of spill slots in [`VcpuPage::scratch`].
 pub const SCRATCH_SLOTS: usize = 8;
 /// The spill slot that holds guest `ECX` while a flag-free sequence uses it.
 pub const SCRATCH_ECX: u8 = 0;
+/// Spill slots of the inline segment load (which saves the arithmetic
+/// flags and so may use ordinary compares): guest EAX, EDX, EBX, and the
+/// flags as `LAHF; SETO AL` left them in EAX.
+pub const SCRATCH_EAX: u8 = 1;
+pub const SCRATCH_EDX: u8 = 2;
+pub const SCRATCH_EBX: u8 = 3;
+pub const SCRATCH_FLAGS: u8 = 4;
 
 /// The vCPU page as translated code sees it through `GS` (offset 0 of the
 /// VMM area). Field order up to `vmm_gs_sel` is the ABI of docs/tc-abi.md;
@@ -112,6 +141,17 @@ pub struct VcpuPage {
     /// mode): block entries subtract their length and exit when the result
     /// is negative. The monitor keeps it in `0..=BUDGET_MAX`.
     pub budget: i32,
+    /// VMM-area offset at which the live GDT's entry 0 is visible (inside
+    /// the [`GDT_ALIAS`] pages).
+    pub gdt_live: u32,
+    /// Bytes of the live GDT that inline segment loads may use: the GDT
+    /// limit and the segment cache's size, rounded down to whole entries;
+    /// 0 (every load a callout) when there is no alias.
+    pub gdt_live_end: u32,
+    /// Bit `sreg` set by an inline load of segment register `sreg` (ES 0,
+    /// DS 3, FS 4, GS 5): the monitor takes the new selector from
+    /// `guest_sel` at the next exit and clears the bits.
+    pub seg_loaded: u32,
 }
 
 /// Largest budget the monitor may set: the entry check reads the sign from
@@ -135,6 +175,9 @@ pub mod vcpu {
     pub const INDIRECT_HITS: u32 = VCPU_PAGE + offset_of!(VcpuPage, indirect_hits) as u32;
     pub const GUEST_SEL: u32 = VCPU_PAGE + offset_of!(VcpuPage, guest_sel) as u32;
     pub const BUDGET: u32 = VCPU_PAGE + offset_of!(VcpuPage, budget) as u32;
+    pub const GDT_LIVE: u32 = VCPU_PAGE + offset_of!(VcpuPage, gdt_live) as u32;
+    pub const GDT_LIVE_END: u32 = VCPU_PAGE + offset_of!(VcpuPage, gdt_live_end) as u32;
+    pub const SEG_LOADED: u32 = VCPU_PAGE + offset_of!(VcpuPage, seg_loaded) as u32;
 
     /// Offset of scratch slot `slot`.
     pub const fn scratch(slot: u8) -> u32 {

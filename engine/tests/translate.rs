@@ -722,3 +722,59 @@ fn a_first_instruction_cut_by_an_unfetchable_page_is_that_pages_fetch_fault() {
     e.translate(BlockKey::flat32(at), &mut mem).unwrap();
     assert_eq!(e.block(&BlockKey::flat32(at)).unwrap().insns.len(), 1, "the nop only");
 }
+
+#[test]
+fn segment_loads_become_inline_sequences_with_their_callout() {
+    let code = asm32(BASE, |a| {
+        a.push(0x202).unwrap();
+        a.popfd().unwrap();
+        a.mov(eax, 0x50).unwrap();
+        a.mov(edi, 2).unwrap();
+        a.mov(ds, eax).unwrap();
+        a.pop(es).unwrap();
+        a.mov(gs, word_ptr(ebx + 4)).unwrap();
+        a.ret().unwrap();
+    });
+    let mut mem = Mem::new(BASE, &code);
+    let mut e = engine();
+    let key = BlockKey::flat32(BASE);
+    e.translate(key, &mut mem).unwrap();
+    let log = e.disassemble_block(&key).unwrap();
+    for want in ["REWRITTEN  mov ds,ax", "REWRITTEN  pop es", "REWRITTEN  mov gs,[ebx+4]"] {
+        assert!(log.contains(want), "{want}: {log}");
+    }
+    // Each: the selector read with the guest's own operand, the host
+    // shadow loaded (GS: its selector stored for GS-prefix rewrites), and
+    // the instruction's callout on the miss path.
+    for want in ["movzx ecx,ax", "mov ds,dx", "movzx ecx,word ptr [esp]", "mov es,dx", "lea esp,[esp+4]"] {
+        assert!(log.contains(want), "{want}: {log}");
+    }
+    assert!(log.contains("movzx ecx,word ptr [ebx+4]") && log.contains("mov gs:[3Ah],dx"), "{log}");
+    assert_eq!(e.stats().callout_sites.get("sensitive/movtoseg"), Some(&2), "{log}");
+    assert_eq!(e.stats().callout_sites.get("sensitive/popseg"), Some(&1), "{log}");
+    // Without the cache, plain callouts.
+    let mut e = engine_with(Config { inline_segments: false, ..Config::default() });
+    e.translate(key, &mut mem).unwrap();
+    let log = e.disassemble_block(&key).unwrap();
+    assert!(log.contains("CALLOUT    mov ds,ax") && !log.contains("mov ds,dx"), "{log}");
+}
+
+#[test]
+fn gs_relative_indirect_calls_load_their_target_with_the_guest_gs() {
+    // i386 glibc's system call: `call *%gs:0x10`.
+    let code = asm32(BASE, |a| {
+        a.call(dword_ptr(0x10).gs()).unwrap();
+    });
+    let mut mem = Mem::new(BASE, &code);
+    let mut e = engine();
+    let key = BlockKey::flat32(BASE);
+    e.translate(key, &mut mem).unwrap();
+    let log = e.disassemble_block(&key).unwrap();
+    assert!(log.contains("REWRITTEN  call dword ptr gs:[10h]"), "{log}");
+    let lines: Vec<&str> = log.lines().collect();
+    let at = |pat: &str| lines.iter().position(|l| l.contains(pat)).unwrap_or_else(|| panic!("{pat}: {log}"));
+    // guest GS, the load through it, the VMM's GS back, then the lookup.
+    let (guest_gs, load, vmm_gs) = (at("mov gs,cs:["), at("mov ecx,gs:[10h]"), at("jmp dword ptr gs:[ecx*4"));
+    assert!(guest_gs < load && load < vmm_gs, "{log}");
+    assert_eq!(e.stats().callout_sites.get("flow/indirectcall"), None, "{log}");
+}

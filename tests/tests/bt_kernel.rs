@@ -30,13 +30,17 @@ impl Kernel {
     }
 
     fn with_code(code: &[u8]) -> Kernel {
+        Kernel::with_config(code, BtConfig::default())
+    }
+
+    fn with_config(code: &[u8], config: BtConfig) -> Kernel {
         let lock = vm_lock();
         let mem = Arc::new(GuestMemory::new(16 << 20).unwrap());
         mem.write(CODE as u64, code).unwrap();
         let mut cpu = Cpu::flat_protected(0x08, 0x10);
         cpu.eip = CODE;
         cpu.gpr[4] = STACK;
-        let bt = BtBackend::new(mem.clone(), cpu, BtConfig::default()).expect("bt backend");
+        let bt = BtBackend::new(mem.clone(), cpu, config).expect("bt backend");
         Kernel { bt, mem, outs: Vec::new(), _lock: lock }
     }
 
@@ -44,13 +48,18 @@ impl Kernel {
     /// IN from port 0x60 with 0x5A.
     fn run(&mut self) -> u32 {
         for _ in 0..100_000 {
-            match self.bt.run().expect("run") {
+            match self.bt.run().unwrap_or_else(|e| panic!("run: {e:?}\n{}\n{:x?}", self.bt.cpu().dump(), self.outs)) {
                 VmExit::IoOut { port: 0xF4, value, .. } => return value,
                 VmExit::IoOut { port, value, .. } => self.outs.push((port, value)),
                 VmExit::IoIn { port: 0x60, .. } => self.bt.complete_io_in(0x5A),
                 VmExit::IoIn { .. } => self.bt.complete_io_in(0xFFFF_FFFF),
                 VmExit::Interrupted => {}
-                e => panic!("unexpected exit {e:?} at {:#x}\n{}", self.bt.cpu().eip, self.bt.cpu().dump()),
+                e => panic!(
+                    "unexpected exit {e:?} at {:#x}\n{}\n{:x?}",
+                    self.bt.cpu().eip,
+                    self.bt.cpu().dump(),
+                    self.outs
+                ),
             }
         }
         panic!("guest did not finish");
@@ -495,4 +504,182 @@ fn callouts_keep_every_arithmetic_flag_and_df() {
     const MASK: u32 = 0x8D5 | 0x400;
     let seen: Vec<u32> = k.outs.iter().filter(|(p, _)| *p == 0x80).map(|(_, v)| v & MASK).collect();
     assert_eq!(seen, PATTERNS.to_vec(), "flags across a callout");
+}
+
+/// Segment loads for [`inline_segment_loads_match_their_callout_twin`]:
+/// (selector, register, by POP, EFLAGS pattern, read through it).
+const SEG_CASES: [(u32, &str, bool, u32, bool); 14] = [
+    (0x30, "ds", false, 0x8D5, true), // data at DATA
+    (0x30, "es", true, 0x000, true),
+    (0x38, "fs", false, 0x044, true),  // accessed bit clear: the first load sets it
+    (0x38, "fs", false, 0x801, true),  // ... and the second may be inline
+    (0x30, "gs", false, 0x490, true),  // GS: the guest selector of GS-prefixed code
+    (0x33, "ds", false, 0xCD5, false), // RPL 3 > DPL 0: #GP(0x30)
+    (0x40, "ds", true, 0x001, false),  // not present: #NP(0x40)
+    (0x48, "es", false, 0x8D5, false), // execute-only code: #GP(0x48)
+    (0x00, "es", false, 0x044, false), // null: loads
+    (0x03, "fs", true, 0x800, false),  // null with RPL 3: loads
+    (0x0C, "ds", false, 0x0D5, false), // LDT selector, no LDT: #GP(0x0C)
+    (0x50, "ds", false, 0x000, false), // beyond the GDT limit: #GP(0x50)
+    (0x10, "gs", true, 0x004, true),   // flat again
+    (0x30, "ds", false, 0x080, true),  // after the GDT write below: the new base
+];
+
+/// Runs [`SEG_CASES`] under `config` and returns what the guest reported.
+fn run_segment_cases(config: BtConfig) -> (Vec<(u16, u32)>, u64) {
+    const HANDLER: u32 = 0x15_0000;
+    // After each case: EFLAGS (port 0x80), the selector MOV from Sreg
+    // reads back (0x82) and a dword read through the register (0x83). The
+    // fault handler reports the error code (0x81) and skips the load (EDI
+    // holds its length).
+    let code = assemble(CODE, |a| {
+        for (i, &(sel, reg, pop, flags, read)) in SEG_CASES.iter().enumerate() {
+            if i == SEG_CASES.len() - 1 {
+                // Rewrite descriptor 0x30's base (DATA -> DATA + 0x100).
+                a.mov(word_ptr(GDT + 0x30 + 2), (DATA + 0x100) & 0xFFFF)?;
+            }
+            a.push(flags | 0x202)?;
+            a.popfd()?;
+            a.mov(eax, sel)?;
+            if pop {
+                a.mov(edi, 1)?;
+                a.push(eax)?;
+                match reg {
+                    "ds" => a.pop(ds)?,
+                    "es" => a.pop(es)?,
+                    "fs" => a.pop(fs)?,
+                    _ => a.pop(gs)?,
+                }
+            } else {
+                a.mov(edi, 2)?;
+                // MOV Sreg, r32: 8E /r with no prefix, 2 bytes.
+                match reg {
+                    "ds" => a.mov(ds, eax)?,
+                    "es" => a.mov(es, eax)?,
+                    "fs" => a.mov(fs, eax)?,
+                    _ => a.mov(gs, eax)?,
+                }
+            }
+            a.pushfd()?;
+            a.pop(ebx)?;
+            if pop && sel != 0x40 {
+                // The pop released its slot; a faulting one did not.
+            } else if pop {
+                a.pop(ecx)?;
+            }
+            match reg {
+                "ds" => a.mov(ecx, ds)?,
+                "es" => a.mov(ecx, es)?,
+                "fs" => a.mov(ecx, fs)?,
+                _ => a.mov(ecx, gs)?,
+            }
+            a.mov(edx, 0xDEAD)?;
+            if read {
+                match reg {
+                    "ds" => a.mov(edx, dword_ptr(0x100).ds())?,
+                    "es" => a.mov(edx, dword_ptr(0x100).es())?,
+                    "fs" => a.mov(edx, dword_ptr(0x100).fs())?,
+                    _ => a.mov(edx, dword_ptr(0x100).gs())?,
+                }
+            }
+            a.mov(eax, 0x10)?;
+            a.mov(ds, ax)?;
+            a.mov(eax, ebx)?;
+            a.out(0x80, eax)?;
+            a.mov(eax, ecx)?;
+            a.out(0x82, eax)?;
+            a.mov(eax, edx)?;
+            a.out(0x83, eax)?;
+        }
+        // VERW of each selector, from both ZF states: only ZF may change.
+        for sel in [0x10u32, 0x30, 0x33, 0x38, 0x40, 0x48, 0x00, 0x50, 0x0C, 0x08] {
+            for flags in [0x8D5u32, 0x000] {
+                a.push(flags | 0x202)?;
+                a.popfd()?;
+                a.mov(eax, sel)?;
+                a.verw(ax)?;
+                a.pushfd()?;
+                a.pop(eax)?;
+                a.out(0x84, eax)?;
+            }
+        }
+        a.mov(eax, 1)?;
+        a.out(0xF4, eax)
+    });
+    let handler = assemble(HANDLER, |a| {
+        a.pop(eax)?;
+        a.out(0x81, eax)?;
+        a.add(dword_ptr(esp), edi)?;
+        a.iretd()
+    });
+    let mut k = Kernel::with_config(&code, config);
+    k.mem.write(u64::from(HANDLER), &handler).unwrap();
+    let gdt: [u64; 10] = [
+        0,
+        0x00cf_9b00_0000_ffff, // 0x08 code
+        0x00cf_9300_0000_ffff, // 0x10 flat data
+        0,
+        0,
+        0,
+        0x0040_9320_0000_ffff, // 0x30 data at DATA (0x200000)
+        0x0040_9220_0100_ffff, // 0x38 data at DATA + 0x100, not accessed
+        0x0040_1320_0000_ffff, // 0x40 not present
+        0x00cf_9900_0000_ffff, // 0x48 execute-only code
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        k.mem.write(u64::from(GDT) + 8 * i as u64, &d.to_le_bytes()).unwrap();
+    }
+    for (v, at) in [(13u8, HANDLER), (11, HANDLER)] {
+        let lo = (at & 0xFFFF) | (0x08 << 16);
+        let hi = (at & 0xFFFF_0000) | 0x8E00;
+        let gate = u64::from(lo) | (u64::from(hi) << 32);
+        k.mem.write(u64::from(IDT) + 8 * u64::from(v), &gate.to_le_bytes()).unwrap();
+    }
+    for (at, v) in [(0x100u32, 0x3333_3333u32), (DATA + 0x100, 0x2222_2222), (DATA + 0x200, 0x4444_4444)] {
+        k.mem.write(u64::from(at), &v.to_le_bytes()).unwrap();
+    }
+    let c = k.bt.cpu_mut();
+    c.gdtr = monitor::cpu::TableReg { base: GDT, limit: 8 * 10 - 1 };
+    c.idtr = monitor::cpu::TableReg { base: IDT, limit: 0x7FF };
+    assert_eq!(k.run(), 1);
+    let stats = k.bt.engine().stats();
+    let callouts: u64 = stats
+        .callouts_taken
+        .iter()
+        .filter(|(kind, _)| kind.contains("toseg") || kind.contains("popseg") || kind.contains("verw"))
+        .map(|x| x.1)
+        .sum();
+    (k.outs.clone(), callouts)
+}
+
+#[test]
+fn inline_segment_loads_match_their_callout_twin() {
+    let mut callout = BtConfig::default();
+    callout.apply_switch("nosegcache").unwrap();
+    let (callout_outs, callout_callouts) = run_segment_cases(callout);
+    let (inline_outs, inline_callouts) = run_segment_cases(BtConfig::default());
+    assert_eq!(inline_outs, callout_outs, "inline loads differ from their callouts");
+    assert!(
+        inline_callouts < callout_callouts,
+        "the segment cache took no load inline ({inline_callouts} vs {callout_callouts} callouts)"
+    );
+    // And the reference itself says what the architecture says.
+    let of = |port: u16| -> Vec<u32> { callout_outs.iter().filter(|o| o.0 == port).map(|o| o.1).collect() };
+    assert_eq!(of(0x81), vec![0x30, 0x40, 0x48, 0x0C, 0x50], "error codes of the faulting loads");
+    let reads = of(0x83);
+    assert_eq!(&reads[..5], &[0x2222_2222, 0x2222_2222, 0x4444_4444, 0x4444_4444, 0x2222_2222]);
+    assert_eq!(reads[12], 0x3333_3333, "flat GS");
+    assert_eq!(reads[13], 0x4444_4444, "the reload after the GDT write sees the new base");
+    // VERW: ZF set for the writable data segments 0x10, 0x30, 0x38 and
+    // 0x40 (VERW does not check presence), everything else untouched.
+    let verw: Vec<u32> = of(0x84).iter().map(|f| f & (0x8D5 | 0x400)).collect();
+    let mut want = Vec::new();
+    for sel in [0x10u32, 0x30, 0x33, 0x38, 0x40, 0x48, 0x00, 0x50, 0x0C, 0x08] {
+        let zf = if [0x10, 0x30, 0x38, 0x40].contains(&sel) { 0x40 } else { 0 };
+        want.extend([0x8D5 & !0x40 | zf, zf]);
+    }
+    assert_eq!(verw, want, "VERW");
+    let flags: Vec<u32> = of(0x80).iter().map(|f| f & (0x8D5 | 0x400)).collect();
+    let want: Vec<u32> = SEG_CASES.iter().map(|c| c.3).collect();
+    assert_eq!(flags, want, "EFLAGS across the loads");
 }

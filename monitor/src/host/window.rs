@@ -277,6 +277,22 @@ impl Window {
         Ok(())
     }
 
+    /// Maps guest-physical page `gpa` read-only at VMM-area offset `off`,
+    /// which must be one of the GDT alias pages (`vmm_area::GDT_ALIAS`):
+    /// translated code reads the live GDT there through GS.
+    pub fn map_vmm_page(&self, off: u32, mem: &GuestMemory, gpa: u64) -> Result<(), HostError> {
+        let alias = vmm::GDT_ALIAS..vmm::GDT_ALIAS + vmm::GDT_ALIAS_PAGES * PAGE;
+        if !off.is_multiple_of(PAGE) || !alias.contains(&off) || off >= self.vmm_size {
+            return Err(HostError::BadWindowRange { gva: self.vmm_base.wrapping_add(off), len: PAGE });
+        }
+        if !gpa.is_multiple_of(u64::from(PAGE)) || gpa.checked_add(u64::from(PAGE)).is_none_or(|e| e > mem.size()) {
+            return Err(HostError::BadGuestPhysical { gpa, len: PAGE });
+        }
+        self.mmap_fixed(self.vmm_base + off, PAGE, Prot::R, mem.fd(), gpa)?;
+        self.stats.lock().expect("stats").maps += 1;
+        Ok(())
+    }
+
     /// Removes the mappings in `[gva, gva+len)`: accesses fault again.
     pub fn unmap(&self, gva: u32, len: u32) -> Result<(), HostError> {
         self.check_range(gva, len)?;

@@ -145,6 +145,8 @@ impl BtBackend {
             MmuEffect::Efer { new } => mmu.set_efer(&phys, &mut mapper, new),
         };
         r.map_err(super::failed)?;
+        // The GDT's linear pages may map elsewhere now.
+        self.shadows.seg_cache.invalidate_gdt();
         if matches!(effect, MmuEffect::Cr3 { .. } | MmuEffect::Invlpg(_)) {
             // The address space changed: translated user code (the counting
             // mode, or IOPL-3 user code) whose pages now map elsewhere goes.

@@ -83,14 +83,15 @@ impl BtConfig {
         match switch {
             "nochain" => self.engine.chaining = false,
             "nopoll" => self.engine.poll_at_block_entry = false,
-            "noinline" => self.engine.inline_flags = false,
-            "inline" => self.engine.inline_flags = true,
+            "noinline" => (self.engine.inline_flags, self.engine.inline_segments) = (false, false),
+            "inline" => (self.engine.inline_flags, self.engine.inline_segments) = (true, true),
+            "nosegcache" => self.engine.inline_segments = false,
             "isolate" => self.user_isolation = true,
             "slowcallouts" => self.slow_callouts = true,
             s if s.starts_with("corrupt=") => self.engine.corrupt_named(&s["corrupt=".len()..])?,
             other => {
                 return Err(format!(
-                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, isolate, slowcallouts, corrupt=MNEMONIC)"
+                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, nosegcache, isolate, slowcallouts, corrupt=MNEMONIC)"
                 ))
             }
         }
@@ -213,7 +214,7 @@ impl BtBackend {
             cpu,
             engine,
             policy: config.cpu,
-            shadows: Shadows::new(base),
+            shadows: Shadows::new(base, alias),
             pending: Pending::default(),
             want_window: false,
             raw_resume: false,
@@ -257,6 +258,7 @@ impl BtBackend {
     }
 
     pub fn cpu_mut(&mut self) -> &mut Cpu {
+        self.shadows.seg_cache.invalidate_gdt();
         &mut self.cpu
     }
 
@@ -549,6 +551,11 @@ impl BtBackend {
         } else {
             self.write_entry_state()?;
         }
+        if key.cpl == 0 && self.config.engine.inline_segments {
+            // After LGDT or a paging change the alias must show the new GDT
+            // before any inline load runs (a key compare otherwise).
+            self.shadows.seg_cache.refresh_gdt(&self.cpu, &mut self.guest)?;
+        }
         self.load_host_regs(tc);
         Ok(Prepared::Ready)
     }
@@ -605,6 +612,9 @@ impl BtBackend {
     /// instruction count as the TC left them, then the exit's meaning.
     fn after_translated(&mut self, exit: Exit) -> Step {
         let host_eip = self.save_host_regs();
+        if self.cpu.cpl == 0 {
+            self.sync_inline_segments();
+        }
         // Only kernel translations keep IF and IOPL in the vCPU page (inline
         // CLI/STI/POPF are CPL 0 sequences). User code can write that page
         // (its segments reach the VMM area, as direct user code's do): its
@@ -616,6 +626,27 @@ impl BtBackend {
         }
         self.counter.settle(self.alias.read_u32(page::BUDGET) as i32);
         self.handle_translated_exit(exit, host_eip)
+    }
+
+    /// Segment registers that kernel translations loaded inline (the
+    /// segment cache): their selectors from the vCPU page, their
+    /// descriptors those the cache entries held.
+    fn sync_inline_segments(&mut self) {
+        let loaded = self.alias.read_u32(page::SEG_LOADED);
+        if loaded == 0 {
+            return;
+        }
+        self.alias.write_u32(page::SEG_LOADED, 0);
+        for seg in [Seg::Es, Seg::Ds, Seg::Fs, Seg::Gs] {
+            if loaded & (1 << seg as u32) == 0 {
+                continue;
+            }
+            let sel = self.alias.read_u32(page::GUEST_SEL + 4 * seg as u32) as u16;
+            if let Some(cache) = self.shadows.seg_cache.loaded(sel) {
+                self.cpu.seg[seg as usize] = crate::cpu::SegReg { selector: sel, cache };
+            }
+        }
+        self.written_sels = None;
     }
 
     /// The guest's TSC: the host's, or virtual time in the counting mode.

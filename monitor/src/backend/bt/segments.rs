@@ -22,10 +22,13 @@
 
 use std::collections::HashMap;
 
+use engine::vmm_area::{self as area, vcpu as page};
+
+use super::memory::Guest;
 use super::{failed, BackendError};
 use crate::cpu::{Cpu, Descriptor, Seg, SegReg};
 use crate::host::ldt::{ldt_selector, HostSegment, SegKind};
-use crate::host::{Segments, Vcpu};
+use crate::host::{Segments, Vcpu, VmmAlias};
 
 /// First host LDT index used for guest LDT descriptors.
 pub const LDT_SHADOW_BASE: u16 = 4096;
@@ -114,11 +117,14 @@ pub struct Shadows {
     /// Host LDT writes so far (a counter, and the stamp of `tc_cache`).
     writes: u64,
     tc_cache: Option<TcCache>,
+    /// What inline segment loads may use (kept with the host LDT it
+    /// describes: every write of a kernel GDT slot updates it).
+    pub seg_cache: SegCache,
 }
 
 impl Shadows {
-    pub fn new(vmm_base: u32) -> Shadows {
-        Shadows { vmm_base, ldt: HashMap::new(), writes: 0, tc_cache: None }
+    pub fn new(vmm_base: u32, alias: VmmAlias) -> Shadows {
+        Shadows { vmm_base, ldt: HashMap::new(), writes: 0, tc_cache: None, seg_cache: SegCache::new(alias) }
     }
 
     /// Host LDT entries written so far.
@@ -141,6 +147,10 @@ impl Shadows {
             host.set_ldt_entry(index, hs).map_err(failed)?;
             self.ldt.insert(index, hs);
             self.writes += 1;
+        }
+        if !user && seg.selector & 4 == 0 && seg.selector & !3 != 0 {
+            // The kernel slot of this GDT index now shadows `seg.cache`.
+            self.seg_cache.record(index, &seg.cache);
         }
         Ok(ldt_selector(index))
     }
@@ -192,6 +202,117 @@ impl Shadows {
         let gs = if guest_gs { self.shadow(host, *cpu.seg(Seg::Gs), true, false)? } else { host.vmm_data_selector() };
         let [ss, ds, es, fs] = self.data(host, cpu, false)?;
         Ok(Segments { cs: host.vmm_code_selector(), ss, ds, es, fs, gs })
+    }
+}
+
+/// The segment cache and the GDT alias of `vmm_area` (docs/translator.md,
+/// "Inline segment loads"): translated CPL 0 code loads DS, ES, FS and GS
+/// itself when the live GDT entry equals the descriptor the monitor last
+/// validated for that index and wrote to its host LDT slot. A hit is then
+/// exactly the load the callout would do; anything else is the callout.
+pub struct SegCache {
+    alias: VmmAlias,
+    /// Per GDT index, the descriptor its cache entry holds.
+    entries: [Option<Descriptor>; area::SEG_CACHE_ENTRIES as usize],
+    /// What the GDT alias was built for (GDTR, paging registers and the
+    /// generation of [`SegCache::invalidate_gdt`]); `None`: rebuild.
+    built_for: Option<(u32, u16, u32, u32, u32)>,
+    /// Guest-physical frames mapped in the alias pages.
+    frames: [Option<u64>; area::GDT_ALIAS_PAGES as usize],
+}
+
+impl SegCache {
+    fn new(alias: VmmAlias) -> SegCache {
+        // The VMM area outlives a VM: clear what a previous one left.
+        let entries = area::SEG_CACHE_ENTRIES * area::SEG_CACHE_ENTRY;
+        alias.write(area::SEG_CACHE as usize, &vec![0; entries as usize]);
+        for off in [page::GDT_LIVE, page::GDT_LIVE_END, page::SEG_LOADED] {
+            alias.write_u32(off, 0);
+        }
+        SegCache { alias, entries: [None; area::SEG_CACHE_ENTRIES as usize], built_for: None, frames: [None; 2] }
+    }
+
+    /// Whether a CPL 0 load of DS/ES/FS/GS with `rpl` and descriptor `d`
+    /// passes every check and leaves memory alone (accessed bit set).
+    fn loadable(d: &Descriptor, rpl: u8) -> bool {
+        d.is_readable() && d.present && d.typ & 1 != 0 && (d.is_conforming_code() || rpl <= d.dpl)
+    }
+
+    /// The kernel shadow slot of GDT index `index` holds `d`'s shadow.
+    fn record(&mut self, index: u16, d: &Descriptor) {
+        let Some(e) = self.entries.get_mut(usize::from(index)) else { return };
+        if *e == Some(*d) {
+            return;
+        }
+        *e = Some(*d);
+        let mut bytes = [0u8; area::SEG_CACHE_ENTRY as usize];
+        bytes[..8].copy_from_slice(&d.to_u64().to_le_bytes());
+        for rpl in 0..4u8 {
+            bytes[8 + usize::from(rpl)] = u8::from(Self::loadable(d, rpl));
+            // VERW at CPL 0: a writable data segment with DPL >= RPL.
+            bytes[12 + usize::from(rpl)] = u8::from(d.is_writable_data() && rpl <= d.dpl);
+        }
+        let off = area::SEG_CACHE + u32::from(index) * area::SEG_CACHE_ENTRY;
+        self.alias.write(off as usize, &bytes);
+    }
+
+    /// What an inline load of `sel` loaded: the descriptor of its entry,
+    /// when the entry allows that load (else the page was not the TC's).
+    pub fn loaded(&self, sel: u16) -> Option<Descriptor> {
+        if sel < 4 {
+            // A null selector loads (its use faults), as in `load_segment`.
+            return Some(Descriptor::default());
+        }
+        if sel & 4 != 0 {
+            return None;
+        }
+        let d = (*self.entries.get(usize::from(sel >> 3))?)?;
+        Self::loadable(&d, (sel & 3) as u8).then_some(d)
+    }
+
+    /// Paging or the GDT's mapping may have changed (MOV CR0/CR3/CR4,
+    /// INVLPG, a state restore): rebuild the alias before the next entry.
+    pub fn invalidate_gdt(&mut self) {
+        self.built_for = None;
+    }
+
+    /// Maps the guest frames of the GDT's cached part into the alias pages
+    /// when GDTR or paging changed since the last build. No alias (every
+    /// inline load a callout) outside protected mode or when a page of it
+    /// does not translate to RAM.
+    pub fn refresh_gdt(&mut self, cpu: &Cpu, guest: &mut Guest) -> Result<(), BackendError> {
+        let key = (cpu.gdtr.base, cpu.gdtr.limit, cpu.cr0, cpu.cr3, cpu.cr4);
+        if self.built_for == Some(key) {
+            return Ok(());
+        }
+        self.built_for = Some(key);
+        let max = area::SEG_CACHE_ENTRIES * 8;
+        let mut end = if cpu.protected_mode() { ((u32::from(cpu.gdtr.limit) + 1) & !7).min(max) } else { 0 };
+        let base = cpu.gdtr.base;
+        let pages = if end == 0 { 0 } else { 1 + ((base & 0xFFF) + end - 1) / 0x1000 };
+        let mut gpas = [0u64; area::GDT_ALIAS_PAGES as usize];
+        let size = guest.mem.size();
+        let (mmu, mut phys, _) = guest.paging();
+        for (k, gpa) in gpas.iter_mut().enumerate().take(pages as usize) {
+            let lin = (base & !0xFFF).wrapping_add(k as u32 * 0x1000);
+            let access = shadow_mmu::Access { write: false, user: false, fetch: false };
+            match mmu.probe(&mut phys, lin, access) {
+                Ok(t) if t.gpa.saturating_add(0x1000) <= size => *gpa = t.gpa & !0xFFF,
+                _ => end = 0,
+            }
+        }
+        if end != 0 {
+            for (k, gpa) in gpas.iter().enumerate().take(pages as usize) {
+                if self.frames[k] != Some(*gpa) {
+                    let off = area::GDT_ALIAS + k as u32 * 0x1000;
+                    guest.window.map_vmm_page(off, &guest.mem, *gpa).map_err(failed)?;
+                    self.frames[k] = Some(*gpa);
+                }
+            }
+        }
+        self.alias.write_u32(page::GDT_LIVE, area::GDT_ALIAS + (base & 0xFFF));
+        self.alias.write_u32(page::GDT_LIVE_END, end);
+        Ok(())
     }
 }
 
