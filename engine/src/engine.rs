@@ -424,6 +424,30 @@ impl Engine {
         keys
     }
 
+    /// [`Engine::revalidate_user_mappings`] for one linear page (INVLPG:
+    /// the guest changed one mapping, and walking every user page for it
+    /// cost more than the mprotect it came from).
+    pub fn revalidate_user_page(&mut self, linear: u32, code: &mut dyn GuestCode) -> Vec<BlockKey> {
+        let linear = linear & !0xFFF;
+        let Some(ids) = self.user_pages.get(&linear) else { return Vec::new() };
+        let now = code.phys_page(linear);
+        let stale: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|&id| {
+                self.blocks[id as usize]
+                    .as_ref()
+                    .is_some_and(|b| b.pages.iter().any(|p| p.linear == linear && Some(p.phys) != now))
+            })
+            .collect();
+        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
+        if !keys.is_empty() {
+            self.stats.invalidations += 1;
+            self.stats.blocks_invalidated += keys.len() as u64;
+        }
+        keys
+    }
+
     fn revalidate_all(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
         let mut walked: HashMap<u32, Option<u64>> = HashMap::new();
         let stale: Vec<u32> = self

@@ -147,7 +147,10 @@ impl BtBackend {
         r.map_err(super::failed)?;
         // The GDT's linear pages may map elsewhere now.
         self.shadows.seg_cache.invalidate_gdt();
-        if matches!(effect, MmuEffect::Cr3 { .. } | MmuEffect::Invlpg(_)) {
+        if let MmuEffect::Invlpg(lin) = effect {
+            // One mapping changed: the translated user code on that page only.
+            self.engine.revalidate_user_page(lin, &mut self.guest.code(true));
+        } else if matches!(effect, MmuEffect::Cr3 { .. }) {
             // The address space changed: translated user code (the counting
             // mode, or IOPL-3 user code) whose pages now map elsewhere goes.
             // Cheap when there is none: the engine indexes CPL 3 blocks by page.

@@ -80,6 +80,7 @@ impl BtStats {
         v.push(("engine/exits_unchained".into(), e.exits_unchained));
         v.push(("engine/indirect_misses".into(), e.indirect_misses));
         v.push(("engine/invalidations".into(), e.invalidations));
+        v.push(("engine/blocks_invalidated".into(), e.blocks_invalidated));
         v.push(("engine/flushes".into(), e.flushes));
         for (k, n) in &e.callouts_taken {
             v.push((format!("engine/callouts/{k}"), *n));
