@@ -152,6 +152,23 @@ fn user_blocks_go_when_their_pages_map_elsewhere() {
 }
 
 #[test]
+fn invlpg_revalidates_only_the_user_blocks_of_its_page() {
+    let mut mem = Mem::new(BASE, &code());
+    mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret
+    let mut e = counting();
+    let a = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
+    let b = BlockKey { cpl: 3, ..BlockKey::flat32(BASE + 0x1000) };
+    e.translate(a, &mut mem).unwrap();
+    e.translate(b, &mut mem).unwrap();
+    // Every page maps elsewhere now, but INVLPG named only the second.
+    let gone = e.revalidate_user_page(BASE + 0x1004, &mut Shifted(&mut mem, 0x10_0000));
+    assert_eq!(gone, vec![b]);
+    assert!(e.lookup(&a).is_some(), "the other page's block stays until its own INVLPG or MOV CR3");
+    assert!(e.revalidate_user_page(BASE + 0x1000, &mut Shifted(&mut mem, 0x10_0000)).is_empty());
+    assert_eq!(e.revalidate_user_page(BASE, &mut Shifted(&mut mem, 0x10_0000)), vec![a]);
+}
+
+#[test]
 fn lookup_entries_survive_context_switches_and_flushes() {
     let mut mem = Mem::new(BASE, &code());
     mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret
