@@ -52,6 +52,9 @@ pub struct Block {
     pub sites: std::ops::Range<u32>,
     /// Lookup-table slots that may point at this block.
     indirect_slots: Vec<u16>,
+    /// While parked: the chains into it that parking undid, to redo when
+    /// it comes back (the blocks of one address space return together).
+    parked_links: Vec<LinkRef>,
 }
 
 impl Block {
@@ -100,6 +103,12 @@ pub struct Engine {
     by_page: FxHashMap<u64, Vec<u32>>,
     /// CPL 3 blocks by linear page (revalidated on every address-space switch).
     user_pages: FxHashMap<u32, Vec<u32>>,
+    /// User blocks parked by a MOV CR3 or INVLPG that mapped their pages
+    /// elsewhere (or nowhere): unreachable (no chain into them, no lookup
+    /// entry, not under their key) but kept, so an address space that maps
+    /// the same frames again (a parent after its child exited, processes
+    /// of one binary) gets them back without translating. By key.
+    parked: FxHashMap<BlockKey, Vec<u32>>,
     new_pages: BTreeSet<u64>,
     /// The lookup tables: [CPL 0-2, CPL 3].
     tables: [LookupTable; 2],
@@ -168,6 +177,7 @@ impl Engine {
             by_tc: Vec::new(),
             by_page: FxHashMap::default(),
             user_pages: FxHashMap::default(),
+            parked: FxHashMap::default(),
             new_pages: BTreeSet::new(),
             tables: [LookupTable::new(vmm_area::LOOKUP_TABLE), LookupTable::new(vmm_area::LOOKUP_TABLE_USER)],
             sites: Vec::new(),
@@ -205,7 +215,104 @@ impl Engine {
         if let Some(tc) = self.lookup(&key) {
             return Ok(tc);
         }
+        if let Some(tc) = self.revive(&key, code) {
+            return Ok(tc);
+        }
         self.build(key, code, self.config.max_block_insns, true)
+    }
+
+    /// Most blocks parked per key: a key whose page maps to ever new
+    /// frames (exec after exec) must not fill the TC with dead versions.
+    const MAX_PARKED: usize = 4;
+
+    /// A parked block of `key` whose pages map where they did when it was
+    /// translated, registered again.
+    fn revive(&mut self, key: &BlockKey, code: &mut dyn GuestCode) -> Option<u32> {
+        let ids = self.parked.get(key)?;
+        let id = ids.iter().copied().find(|&id| {
+            self.blocks[id as usize]
+                .as_ref()
+                .is_some_and(|b| b.pages.iter().all(|p| code.phys_page(p.linear) == Some(p.phys)))
+        })?;
+        let ids = self.parked.get_mut(key)?;
+        ids.retain(|&x| x != id);
+        if ids.is_empty() {
+            self.parked.remove(key);
+        }
+        let b = self.blocks[id as usize].as_ref()?;
+        let entry = b.entry;
+        for p in &b.pages {
+            self.user_pages.entry(p.linear).or_default().push(id);
+        }
+        let had_slot = !b.indirect_slots.is_empty();
+        self.by_key.insert(*key, id);
+        self.stats.blocks_revived += 1;
+        if self.config.chaining {
+            self.chain_eagerly(id, key);
+            // The chains parking undid, from blocks that are back too.
+            let links =
+                self.blocks[id as usize].as_mut().map(|b| std::mem::take(&mut b.parked_links)).unwrap_or_default();
+            for l in links {
+                let relink = self.blocks.get(l.block as usize).and_then(Option::as_ref).is_some_and(|src| {
+                    let x = src.exits[l.exit as usize];
+                    self.by_key.get(&src.key) == Some(&l.block)
+                        && x.chained.is_none()
+                        && src.key.with_eip(x.target_eip) == *key
+                });
+                if relink {
+                    self.link(l.block, l.exit as usize, id);
+                }
+            }
+        }
+        let slot = key.eip as u16;
+        if had_slot && self.tables[table_class(key.cpl)].entries[slot as usize].is_none() {
+            let _ = self.install_indirect(key);
+        }
+        Some(entry)
+    }
+
+    /// Sets user block `id` aside ([`Engine::parked`]); blocks that are not
+    /// registered under their key (capped ones) are dropped instead.
+    fn park_block(&mut self, id: u32) -> Option<BlockKey> {
+        let key = self.blocks.get(id as usize)?.as_ref()?.key;
+        if self.by_key.get(&key) != Some(&id) || key.cpl != 3 {
+            return self.drop_block(id);
+        }
+        let incoming = self.blocks[id as usize].as_ref()?.incoming.clone();
+        let mut undone = Vec::new();
+        for l in incoming {
+            if l.block != id {
+                self.unlink(l.block, l.exit as usize);
+                undone.push(l);
+            }
+        }
+        let b = self.blocks[id as usize].as_mut()?;
+        b.parked_links = undone;
+        let (slots, pages) = (b.indirect_slots.clone(), b.pages.clone());
+        let t = &mut self.tables[table_class(key.cpl)];
+        for slot in slots {
+            if t.entries[slot as usize] == Some(id) {
+                t.entries[slot as usize] = None;
+                self.view.write_u32(t.offset + 4 * u32::from(slot), self.miss_stub);
+            }
+        }
+        for p in &pages {
+            if let Some(list) = self.user_pages.get_mut(&p.linear) {
+                list.retain(|&x| x != id);
+                if list.is_empty() {
+                    self.user_pages.remove(&p.linear);
+                }
+            }
+        }
+        self.by_key.remove(&key);
+        let list = self.parked.entry(key).or_default();
+        list.push(id);
+        let oldest = (list.len() > Self::MAX_PARKED).then(|| list[0]);
+        if let Some(old) = oldest {
+            self.drop_block(old);
+        }
+        self.stats.blocks_parked += 1;
+        Some(key)
     }
 
     /// A one-off translation of at most `cap` instructions at `key` (the
@@ -416,7 +523,7 @@ impl Engine {
         }
         stale.sort_unstable();
         stale.dedup();
-        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
+        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.park_block(id)).collect();
         if !keys.is_empty() {
             self.stats.invalidations += 1;
             self.stats.blocks_invalidated += keys.len() as u64;
@@ -440,7 +547,7 @@ impl Engine {
                     .is_some_and(|b| b.pages.iter().any(|p| p.linear == linear && Some(p.phys) != now))
             })
             .collect();
-        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
+        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.park_block(id)).collect();
         if !keys.is_empty() {
             self.stats.invalidations += 1;
             self.stats.blocks_invalidated += keys.len() as u64;
@@ -491,6 +598,7 @@ impl Engine {
     pub fn flush(&mut self) {
         self.blocks.clear();
         self.by_key.clear();
+        self.parked.clear();
         self.by_tc.clear();
         self.by_page.clear();
         self.user_pages.clear();
@@ -679,6 +787,7 @@ impl Engine {
             guest_bytes,
             sites: first_site..first_site + e.sites.len() as u32,
             indirect_slots: Vec::new(),
+            parked_links: Vec::new(),
         };
         let entry = block.entry;
         self.blocks.push(Some(block));
@@ -806,6 +915,12 @@ impl Engine {
         }
         if self.by_key.get(&b.key) == Some(&id) {
             self.by_key.remove(&b.key);
+        }
+        if let Some(list) = self.parked.get_mut(&b.key) {
+            list.retain(|&x| x != id);
+            if list.is_empty() {
+                self.parked.remove(&b.key);
+            }
         }
         for p in &b.pages {
             if let Some(list) = self.by_page.get_mut(&p.phys) {

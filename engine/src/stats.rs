@@ -30,6 +30,10 @@ pub struct Stats {
     /// Calls to `invalidate_phys_page`/`revalidate_mappings` that dropped something.
     pub invalidations: u64,
     pub blocks_invalidated: u64,
+    /// User blocks set aside because the address space mapped their pages
+    /// elsewhere, and of those, taken back when it mapped them again.
+    pub blocks_parked: u64,
+    pub blocks_revived: u64,
     pub flushes: u64,
 }
 
@@ -50,6 +54,8 @@ impl Stats {
             ("/engine/indirect/installs".into(), self.indirect_installs),
             ("/engine/invalidations".into(), self.invalidations),
             ("/engine/blocks/invalidated".into(), self.blocks_invalidated),
+            ("/engine/blocks/parked".into(), self.blocks_parked),
+            ("/engine/blocks/revived".into(), self.blocks_revived),
             ("/engine/flushes".into(), self.flushes),
         ];
         v.extend(self.callouts_taken.iter().map(|(k, n)| (format!("/engine/callouts/{k}"), *n)));

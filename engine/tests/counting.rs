@@ -152,6 +152,33 @@ fn user_blocks_go_when_their_pages_map_elsewhere() {
 }
 
 #[test]
+fn user_blocks_come_back_when_their_frames_are_mapped_again() {
+    let mut mem = Mem::new(BASE, &code());
+    let mut e = counting();
+    let user = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
+    let entry = e.translate(user, &mut mem).unwrap();
+    let translated = e.stats().blocks_translated;
+    // Another address space maps the page elsewhere: the block is parked...
+    assert_eq!(e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000)), vec![user]);
+    assert!(e.lookup(&user).is_none());
+    // ... a translation there is a new block (other frames, other bytes) ...
+    let other = e.translate(user, &mut Shifted(&mut mem, 0x10_0000)).unwrap();
+    assert_ne!(other, entry);
+    // ... and back in the first address space the parked one returns,
+    // untranslated, while the other is parked in turn.
+    e.revalidate_user_mappings(&mut Shifted(&mut mem, 0));
+    assert_eq!(e.translate(user, &mut mem).unwrap(), entry);
+    let s = e.stats();
+    assert_eq!(s.blocks_translated, translated + 1, "only the other address space's block was translated");
+    assert_eq!((s.blocks_parked, s.blocks_revived), (2, 1));
+    // A write to the code drops parked blocks too: nothing stale comes back.
+    e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000));
+    let phys = engine::GuestCode::phys_page(&mut mem, BASE).unwrap();
+    e.invalidate_phys_page(phys);
+    assert_ne!(e.translate(user, &mut mem).unwrap(), entry, "retranslated after the write");
+}
+
+#[test]
 fn invlpg_revalidates_only_the_user_blocks_of_its_page() {
     let mut mem = Mem::new(BASE, &code());
     mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret

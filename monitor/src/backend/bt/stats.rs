@@ -81,6 +81,8 @@ impl BtStats {
         v.push(("engine/indirect_misses".into(), e.indirect_misses));
         v.push(("engine/invalidations".into(), e.invalidations));
         v.push(("engine/blocks_invalidated".into(), e.blocks_invalidated));
+        v.push(("engine/blocks_parked".into(), e.blocks_parked));
+        v.push(("engine/blocks_revived".into(), e.blocks_revived));
         v.push(("engine/flushes".into(), e.flushes));
         for (k, n) in &e.callouts_taken {
             v.push((format!("engine/callouts/{k}"), *n));
