@@ -194,6 +194,8 @@ struct RegionCache {
     park: Vec<(u32, u32)>,
     /// `(start, len, rights)` runs to restore when reviving.
     revive: Vec<(u32, u32, Prot)>,
+    /// Every shadow is of a supervisor-only page.
+    supervisor_only: bool,
 }
 
 /// What [`ShadowMmu::check_region`] found.
@@ -726,6 +728,14 @@ impl ShadowMmu {
         if let Some(c) = cached {
             return c;
         }
+        let c = self.compute_region_cache(base);
+        if let Some(r) = self.regions.get_mut(&base).or(self.parked_regions.get_mut(&base)) {
+            r.cache = Some(c.clone());
+        }
+        c
+    }
+
+    fn compute_region_cache(&self, base: u32) -> RegionCache {
         let pages: Vec<u32> = self.nonglobal.range(self.region_range(base)).copied().collect();
         let mut revive: Vec<(u32, u32, Prot)> = Vec::new();
         for &gva in &pages {
@@ -735,11 +745,8 @@ impl ShadowMmu {
                 _ => revive.push((gva, PAGE_SIZE, prot)),
             }
         }
-        let c = RegionCache { pages: pages.len(), park: self.spans_without_globals(&pages), revive };
-        if let Some(r) = self.regions.get_mut(&base).or(self.parked_regions.get_mut(&base)) {
-            r.cache = Some(c.clone());
-        }
-        c
+        let supervisor_only = pages.iter().all(|gva| !self.entries[gva].user);
+        RegionCache { pages: pages.len(), park: self.spans_without_globals(&pages), revive, supervisor_only }
     }
 
     fn put(&mut self, gva: u32, e: ShadowEntry) -> Option<ShadowEntry> {
@@ -930,6 +937,27 @@ impl ShadowMmu {
                 continue;
             }
             self.stats.cr3_regions_checked += 1;
+            let mut r = r;
+            if !self.config.user_isolation && self.region_absent(mem, base) {
+                // The new address space does not map this region at all:
+                // Linux's page-table isolation (the user half of each pair
+                // maps no kernel memory). Supervisor-only shadows stay, so
+                // the switch back finds them in place: without isolation
+                // the guest's user code reaches supervisor pages anyway
+                // (docs/security.md), and guest kernel code never runs
+                // there on the user tables.
+                let c = match r.cache.clone() {
+                    Some(c) => c,
+                    None => self.compute_region_cache(base),
+                };
+                r.cache = Some(c.clone());
+                if c.supervisor_only && c.pages > 0 {
+                    kept += c.pages;
+                    self.stats.cr3_absent_kept_pages += c.pages as u64;
+                    self.regions.insert(base, r);
+                    continue;
+                }
+            }
             let check = self.check_region(mem, base, &r);
             if check.all_failed && r.key.is_some() && r.key != check.key {
                 // Another directory entry (or none) here: the address space
@@ -1030,10 +1058,21 @@ impl ShadowMmu {
     /// Checks the non-global shadows of the region at `base`, validated as
     /// `r` says, against the current tables: by the directory entry and the
     /// page-table snapshot, and page by page only where those changed.
-    fn check_region<M: PhysMem + ?Sized>(&mut self, mem: &M, base: u32, r: &Region) -> RegionCheck {
-        let pde = directory_entry(mem, &self.regs, &self.pdptes, base)
+    /// The region at `base` has no directory entry at all (not present):
+    /// not one the guest has yet to walk (A clear) or another one.
+    fn region_absent<M: PhysMem + ?Sized>(&self, mem: &M, base: u32) -> bool {
+        directory_entry(mem, &self.regs, &self.pdptes, base).is_none_or(|(_, v)| v & pte::P == 0)
+    }
+
+    /// The usable directory entry of the region at `base`, if any.
+    fn region_dir<M: PhysMem + ?Sized>(&self, mem: &M, base: u32) -> Option<u64> {
+        directory_entry(mem, &self.regs, &self.pdptes, base)
             .map(|(_, v)| v)
-            .filter(|&p| p & pte::P != 0 && p & pte::A != 0 && !dir_reserved(&self.regs, p));
+            .filter(|&p| p & pte::P != 0 && p & pte::A != 0 && !dir_reserved(&self.regs, p))
+    }
+
+    fn check_region<M: PhysMem + ?Sized>(&mut self, mem: &M, base: u32, r: &Region) -> RegionCheck {
+        let pde = self.region_dir(mem, base);
         let Some(pde) = pde else {
             let failed: Vec<u32> = self.nonglobal.range(self.region_range(base)).copied().collect();
             return RegionCheck { failed, key: None, unchanged: false, all_failed: true };

@@ -46,6 +46,9 @@ pub struct Stats {
     /// Shadows a MOV CR3 parked (mapped with no rights) because the new
     /// address space has another directory entry there.
     pub cr3_parked_pages: u64,
+    /// Supervisor-only shadows a MOV CR3 kept although the new address
+    /// space maps nothing there (page-table isolation's user tables).
+    pub cr3_absent_kept_pages: u64,
     /// Parked shadows a MOV CR3 revived (their directory entry came back).
     pub cr3_unparked_pages: u64,
     /// Parked shadows unmapped: a fault in their region, or the periodic
@@ -76,7 +79,7 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 31] {
+    pub fn counters(&self) -> [(&'static str, u64); 32] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
@@ -101,6 +104,7 @@ impl Stats {
             ("shadow/tlb/cr3_checked_pages", self.cr3_checked_pages),
             ("shadow/tlb/cr3_regions_checked", self.cr3_regions_checked),
             ("shadow/tlb/cr3_parked_pages", self.cr3_parked_pages),
+            ("shadow/tlb/cr3_absent_kept_pages", self.cr3_absent_kept_pages),
             ("shadow/tlb/cr3_unparked_pages", self.cr3_unparked_pages),
             ("shadow/tlb/parked_evicted_pages", self.parked_evicted_pages),
             ("shadow/tlb/invlpg_kept", self.invlpg_kept),

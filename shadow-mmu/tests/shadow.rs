@@ -599,10 +599,13 @@ fn stale_large_page_stays_until_invlpg() {
 /// Linux's page-table isolation under PAE: a kernel and a user PDPT share
 /// the user page directory; the kernel's 2 MiB page and its 4 KiB data are
 /// not in the user one. Switching back and forth keeps the user pages
-/// without a per-page check, parks the kernel's and revives them with no
-/// new mapping and no hidden fault.
+/// without a per-page check and, without `user_isolation`, the kernel's
+/// too (the user tables map nothing there): no host call, no new mapping,
+/// no hidden fault. (With `user_isolation` they are parked and revived, as
+/// `an_address_space_switch_keeps_what_the_new_one_maps_identically` shows
+/// for other tables.)
 #[test]
-fn page_table_isolation_switches_park_and_revive_the_kernel() {
+fn page_table_isolation_switches_keep_the_kernel() {
     let mut v = common::vm();
     let mut k = shadow_mmu::fake::PagerPae::new(TABLES);
     k.map_4k(&mut v.mem, 0x0804_8000, 0x20_0000, RW_US | AD);
@@ -617,24 +620,28 @@ fn page_table_isolation_switches_park_and_revive_the_kernel() {
         assert_eq!(v.fault(gva, Access::write()), FaultOutcome::Resolved, "{gva:#x}");
     }
     // Walked once: the directory entries have A set now.
-    let maps = v.win.map_calls();
+    let (maps, protects) = (v.win.map_calls(), v.win.protect_calls());
     let checked = v.mmu.stats().cr3_checked_pages;
     for _ in 0..3 {
         v.set_cr3(user_cr3);
         assert!(v.mmu.entry(0x0804_8000).is_some());
-        assert_eq!(v.mmu.entry(0xC000_0000), None);
-        assert_eq!(v.win.at(0xC000_0000).map(|(_, p)| p), Some(Prot::NONE), "parked");
-        assert!(matches!(v.fault(0xC060_0000, Access::read()), FaultOutcome::GuestPageFault { .. }));
+        assert_eq!(v.win.at(0xC000_0000), Some((0x40_0000, Prot::RWX)), "kept");
         v.set_cr3(k.cr3);
-        assert_eq!(v.win.at(0xC000_0000), Some((0x40_0000, Prot::RWX)), "revived");
+        assert_eq!(v.win.at(0xC000_0000), Some((0x40_0000, Prot::RWX)));
     }
     assert_eq!(v.win.map_calls(), maps, "no new mapping");
-    // 0xC060_0000 faulted under the user tables (a #PF drops its parked
-    // shadow), so only the large page came back.
+    assert_eq!(v.win.protect_calls(), protects, "no host call at all");
+    assert!(v.mmu.stats().cr3_absent_kept_pages > 0);
+    // The user page and the kernel's 4 KiB page, once each: they were
+    // shadowed after their regions' last snapshots; from then on the
+    // snapshots vouch for them.
+    assert_eq!(v.mmu.stats().cr3_checked_pages - checked, 2);
+    // A guest #PF under the user tables (the kernel has no business there,
+    // but a stray access must still fault) drops the kept shadow.
+    v.set_cr3(user_cr3);
+    assert!(matches!(v.fault(0xC060_0000, Access::read()), FaultOutcome::GuestPageFault { .. }));
+    v.set_cr3(k.cr3);
     assert_eq!(v.mmu.entry(0xC060_0000), None);
-    // Only the user page, once: it was shadowed after its region's last
-    // snapshot; from then on the snapshot vouches for it.
-    assert_eq!(v.mmu.stats().cr3_checked_pages - checked, 1);
     // A kernel PTE changed while the user tables were loaded: caught.
     v.fault(0xC060_0000, Access::read());
     v.set_cr3(user_cr3);
@@ -644,4 +651,39 @@ fn page_table_isolation_switches_park_and_revive_the_kernel() {
     assert_eq!(v.win.at(0xC060_0000), None, "stale: unmapped, not revived");
     assert_eq!(v.fault(0xC060_0000, Access::read()), FaultOutcome::Resolved);
     assert_eq!(v.win.at(0xC060_0000).unwrap().0, 0x30_1000);
+}
+
+#[test]
+fn supervisor_shadows_stay_across_a_switch_to_tables_that_do_not_map_them() {
+    // Page-table isolation: A (the kernel tables) maps a supervisor page
+    // and a user page, B (the user tables) maps neither region at all.
+    for isolate in [false, true] {
+        let (mut v, mut p) = vm32(MmuConfig { batch_small: 4096, user_isolation: isolate, ..MmuConfig::default() }, 0);
+        p.map_4k(&mut v.mem, 0xC000_0000, 0x20_0000, pte::RW | AD); // supervisor
+        p.map_4k(&mut v.mem, 0x0800_0000, 0x20_1000, RW_US | AD); // user
+        v.fault(0xC000_0000, Access::write());
+        v.fault(0x0800_0000, Access::write().user());
+        let q = Pager32::new(TABLES + 0x8_0000);
+        let protects = v.win.protect_calls();
+        v.set_cr3(q.cr3);
+        if isolate {
+            assert_eq!(v.mmu.entry(0xC000_0000), None, "isolate: strict, the kernel page goes");
+        } else {
+            assert_eq!(v.win.at(0xC000_0000), Some((0x20_0000, Prot::RWX)), "kept, rights and all");
+            assert_eq!(v.mmu.stats().cr3_absent_kept_pages, 1);
+        }
+        // A user page of a region B does not map is never kept: B's user
+        // code must fault there (demand paging of its own memory).
+        assert_eq!(v.mmu.entry(0x0800_0000), None);
+        assert_eq!(v.win.at(0x0800_0000).map(|(_, prot)| prot), Some(Prot::NONE));
+        assert!(v.win.protect_calls() > protects);
+        // Back to A: the kept page needed nothing, the user page comes back.
+        let protects = v.win.protect_calls();
+        v.set_cr3(p.cr3);
+        assert!(v.mmu.entry(0xC000_0000).is_some() || isolate);
+        assert!(v.mmu.entry(0x0800_0000).is_some());
+        if !isolate {
+            assert_eq!(v.win.protect_calls() - protects, 1, "only the user page's revival");
+        }
+    }
 }
