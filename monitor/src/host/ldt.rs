@@ -53,6 +53,40 @@ pub struct HostSegment {
     pub present: bool,
 }
 
+/// What the host LDT holds, entry by entry, as its writer recorded it: a
+/// dense table (the selector checks and shadow compares run on every entry
+/// into guest code, where a SipHash map lookup per segment showed in
+/// profiles of system calls).
+#[derive(Clone, Debug)]
+pub struct LdtTable(Box<[Option<HostSegment>]>);
+
+impl Default for LdtTable {
+    fn default() -> LdtTable {
+        LdtTable(vec![None; usize::from(LDT_ENTRIES)].into_boxed_slice())
+    }
+}
+
+impl LdtTable {
+    pub fn get(&self, index: &u16) -> Option<&HostSegment> {
+        self.0.get(usize::from(*index))?.as_ref()
+    }
+    /// Records entry `index` (ignored beyond the LDT, which `set_entry`
+    /// refuses anyway).
+    pub fn insert(&mut self, index: u16, seg: HostSegment) {
+        if let Some(e) = self.0.get_mut(usize::from(index)) {
+            *e = Some(seg);
+        }
+    }
+}
+
+impl Extend<(u16, HostSegment)> for LdtTable {
+    fn extend<I: IntoIterator<Item = (u16, HostSegment)>>(&mut self, iter: I) {
+        for (i, seg) in iter {
+            self.insert(i, seg);
+        }
+    }
+}
+
 impl HostSegment {
     /// A flat 32-bit segment covering the whole 4 GiB.
     pub const fn flat(kind: SegKind) -> Self {

@@ -2,7 +2,6 @@
 //! state, enters compatibility-mode code with [`Vcpu::run`] and returns the
 //! next [`Exit`].
 
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -199,7 +198,7 @@ static VCPU_TAKEN: AtomicBool = AtomicBool::new(false);
 pub struct Vcpu {
     window: &'static Window,
     /// Host LDT entries this vCPU set up, by index.
-    ldt: HashMap<u16, HostSegment>,
+    ldt: ldt::LdtTable,
     _not_send: PhantomData<*mut ()>,
 }
 
@@ -262,7 +261,7 @@ impl Vcpu {
         seccomp::install_on_current_thread().map_err(release)?;
         POPEK_KICK_PENDING.store(0, Ordering::SeqCst);
         install_exit_gate(window);
-        let mut v = Vcpu { window, ldt: HashMap::new(), _not_send: PhantomData };
+        let mut v = Vcpu { window, ldt: ldt::LdtTable::default(), _not_send: PhantomData };
         {
             let f = v.frame_mut();
             f.gpr = [0; 8];

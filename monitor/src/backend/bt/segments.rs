@@ -20,8 +20,6 @@
 //! segments would buy nothing here anyway: in-process user code can load the
 //! host's flat selectors itself.
 
-use std::collections::HashMap;
-
 use engine::vmm_area::{self as area, vcpu as page};
 
 use super::memory::Guest;
@@ -113,7 +111,7 @@ struct TcCache {
 pub struct Shadows {
     vmm_base: u32,
     /// Host LDT entries as written, by index.
-    ldt: HashMap<u16, HostSegment>,
+    ldt: crate::host::ldt::LdtTable,
     /// Host LDT writes so far (a counter, and the stamp of `tc_cache`).
     writes: u64,
     tc_cache: Option<TcCache>,
@@ -124,7 +122,7 @@ pub struct Shadows {
 
 impl Shadows {
     pub fn new(vmm_base: u32, alias: VmmAlias) -> Shadows {
-        Shadows { vmm_base, ldt: HashMap::new(), writes: 0, tc_cache: None, seg_cache: SegCache::new(alias) }
+        Shadows { vmm_base, ldt: Default::default(), writes: 0, tc_cache: None, seg_cache: SegCache::new(alias) }
     }
 
     /// Host LDT entries written so far.

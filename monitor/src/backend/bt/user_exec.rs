@@ -17,8 +17,6 @@
 //! docs/translator.md ("User code") gives the measurements behind the
 //! numbers.
 
-use std::collections::HashMap;
-
 /// `--user-exec`: which mode guest user code runs in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum UserExec {
@@ -61,7 +59,7 @@ pub struct Policy {
     mode: UserExec,
     /// TSC cycles per µs (the thresholds are in µs).
     tsc_per_us: f64,
-    spaces: HashMap<u32, Space>,
+    spaces: engine::fxhash::FxHashMap<u32, Space>,
     /// The address space and mode of the last question (the common case:
     /// the same one again).
     last: Option<(u32, bool)>,
@@ -93,7 +91,14 @@ impl Policy {
     const MAX_SPACES: usize = 4096;
 
     pub fn new(mode: UserExec, tsc_per_us: f64) -> Policy {
-        Policy { mode, tsc_per_us, spaces: HashMap::new(), last: None, stretch: None, stats: PolicyStats::default() }
+        Policy {
+            mode,
+            tsc_per_us,
+            spaces: Default::default(),
+            last: None,
+            stretch: None,
+            stats: PolicyStats::default(),
+        }
     }
 
     pub fn mode(&self) -> UserExec {
