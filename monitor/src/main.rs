@@ -213,7 +213,8 @@ struct FuzzArgs {
     /// Where reproducers are written.
     #[arg(long, default_value = "popek-fuzz-repro")]
     out: PathBuf,
-    /// Run this reproducer once on TARGET instead of fuzzing.
+    /// Run this reproducer (or every file in this directory) once on TARGET
+    /// instead of fuzzing.
     #[arg(long)]
     repro: Option<PathBuf>,
     /// Stop each target after this many inputs.
@@ -222,6 +223,9 @@ struct FuzzArgs {
     /// An input running longer than this many seconds is a hang.
     #[arg(long, default_value_t = 10.0)]
     hang_seconds: f64,
+    /// Also list what the inputs reached (loads, error kinds, divergences).
+    #[arg(long)]
+    verbose_outcomes: bool,
     /// Fuzz in this process (no protection against hangs, aborts and stack
     /// overflows; for debugging the driver).
     #[arg(long)]
@@ -253,9 +257,19 @@ fn fuzz(a: FuzzArgs) -> ExitCode {
             }
         }
     };
-    if let Some(file) = &a.repro {
+    if let Some(path) = &a.repro {
+        // A file, or a directory of them (a regression corpus).
+        let files = match std::fs::read_dir(path) {
+            Ok(dir) => {
+                let mut v: Vec<PathBuf> =
+                    dir.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+                v.sort();
+                v
+            }
+            Err(_) => vec![path.clone()],
+        };
         let mut failed = false;
-        for info in &infos {
+        for (info, file) in infos.iter().flat_map(|i| files.iter().map(move |f| (i, f))) {
             match fuzz::reproduce(info, file) {
                 Ok(fuzz::Outcome::Ok) => println!("{}: {}: ok", info.name, file.display()),
                 Ok(fuzz::Outcome::Failed(msg)) => {
@@ -327,6 +341,11 @@ fn fuzz(a: FuzzArgs) -> ExitCode {
                 );
                 for (path, msg) in &r.reproducers {
                     println!("  reproducer {}: {msg}", path.display());
+                }
+                if a.verbose_outcomes {
+                    for (what, n) in &r.outcomes {
+                        println!("    {n:>10}  {what}");
+                    }
                 }
                 reports.push(r);
             }

@@ -126,7 +126,13 @@ impl Target for BzImage {
                 img
             };
             let _ = crate::loader::detect(&img);
-            let Ok(h) = linux::parse(&img) else { return Ok(Ok(())) };
+            let h = match linux::parse(&img) {
+                Ok(h) => h,
+                Err(e) => {
+                    super::note_err("parse:", &e);
+                    return Ok(Ok(()));
+                }
+            };
             if h.kernel_offset as u64 + h.kernel_size != img.len() as u64 {
                 return Ok(Err(format!(
                     "kernel offset {:#x} + size {:#x} is not the image",
@@ -141,7 +147,14 @@ impl Target for BzImage {
                 2 => Some(vec![0x5A; u.int_in_range(0..=(mem.size() as usize + 4096))?]),
                 _ => Some(u.bytes(u.len().min(256))?.to_vec()),
             };
-            let Ok(boot) = linux::load(mem, &img, &cmdline, initrd.as_deref()) else { return Ok(Ok(())) };
+            let boot = match linux::load(mem, &img, &cmdline, initrd.as_deref()) {
+                Ok(b) => b,
+                Err(e) => {
+                    super::note_err("load:", &e);
+                    return Ok(Ok(()));
+                }
+            };
+            super::note(if boot.state.range(&RangeKind::Initrd).is_some() { "loaded with initrd" } else { "loaded" });
             Ok(check_linux(mem, &img, &boot))
         })
     }
@@ -322,7 +335,14 @@ impl Target for Multiboot {
             }
             let modules: Vec<Module<'_>> =
                 datas.iter().zip(&lines).map(|(d, c)| Module { data: d, cmdline: c }).collect();
-            let Ok(state) = multiboot::load(mem, &img, &cmdline, &modules) else { return Ok(Ok(())) };
+            let state = match multiboot::load(mem, &img, &cmdline, &modules) {
+                Ok(s) => s,
+                Err(e) => {
+                    super::note_err("load:", &e);
+                    return Ok(Ok(()));
+                }
+            };
+            super::note(if state.eip != 0 && modules.is_empty() { "loaded" } else { "loaded with modules" });
             Ok(check_multiboot(mem, &state))
         })
     }
@@ -455,6 +475,7 @@ impl Target for Initramfs {
             }
             let cpio = a.to_cpio();
             let want = expected(&a);
+            super::note(if want.is_empty() { "archive: empty" } else { "archive: with entries" });
             let got: Vec<_> = match initramfs::read_cpio(&cpio) {
                 Ok(g) => g.into_iter().map(|e| (e.name, e.mode, e.data, e.rdevmajor, e.rdevminor)).collect(),
                 Err(e) => return Ok(Err(format!("the writer's archive does not read back: {e}"))),
@@ -502,7 +523,10 @@ impl Target for Initramfs {
                 }
             }
             mutate::mutate(u, &mut bad, &[], 4)?;
-            let _ = initramfs::read_cpio(&bad);
+            match initramfs::read_cpio(&bad) {
+                Ok(_) => super::note("damaged: read"),
+                Err(e) => super::note(&format!("damaged: {e}")),
+            }
             if u.ratio(1u8, 16)? {
                 if let Ok(gz) = initramfs::gzip(&bad) {
                     let _ = initramfs::read_gzip_cpio(&gz);

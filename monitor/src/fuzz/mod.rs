@@ -93,8 +93,59 @@ pub fn targets() -> &'static [TargetInfo] {
     ]
 }
 
-/// The target called `name`.
+/// A target that fails on purpose (not in `list` or `all`): the tests of
+/// the driver and the supervisor use it. An input starting with 0xFF fails
+/// as its second byte modulo 8 says: 1 panic, 2 abort, 3 hang, 4 a huge
+/// allocation, 5 a stack overflow, 6 a violated property; anything else
+/// passes.
+pub static SELFTEST: TargetInfo = TargetInfo {
+    name: "selftest",
+    about: "fails on purpose (tests of the fuzz driver)",
+    max_len: 16,
+    make: || Ok(Box::new(SelfTest)),
+};
+
+struct SelfTest;
+
+impl Target for SelfTest {
+    fn run(&mut self, input: &[u8]) -> Result<(), String> {
+        fn recurse(n: u64) -> u64 {
+            let pad = std::hint::black_box([n; 64]);
+            if n == u64::MAX {
+                return 0;
+            }
+            pad[7].wrapping_add(recurse(std::hint::black_box(n + 1)))
+        }
+        if input.first() != Some(&0xFF) {
+            return Ok(());
+        }
+        match input.get(1).map(|b| b % 8) {
+            Some(1) => panic!("selftest panic"),
+            Some(2) => std::process::abort(),
+            Some(3) => loop {
+                std::thread::sleep(Duration::from_secs(1));
+            },
+            Some(4) => {
+                // black_box on the vector itself: an unused allocation may be elided.
+                let v: Vec<u8> = std::hint::black_box(Vec::with_capacity(std::hint::black_box(3usize << 30)));
+                drop(std::hint::black_box(v));
+                Ok(())
+            }
+            Some(5) => {
+                std::hint::black_box(recurse(0));
+                Ok(())
+            }
+            Some(6) => Err("selftest property".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The target called `name` (`selftest` included).
 pub fn target(name: &str) -> Result<&'static TargetInfo, FuzzError> {
+    if name == SELFTEST.name {
+        return Ok(&SELFTEST);
+    }
     targets().iter().find(|t| t.name == name).ok_or_else(|| FuzzError::UnknownTarget(name.to_string()))
 }
 
@@ -135,6 +186,8 @@ pub struct Report {
     pub slowest_ms: f64,
     /// Peak heap bytes one input held (0 when the guard allocator is not installed).
     pub peak_heap: u64,
+    /// How many inputs reached what ([`note`]).
+    pub outcomes: Vec<(String, u64)>,
 }
 
 /// Exit status of a worker that could not even start (bad arguments, a
@@ -195,9 +248,24 @@ impl Rng {
 }
 
 thread_local! {
+    /// What the inputs reached (see [`note`]).
+    static OUTCOMES: RefCell<std::collections::BTreeMap<String, u64>> = const { RefCell::new(std::collections::BTreeMap::new()) };
     /// The message of the last panic on this thread while capturing.
     static CAPTURED: RefCell<Option<String>> = const { RefCell::new(None) };
     static CAPTURING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts an outcome of an input ("loaded", "error NoBootFlag"): a run's
+/// report lists them, which shows how deep the inputs get.
+pub fn note(what: &str) {
+    OUTCOMES.with(|o| *o.borrow_mut().entry(what.to_string()).or_default() += 1);
+}
+
+/// Counts an error by its variant name (`prefix` + the `Debug` form's first word).
+pub fn note_err(prefix: &str, e: &impl std::fmt::Debug) {
+    let d = format!("{e:?}");
+    let name: String = d.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+    note(&format!("{prefix} {name}"));
 }
 
 /// Installs (once) a panic hook that keeps panics of inputs quiet and
@@ -301,6 +369,7 @@ pub fn fuzz(info: &TargetInfo, opts: &Options, mut progress: Option<&mut dyn Pro
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(opts.seconds.max(0.0));
     let mut slowest = Duration::ZERO;
+    OUTCOMES.with(|o| o.borrow_mut().clear());
     loop {
         // The clock is read every input: inputs take microseconds to
         // milliseconds, and a deadline overshoot by a slow one is fine.
@@ -336,7 +405,7 @@ pub fn fuzz(info: &TargetInfo, opts: &Options, mut progress: Option<&mut dyn Pro
                 report.reproducers.push((path, msg));
             }
         }
-        if report.inputs % 256 == 0 {
+        if report.inputs.is_multiple_of(256) {
             if let Some(p) = progress.as_deref_mut() {
                 p.counters(report.inputs, report.failures);
             }
@@ -345,11 +414,12 @@ pub fn fuzz(info: &TargetInfo, opts: &Options, mut progress: Option<&mut dyn Pro
     if guard {
         alloc::disarm();
     }
-    if let Some(p) = progress.as_deref_mut() {
+    if let Some(p) = progress {
         p.counters(report.inputs, report.failures);
     }
     report.seconds = start.elapsed().as_secs_f64();
     report.slowest_ms = slowest.as_secs_f64() * 1e3;
+    report.outcomes = OUTCOMES.with(|o| std::mem::take(&mut *o.borrow_mut())).into_iter().collect();
     Ok(report)
 }
 
@@ -357,7 +427,19 @@ pub fn fuzz(info: &TargetInfo, opts: &Options, mut progress: Option<&mut dyn Pro
 pub fn reproduce(info: &TargetInfo, file: &Path) -> Result<Outcome, FuzzError> {
     let input = std::fs::read(file).map_err(|source| FuzzError::Io { path: file.to_owned(), source })?;
     let mut t = make(info)?;
-    Ok(run_input(t.as_mut(), &input))
+    if alloc::installed() {
+        alloc::arm();
+    }
+    let base = alloc::reset_peak();
+    let outcome = run_input(t.as_mut(), &input);
+    let grew = alloc::peak().saturating_sub(base);
+    alloc::disarm();
+    Ok(match outcome {
+        Outcome::Ok if grew > HEAP_LIMIT => {
+            Outcome::Failed(format!("input held {} MiB of heap at its peak", grew >> 20))
+        }
+        o => o,
+    })
 }
 
 /// The `--json` rows: `{target, seed, inputs, failures, seconds}` per report.

@@ -230,6 +230,7 @@ impl Storm {
                         if r.is_err() || v.is_none() {
                             break;
                         }
+                        super::note("interrupt acknowledged");
                         if eoi {
                             p.io_out(0x20, 1, 0x20);
                             p.io_out(0xA0, 1, 0x20);
@@ -247,7 +248,9 @@ impl Storm {
                     Ok(())
                 }
                 _ => {
-                    let _ = p.take_events();
+                    if !p.take_events().is_empty() {
+                        super::note("platform events");
+                    }
                     let _ = (p.loop_state(), p.a20_enabled(), p.stats(), p.virtio_stats(), p.pci_irqs());
                     Ok(())
                 }

@@ -173,7 +173,8 @@ pub fn supervise(exe: &Path, info: &TargetInfo, opts: &Options, hang: Duration) 
         total.reproducers.push((path, msg));
         restart += 1;
         if restart > MAX_RESTARTS {
-            break Err(FuzzError::Worker(format!("{} workers died; giving up", restart)));
+            eprintln!("popek fuzz: {}: {restart} workers died; stopping this target early", info.name);
+            break Ok(());
         }
     };
     let _ = std::fs::remove_file(&shared_path);
@@ -188,4 +189,11 @@ fn merge(total: &mut Report, r: Report) {
     total.reproducers.extend(r.reproducers);
     total.slowest_ms = total.slowest_ms.max(r.slowest_ms);
     total.peak_heap = total.peak_heap.max(r.peak_heap);
+    for (k, n) in r.outcomes {
+        match total.outcomes.iter_mut().find(|(t, _)| *t == k) {
+            Some(e) => e.1 += n,
+            None => total.outcomes.push((k, n)),
+        }
+    }
+    total.outcomes.sort();
 }

@@ -202,19 +202,20 @@ fn recompress(prologue: &[u8], raw: &[u8]) -> Vec<u8> {
 
 /// Damages an encoded trace: inside the stream (usually), outside it, or both.
 fn damage(u: &mut Unstructured<'_>, bytes: Vec<u8>) -> arbitrary::Result<Vec<u8>> {
-    let inside = u.ratio(3u8, 4)?;
+    let mode = u.int_in_range(0..=7u8)?;
     let mut out = match records(&bytes) {
-        Some((mut prologue, mut raw)) if inside => {
-            mutate::mutate(u, &mut raw, &[], 4)?;
-            if u.ratio(1u8, 16)? {
-                prologue[8] = u.arbitrary()?;
+        Some((mut prologue, mut raw)) if mode <= 6 => {
+            if mode == 6 {
+                // Another format version (1 lacks a header field).
+                prologue[8] = u.int_in_range(0..=3u8)?;
             }
+            mutate::mutate(u, &mut raw, &[], 4)?;
             recompress(&prologue, &raw)
         }
         _ => bytes,
     };
-    if !inside || u.ratio(1u8, 8)? {
-        mutate::mutate(u, &mut out, &[mutate::Field::new(8, 2)], 3)?;
+    if mode == 7 {
+        mutate::mutate(u, &mut out, &[], 3)?;
     }
     Ok(out)
 }
@@ -259,7 +260,15 @@ impl Target for TraceTarget {
             }
             // Damaged.
             let bad = damage(u, bytes)?;
-            if let Ok(p) = Trace::from_bytes_partial(&bad) {
+            let read = Trace::from_bytes_partial(&bad);
+            match &read {
+                Ok(p) => match &p.stopped {
+                    None => super::note("damaged: complete"),
+                    Some(e) => super::note_err("damaged: events, then", e),
+                },
+                Err(e) => super::note_err("damaged: no header:", e),
+            }
+            if let Ok(p) = read {
                 let _ = crate::trace::info(&p.trace, bad.len() as u64);
                 let _ = crate::trace::diff::diff(&p.trace, &t);
                 if let Err(e) = reread(&p.trace) {
@@ -324,7 +333,12 @@ impl Target for Replay {
                 Err(_) => return Ok(Ok(())),
             };
             // The machine and switches the header names.
-            if let Ok(opts) = crate::run::options_from_header(&t.header) {
+            let opts = crate::run::options_from_header(&t.header);
+            match &opts {
+                Ok(_) => super::note("header: machine ok"),
+                Err(e) => super::note_err("header:", e),
+            }
+            if let Ok(opts) = opts {
                 let m = opts.machine();
                 if m.kernel.is_none() && m.initrd.is_none() {
                     if let Ok(now) = crate::trace::header::image_digests(&m) {
@@ -363,8 +377,12 @@ impl Target for Replay {
                     other.events.splice(i..i, extra.into_iter().filter(|e| !matches!(e, Event::End(_))));
                 }
             }
+            super::note("self-replay: verified");
             let mut r = crate::trace::replay::Replayer::new(&t);
-            let _ = feed(&mut r, &other);
+            match feed(&mut r, &other) {
+                Ok(()) => super::note("other replay: agreed"),
+                Err(_) => super::note("other replay: diverged"),
+            }
             let _ = crate::trace::diff::diff(&t, &other);
             Ok(Ok(()))
         })

@@ -214,8 +214,12 @@ impl Virtio {
             q.set_used_ring_address(Some(used as u32), Some(0));
             q.set_ready(true);
             for _ in 0..2 {
-                if process_queue(dev.as_mut(), 0, &mut q, &self.dm.view).is_err() {
-                    break;
+                match process_queue(dev.as_mut(), 0, &mut q, &self.dm.view) {
+                    Ok(_) => super::note("direct: served"),
+                    Err(e) => {
+                        super::note_err("direct: broken", &e);
+                        break;
+                    }
                 }
             }
             // The device completes at most what was made available.
@@ -240,7 +244,8 @@ impl Virtio {
             p.write(IO + 0x10, 2, 0);
             p.write(IO + 0x10, 2, u32::from(u.arbitrary::<u16>()? & 3));
             let _ = p.read(IO + 0x13, 1);
-            let _ = (p.broken(), p.irq_level(), p.stats());
+            super::note(if p.broken().is_some() { "pci: needs reset" } else { "pci: fine" });
+            let _ = (p.irq_level(), p.stats());
         }
         Ok(Ok(()))
     }
