@@ -16,7 +16,9 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-/// Every target, 2 s each, seed 15: no failure, and each ran inputs.
+/// Every target, 2 s each, seed 15: no failure, and each ran inputs
+/// (cpl3's known findings are filtered out of its generator; they have
+/// tests of their own below).
 #[test]
 fn every_target_runs_clean_for_a_few_seconds() {
     let dir = scratch("all");
@@ -35,10 +37,12 @@ fn every_target_runs_clean_for_a_few_seconds() {
     assert!(out.status.success(), "popek fuzz all failed:\n{stdout}\n{stderr}");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["target"].as_str().unwrap()).collect();
-    assert_eq!(names, ["bzimage", "multiboot", "initramfs", "trace", "replay", "virtio", "platform"]);
+    assert_eq!(names, ["bzimage", "multiboot", "initramfs", "trace", "replay", "virtio", "cpl3", "platform"]);
     for r in &rows {
         assert_eq!(r["failures"], 0, "{r}");
-        assert!(r["inputs"].as_u64().unwrap() > 100, "{r}");
+        // cpl3 starts two VMs per input: a handful in 2 s.
+        let least = if r["target"] == "cpl3" { 1 } else { 100 };
+        assert!(r["inputs"].as_u64().unwrap() >= least, "{r}");
         assert!(r["seconds"].as_f64().unwrap() >= 1.9, "{r}");
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -124,4 +128,72 @@ fn regression_corpus_passes() {
         n += stdout.lines().filter(|l| l.ends_with(": ok")).count();
     }
     assert!(n > 0, "an empty corpus");
+}
+
+/// Divergences `popek fuzz cpl3` found between guest user code run directly
+/// and translated (docs/reliability.md, "Found by cpl3"). Each is a real
+/// failure of the execution host or the translator, outside the fuzzing
+/// work's files; the tests are ignored until they are fixed (`cargo test
+/// -p popek --test fuzz -- --ignored` shows them).
+mod cpl3_findings {
+    use monitor::fuzz::cpl3::{compare, Block, CLOSE};
+
+    fn check(tag: &str, blocks: &[(&[u8], [u32; 6])]) {
+        let dir = super::scratch(tag);
+        let blocks: Vec<Block> = blocks
+            .iter()
+            .map(|(code, regs)| {
+                let mut code = code.to_vec();
+                code.extend_from_slice(&CLOSE);
+                Block { code, regs: *regs, flags: 0, compared: 0xCD5 }
+            })
+            .collect();
+        let r = compare(std::path::Path::new(super::POPEK), &dir, &blocks);
+        let _ = std::fs::remove_dir_all(&dir);
+        if let Err(e) = r {
+            panic!("{e}");
+        }
+    }
+
+    /// POPFD sets NT at CPL 3, then STI faults (#GP): direct execution ends
+    /// the VM ("entering guest code faulted ... trap 13"); translated
+    /// delivers the #GP.
+    #[test]
+    #[ignore = "execution host: NT set by guest user code (docs/reliability.md)"]
+    fn popf_nt_then_a_fault() {
+        check("nt", &[(&[0x68, 0, 0x40, 0, 0, 0x9D, 0xFB], [0; 6])]);
+    }
+
+    /// POPFD sets TF at CPL 3, then STI faults: translated user code ends the
+    /// VM ("entering guest code faulted ... trap 1"); direct delivers the #GP.
+    #[test]
+    #[ignore = "translated user code: TF set by POPF (docs/reliability.md)"]
+    fn popf_tf_then_a_fault() {
+        check("tf", &[(&[0x68, 0, 1, 0, 0, 0x9D, 0xFB], [0; 6])]);
+    }
+
+    /// POPFD sets AC, a second POPFD follows: the translated POPF sequence
+    /// faults inside the translation cache ("fault in the monitor itself").
+    #[test]
+    #[ignore = "translator: POPF sequence with EFLAGS.AC set (docs/reliability.md)"]
+    fn popf_ac_twice() {
+        check("ac", &[(&[0x68, 0, 0, 4, 0, 0x9D, 0x68, 0, 0, 0, 0, 0x9D], [0; 6])]);
+    }
+
+    /// LDS from guest-physical memory beyond RAM (reads all-ones: selector
+    /// 0xffff): translated raises #GP(0xfffc); direct completes the load.
+    #[test]
+    #[ignore = "direct execution: far-pointer load from unbacked memory (docs/reliability.md)"]
+    fn lds_from_beyond_ram() {
+        check("lds", &[(&[0xC5, 0x8D, 0x55, 0x5A, 0x87, 0xD3], [0; 6])]);
+    }
+
+    /// INT 0x80 with EAX = -513 (-ERESTARTNOINTR): under direct execution
+    /// Linux's signal code rewinds EIP by 2 before the SIGSYS handler sees it.
+    #[test]
+    #[ignore = "execution host: INT 0x80 with a restart code in EAX (docs/reliability.md)"]
+    fn int80_with_a_restart_code_in_eax() {
+        // mov eax, -513 ; int 0x80 ; (then the usual close)
+        check("restart", &[(&[0xB8, 0xFF, 0xFD, 0xFF, 0xFF, 0xCD, 0x80], [0; 6])]);
+    }
 }

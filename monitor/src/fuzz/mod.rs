@@ -17,6 +17,7 @@
 //! FILE` runs one again).
 
 pub mod alloc;
+pub mod cpl3;
 pub mod loaders;
 pub mod mutate;
 pub mod platform;
@@ -83,6 +84,12 @@ pub fn targets() -> &'static [TargetInfo] {
             about: "virtio descriptor chains (blk, rng) on made-up guest memory, directly and through the legacy PCI registers",
             max_len: 4096,
             make: virtio::virtio,
+        },
+        TargetInfo {
+            name: "cpl3",
+            about: "differential: random unprivileged blocks at CPL 3, user code direct vs translated, in a guest (slow: two VMs per input)",
+            max_len: 4096,
+            make: cpl3::cpl3,
         },
         TargetInfo {
             name: "platform",
