@@ -7,6 +7,7 @@ pub mod console;
 pub mod cpu;
 pub mod deterministic;
 pub mod devices;
+pub mod fuzz;
 pub mod guests;
 pub mod host;
 pub mod jail;

@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use monitor::backend::bt::BtConfig;
 use monitor::run::{parse_size, BackendKind, RunOptions};
 
+/// The fuzz driver's allocation guard: forwards to the system allocator and
+/// costs one relaxed load per allocation unless `popek fuzz` arms it.
+#[global_allocator]
+static ALLOC: monitor::fuzz::alloc::GuardAlloc = monitor::fuzz::alloc::GuardAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "popek",
@@ -85,6 +90,10 @@ enum Command {
         #[command(subcommand)]
         action: GuestAction,
     },
+    /// Fuzz a parser or the machine model (docs/reliability.md): TARGET is
+    /// one of `popek fuzz list`, or `all`. Prints inputs tried, failures and
+    /// the path of each failure's reproducer; exit 1 if anything failed.
+    Fuzz(FuzzArgs),
     /// Measure Popek: one row per figure, optionally as JSON.
     Bench {
         /// Which suite.
@@ -188,6 +197,177 @@ struct RunArgs {
     no_jail: bool,
 }
 
+#[derive(clap::Args)]
+struct FuzzArgs {
+    /// A target, `all`, or `list`.
+    target: String,
+    /// How long to fuzz each target.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Seed of the input generator (default: from the clock, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Also write rows {target, seed, inputs, failures, seconds} as JSON to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where reproducers are written.
+    #[arg(long, default_value = "popek-fuzz-repro")]
+    out: PathBuf,
+    /// Run this reproducer (or every file in this directory) once on TARGET
+    /// instead of fuzzing.
+    #[arg(long)]
+    repro: Option<PathBuf>,
+    /// Stop each target after this many inputs.
+    #[arg(long)]
+    max_inputs: Option<u64>,
+    /// An input running longer than this many seconds is a hang.
+    #[arg(long, default_value_t = 10.0)]
+    hang_seconds: f64,
+    /// Also list what the inputs reached (loads, error kinds, divergences).
+    #[arg(long)]
+    verbose_outcomes: bool,
+    /// Fuzz in this process (no protection against hangs, aborts and stack
+    /// overflows; for debugging the driver).
+    #[arg(long)]
+    in_process: bool,
+    /// Internal: be the supervised worker (report as JSON on stdout).
+    #[arg(long, hide = true)]
+    worker: bool,
+    /// Internal: the supervisor's shared file.
+    #[arg(long, hide = true)]
+    shared: Option<PathBuf>,
+}
+
+fn fuzz(a: FuzzArgs) -> ExitCode {
+    use monitor::fuzz;
+    if a.target == "list" {
+        for t in fuzz::targets() {
+            println!("{:<10} {}", t.name, t.about);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let infos: Vec<&fuzz::TargetInfo> = if a.target == "all" {
+        fuzz::targets().iter().collect()
+    } else {
+        match fuzz::target(&a.target) {
+            Ok(t) => vec![t],
+            Err(e) => {
+                eprintln!("popek: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    if let Some(path) = &a.repro {
+        // A file, or a directory of them (a regression corpus).
+        let files = match std::fs::read_dir(path) {
+            Ok(dir) => {
+                let mut v: Vec<PathBuf> =
+                    dir.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+                v.sort();
+                v
+            }
+            Err(_) => vec![path.clone()],
+        };
+        let mut failed = false;
+        for (info, file) in infos.iter().flat_map(|i| files.iter().map(move |f| (i, f))) {
+            match fuzz::reproduce(info, file) {
+                Ok(fuzz::Outcome::Ok) => println!("{}: {}: ok", info.name, file.display()),
+                Ok(fuzz::Outcome::Failed(msg)) => {
+                    failed = true;
+                    println!("{}: {}: FAILED: {msg}", info.name, file.display());
+                }
+                Err(e) => {
+                    eprintln!("popek: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        return if failed { ExitCode::from(1) } else { ExitCode::SUCCESS };
+    }
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    let opts = fuzz::Options { seconds: a.seconds, seed, out: a.out.clone(), max_inputs: a.max_inputs };
+    if a.worker {
+        let [info] = infos[..] else {
+            eprintln!("popek: a fuzz worker runs one target");
+            return ExitCode::from(2);
+        };
+        let mut shared = match a.shared.as_deref().map(fuzz::supervise::SharedFile::open).transpose() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("popek: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let progress = shared.as_mut().map(|s| s as &mut dyn fuzz::Progress);
+        return match fuzz::fuzz(info, &opts, progress) {
+            Ok(r) => {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("popek: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("popek: cannot find popek itself: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    eprintln!("popek fuzz: seed {seed}, {} s per target, reproducers in {}", a.seconds, a.out.display());
+    let mut reports = Vec::new();
+    for info in infos {
+        let r = if a.in_process {
+            fuzz::fuzz(info, &opts, None)
+        } else {
+            fuzz::supervise::supervise(&exe, info, &opts, std::time::Duration::from_secs_f64(a.hang_seconds.max(0.1)))
+        };
+        match r {
+            Ok(r) => {
+                println!(
+                    "{:<10} {:>10} inputs {:>4} failures {:>7.1} s {:>9.0} inputs/s  slowest {:.1} ms  peak heap {} KiB",
+                    r.target,
+                    r.inputs,
+                    r.failures,
+                    r.seconds,
+                    r.inputs as f64 / r.seconds.max(1e-9),
+                    r.slowest_ms,
+                    r.peak_heap >> 10
+                );
+                for (path, msg) in &r.reproducers {
+                    println!("  reproducer {}: {msg}", path.display());
+                }
+                if a.verbose_outcomes {
+                    for (what, n) in &r.outcomes {
+                        println!("    {n:>10}  {what}");
+                    }
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                eprintln!("popek: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(path) = &a.json {
+        if let Err(e) = std::fs::write(path, fuzz::to_json(&reports)) {
+            eprintln!("popek: cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    }
+    if reports.iter().any(|r| r.failures > 0) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 #[derive(Subcommand)]
 enum TraceAction {
     /// Compare two traces of the same guest and show where they part.
@@ -237,8 +417,10 @@ fn guest(action: GuestAction) -> ExitCode {
     }
 }
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, fuzzing: bool) {
     let default = match verbose {
+        // Fuzz inputs make devices warn about guest mistakes millions of times.
+        0 if fuzzing => "off",
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -561,7 +743,7 @@ fn main() -> ExitCode {
     // Rust object owns them yet.
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    init_tracing(cli.verbose, matches!(cli.command, Command::Fuzz(_)));
     match cli.command {
         Command::Run(args) => run(args),
         Command::Replay { trace, until, kernel, initrd, engine, reference_engine, quiet, no_jail } => {
@@ -570,6 +752,7 @@ fn main() -> ExitCode {
         Command::Trace { action } => trace_cmd(action),
         Command::Initramfs { output, dir, files, init, busybox } => initramfs(output, dir, files, init, busybox),
         Command::Guest { action } => guest(action),
+        Command::Fuzz(args) => fuzz(args),
         Command::Bench { suite, json, quick, backends, svg, no_jail, worker } => {
             if worker {
                 return match monitor::bench::worker::serve(&suite, quick) {

@@ -126,7 +126,7 @@ impl From<HeaderError> for RunError {
         match e {
             HeaderError::Read { path, source } => RunError::Read { path, source },
             HeaderError::NoSuchGuest(name) => RunError::NoSuchGuest(name),
-            e @ HeaderError::Malformed(_) => RunError::Trace(e.to_string()),
+            e @ (HeaderError::Malformed(_) | HeaderError::NotAFile(_)) => RunError::Trace(e.to_string()),
         }
     }
 }

@@ -7,7 +7,7 @@
 //! See docs/guests.md.
 
 #[macro_use]
-mod kernel;
+pub(crate) mod kernel;
 pub mod demo;
 pub mod nano;
 

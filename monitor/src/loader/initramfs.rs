@@ -66,6 +66,12 @@ pub enum InitramfsError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("bad archive path {0:?}: must be a relative or absolute path without `..` and not the root")]
     BadPath(String),
+    #[error("archive path {0:?} contains a NUL byte: the kernel reads names as C strings and would see another name")]
+    NulInPath(String),
+    #[error("archive path {0:?} is the cpio trailer's name: the kernel would stop reading the archive there")]
+    TrailerName(String),
+    #[error("symlink {path:?}: the target {target:?} contains a NUL byte (the kernel would cut it there)")]
+    NulInSymlink { path: String, target: String },
     #[error("{0} is not valid UTF-8")]
     NonUtf8Path(PathBuf),
     #[error("{path}: cannot put a {what} in the archive")]
@@ -149,8 +155,14 @@ pub struct Archive {
 }
 
 /// Normalizes an archive path: leading `/` and `.` components dropped; `..`
-/// and the root itself rejected.
+/// and the root itself rejected. So are names the kernel's initramfs code
+/// would read as something else: a NUL ends a name there (it is a C
+/// string), and an entry named `TRAILER!!!` (this path, or its top
+/// directory) ends the archive.
 fn normalize(path: &str) -> Result<String> {
+    if path.contains('\0') {
+        return Err(InitramfsError::NulInPath(path.to_string()));
+    }
     let mut parts = Vec::new();
     for c in path.split('/') {
         match c {
@@ -161,6 +173,10 @@ fn normalize(path: &str) -> Result<String> {
     }
     if parts.is_empty() {
         return Err(InitramfsError::BadPath(path.to_string()));
+    }
+    // The first component becomes an entry of its own (a parent directory).
+    if parts[0] == TRAILER {
+        return Err(InitramfsError::TrailerName(path.to_string()));
     }
     Ok(parts.join("/"))
 }
@@ -184,6 +200,11 @@ impl Archive {
     /// the new mode; replacing a directory by something else is an error.
     pub fn add(&mut self, path: &str, perm: u32, kind: EntryKind) -> Result<&mut Self> {
         let path = normalize(path)?;
+        if let EntryKind::Symlink(target) = &kind {
+            if target.contains('\0') {
+                return Err(InitramfsError::NulInSymlink { path, target: target.clone() });
+            }
+        }
         if let EntryKind::File(d) = &kind {
             if u32::try_from(d.len()).is_err() {
                 return Err(InitramfsError::TooLarge { path, size: d.len() as u64 });
@@ -637,6 +658,26 @@ mod tests {
         assert_eq!((init.mode, init.data.as_slice()), (0o100755, &b"#!/bin/sh\nexec sh\n"[..]));
         // Deterministic: the same inputs, the same bytes.
         assert_eq!(build(&spec).unwrap(), gz);
+    }
+
+    /// Found by `popek fuzz initramfs`: the writer accepted names that the
+    /// kernel's initramfs code reads as something else. An entry named
+    /// TRAILER!!! ended the archive (every entry after it was lost: here
+    /// all of them, since it sorts first), and a NUL in a name or a symlink
+    /// target cut it short.
+    #[test]
+    fn names_the_kernel_reads_differently_are_refused() {
+        let mut a = Archive::new();
+        assert!(matches!(a.add_dir("TRAILER!!!", 0o755), Err(InitramfsError::TrailerName(_))));
+        assert!(matches!(a.add_file("/./TRAILER!!!", 0o644, vec![1]), Err(InitramfsError::TrailerName(_))));
+        assert!(matches!(a.add_file("TRAILER!!!/x", 0o644, vec![1]), Err(InitramfsError::TrailerName(_))));
+        assert!(matches!(a.add_file("a\0b", 0o644, vec![]), Err(InitramfsError::NulInPath(_))));
+        assert!(matches!(a.add_symlink("l", "/bin\0sh"), Err(InitramfsError::NulInSymlink { .. })));
+        // Below the root the name is harmless: the kernel compares whole names.
+        a.add_file("dir/TRAILER!!!", 0o644, vec![7]).unwrap();
+        a.add_file("zzz", 0o644, vec![8]).unwrap();
+        let back = read_cpio(&a.to_cpio()).unwrap();
+        assert_eq!(back.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["dir", "dir/TRAILER!!!", "zzz"]);
     }
 
     #[test]

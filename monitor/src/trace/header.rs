@@ -33,10 +33,19 @@ pub enum HeaderError {
     NoSuchGuest(String),
     #[error("header: {0}")]
     Malformed(String),
+    #[error("{0} is not a regular file: an image must be one to be hashed")]
+    NotAFile(PathBuf),
 }
 
+/// Reads an image the header names. Only regular files: a trace is input
+/// too, and one naming `/dev/zero` or a FIFO would otherwise make `popek
+/// replay` read for ever before the SHA-256 check (docs/reliability.md).
 fn read(path: &Path) -> Result<Vec<u8>, HeaderError> {
-    std::fs::read(path).map_err(|source| HeaderError::Read { path: path.to_owned(), source })
+    let err = |source| HeaderError::Read { path: path.to_owned(), source };
+    if !std::fs::metadata(path).map_err(err)?.is_file() {
+        return Err(HeaderError::NotAFile(path.to_owned()));
+    }
+    std::fs::read(path).map_err(err)
 }
 
 /// The images `m` loads, with their SHA-256 (a trace's identity check).
@@ -146,6 +155,18 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("M").is_err());
+    }
+
+    /// A trace naming a device or a FIFO as its kernel is refused at once
+    /// instead of read for ever.
+    #[test]
+    fn images_must_be_regular_files() {
+        for dev in ["/dev/zero", "/dev/null", "/"] {
+            let m = MachineSpec { kernel: Some(dev.into()), ..MachineSpec::default() };
+            assert!(matches!(image_digests(&m), Err(HeaderError::NotAFile(_))), "{dev}");
+        }
+        let m = MachineSpec { kernel: Some("/nonexistent/popek".into()), ..MachineSpec::default() };
+        assert!(matches!(image_digests(&m), Err(HeaderError::Read { .. })));
     }
 
     #[test]
