@@ -61,9 +61,9 @@ pub const SEG_CACHE_ENTRIES: u32 = 64;
 /// Size of the translation cache.
 pub const TC_SIZE: u32 = AREA_SIZE - TC;
 
-/// Length of the exit gate: `jmp qword [rip+0]` (6 bytes) and the 64-bit
-/// address of the callout exit path.
-pub const EXIT_GATE_LEN: u32 = 14;
+/// Length of the exit gate: `jmp qword [rip+2]` (6 bytes), two bytes of
+/// padding and the 8-aligned 64-bit address of the callout exit path.
+pub const EXIT_GATE_LEN: u32 = 16;
 /// The bare-call trampoline of the host benchmark: 64-bit code below 4 GiB
 /// (a far call with a 32-bit operand pushes a 32-bit return address).
 pub const BARE_TRAMPOLINE: u32 = EXIT_GATE + 0x40;

@@ -26,9 +26,9 @@ const CODE64: u32 = LOAD + 0x800;
 const PATH: u32 = LOAD + 0xC00;
 const GDT: u32 = LOAD + 0xE00;
 const STACK_TOP: u32 = LOAD + 0x8000;
-/// The exit gate in the VMM area: `jmp [rip+0]` and then a pointer into
+/// The exit gate in the VMM area: `jmp [rip+2]`, padding, then a pointer into
 /// the monitor's text (engine::vmm_area / host::window::vmm).
-const GATE_POINTER: u32 = 0xFF80_1006;
+const GATE_POINTER: u32 = 0xFF80_1008;
 
 #[derive(Clone, Copy, Debug)]
 enum Transfer {

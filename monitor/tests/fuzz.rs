@@ -166,16 +166,18 @@ mod cpl3_findings {
 
     /// POPFD sets TF at CPL 3, then STI faults: translated user code ends the
     /// VM ("entering guest code faulted ... trap 1"); direct delivers the #GP.
+    /// (Fixed: user code with TF set runs directly, where the host's
+    /// single-step traps become the guest's #DB.)
     #[test]
-    #[ignore = "translated user code: TF set by POPF (docs/reliability.md)"]
     fn popf_tf_then_a_fault() {
         check("tf", &[(&[0x68, 0, 1, 0, 0, 0x9D, 0xFB], [0; 6])]);
     }
 
     /// POPFD sets AC, a second POPFD follows: the translated POPF sequence
     /// faults inside the translation cache ("fault in the monitor itself").
+    /// (Fixed: the exit gate read its 64-bit target from offset 6, which
+    /// is #AC at host CPL 3 with the guest's AC set; now 8-aligned.)
     #[test]
-    #[ignore = "translator: POPF sequence with EFLAGS.AC set (docs/reliability.md)"]
     fn popf_ac_twice() {
         check("ac", &[(&[0x68, 0, 0, 4, 0, 0x9D, 0x68, 0, 0, 0, 0, 0x9D], [0; 6])]);
     }

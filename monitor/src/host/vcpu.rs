@@ -224,14 +224,18 @@ fn check_host() -> Result<(), HostError> {
     Ok(())
 }
 
-/// Writes the exit gate: `jmp qword [rip+0]` and the address of the callout
+/// Writes the exit gate: `jmp qword [rip+2]` and the address of the callout
 /// exit path. It must sit below 4 GiB (a far jump from compatibility mode
 /// carries a 32-bit offset); the monitor's code is above.
 fn install_exit_gate(window: &Window) {
-    let mut gate = [0u8; 14];
-    gate[..6].copy_from_slice(&[0xFF, 0x25, 0, 0, 0, 0]);
-    gate[6..].copy_from_slice(&entry::exit_callout_address().to_le_bytes());
-    const _: () = assert!(engine::vmm_area::EXIT_GATE_LEN as usize == 14);
+    // `jmp qword [rip + 2]`, two int3, the 8-aligned address: guest code
+    // may arrive with EFLAGS.AC set (a CPL 3 POPF), and at host CPL 3 a
+    // misaligned pointer read here would be #AC inside the monitor.
+    let mut gate = [0u8; 16];
+    gate[..8].copy_from_slice(&[0xFF, 0x25, 2, 0, 0, 0, 0xCC, 0xCC]);
+    gate[8..].copy_from_slice(&entry::exit_callout_address().to_le_bytes());
+    const _: () = assert!(engine::vmm_area::EXIT_GATE_LEN as usize == 16);
+    const _: () = assert!(engine::vmm_area::EXIT_GATE % 8 == 0);
     window.vmm_alias().write(engine::vmm_area::EXIT_GATE as usize, &gate);
     // The gate page is the monitor's only 64-bit code below 4 GiB.
     let start = window.exit_gate();

@@ -413,7 +413,10 @@ impl BtBackend {
             && c.iopl() < 3
             && c.protected_mode()
             && c.eflags & flags::VM == 0
-            && !self.user_exec.translated(c.cr3)
+            // Single-stepped user code (TF) runs directly: the host's trap
+            // after each instruction is the guest's #DB there, while in the
+            // TC it would land between translated instructions.
+            && (!self.user_exec.translated(c.cr3) || c.eflags & flags::TF != 0)
     }
 
     /// Delivers an exception or interrupt through the guest's IDT.
