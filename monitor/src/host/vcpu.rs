@@ -235,7 +235,7 @@ fn install_exit_gate(window: &Window) {
     gate[..8].copy_from_slice(&[0xFF, 0x25, 2, 0, 0, 0, 0xCC, 0xCC]);
     gate[8..].copy_from_slice(&entry::exit_callout_address().to_le_bytes());
     const _: () = assert!(engine::vmm_area::EXIT_GATE_LEN as usize == 16);
-    const _: () = assert!(engine::vmm_area::EXIT_GATE % 8 == 0);
+    const _: () = assert!(engine::vmm_area::EXIT_GATE.is_multiple_of(8));
     window.vmm_alias().write(engine::vmm_area::EXIT_GATE as usize, &gate);
     // The gate page is the monitor's only 64-bit code below 4 GiB.
     let start = window.exit_gate();
