@@ -534,6 +534,12 @@ impl Vcpu {
                     let amd = std::arch::x86_64::__cpuid(0).ebx == u32::from_le_bytes(*b"Auth");
                     (if amd { SyscallKind::Syscall } else { SyscallKind::Sysenter }, false)
                 } else {
+                    // Where the call returns to, from seccomp (call_addr),
+                    // not from the interrupted context: for a "number" that
+                    // is a restart code (-512..-516) the kernel's signal
+                    // code has rewound that EIP by 2 before we run.
+                    let eip = f.fault_addr as u32;
+                    self.frame_mut().eip = eip;
                     let (b, len) = self.insn_bytes(cs_base.wrapping_add(eip).wrapping_sub(2));
                     let kind = match (len >= 2, b[0], b[1]) {
                         (true, 0x0f, 0x05) => SyscallKind::Syscall,
