@@ -158,8 +158,9 @@ mod cpl3_findings {
     /// POPFD sets NT at CPL 3, then STI faults (#GP): direct execution ends
     /// the VM ("entering guest code faulted ... trap 13"); translated
     /// delivers the #GP.
+    /// (Fixed: the signal handler clears NT, which sigreturn would
+    /// otherwise leave set in monitor code.)
     #[test]
-    #[ignore = "execution host: NT set by guest user code (docs/reliability.md)"]
     fn popf_nt_then_a_fault() {
         check("nt", &[(&[0x68, 0, 0x40, 0, 0, 0x9D, 0xFB], [0; 6])]);
     }

@@ -233,11 +233,14 @@ fn sigsys_details(info: *const libc::siginfo_t) -> (i32, u64, u32) {
 }
 
 extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
-    // First: no guest AC or DF in monitor code, and the host FS/GS base back
-    // if the guest's is loaded on the vCPU thread. Nothing before this may
-    // touch a thread-local.
-    // SAFETY: clearing DF and AC in RFLAGS is harmless for any 64-bit code.
-    unsafe { std::arch::asm!("cld", "pushfq", "btr qword ptr [rsp], 18", "popfq") };
+    // First: no guest AC, DF or NT in monitor code, and the host FS/GS base
+    // back if the guest's is loaded on the vCPU thread. Nothing before this
+    // may touch a thread-local. NT matters beyond the handler: sigreturn
+    // restores only the "fixable" flags from the context, so a guest's NT
+    // inherited here would survive into the monitor, whose next IRETQ into
+    // guest code is then #GP (found by `popek fuzz cpl3`).
+    // SAFETY: clearing DF, AC and NT in RFLAGS is harmless for any 64-bit code.
+    unsafe { std::arch::asm!("cld", "pushfq", "btr qword ptr [rsp], 18", "btr qword ptr [rsp], 14", "popfq") };
     let frame = std::ptr::addr_of_mut!(POPEK_FRAME);
     // SAFETY: the frame is a static; the fields read here are written by the
     // vCPU thread before it enters guest code.
