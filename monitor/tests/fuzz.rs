@@ -131,10 +131,9 @@ fn regression_corpus_passes() {
 }
 
 /// Divergences `popek fuzz cpl3` found between guest user code run directly
-/// and translated (docs/reliability.md, "Found by cpl3"). Each is a real
-/// failure of the execution host or the translator, outside the fuzzing
-/// work's files; the tests are ignored until they are fixed (`cargo test
-/// -p popek --test fuzz -- --ignored` shows them).
+/// and translated (docs/reliability.md, "Found by cpl3"), each a real
+/// failure of the execution host, the bt backend or the translator, now
+/// fixed: the blocks that showed them, as regression tests.
 mod cpl3_findings {
     use monitor::fuzz::cpl3::{compare, Block, CLOSE};
 
@@ -185,8 +184,9 @@ mod cpl3_findings {
 
     /// LDS from guest-physical memory beyond RAM (reads all-ones: selector
     /// 0xffff): translated raises #GP(0xfffc); direct completes the load.
+    /// (Fixed: far-pointer loads from MMIO or open bus load their selector
+    /// through the virtual CPU, not natively.)
     #[test]
-    #[ignore = "direct execution: far-pointer load from unbacked memory (docs/reliability.md)"]
     fn lds_from_beyond_ram() {
         check("lds", &[(&[0xC5, 0x8D, 0x55, 0x5A, 0x87, 0xD3], [0; 6])]);
     }

@@ -168,6 +168,9 @@ impl BtBackend {
 
     /// Runs the MMIO instruction `p` on `value` (what the device read).
     pub(super) fn mmio_execute(&mut self, p: PendingMmio, value: u64) -> Step {
+        if let Some(step) = self.far_pointer_load(&p, value) {
+            return step;
+        }
         let mut data = value.to_le_bytes()[..p.size].to_vec();
         let (exit, done) = self.redirect_and_run(&p.insn, &mut data)?;
         if done && matches!(exit, Exit::InvalidOpcode | Exit::Kick) {
@@ -181,6 +184,41 @@ impl BtBackend {
             return Ok(None);
         }
         self.after_snippet(exit, done, p.insn.next_ip32())
+    }
+
+    /// LDS/LES/LFS/LGS/LSS whose far pointer came from MMIO (or open bus
+    /// beyond RAM): the selector loads through the virtual CPU's checks.
+    /// Run natively, the instruction would load whatever *host* selector
+    /// the bytes name (found by `popek fuzz cpl3`: selector 0xffff loaded
+    /// under direct execution where the architecture says #GP(0xfffc)).
+    fn far_pointer_load(&mut self, p: &PendingMmio, value: u64) -> Option<Step> {
+        use iced_x86::Mnemonic;
+        let seg = match p.insn.mnemonic() {
+            Mnemonic::Lds => crate::cpu::Seg::Ds,
+            Mnemonic::Les => crate::cpu::Seg::Es,
+            Mnemonic::Lfs => crate::cpu::Seg::Fs,
+            Mnemonic::Lgs => crate::cpu::Seg::Gs,
+            Mnemonic::Lss => crate::cpu::Seg::Ss,
+            _ => return None,
+        };
+        let off_size = p.size.checked_sub(2).filter(|n| *n == 2 || *n == 4)?;
+        let bytes = value.to_le_bytes();
+        let off = if off_size == 4 {
+            u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+        } else {
+            u32::from(u16::from_le_bytes([bytes[0], bytes[1]]))
+        };
+        let sel = u16::from_le_bytes([bytes[off_size], bytes[off_size + 1]]);
+        let r = crate::cpu::interrupt::load_segment(&mut self.cpu, &mut self.guest.linear(), seg, sel);
+        Some(match r {
+            Err(f) => self.fault(f),
+            Ok(()) => {
+                crate::cpu::operand::gpr_write(&mut self.cpu, p.insn.op0_register(), off);
+                self.cpu.eip = p.insn.next_ip32();
+                self.counter.retire();
+                Ok(None)
+            }
+        })
     }
 
     /// Emulation by re-execution: the instruction at EIP touches guest
