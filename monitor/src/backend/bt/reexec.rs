@@ -168,7 +168,7 @@ impl BtBackend {
 
     /// Runs the MMIO instruction `p` on `value` (what the device read).
     pub(super) fn mmio_execute(&mut self, p: PendingMmio, value: u64) -> Step {
-        if let Some(step) = self.far_pointer_load(&p, value) {
+        if let Some(step) = self.far_pointer_load(&p.insn, p.size, value) {
             return step;
         }
         let mut data = value.to_le_bytes()[..p.size].to_vec();
@@ -186,14 +186,15 @@ impl BtBackend {
         self.after_snippet(exit, done, p.insn.next_ip32())
     }
 
-    /// LDS/LES/LFS/LGS/LSS whose far pointer came from MMIO (or open bus
-    /// beyond RAM): the selector loads through the virtual CPU's checks.
+    /// LDS/LES/LFS/LGS/LSS whose far pointer came from MMIO, open bus
+    /// beyond RAM or a page the window cannot map (re-execution): the
+    /// selector loads through the virtual CPU's checks.
     /// Run natively, the instruction would load whatever *host* selector
     /// the bytes name (found by `popek fuzz cpl3`: selector 0xffff loaded
     /// under direct execution where the architecture says #GP(0xfffc)).
-    fn far_pointer_load(&mut self, p: &PendingMmio, value: u64) -> Option<Step> {
+    fn far_pointer_load(&mut self, insn: &Instruction, size: usize, value: u64) -> Option<Step> {
         use iced_x86::Mnemonic;
-        let seg = match p.insn.mnemonic() {
+        let seg = match insn.mnemonic() {
             Mnemonic::Lds => crate::cpu::Seg::Ds,
             Mnemonic::Les => crate::cpu::Seg::Es,
             Mnemonic::Lfs => crate::cpu::Seg::Fs,
@@ -201,7 +202,7 @@ impl BtBackend {
             Mnemonic::Lss => crate::cpu::Seg::Ss,
             _ => return None,
         };
-        let off_size = p.size.checked_sub(2).filter(|n| *n == 2 || *n == 4)?;
+        let off_size = size.checked_sub(2).filter(|n| *n == 2 || *n == 4)?;
         let bytes = value.to_le_bytes();
         let off = if off_size == 4 {
             u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
@@ -213,8 +214,8 @@ impl BtBackend {
         Some(match r {
             Err(f) => self.fault(f),
             Ok(()) => {
-                crate::cpu::operand::gpr_write(&mut self.cpu, p.insn.op0_register(), off);
-                self.cpu.eip = p.insn.next_ip32();
+                crate::cpu::operand::gpr_write(&mut self.cpu, insn.op0_register(), off);
+                self.cpu.eip = insn.next_ip32();
                 self.counter.retire();
                 Ok(None)
             }
@@ -244,6 +245,11 @@ impl BtBackend {
             if let Err(f) = self.guest.linear().read(&self.cpu, lin, &mut data, acc) {
                 return self.fault(f);
             }
+        }
+        let mut word = [0u8; 8];
+        word[..size.min(8)].copy_from_slice(&data[..size.min(8)]);
+        if let Some(step) = self.far_pointer_load(&insn, size, u64::from_le_bytes(word)) {
+            return step;
         }
         self.stats.count("reexecuted");
         let (exit, done) = self.redirect_and_run(&insn, &mut data)?;
