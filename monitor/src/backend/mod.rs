@@ -76,6 +76,17 @@ pub trait Ports {
     /// timer deadlines, platform events): when an access changes it, the
     /// backend returns to the loop.
     fn loop_state(&mut self) -> LoopState;
+    /// Whether an access to `port` may move a timer deadline. For the
+    /// others the backend compares [`Ports::loop_state_without_deadlines`]
+    /// instead: reading every timer twice per access was most of an
+    /// in-place IN (nano `in`).
+    fn port_moves_deadlines(&self, _port: u16) -> bool {
+        true
+    }
+    /// [`Ports::loop_state`] without `next_deadline_ns` (left `None`).
+    fn loop_state_without_deadlines(&mut self) -> LoopState {
+        self.loop_state()
+    }
 }
 
 /// What the run loop acts on between backend runs (see [`Ports`]).

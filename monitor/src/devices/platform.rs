@@ -509,6 +509,17 @@ impl crate::backend::Ports for Platform {
     fn loop_state(&mut self) -> crate::backend::LoopState {
         Platform::loop_state(self)
     }
+    fn port_moves_deadlines(&self, port: u16) -> bool {
+        // The PIT and its gate, the RTC; the local APIC's timer is MMIO.
+        crate::layout::port_moves_deadlines(port)
+    }
+    fn loop_state_without_deadlines(&mut self) -> crate::backend::LoopState {
+        crate::backend::LoopState {
+            interrupt_pending: self.pending_interrupt(),
+            next_deadline_ns: None,
+            events: self.events.any(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -579,6 +590,35 @@ mod tests {
         assert_eq!(vectors, vec![0x30; 10]);
         assert_eq!(p.stats().pit_irq0_edges, 10);
         assert_eq!(p.stats().interrupts_acknowledged, 10);
+    }
+
+    /// In-place port I/O skips the timers for ports that cannot move them:
+    /// every access that does move one must be a port that says so.
+    #[test]
+    fn only_timer_ports_move_deadlines() {
+        use crate::backend::Ports;
+        let (mut p, _, _) = platform();
+        init_pic(&mut p, 0xFE, 0xFF);
+        let accesses: [(u16, u32); 8] = [
+            (0x43, 0x34),
+            (0x40, 0x9B),
+            (0x40, 0x2E),
+            (0x21, 0xFC),
+            (0x3F8, 0x41),
+            (0x61, 0x01),
+            (0x70, 0x0B),
+            (0x71, 0x42),
+        ];
+        for (port, value) in accesses {
+            let before = p.next_deadline_ns();
+            p.io_out(port, 1, value);
+            if p.next_deadline_ns() != before {
+                assert!(p.port_moves_deadlines(port), "port {port:#x} moved a deadline");
+            }
+            let (full, cheap) = (Ports::loop_state(&mut p), p.loop_state_without_deadlines());
+            assert_eq!((full.interrupt_pending, full.events), (cheap.interrupt_pending, cheap.events));
+        }
+        assert!(!p.port_moves_deadlines(0x21) && !p.port_moves_deadlines(0x3F8));
     }
 
     #[test]

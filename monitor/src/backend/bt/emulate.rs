@@ -215,7 +215,15 @@ impl BtBackend {
         // `run_with_ports` call, which outlives this one and makes no other
         // use of it meanwhile.
         let ports = unsafe { &mut *ports.0.as_ptr() };
-        let before = ports.loop_state();
+        let timers = ports.port_moves_deadlines(port);
+        let state = |p: &mut dyn crate::backend::Ports| {
+            if timers {
+                p.loop_state()
+            } else {
+                p.loop_state_without_deadlines()
+            }
+        };
+        let before = state(&mut *ports);
         match value {
             None => {
                 let v = ports.io_in(port, size);
@@ -231,7 +239,7 @@ impl BtBackend {
         self.cpu.eip = next_eip;
         self.counter.retire();
         self.stats.count("io_in_place");
-        let after = ports.loop_state();
+        let after = state(&mut *ports);
         Some(Ok(if after != before || after.events { Some(VmExit::Interrupted) } else { None }))
     }
 
