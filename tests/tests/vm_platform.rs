@@ -111,7 +111,13 @@ fn pit_interrupts_wake_hlt() {
     let stats = vm.stats();
     let get = |n: &str| stats.iter().find(|(k, _)| k == n).map_or(0, |x| x.1);
     assert!(get("vm/interrupts_injected") >= 50);
-    assert!(get("vm/halts") >= 50);
+    // Every tick wakes a HLT on an idle host; on a loaded one a tick can
+    // fall due while the handler of the previous one still runs, and is
+    // taken without halting (a loaded CI run saw fewer than 50 halts). The
+    // guest finishing at all
+    // says HLT woke; most ticks must have found it halted.
+    let halts = get("vm/halts");
+    assert!((25..=get("vm/interrupts_injected") + 1).contains(&halts), "{halts} halts");
 }
 
 /// A timer kick that lands in translated code is deferred to the next block
