@@ -114,8 +114,8 @@ fn pit_interrupts_wake_hlt() {
     // Every tick wakes a HLT on an idle host; on a loaded one a tick can
     // fall due while the handler of the previous one still runs, and is
     // taken without halting (a loaded CI run saw fewer than 50 halts). The
-    // guest finishing at all
-    // says HLT woke; most ticks must have found it halted.
+    // guest finishing at all says HLT woke; most ticks must have found it
+    // halted.
     let halts = get("vm/halts");
     assert!((25..=get("vm/interrupts_injected") + 1).contains(&halts), "{halts} halts");
 }
