@@ -234,11 +234,7 @@ impl Engine {
                 .as_ref()
                 .is_some_and(|b| b.pages.iter().all(|p| code.phys_page(p.linear) == Some(p.phys)))
         })?;
-        let ids = self.parked.get_mut(key)?;
-        ids.retain(|&x| x != id);
-        if ids.is_empty() {
-            self.parked.remove(key);
-        }
+        remove_id(&mut self.parked, *key, id);
         let b = self.blocks[id as usize].as_ref()?;
         let entry = b.entry;
         for p in &b.pages {
@@ -278,31 +274,13 @@ impl Engine {
         if self.by_key.get(&key) != Some(&id) || key.cpl != 3 {
             return self.drop_block(id);
         }
-        let incoming = self.blocks[id as usize].as_ref()?.incoming.clone();
-        let mut undone = Vec::new();
-        for l in incoming {
-            if l.block != id {
-                self.unlink(l.block, l.exit as usize);
-                undone.push(l);
-            }
-        }
+        let undone = self.unlink_incoming(id);
         let b = self.blocks[id as usize].as_mut()?;
         b.parked_links = undone;
         let (slots, pages) = (b.indirect_slots.clone(), b.pages.clone());
-        let t = &mut self.tables[table_class(key.cpl)];
-        for slot in slots {
-            if t.entries[slot as usize] == Some(id) {
-                t.entries[slot as usize] = None;
-                self.view.write_u32(t.offset + 4 * u32::from(slot), self.miss_stub);
-            }
-        }
+        self.clear_slots(id, key.cpl, &slots);
         for p in &pages {
-            if let Some(list) = self.user_pages.get_mut(&p.linear) {
-                list.retain(|&x| x != id);
-                if list.is_empty() {
-                    self.user_pages.remove(&p.linear);
-                }
-            }
+            remove_id(&mut self.user_pages, p.linear, id);
         }
         self.by_key.remove(&key);
         let list = self.parked.entry(key).or_default();
@@ -523,6 +501,11 @@ impl Engine {
         }
         stale.sort_unstable();
         stale.dedup();
+        self.park_all(stale)
+    }
+
+    /// Parks the `stale` user blocks (a revalidation's result), counted.
+    fn park_all(&mut self, stale: Vec<u32>) -> Vec<BlockKey> {
         let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.park_block(id)).collect();
         if !keys.is_empty() {
             self.stats.invalidations += 1;
@@ -547,12 +530,7 @@ impl Engine {
                     .is_some_and(|b| b.pages.iter().any(|p| p.linear == linear && Some(p.phys) != now))
             })
             .collect();
-        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.park_block(id)).collect();
-        if !keys.is_empty() {
-            self.stats.invalidations += 1;
-            self.stats.blocks_invalidated += keys.len() as u64;
-        }
-        keys
+        self.park_all(stale)
     }
 
     fn revalidate_all(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
@@ -885,13 +863,31 @@ impl Engine {
         self.stats.chains_unpatched += 1;
     }
 
-    fn drop_block(&mut self, id: u32) -> Option<BlockKey> {
-        let incoming = self.blocks.get(id as usize)?.as_ref()?.incoming.clone();
-        for l in incoming {
-            if l.block != id {
-                self.unlink(l.block, l.exit as usize);
+    /// Unlinks the chains of other blocks into block `id`; returns them.
+    fn unlink_incoming(&mut self, id: u32) -> Vec<LinkRef> {
+        let incoming = self.blocks.get(id as usize).and_then(Option::as_ref).map(|b| b.incoming.clone());
+        let others: Vec<LinkRef> = incoming.unwrap_or_default().into_iter().filter(|l| l.block != id).collect();
+        for l in &others {
+            self.unlink(l.block, l.exit as usize);
+        }
+        others
+    }
+
+    /// Aims the lookup-table `slots` that still name block `id` at the
+    /// miss stub.
+    fn clear_slots(&mut self, id: u32, cpl: u8, slots: &[u16]) {
+        let t = &mut self.tables[table_class(cpl)];
+        for &slot in slots {
+            if t.entries[slot as usize] == Some(id) {
+                t.entries[slot as usize] = None;
+                self.view.write_u32(t.offset + 4 * u32::from(slot), self.miss_stub);
             }
         }
+    }
+
+    fn drop_block(&mut self, id: u32) -> Option<BlockKey> {
+        self.blocks.get(id as usize)?.as_ref()?;
+        self.unlink_incoming(id);
         let b = self.blocks[id as usize].take()?;
         for x in &b.exits {
             if let Some(dst) = x.chained.filter(|&d| d != id) {
@@ -900,13 +896,7 @@ impl Engine {
                 }
             }
         }
-        let t = &mut self.tables[table_class(b.key.cpl)];
-        for &slot in &b.indirect_slots {
-            if t.entries[slot as usize] == Some(id) {
-                t.entries[slot as usize] = None;
-                self.view.write_u32(t.offset + 4 * u32::from(slot), self.miss_stub);
-            }
-        }
+        self.clear_slots(id, b.key.cpl, &b.indirect_slots);
         for sid in b.sites.clone() {
             if let Some(r) = sid.checked_sub(self.site_base).and_then(|n| self.sites.get_mut(n as usize)) {
                 r.site.resume_tc = None;
@@ -916,26 +906,11 @@ impl Engine {
         if self.by_key.get(&b.key) == Some(&id) {
             self.by_key.remove(&b.key);
         }
-        if let Some(list) = self.parked.get_mut(&b.key) {
-            list.retain(|&x| x != id);
-            if list.is_empty() {
-                self.parked.remove(&b.key);
-            }
-        }
+        remove_id(&mut self.parked, b.key, id);
         for p in &b.pages {
-            if let Some(list) = self.by_page.get_mut(&p.phys) {
-                list.retain(|&x| x != id);
-                if list.is_empty() {
-                    self.by_page.remove(&p.phys);
-                }
-            }
+            remove_id(&mut self.by_page, p.phys, id);
             if b.key.cpl == 3 {
-                if let Some(list) = self.user_pages.get_mut(&p.linear) {
-                    list.retain(|&x| x != id);
-                    if list.is_empty() {
-                        self.user_pages.remove(&p.linear);
-                    }
-                }
+                remove_id(&mut self.user_pages, p.linear, id);
             }
         }
         Some(b.key)
@@ -1020,4 +995,14 @@ fn guest_records(decoded: &DecodedBlock, mangled: &MangledBlock, e: &Emitted, st
             tc_end: start + b,
         })
         .collect()
+}
+
+/// Removes `id` from the list of `key` in an index, and the list once empty.
+fn remove_id<K: std::hash::Hash + Eq>(index: &mut FxHashMap<K, Vec<u32>>, key: K, id: u32) {
+    if let Some(list) = index.get_mut(&key) {
+        list.retain(|&x| x != id);
+        if list.is_empty() {
+            index.remove(&key);
+        }
+    }
 }
