@@ -23,7 +23,10 @@ use crate::classify::LoopKind;
 use crate::decode::DecodedBlock;
 use crate::mangle::{MangledBlock, Op};
 use crate::recover::RecoveryEntry;
-use crate::vmm_area::{vcpu, SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX, SCRATCH_EDX, SCRATCH_FLAGS, SEG_CACHE};
+use crate::vmm_area::{
+    trans, transition, vcpu, GATE_CACHE, LOOKUP_TABLE, LOOKUP_TABLE_USER, SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX,
+    SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_CACHE, SEG_USER_OK, VMM_STACK_TOP,
+};
 use dynasmrt::x86::X86Relocation;
 use dynasmrt::{dynasm, DynasmApi, VecAssembler};
 use iced_x86::Instruction;
@@ -55,6 +58,21 @@ const SPILL_FLAGS: i32 = vcpu::scratch(SCRATCH_FLAGS) as i32;
 const SEG_DESC: i32 = SEG_CACHE as i32;
 const SEG_RPL_OK: i32 = SEG_CACHE as i32 + 8;
 const SEG_VERW_OK: i32 = SEG_CACHE as i32 + 12;
+const SEG_ENTRY_USER_OK: i32 = (SEG_CACHE + SEG_USER_OK) as i32;
+const PAGE_SEG_USER_OK: i32 = vcpu::SEG_USER_OK as i32;
+const SPILL_ESP: i32 = vcpu::scratch(SCRATCH_ESP) as i32;
+const FRAME: i32 = vcpu::FRAME as i32;
+const NEW_SELS: i32 = vcpu::NEW_SELS as i32;
+const TRANSITION: i32 = vcpu::TRANSITION as i32;
+const INLINE_ENTRIES: i32 = vcpu::INLINE_ENTRIES as i32;
+const SAVE_SS: i32 = vcpu::SAVE_SS as i32;
+/// Selector bit that tells a segment's two host LDT slots apart (the
+/// untruncated user slot is 2048 entries above the kernel one,
+/// `monitor::backend::bt::segments::USER_SLOTS`).
+const USER_SLOT_BIT: i32 = 2048 << 3;
+/// EFLAGS bits an inline IRET to CPL 3 requires clear (TF, IOPL, NT, VM)
+/// or set (IF): anything else is the callout's.
+const IRET_FLAGS_CHECKED: i32 = 0x100 | 0x200 | 0x3000 | 0x4000 | 0x2_0000;
 const IF_MASK: i32 = 0x200;
 const IOPL_MASK: i32 = 0x3000;
 
@@ -166,6 +184,8 @@ struct State {
     spilled: bool,
     gs: bool,
     exact: bool,
+    fallback: bool,
+    esp_saved: bool,
 }
 
 /// The emitter's state; its vectors are those of an [`Emitted`], borrowed
@@ -182,6 +202,11 @@ struct Emitter {
     pending_poll: Option<(u32, u32)>,
     recovery: Vec<RecoveryEntry>,
     insns_done: u32,
+    /// Marks made now are inside a transition's guest accesses
+    /// ([`RecoveryEntry::fallback`]).
+    fallback: bool,
+    /// Marks made now have guest ESP in its spill slot.
+    esp_saved: bool,
 }
 
 /// Emits one mangled block into `out` (overwriting what it held).
@@ -204,6 +229,8 @@ pub fn emit_block(
         pending_poll: None,
         recovery: cleared(&mut out.recovery),
         insns_done: 0,
+        fallback: false,
+        esp_saved: false,
     };
     let mut insn_ranges = cleared(&mut out.insn_ranges);
     e.indirect_entry();
@@ -257,7 +284,15 @@ impl Emitter {
 
     /// Records the guest state from here on.
     fn mark(&mut self, eip: u32, spilled: bool, gs: bool, exact: bool) {
-        let e = RecoveryEntry { tc_off: self.off(), guest_eip: eip, ecx_spilled: spilled, gs_is_guest: gs, exact };
+        let e = RecoveryEntry {
+            tc_off: self.off(),
+            guest_eip: eip,
+            ecx_spilled: spilled,
+            gs_is_guest: gs,
+            exact,
+            fallback: self.fallback,
+            esp_saved: self.esp_saved,
+        };
         match self.recovery.last_mut() {
             Some(last) if last.tc_off == e.tc_off => *last = e,
             Some(last) if State::of(last) == State::of(&e) => {}
@@ -445,8 +480,14 @@ impl Emitter {
     /// `jmp gs:[table + (target & 0xffff) * 4]`. ECX stays spilled;
     /// the entry prologue reloads it.
     fn dispatch(&mut self, eip: u32) {
+        self.dispatch_to(eip, self.ctx.lookup_table);
+    }
+
+    /// [`Emitter::dispatch`] through lookup table `table` (an inline
+    /// privilege transition goes to the other CPL's table).
+    fn dispatch_to(&mut self, eip: u32, table: u32) {
         self.mark(eip, true, false, false);
-        let table = self.ctx.lookup_table as i32;
+        let table = table as i32;
         x86!(self.asm
             ; gs mov DWORD [CALLOUT_TARGET], ecx
             ; movzx ecx, cx
@@ -515,6 +556,8 @@ impl Emitter {
             Op::DivCheck { load } => self.div_check(load, eip, next, instr),
             Op::LoadSeg { sreg, load, pop, kind } => self.load_seg(*sreg, load, *pop, *kind, eip, next, instr),
             Op::Verw { load } => self.verw(load, eip, next, instr),
+            Op::IntGate { vector } => self.int_gate(*vector, eip, next, instr),
+            Op::Iret => self.iret(eip, next, instr),
             Op::Pushf => self.pushf(eip, next),
             Op::Popf => self.popf(eip, next),
             Op::IrqCheck { check_vif } => {
@@ -580,13 +623,21 @@ impl Emitter {
         instr: &Instruction,
     ) {
         let (null, misses) = self.seg_cache_probe(load, SEG_RPL_OK, true, eip);
+        // Whether it survives an IRET to CPL 3 (the entry's byte; a null
+        // selector does).
         x86!(self.asm
+            ; gs movzx eax, BYTE [edx * 4 + SEG_ENTRY_USER_OK]
             ; mov edx, ecx
             ; or edx, 7
         );
+        let join = self.short_jump(0xEB);
         if let Some(null) = null {
             self.bind(null);
         }
+        x86!(self.asm; mov eax, 1);
+        self.bind(join);
+        let user_ok = PAGE_SEG_USER_OK + i32::from(sreg);
+        x86!(self.asm; gs mov BYTE [user_ok], al);
         let sel_slot = GUEST_SEL + 4 * i32::from(sreg);
         let bit = 1i32 << sreg;
         x86!(self.asm; gs mov DWORD [sel_slot], ecx);
@@ -631,15 +682,8 @@ impl Emitter {
         self.mark(eip, true, false, true);
         self.asm.extend(load.iter());
         self.mark(eip, true, false, false);
-        x86!(self.asm
-            ; gs mov DWORD [SPILL_EAX], eax
-            ; lahf
-            ; seto al
-            ; gs mov DWORD [SPILL_FLAGS], eax
-            ; gs mov DWORD [SPILL_EDX], edx
-            ; gs mov DWORD [SPILL_EBX], ebx
-            ; cmp ecx, 4
-        );
+        self.save_for_checks();
+        x86!(self.asm; cmp ecx, 4);
         let mut misses = Vec::new();
         let null = if null_ok {
             // A null selector (exits to user code reload null FS): host null.
@@ -662,18 +706,18 @@ impl Emitter {
             ; and edx, 0xFFF8
             ; mov eax, ecx
             ; and eax, 3
-            ; gs cmp BYTE [eax + edx * 2 + ok], 0
+            ; gs cmp BYTE [eax + edx * 4 + ok], 0
         );
         misses.push(self.near_jcc(0x4)); // je
         x86!(self.asm
             ; gs mov ebx, DWORD [GDT_LIVE]
             ; gs mov eax, DWORD [ebx + edx]
-            ; gs cmp eax, DWORD [edx * 2 + SEG_DESC]
+            ; gs cmp eax, DWORD [edx * 4 + SEG_DESC]
         );
         misses.push(self.near_jcc(0x5)); // jne
         x86!(self.asm
             ; gs mov eax, DWORD [ebx + edx + 4]
-            ; gs cmp eax, DWORD [edx * 2 + SEG_DESC + 4]
+            ; gs cmp eax, DWORD [edx * 4 + SEG_DESC + 4]
         );
         misses.push(self.near_jcc(0x5)); // jne
         (null, misses)
@@ -699,6 +743,27 @@ impl Emitter {
 
     /// The registers and flags [`Emitter::load_seg`] saved, back.
     fn restore_after_load_seg(&mut self) {
+        self.restore_saved();
+        self.reload_ecx();
+    }
+
+    /// Saves EAX, EDX, EBX and the arithmetic flags (`LAHF; SETO AL`) in
+    /// their spill slots: the checks that follow may clobber all of them.
+    /// ECX must be spilled already.
+    fn save_for_checks(&mut self) {
+        x86!(self.asm
+            ; gs mov DWORD [SPILL_EAX], eax
+            ; lahf
+            ; seto al
+            ; gs mov DWORD [SPILL_FLAGS], eax
+            ; gs mov DWORD [SPILL_EDX], edx
+            ; gs mov DWORD [SPILL_EBX], ebx
+        );
+    }
+
+    /// What [`Emitter::save_for_checks`] saved, back (`ADD AL, 0x7F` turns
+    /// the saved OF byte back into OF before SAHF).
+    fn restore_saved(&mut self) {
         x86!(self.asm
             ; gs mov ebx, DWORD [SPILL_EBX]
             ; gs mov edx, DWORD [SPILL_EDX]
@@ -707,7 +772,304 @@ impl Emitter {
             ; sahf
             ; gs mov eax, DWORD [SPILL_EAX]
         );
+    }
+
+    /// `mov Sreg, gs:[off]` (raw: 65 8E /r with a disp32; `sreg` in the
+    /// ModRM reg field), flag-free.
+    fn load_sreg_from_page(&mut self, sreg: u8, off: i32) {
+        self.asm.extend([0x65, 0x8E, 0x05 | (sreg << 3)]);
+        self.asm.extend(off.to_le_bytes());
+    }
+
+    /// `push dword gs:[off]` (65 FF 35 disp32).
+    fn push_from_page(&mut self, off: i32) {
+        self.asm.extend([0x65, 0xFF, 0x35]);
+        self.asm.extend(off.to_le_bytes());
+    }
+
+    /// Compares the live GDT entry at byte offset `gs:[off_slot]` (the
+    /// transition page's) with the descriptor at `gs:[desc]`; pushes the
+    /// jumps taken when they differ. Clobbers EBX, ECX and the flags.
+    fn live_gdt_equals(&mut self, off_slot: u32, desc: u32, misses: &mut Vec<NearFixup>) {
+        let (off_slot, desc) = (off_slot as i32, desc as i32);
+        x86!(self.asm
+            ; gs mov ebx, DWORD [GDT_LIVE]
+            ; gs add ebx, DWORD [off_slot]
+            ; gs mov ecx, DWORD [ebx]
+            ; gs cmp ecx, DWORD [desc]
+        );
+        misses.push(self.near_jcc(0x5)); // jne
+        x86!(self.asm
+            ; gs mov ecx, DWORD [ebx + 4]
+            ; gs cmp ecx, DWORD [desc + 4]
+        );
+        misses.push(self.near_jcc(0x5)); // jne
+    }
+
+    /// INT n from CPL 3 (docs/translator.md, "Inline privilege
+    /// transitions"). Checks, with the flags saved: the transition page
+    /// allows it, the live IDT gate equals the validated one in the gate
+    /// cache, the live GDT still holds the kernel CS and SS the page names,
+    /// the live TSS still says that SS. Then, with the guest's flags back:
+    /// switch to SS0:ESP0 and push SS, ESP, EFLAGS (PUSHFD: at CPL 3 the
+    /// host's IF and IOPL are the guest's), CS and the return EIP. A fault
+    /// there is not the guest's INT (`fallback`). Then commit: DS, ES, FS
+    /// and the guest GS to their kernel slots, IF per the gate type, the
+    /// new CS and SS in the vCPU page, and a jump through the CPL 0 lookup
+    /// table to the handler. Anything unusual: the INT's own callout.
+    fn int_gate(&mut self, vector: u8, eip: u32, next: u32, instr: &Instruction) {
+        let gate = (GATE_CACHE + 8 * u32::from(vector)) as i32;
+        let idt_off = 8 * i32::from(vector);
+        let mut misses = Vec::new();
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        // The guest's whole EFLAGS, by PUSHFD on the VMM stack (SS the VMM
+        // data selector): the frame's image is built from it.
+        x86!(self.asm; gs mov DWORD [SPILL_ESP], esp);
+        self.asm.extend([0x8C, 0xD1]); // mov ecx, ss
+        x86!(self.asm; gs mov DWORD [SAVE_SS], ecx);
+        self.asm.extend([0x8C, 0xE9]); // mov ecx, gs
+        self.esp_saved = true;
+        self.mark(eip, true, false, true);
+        let top = VMM_STACK_TOP as i32;
+        self.asm.extend([0x8E, 0xD1]); // mov ss, ecx
+        x86!(self.asm
+            ; mov esp, top
+            ; pushf
+            ; gs mov ecx, DWORD [SAVE_SS]
+        );
+        self.asm.extend([0x8E, 0xD1]); // mov ss, ecx
+        x86!(self.asm; gs mov esp, DWORD [SPILL_ESP]);
+        self.esp_saved = false;
+        self.mark(eip, true, false, true);
+        self.save_for_checks();
+        self.mark(eip, true, false, false);
+        x86!(self.asm; gs cmp DWORD [trans::INT_OK as i32], 0);
+        misses.push(self.near_jcc(0x4)); // je
+        x86!(self.asm
+            ; gs mov eax, DWORD [gate]
+            ; gs mov edx, DWORD [gate + 4]
+            ; test edx, edx
+        );
+        misses.push(self.near_jcc(0x4)); // je: no validated gate
+        x86!(self.asm
+            ; gs mov ebx, DWORD [trans::IDT_LIVE as i32]
+            ; gs cmp eax, DWORD [ebx + idt_off]
+        );
+        misses.push(self.near_jcc(0x5));
+        x86!(self.asm; gs cmp edx, DWORD [ebx + idt_off + 4]);
+        misses.push(self.near_jcc(0x5));
+        self.live_gdt_equals(trans::INT_CS_OFF, trans::INT_CS_DESC, &mut misses);
+        x86!(self.asm
+            ; gs mov ebx, DWORD [trans::TSS_LIVE as i32]
+            ; gs movzx ecx, WORD [ebx + 4]
+            ; gs cmp ecx, DWORD [trans::INT_SS_SEL as i32]
+        );
+        misses.push(self.near_jcc(0x5));
+        x86!(self.asm
+            ; gs mov ecx, DWORD [ebx]
+            ; gs mov DWORD [FRAME], ecx
+        );
+        self.live_gdt_equals(trans::INT_SS_OFF, trans::INT_SS_DESC, &mut misses);
+        // The handler's EIP and whether the gate keeps IF (a trap gate).
+        x86!(self.asm
+            ; and eax, 0xFFFF
+            ; mov ecx, edx
+            ; and ecx, 0xFFFF_0000u32 as i32
+            ; or eax, ecx
+            ; gs mov DWORD [FRAME + 4], eax
+            ; and edx, 0x100
+            ; gs mov DWORD [FRAME + 8], edx
+            // The EFLAGS image: the guest's flags with the virtual IF.
+            ; gs mov ecx, DWORD [top - 4]
+            ; and ecx, !IF_MASK
+            ; gs or ecx, DWORD [trans::USER_IF as i32]
+            ; gs mov DWORD [FRAME + 12], ecx
+        );
+        // DS, ES, FS and the guest GS go to their kernel slots.
+        for (i, sreg) in [3u8, 0, 4].into_iter().enumerate() {
+            // mov ecx, Sreg (8C /r)
+            self.asm.extend([0x8C, 0xC1 | (sreg << 3)]);
+            let slot = NEW_SELS + 4 * i as i32;
+            x86!(self.asm
+                ; and ecx, !USER_SLOT_BIT
+                ; gs mov DWORD [slot], ecx
+            );
+        }
+        x86!(self.asm
+            ; gs movzx ecx, WORD [GUEST_GS_SEL]
+            ; and ecx, !USER_SLOT_BIT
+            ; gs mov DWORD [NEW_SELS + 12], ecx
+        );
+        // The frame, with the guest's registers and flags back.
+        self.restore_saved();
+        x86!(self.asm; gs mov DWORD [SPILL_ESP], esp);
+        self.fallback = true;
+        self.esp_saved = true;
+        self.mark(eip, true, false, true);
+        x86!(self.asm; gs mov ecx, DWORD [trans::INT_SS_HOST as i32]);
+        self.asm.extend([0x8E, 0xD1]); // mov ss, ecx
+        x86!(self.asm; gs mov esp, DWORD [FRAME]);
+        self.push_from_page(GUEST_SEL + 8);
+        self.push_from_page(SPILL_ESP);
+        self.push_from_page(FRAME + 12);
+        self.push_from_page(GUEST_SEL + 4);
+        self.push_imm(next, false);
+        self.fallback = false;
+        self.esp_saved = false;
+        // Committed: nothing below can fault.
+        self.mark(eip, true, false, false);
+        for (i, sreg) in [3u8, 0, 4].into_iter().enumerate() {
+            self.load_sreg_from_page(sreg, NEW_SELS + 4 * i as i32);
+        }
+        x86!(self.asm
+            ; gs mov ecx, DWORD [NEW_SELS + 12]
+            ; gs mov WORD [GUEST_GS_SEL], cx
+            ; gs mov ecx, DWORD [FRAME + 8]
+        );
+        let interrupt_gate = self.short_jump(JECXZ);
+        x86!(self.asm; gs mov DWORD [VIF], IF_MASK);
+        let done = self.short_jump(0xEB);
+        self.bind(interrupt_gate);
+        x86!(self.asm; gs mov DWORD [VIF], 0);
+        self.bind(done);
+        x86!(self.asm
+            ; gs mov DWORD [VIOPL], 0
+            ; gs mov ecx, DWORD [trans::INT_CS_SEL as i32]
+            ; gs mov DWORD [GUEST_SEL + 4], ecx
+            ; gs mov ecx, DWORD [trans::INT_SS_SEL as i32]
+            ; gs mov DWORD [GUEST_SEL + 8], ecx
+            ; gs mov DWORD [TRANSITION], transition::TO_KERNEL as i32
+            ; gs mov ecx, DWORD [INLINE_ENTRIES]
+            ; lea ecx, [ecx + 1]
+            ; gs mov DWORD [INLINE_ENTRIES], ecx
+            ; gs mov ecx, DWORD [FRAME + 4]
+        );
+        self.dispatch_to(eip, LOOKUP_TABLE);
+        self.transition_miss(misses, eip, next, instr);
+    }
+
+    /// IRETD from CPL 0 to CPL 3. Reads the five-dword frame (a fault there
+    /// is not necessarily the guest's: an IRET to CPL 0 reads three,
+    /// `fallback`), then checks with the flags saved: the transition page
+    /// allows it (the address space's user code runs translated, no
+    /// prefault waits for this IRET), CS and SS are the user ones the page
+    /// names and the live GDT still holds them, the new EFLAGS have IF set
+    /// and TF, IOPL, NT and VM clear, no interrupt is pending, and every
+    /// data segment survives the privilege change. Then commit: DS, ES, FS
+    /// and the guest GS to their user slots, IF 1 and IOPL 0, the user CS
+    /// and SS in the vCPU page, the new flags by POPFD from the frame, the
+    /// user SS:ESP, and a jump through the CPL 3 lookup table.
+    fn iret(&mut self, eip: u32, next: u32, instr: &Instruction) {
+        let mut misses = Vec::new();
+        self.at(eip);
+        self.spill_ecx();
+        self.fallback = true;
+        self.mark(eip, true, false, true);
+        for k in 0..5i32 {
+            let (at, slot) = (4 * k, FRAME + 4 * k);
+            x86!(self.asm
+                ; mov ecx, DWORD [esp + at]
+                ; gs mov DWORD [slot], ecx
+            );
+        }
+        self.fallback = false;
+        self.mark(eip, true, false, true);
+        self.save_for_checks();
+        self.mark(eip, true, false, false);
+        x86!(self.asm; gs cmp DWORD [trans::IRET_OK as i32], 0);
+        misses.push(self.near_jcc(0x4)); // je
+        x86!(self.asm
+            ; gs movzx ecx, WORD [FRAME + 4]
+            ; gs cmp ecx, DWORD [trans::USER_CS_SEL as i32]
+        );
+        misses.push(self.near_jcc(0x5));
+        x86!(self.asm
+            ; gs movzx ecx, WORD [FRAME + 16]
+            ; gs cmp ecx, DWORD [trans::USER_SS_SEL as i32]
+        );
+        misses.push(self.near_jcc(0x5));
+        self.live_gdt_equals(trans::USER_CS_OFF, trans::USER_CS_DESC, &mut misses);
+        self.live_gdt_equals(trans::USER_SS_OFF, trans::USER_SS_DESC, &mut misses);
+        x86!(self.asm
+            ; gs mov ecx, DWORD [FRAME + 8]
+            ; and ecx, IRET_FLAGS_CHECKED
+            ; gs cmp ecx, DWORD [trans::USER_IF as i32]
+        );
+        misses.push(self.near_jcc(0x5));
+        // With IF set, a pending interrupt is the callout's to deliver.
+        x86!(self.asm
+            ; gs mov ecx, DWORD [IRQ_PENDING]
+            ; gs and ecx, DWORD [trans::USER_IF as i32]
+        );
+        misses.push(self.near_jcc(0x5));
+        x86!(self.asm; gs cmp DWORD [PAGE_SEG_USER_OK], 0x0101_0101);
+        misses.push(self.near_jcc(0x5));
+        x86!(self.asm; gs cmp WORD [PAGE_SEG_USER_OK + 4], 0x0101);
+        misses.push(self.near_jcc(0x5));
+        for (i, sreg) in [3u8, 0, 4].into_iter().enumerate() {
+            self.asm.extend([0x8C, 0xC1 | (sreg << 3)]);
+            let null = self.short_jump(JECXZ);
+            x86!(self.asm; or ecx, USER_SLOT_BIT);
+            self.bind(null);
+            let slot = NEW_SELS + 4 * i as i32;
+            x86!(self.asm; gs mov DWORD [slot], ecx);
+        }
+        x86!(self.asm; gs movzx ecx, WORD [GUEST_GS_SEL]);
+        let null = self.short_jump(JECXZ);
+        x86!(self.asm; or ecx, USER_SLOT_BIT);
+        self.bind(null);
+        x86!(self.asm
+            ; gs mov DWORD [NEW_SELS + 12], ecx
+            ; gs mov ebx, DWORD [SPILL_EBX]
+            ; gs mov edx, DWORD [SPILL_EDX]
+            ; gs mov eax, DWORD [SPILL_EAX]
+        );
+        for (i, sreg) in [3u8, 0, 4].into_iter().enumerate() {
+            self.load_sreg_from_page(sreg, NEW_SELS + 4 * i as i32);
+        }
+        x86!(self.asm
+            ; gs mov ecx, DWORD [NEW_SELS + 12]
+            ; gs mov WORD [GUEST_GS_SEL], cx
+            ; gs mov ecx, DWORD [trans::USER_IF as i32]
+            ; gs mov DWORD [VIF], ecx
+            ; gs mov DWORD [VIOPL], 0
+            ; gs mov ecx, DWORD [trans::USER_CS_SEL as i32]
+            ; gs mov DWORD [GUEST_SEL + 4], ecx
+            ; gs mov ecx, DWORD [trans::USER_SS_SEL as i32]
+            ; gs mov DWORD [GUEST_SEL + 8], ecx
+            ; gs mov DWORD [TRANSITION], transition::TO_USER as i32
+            ; lea esp, [esp + 8]
+            ; popf
+            ; gs mov ecx, DWORD [trans::USER_SS_HOST as i32]
+        );
+        self.asm.extend([0x8E, 0xD1]); // mov ss, ecx
+        x86!(self.asm
+            ; gs mov esp, DWORD [FRAME + 12]
+            ; gs mov ecx, DWORD [FRAME]
+        );
+        self.dispatch_to(eip, LOOKUP_TABLE_USER);
+        self.transition_miss(misses, eip, next, instr);
+    }
+
+    /// The miss path of an inline transition: registers and flags back,
+    /// then the instruction's own callout.
+    fn transition_miss(&mut self, misses: Vec<NearFixup>, eip: u32, next: u32, instr: &Instruction) {
+        for m in misses {
+            self.bind_near(m);
+        }
+        self.mark(eip, true, false, false);
+        self.restore_saved();
         self.reload_ecx();
+        self.at(eip);
+        let kind = match instr.mnemonic() {
+            iced_x86::Mnemonic::Iretd | iced_x86::Mnemonic::Iret => {
+                CalloutKind::ControlFlow(crate::classify::Flow::Iret)
+            }
+            _ => CalloutKind::ControlFlow(crate::classify::Flow::Int),
+        };
+        self.callout(kind, eip, next, instr, false);
     }
 
     /// An indirect branch's target load (ECX spilled), with the guest's GS
@@ -903,7 +1265,14 @@ impl Emitter {
 
 impl State {
     fn of(e: &RecoveryEntry) -> State {
-        State { eip: e.guest_eip, spilled: e.ecx_spilled, gs: e.gs_is_guest, exact: e.exact }
+        State {
+            eip: e.guest_eip,
+            spilled: e.ecx_spilled,
+            gs: e.gs_is_guest,
+            exact: e.exact,
+            fallback: e.fallback,
+            esp_saved: e.esp_saved,
+        }
     }
 }
 

@@ -337,6 +337,7 @@ impl Engine {
             cs32: key.cs32,
             inline_flags: self.config.inline_flags,
             inline_segments: self.config.inline_segments,
+            inline_transitions: self.config.inline_transitions && !self.config.count_insns,
             native_rdtsc: self.config.native_rdtsc && !self.config.count_insns,
             corrupt: self.config.corrupt,
         };
@@ -455,6 +456,7 @@ impl Engine {
                 gs_is_guest: false,
                 exact: true,
                 eip_is_callout_target: true,
+                fallback: false,
             });
         }
         let b = self.block_at(tc_eip)?;
@@ -914,6 +916,14 @@ impl Engine {
             }
         }
         Some(b.key)
+    }
+
+    /// The context whose blocks lookup table `vmm_area::lookup_table(cpl)`
+    /// holds now: an inline privilege transition jumps through the other
+    /// CPL's table, which is right only when it holds the context the
+    /// transition arrives in.
+    pub fn table_context(&self, cpl: u8) -> Option<KeyContext> {
+        self.tables[table_class(cpl)].context
     }
 
     fn switch_context(&mut self, ctx: KeyContext) {

@@ -104,6 +104,10 @@ pub struct Config {
     /// Inline MOV/POP to DS, ES, FS and GS in CPL 0 code through the
     /// segment cache (else callouts; `vmm_area::SEG_CACHE`).
     pub inline_segments: bool,
+    /// Inline INT n from CPL 3 and IRET from CPL 0 to CPL 3 through the
+    /// transition page (`vmm_area::TRANSITIONS`): kernel entries and exits
+    /// of translated user code with no callout. Off in the counting mode.
+    pub inline_transitions: bool,
     /// Count retired guest instructions (the deterministic mode): every
     /// block entry charges its instruction count to `VcpuPage.budget` and
     /// exits with a `Poll` callout, before running, when the budget would go
@@ -129,6 +133,7 @@ impl Default for Config {
             count_indirect_hits: false,
             inline_flags: true,
             inline_segments: true,
+            inline_transitions: true,
             count_insns: false,
             native_rdtsc: false,
             corrupt: None,

@@ -78,6 +78,13 @@ pub enum Op {
     /// VERW through the segment cache (`load` as for `LoadSeg`): Linux's
     /// MDS mitigation runs one on every return to user mode.
     Verw { load: InsnBytes },
+    /// INT n from CPL 3 through the gate cache and the transition page:
+    /// the stack switch, the frame and the jump to the translated handler
+    /// inline; anything the caches do not vouch for is the INT's callout.
+    IntGate { vector: u8 },
+    /// IRETD from CPL 0 to the CPL 3 code and stack segments the transition
+    /// page names, inline; anything else is the IRET's callout.
+    Iret,
 }
 
 /// One guest instruction after mangling (the `n`th of the block: its
@@ -134,6 +141,8 @@ pub struct MangleCtx {
     pub inline_flags: bool,
     /// Inline MOV/POP Sreg through the segment cache (else callouts).
     pub inline_segments: bool,
+    /// Inline INT n at CPL 3 and IRETD at CPL 0 ([`Op::IntGate`], [`Op::Iret`]).
+    pub inline_transitions: bool,
     /// RDTSC as itself ([`crate::Config::native_rdtsc`]).
     pub native_rdtsc: bool,
     /// Test-only corruption ([`crate::Config::corrupt`]).
@@ -374,6 +383,14 @@ fn mangle_flow(insn: &DecodedInsn, f: Flow, ctx: &MangleCtx, ops: &mut Vec<Op>) 
             rewritten(ops, &[Op::Ret { op16, imm, ss32: ctx.ss32 }])
         }
         Flow::IndirectJmp | Flow::IndirectCall => mangle_indirect(insn, f, op16, ops),
+        // Flat 32-bit code and stacks only: the sequences address the
+        // frames with ESP and push dwords.
+        Flow::Int if ctx.inline_transitions && ctx.cpl == 3 && ctx.cs32 && ctx.ss32 => {
+            rewritten(ops, &[Op::IntGate { vector: i.immediate8() }])
+        }
+        Flow::Iret if ctx.inline_transitions && ctx.cpl == 0 && ctx.cs32 && ctx.ss32 && !op16 => {
+            rewritten(ops, &[Op::Iret])
+        }
         _ => callout(ops, CalloutKind::ControlFlow(f), false),
     }
 }

@@ -5,7 +5,7 @@
 //! to the next entry, the guest state is "at `guest_eip`", with the listed
 //! registers in scratch slots and GS holding the guest or the VMM selector.
 
-use crate::vmm_area::SCRATCH_ECX;
+use crate::vmm_area::{SCRATCH_ECX, SCRATCH_ESP};
 use iced_x86::Register;
 
 /// One run of TC bytes with the same guest state.
@@ -23,6 +23,15 @@ pub struct RecoveryEntry {
     /// before the lookup jump). Nothing there can fault; an asynchronous
     /// exit there must resume at the same TC address, not at `guest_eip`.
     pub exact: bool,
+    /// Inside the guest-memory accesses of an inline privilege transition
+    /// (INT's pushes, IRET's frame reads): a fault here is not the guest
+    /// instruction's own (those accesses are supervisor ones, the pushes
+    /// go to another stack). The monitor resolves it as such, or performs
+    /// the instruction itself.
+    pub fallback: bool,
+    /// Guest ESP is in `scratch[SCRATCH_ESP]` (an inline INT on the kernel
+    /// stack), not in ESP.
+    pub esp_saved: bool,
 }
 
 /// What `Engine::recover` answers.
@@ -38,17 +47,23 @@ pub struct Recovery {
     /// The guest EIP is dynamic: `VcpuPage.callout_target` (shared
     /// indirect-miss stub); `guest_eip` is 0 then.
     pub eip_is_callout_target: bool,
+    /// See [`RecoveryEntry::fallback`].
+    pub fallback: bool,
 }
 
 impl RecoveryEntry {
     pub fn to_recovery(&self) -> Recovery {
-        let restore = if self.ecx_spilled { vec![(Register::ECX, SCRATCH_ECX)] } else { Vec::new() };
+        let mut restore = if self.ecx_spilled { vec![(Register::ECX, SCRATCH_ECX)] } else { Vec::new() };
+        if self.esp_saved {
+            restore.push((Register::ESP, SCRATCH_ESP));
+        }
         Recovery {
             guest_eip: self.guest_eip,
             restore,
             gs_is_guest: self.gs_is_guest,
             exact: self.exact,
             eip_is_callout_target: false,
+            fallback: self.fallback,
         }
     }
 }

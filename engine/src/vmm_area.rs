@@ -4,10 +4,14 @@
 //! ```text
 //! base + 0x00_0000  vCPU page (VcpuPage, GS-relative state of translated code)
 //! base + 0x00_0800    re-execution scratch (redirected memory operands)
-//! base + 0x00_0C00    segment cache: validated GDT descriptors (inline MOV Sreg)
 //! base + 0x00_1000  exit gate (64-bit code written by the monitor)
 //! base + 0x00_1040    bare-call trampoline (host benchmark baseline)
 //! base + 0x00_1100    native step (one guest instruction run outside the TC)
+//! base + 0x00_2000  transition page: what inline INT/IRET may assume (read-only)
+//! base + 0x00_2800    gate cache: validated IDT gates
+//! base + 0x00_3000  segment cache: validated GDT descriptors (read-only)
+//! base + 0x00_4000  IDT alias: the guest frames holding its IDT, read-only
+//! base + 0x00_6000  TSS alias: the guest frame holding TSS.ESP0/SS0, read-only
 //! base + 0x04_0000  indirect lookup table: 65 536 x u32 TC addresses
 //! base + 0x08_0000  the same for CPL 3 blocks
 //! base + 0x0C_0000  GDT alias: the guest frames holding its GDT, read-only
@@ -48,14 +52,39 @@ pub const GDT_ALIAS: u32 = 0xC_0000;
 /// Pages of the GDT alias (the cached entries may straddle a page).
 pub const GDT_ALIAS_PAGES: u32 = 2;
 /// The segment cache: per GDT index below [`SEG_CACHE_ENTRIES`], the
-/// descriptor the monitor validated and wrote to that index's host LDT
-/// slot (8 bytes), then one byte per RPL: nonzero when a CPL 0 load of
+/// descriptor the monitor validated and wrote to that index's two host LDT
+/// slots (8 bytes), then one byte per RPL: nonzero when a CPL 0 load of
 /// DS/ES/FS/GS with that RPL passes every check and needs no accessed-bit
-/// write; then one byte per RPL: nonzero when VERW at CPL 0 sets ZF.
-/// Inline MOV/POP Sreg and VERW hit when the live GDT entry equals it.
-pub const SEG_CACHE: u32 = VCPU_PAGE + 0xC00;
-/// Bytes per segment-cache entry (descriptor, 4 load bytes, 4 VERW bytes).
-pub const SEG_CACHE_ENTRY: u32 = 16;
+/// write; then one byte per RPL: nonzero when VERW at CPL 0 sets ZF; then
+/// one byte ([`SEG_USER_OK`]): nonzero when the segment survives an IRET
+/// to CPL 3 (DPL 3 or conforming code). Inline MOV/POP Sreg and VERW hit
+/// when the live GDT entry equals it. In a page that guest-mode code can
+/// only read: user code must not forge what the kernel's loads trust.
+pub const SEG_CACHE: u32 = 0x3000;
+/// Bytes per segment-cache entry (descriptor, 4 load bytes, 4 VERW bytes,
+/// the user byte, padding).
+pub const SEG_CACHE_ENTRY: u32 = 32;
+/// Offset of the "survives an IRET to CPL 3" byte in an entry.
+pub const SEG_USER_OK: u32 = 16;
+/// Top of the VMM stack at the end of the vCPU page: an inline INT points
+/// SS:ESP here (SS the VMM data selector) for the PUSHFD that reads the
+/// guest's whole EFLAGS without touching guest memory.
+pub const VMM_STACK_TOP: u32 = VCPU_PAGE + 0x1000;
+/// Bytes of the VMM stack.
+pub const VMM_STACK_LEN: u32 = 16;
+/// The transition page ([`Transitions`]): what the monitor validated for
+/// inline INT from CPL 3 and IRET to CPL 3, read-only to guest-mode code.
+pub const TRANSITIONS: u32 = 0x2000;
+/// The gate cache: per vector, the IDT gate the monitor validated for an
+/// inline INT n from CPL 3 (8 bytes, zero when the vector must take the
+/// callout). Inline INT hits when the live IDT entry equals it.
+pub const GATE_CACHE: u32 = TRANSITIONS + 0x800;
+/// The IDT alias: the guest frames that hold the IDT, mapped read-only.
+pub const IDT_ALIAS: u32 = 0x4000;
+/// Pages of the IDT alias (256 gates may straddle a page).
+pub const IDT_ALIAS_PAGES: u32 = 2;
+/// The TSS alias: the guest frame that holds TSS.ESP0 and TSS.SS0.
+pub const TSS_ALIAS: u32 = 0x6000;
 /// GDT indexes with a segment-cache entry (Linux uses 32).
 pub const SEG_CACHE_ENTRIES: u32 = 64;
 /// Size of the translation cache.
@@ -83,8 +112,14 @@ pub const REEXEC_SCRATCH_LEN: u32 = 64;
 const _: () = assert!(EXIT_GATE + EXIT_GATE_LEN <= BARE_TRAMPOLINE);
 const _: () = assert!(BARE_TRAMPOLINE + BARE_TRAMPOLINE_LEN <= NATIVE_STEP);
 const _: () = assert!(NATIVE_STEP + NATIVE_STEP_LEN <= EXIT_GATE + 0x1000);
-const _: () = assert!(REEXEC_SCRATCH + REEXEC_SCRATCH_LEN <= SEG_CACHE);
-const _: () = assert!(SEG_CACHE + SEG_CACHE_ENTRY * SEG_CACHE_ENTRIES <= EXIT_GATE);
+const _: () = assert!(REEXEC_SCRATCH + REEXEC_SCRATCH_LEN <= VMM_STACK_TOP - VMM_STACK_LEN);
+const _: () = assert!(VMM_STACK_TOP <= EXIT_GATE);
+const _: () = assert!(EXIT_GATE + 0x1000 <= TRANSITIONS);
+const _: () = assert!(TRANSITIONS + size_of::<Transitions>() as u32 <= GATE_CACHE);
+const _: () = assert!(GATE_CACHE + 256 * 8 <= SEG_CACHE);
+const _: () = assert!(SEG_CACHE + SEG_CACHE_ENTRY * SEG_CACHE_ENTRIES <= IDT_ALIAS);
+const _: () = assert!(IDT_ALIAS + IDT_ALIAS_PAGES * 4096 <= TSS_ALIAS);
+const _: () = assert!(TSS_ALIAS + 4096 <= LOOKUP_TABLE);
 const _: () = assert!(LOOKUP_TABLE_USER + LOOKUP_TABLE_SIZE <= GDT_ALIAS);
 const _: () = assert!(GDT_ALIAS + GDT_ALIAS_PAGES * 4096 <= TC);
 
@@ -99,6 +134,9 @@ pub const SCRATCH_EAX: u8 = 1;
 pub const SCRATCH_EDX: u8 = 2;
 pub const SCRATCH_EBX: u8 = 3;
 pub const SCRATCH_FLAGS: u8 = 4;
+/// The spill slot that holds guest `ESP` while an inline INT pushes its
+/// frame on the kernel stack (the recovery map restores it from here).
+pub const SCRATCH_ESP: u8 = 5;
 
 /// The vCPU page as translated code sees it through `GS` (offset 0 of the
 /// VMM area). Field order up to `vmm_gs_sel` is the ABI of docs/tc-abi.md;
@@ -152,6 +190,102 @@ pub struct VcpuPage {
     /// DS 3, FS 4, GS 5): the monitor takes the new selector from
     /// `guest_sel` at the next exit and clears the bits.
     pub seg_loaded: u32,
+    /// Per segment register (by `sreg`), nonzero when the loaded segment
+    /// survives an IRET to CPL 3 (null, DPL 3 or conforming code): the
+    /// monitor writes it with `guest_sel`, inline loads keep it.
+    pub seg_user_ok: [u8; 8],
+    /// The last inline privilege transition since the monitor looked
+    /// ([`transition`]): written by inline INT and IRET, cleared by the
+    /// monitor at every exit.
+    pub transition: u32,
+    /// Inline INTs from CPL 3 (kernel entries the user-exec policy did not
+    /// see as exits; wraps).
+    pub inline_entries: u32,
+    /// Inline INT/IRET working slots: the IRET frame (EIP, CS, EFLAGS, ESP,
+    /// SS) as read, or INT's ESP0, handler EIP and gate type.
+    pub frame: [u32; 5],
+    /// The guest's SS across an inline INT's switch to the VMM stack.
+    pub save_ss: u32,
+    /// Host selectors DS, ES, FS and the guest-GS shadow after the
+    /// transition (the other slot of the same descriptor).
+    pub new_sels: [u32; 4],
+}
+
+/// What [`VcpuPage::transition`] says happened last.
+pub mod transition {
+    /// An inline INT from CPL 3: CS and SS are the transition page's
+    /// kernel ones, CPL 0.
+    pub const TO_KERNEL: u32 = 1;
+    /// An inline IRET to CPL 3: CS and SS are its user ones, CPL 3, IF 1,
+    /// IOPL 0.
+    pub const TO_USER: u32 = 3;
+}
+
+/// The transition page: what the monitor validated for inline privilege
+/// transitions, read-only to guest-mode code (so user code cannot forge
+/// it). Selectors are guest selectors; `*_off` the byte offset of their GDT
+/// entry; `*_desc` the descriptor the live GDT entry must still equal;
+/// `*_host` the host LDT selector to load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transitions {
+    /// Nonzero: CPL 3 translations may enter the kernel inline (INT n).
+    pub int_ok: u32,
+    /// Nonzero: CPL 0 translations may return to CPL 3 inline (IRET).
+    pub iret_ok: u32,
+    pub int_cs_sel: u32,
+    pub int_cs_off: u32,
+    pub int_cs_desc: [u32; 2],
+    /// TSS.SS0 as validated (the TSS alias must still say it).
+    pub int_ss_sel: u32,
+    pub int_ss_off: u32,
+    pub int_ss_desc: [u32; 2],
+    pub int_ss_host: u32,
+    /// VMM-area offset of TSS.ESP0 in the TSS alias (TSS.SS0 follows).
+    pub tss_live: u32,
+    /// VMM-area offset of IDT entry 0 in the IDT alias.
+    pub idt_live: u32,
+    pub user_cs_sel: u32,
+    pub user_cs_off: u32,
+    pub user_cs_desc: [u32; 2],
+    pub user_ss_sel: u32,
+    pub user_ss_off: u32,
+    pub user_ss_desc: [u32; 2],
+    pub user_ss_host: u32,
+    /// EFLAGS.IF of user code (0 or 0x200): an inline IRET requires the
+    /// frame to restore it, an inline INT pushes it.
+    pub user_if: u32,
+}
+
+/// Offsets of [`Transitions`] fields from the VMM area base.
+pub mod trans {
+    use super::*;
+    macro_rules! at {
+        ($($name:ident = $field:ident),* $(,)?) => {
+            $(pub const $name: u32 = TRANSITIONS + offset_of!(Transitions, $field) as u32;)*
+        };
+    }
+    at!(
+        INT_OK = int_ok,
+        IRET_OK = iret_ok,
+        INT_CS_SEL = int_cs_sel,
+        INT_CS_OFF = int_cs_off,
+        INT_CS_DESC = int_cs_desc,
+        INT_SS_SEL = int_ss_sel,
+        INT_SS_OFF = int_ss_off,
+        INT_SS_DESC = int_ss_desc,
+        INT_SS_HOST = int_ss_host,
+        TSS_LIVE = tss_live,
+        IDT_LIVE = idt_live,
+        USER_CS_SEL = user_cs_sel,
+        USER_CS_OFF = user_cs_off,
+        USER_CS_DESC = user_cs_desc,
+        USER_SS_SEL = user_ss_sel,
+        USER_SS_OFF = user_ss_off,
+        USER_SS_DESC = user_ss_desc,
+        USER_SS_HOST = user_ss_host,
+        USER_IF = user_if,
+    );
 }
 
 /// Largest budget the monitor may set: the entry check reads the sign from
@@ -178,6 +312,12 @@ pub mod vcpu {
     pub const GDT_LIVE: u32 = VCPU_PAGE + offset_of!(VcpuPage, gdt_live) as u32;
     pub const GDT_LIVE_END: u32 = VCPU_PAGE + offset_of!(VcpuPage, gdt_live_end) as u32;
     pub const SEG_LOADED: u32 = VCPU_PAGE + offset_of!(VcpuPage, seg_loaded) as u32;
+    pub const SEG_USER_OK: u32 = VCPU_PAGE + offset_of!(VcpuPage, seg_user_ok) as u32;
+    pub const TRANSITION: u32 = VCPU_PAGE + offset_of!(VcpuPage, transition) as u32;
+    pub const INLINE_ENTRIES: u32 = VCPU_PAGE + offset_of!(VcpuPage, inline_entries) as u32;
+    pub const FRAME: u32 = VCPU_PAGE + offset_of!(VcpuPage, frame) as u32;
+    pub const SAVE_SS: u32 = VCPU_PAGE + offset_of!(VcpuPage, save_ss) as u32;
+    pub const NEW_SELS: u32 = VCPU_PAGE + offset_of!(VcpuPage, new_sels) as u32;
 
     /// Offset of scratch slot `slot`.
     pub const fn scratch(slot: u8) -> u32 {

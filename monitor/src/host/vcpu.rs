@@ -239,7 +239,7 @@ fn install_exit_gate(window: &Window) {
     window.vmm_alias().write(engine::vmm_area::EXIT_GATE as usize, &gate);
     // The gate page is the monitor's only 64-bit code below 4 GiB.
     let start = window.exit_gate();
-    signals::set_monitor_code_below_4g(start..start + (engine::vmm_area::LOOKUP_TABLE - engine::vmm_area::EXIT_GATE));
+    signals::set_monitor_code_below_4g(start..start + (engine::vmm_area::TRANSITIONS - engine::vmm_area::EXIT_GATE));
 }
 
 impl Vcpu {

@@ -179,8 +179,8 @@ impl Window {
         // Window copies of the VMM area regions, each with its own protection.
         let regions = [
             (vmm::VCPU_PAGE, vmm::EXIT_GATE, Prot::RW),
-            (vmm::EXIT_GATE, vmm::LOOKUP_TABLE, Prot::RX),
-            (vmm::LOOKUP_TABLE, vmm::TC, Prot::R),
+            (vmm::EXIT_GATE, vmm::TRANSITIONS, Prot::RX),
+            (vmm::TRANSITIONS, vmm::TC, Prot::R),
             (vmm::TC, vmm_size, Prot::RX),
         ];
         for (start, end, prot) in regions {
@@ -278,11 +278,16 @@ impl Window {
     }
 
     /// Maps guest-physical page `gpa` read-only at VMM-area offset `off`,
-    /// which must be one of the GDT alias pages (`vmm_area::GDT_ALIAS`):
-    /// translated code reads the live GDT there through GS.
+    /// which must be one of the alias pages (`vmm_area::GDT_ALIAS`,
+    /// `IDT_ALIAS`, `TSS_ALIAS`): translated code reads the live GDT, IDT
+    /// and TSS there through GS.
     pub fn map_vmm_page(&self, off: u32, mem: &GuestMemory, gpa: u64) -> Result<(), HostError> {
-        let alias = vmm::GDT_ALIAS..vmm::GDT_ALIAS + vmm::GDT_ALIAS_PAGES * PAGE;
-        if !off.is_multiple_of(PAGE) || !alias.contains(&off) || off >= self.vmm_size {
+        let aliases = [
+            vmm::GDT_ALIAS..vmm::GDT_ALIAS + vmm::GDT_ALIAS_PAGES * PAGE,
+            vmm::IDT_ALIAS..vmm::IDT_ALIAS + vmm::IDT_ALIAS_PAGES * PAGE,
+            vmm::TSS_ALIAS..vmm::TSS_ALIAS + PAGE,
+        ];
+        if !off.is_multiple_of(PAGE) || !aliases.iter().any(|a| a.contains(&off)) || off >= self.vmm_size {
             return Err(HostError::BadWindowRange { gva: self.vmm_base.wrapping_add(off), len: PAGE });
         }
         if !gpa.is_multiple_of(u64::from(PAGE)) || gpa.checked_add(u64::from(PAGE)).is_none_or(|e| e > mem.size()) {

@@ -147,6 +147,10 @@ impl BtBackend {
         r.map_err(super::failed)?;
         // The GDT's linear pages may map elsewhere now.
         self.shadows.seg_cache.invalidate_gdt();
+        match effect {
+            MmuEffect::Invlpg(lin) => self.transitions.invalidate_page(lin, &self.cpu),
+            _ => self.transitions.invalidate(),
+        }
         if let MmuEffect::Invlpg(lin) = effect {
             // One mapping changed: the translated user code on that page only.
             self.engine.revalidate_user_page(lin, &mut self.guest.code(true));

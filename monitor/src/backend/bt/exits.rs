@@ -205,7 +205,7 @@ impl BtBackend {
 
     /// Puts the guest state back to the start of the guest instruction the
     /// TC was executing at `host_eip`.
-    fn recover(&mut self, host_eip: u32) -> Result<bool, crate::backend::BackendError> {
+    fn recover(&mut self, host_eip: u32) -> Result<(bool, bool), crate::backend::BackendError> {
         let rec = self
             .engine
             .recover(host_eip)
@@ -216,7 +216,7 @@ impl BtBackend {
         }
         self.cpu.eip =
             if rec.eip_is_callout_target { self.alias.read_u32(page::CALLOUT_TARGET) } else { rec.guest_eip };
-        Ok(rec.exact)
+        Ok((rec.exact, rec.fallback))
     }
 
     pub(super) fn handle_translated_exit(&mut self, exit: Exit, host_eip: u32) -> Step {
@@ -245,7 +245,11 @@ impl BtBackend {
             self.kick_deferred = true;
             return Ok(None);
         }
-        if !self.recover(host_eip)? {
+        let (exact, fallback) = self.recover(host_eip)?;
+        if fallback && exit != Exit::Kick {
+            return self.transition_fault(exit);
+        }
+        if !exact {
             // Inside the committed tail of a rewritten sequence (nothing there
             // can fault): a kick landed between guest instruction boundaries.
             // Resume the host state as it is; the next exit is a clean one.
@@ -256,6 +260,29 @@ impl BtBackend {
             return Err(failed(format!("{exit:?} inside a committed TC sequence at {host_eip:#x}")));
         }
         self.translated_exception(exit)
+    }
+
+    /// A fault in the guest accesses of an inline INT or IRET (the state
+    /// recovered to the instruction): those are supervisor accesses to
+    /// another stack, or reads the instruction may not make, so the fault
+    /// is not the guest's as such. A page the shadow MMU can map is mapped
+    /// and the instruction runs again; anything else is the instruction's
+    /// callout semantics, which raises what the architecture says.
+    fn transition_fault(&mut self, exit: Exit) -> Step {
+        self.stats.count("transition_fault");
+        if let Exit::PageFault { address, error_code } = exit {
+            let access = shadow_mmu::Access { write: error_code & 2 != 0, user: false, fetch: false };
+            let (mmu, mut phys, mut mapper) = self.guest.paging();
+            if let Ok(FaultOutcome::Resolved) = mmu.handle_fault(&mut phys, &mut mapper, address, access, 0) {
+                return Ok(None);
+            }
+        }
+        let (insn, _) = match self.fetch_insn() {
+            Ok(i) => i,
+            Err(step) => return step,
+        };
+        let c = classify::classify(&insn);
+        self.emulate(&insn, &c, insn.next_ip32())
     }
 
     /// A synchronous exit of translated code, the guest state recovered.
@@ -325,6 +352,9 @@ impl BtBackend {
             }
             CalloutKind::Sensitive(_) | CalloutKind::ControlFlow(_) => {
                 self.cpu.eip = site.guest_eip;
+                if site.kind == CalloutKind::ControlFlow(Flow::Int) && self.cpu.cpl == 3 {
+                    self.transitions.int_missed(site.instruction.immediate8());
+                }
                 let before = (self.cpu.seg(Seg::Cs).selector, self.cpu.cpl);
                 let step = self.emulate(&site.instruction, &site.classification, site.next_eip);
                 // Segments as they were: an instruction that loads none, which

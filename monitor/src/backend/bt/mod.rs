@@ -18,6 +18,7 @@
 //! | [`emulate`] | sensitive instructions on the virtual CPU, pending I/O and MMIO |
 //! | [`reexec`] | re-execution: one instruction run natively, its operand redirected |
 //! | [`stats`] | counters and where the time went |
+//! | [`transitions`] | what inline INT/IRET may assume, and what they did |
 
 pub mod counting;
 mod emulate;
@@ -26,6 +27,7 @@ pub mod memory;
 mod reexec;
 pub mod segments;
 pub mod stats;
+mod transitions;
 pub mod user_exec;
 
 use std::sync::Arc;
@@ -158,6 +160,11 @@ pub struct BtBackend {
     ports: Option<PortsRef>,
     /// `Engine::blocks_translated` at the last look (user-exec policy).
     user_blocks_seen: u64,
+    /// Inline INT/IRET: the transition page and the monitor's records.
+    transitions: transitions::Transitions,
+    /// TSC at the last entry into translated code (inline kernel entries
+    /// are charged the time since).
+    tc_entered: u64,
 }
 
 /// The machine's ports, lent for one `run_with_ports` call: a pointer with
@@ -231,6 +238,8 @@ impl BtBackend {
             interrupted: false,
             ports: None,
             user_blocks_seen: 0,
+            transitions: transitions::Transitions::new(alias),
+            tc_entered: 0,
             user_exec: user_exec::Policy::new(
                 config.user_exec,
                 if config.user_exec == user_exec::UserExec::Adaptive { stats::tsc_per_us() } else { 1.0 },
@@ -259,6 +268,7 @@ impl BtBackend {
 
     pub fn cpu_mut(&mut self) -> &mut Cpu {
         self.shadows.seg_cache.invalidate_gdt();
+        self.transitions.invalidate();
         &mut self.cpu
     }
 
@@ -323,6 +333,7 @@ impl BtBackend {
         }
         self.resume_at = None;
         let t = stats::rdtsc();
+        self.tc_entered = t;
         if let Some((kind, since)) = self.open_callout.take() {
             self.stats.charge_callout(kind, t.wrapping_sub(since), false);
         }
@@ -554,10 +565,14 @@ impl BtBackend {
         } else {
             self.write_entry_state()?;
         }
-        if key.cpl == 0 && self.config.engine.inline_segments {
+        let transitions = self.config.engine.inline_transitions && !self.counter.is_on();
+        if (key.cpl == 0 && self.config.engine.inline_segments) || transitions {
             // After LGDT or a paging change the alias must show the new GDT
             // before any inline load runs (a key compare otherwise).
             self.shadows.seg_cache.refresh_gdt(&self.cpu, &mut self.guest)?;
+        }
+        if transitions {
+            self.refresh_transitions()?;
         }
         self.load_host_regs(tc);
         Ok(Prepared::Ready)
@@ -591,9 +606,14 @@ impl BtBackend {
         // The selectors only when they changed: the TC does not write them.
         if self.written_sels != Some((sels, guest_gs)) {
             self.alias.write_u16(page::GUEST_GS_SEL, guest_gs);
+            let mut user_ok = [1u8; 8];
             for (i, sel) in sels.iter().enumerate() {
                 self.alias.write_u32(page::GUEST_SEL + 4 * i as u32, u32::from(*sel));
+                let seg = &self.cpu.seg[i];
+                user_ok[i] =
+                    u8::from(sel & !3 == 0 || i == 1 || i == 2 || segments::SegCache::survives_user_return(&seg.cache));
             }
+            self.alias.write(page::SEG_USER_OK as usize, &user_ok);
             self.written_sels = Some((sels, guest_gs));
         }
         self.write_entry_flags();
@@ -615,7 +635,16 @@ impl BtBackend {
     /// instruction count as the TC left them, then the exit's meaning.
     fn after_translated(&mut self, exit: Exit) -> Step {
         let host_eip = self.save_host_regs();
-        if self.cpu.cpl == 0 {
+        let (transitioned, entries) = self.sync_transition()?;
+        if entries != 0 {
+            // Kernel entries the policy did not see as exits: charged the
+            // time since the TC was entered (an upper bound on user time).
+            let cycles = stats::rdtsc().wrapping_sub(self.tc_entered);
+            self.user_exec.stretch_cancel();
+            self.user_exec.inline_entries(self.cpu.cr3, entries, cycles);
+            self.stats.add("inline_int", u64::from(entries));
+        }
+        if self.cpu.cpl == 0 || transitioned {
             self.sync_inline_segments();
         }
         // Only kernel translations keep IF and IOPL in the vCPU page (inline

@@ -14,6 +14,11 @@
 //! | `4096..6144` | guest LDT entry `j`, truncated |
 //! | `6144..8188` | guest LDT entry `j`, as written |
 //!
+//! The two slots of a descriptor are written together, so either always
+//! shadows the same descriptor as the other: inline privilege transitions
+//! switch a loaded segment between them by flipping the selector's
+//! [`USER_SLOTS`] bit.
+//!
 //! Why two: user code runs directly and glibc addresses its TLS with
 //! negative offsets that wrap around 4 GiB (`gs:[-0x54]`), which a truncated
 //! segment turns into #GP (Xen's "nosegneg" problem). Truncating user
@@ -139,18 +144,29 @@ impl Shadows {
         let index = shadow_index(seg.selector, user)
             .or(if seg.selector & !3 == 0 { Some(0) } else { None })
             .ok_or_else(|| failed(format!("selector {:#x} has no shadow slot", seg.selector)))?;
-        let hs = descriptor_shadow(&seg.cache, if user { None } else { Some(self.vmm_base) })
+        let truncated = Some(self.vmm_base);
+        let hs = descriptor_shadow(&seg.cache, if user { None } else { truncated })
             .ok_or_else(|| failed(format!("selector {:#x} is not a code/data segment", seg.selector)))?;
+        self.write_slot(host, index, hs)?;
+        if seg.selector & !3 != 0 {
+            // The other slot of the pair shadows the same descriptor.
+            let twin = descriptor_shadow(&seg.cache, if user { truncated } else { None }).expect("a code/data segment");
+            self.write_slot(host, index ^ USER_SLOTS, twin)?;
+            if seg.selector & 4 == 0 {
+                // Both slots of this GDT index now shadow `seg.cache`.
+                self.seg_cache.record(index & !USER_SLOTS, &seg.cache);
+            }
+        }
+        Ok(ldt_selector(index))
+    }
+
+    fn write_slot(&mut self, host: &mut Vcpu, index: u16, hs: HostSegment) -> Result<(), BackendError> {
         if self.ldt.get(&index) != Some(&hs) {
             host.set_ldt_entry(index, hs).map_err(failed)?;
             self.ldt.insert(index, hs);
             self.writes += 1;
         }
-        if !user && seg.selector & 4 == 0 && seg.selector & !3 != 0 {
-            // The kernel slot of this GDT index now shadows `seg.cache`.
-            self.seg_cache.record(index, &seg.cache);
-        }
-        Ok(ldt_selector(index))
+        Ok(())
     }
 
     /// Host selectors of SS, DS, ES and FS (shadowed in that order).
@@ -236,7 +252,14 @@ impl SegCache {
         d.is_readable() && d.present && d.typ & 1 != 0 && (d.is_conforming_code() || rpl <= d.dpl)
     }
 
-    /// The kernel shadow slot of GDT index `index` holds `d`'s shadow.
+    /// Whether a segment register holding `d` (not null) keeps it across
+    /// an IRET to CPL 3, which nulls data and non-conforming code segments
+    /// of DPL < 3.
+    pub fn survives_user_return(d: &Descriptor) -> bool {
+        d.dpl == 3 || d.is_conforming_code()
+    }
+
+    /// The shadow slots of GDT index `index` hold `d`'s shadows.
     fn record(&mut self, index: u16, d: &Descriptor) {
         let Some(e) = self.entries.get_mut(usize::from(index)) else { return };
         if *e == Some(*d) {
@@ -250,6 +273,7 @@ impl SegCache {
             // VERW at CPL 0: a writable data segment with DPL >= RPL.
             bytes[12 + usize::from(rpl)] = u8::from(d.is_writable_data() && rpl <= d.dpl);
         }
+        bytes[area::SEG_USER_OK as usize] = u8::from(Self::survives_user_return(d));
         let off = area::SEG_CACHE + u32::from(index) * area::SEG_CACHE_ENTRY;
         self.alias.write(off as usize, &bytes);
     }

@@ -41,6 +41,14 @@ impl BtStats {
         }
     }
 
+    /// Counts `n` events named `what`.
+    pub(super) fn add(&mut self, what: &'static str, n: u64) {
+        match self.exits.iter_mut().find(|e| e.0 == what) {
+            Some(e) => e.1 += n,
+            None => self.exits.push((what, n)),
+        }
+    }
+
     /// `cycles` of monitor time for one callout of `kind`, in the hook or
     /// the run loop.
     pub(super) fn charge_callout(&mut self, kind: CalloutKind, cycles: u64, hooked: bool) {

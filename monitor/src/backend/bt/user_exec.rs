@@ -134,13 +134,13 @@ impl Policy {
     /// kernel (a system call, an exception, a guest page fault).
     pub fn direct_entry(&mut self, cr3: u32, cycles: u64) {
         self.stats.direct_entries += 1;
-        self.observe(cr3, false, cycles, true);
+        self.observe(cr3, false, cycles, 1);
     }
 
     /// Direct user code of `cr3` ran `cycles` and stopped without entering
     /// the kernel (an interrupt, a hidden fault): user time of the window.
     pub fn direct_time(&mut self, cr3: u32, cycles: u64) {
-        self.observe(cr3, false, cycles, false);
+        self.observe(cr3, false, cycles, 0);
     }
 
     /// Whether a stretch of translated user code is being timed.
@@ -168,7 +168,15 @@ impl Policy {
         if entry {
             self.stats.translated_stretches += 1;
         }
-        self.observe(cr3, true, now.wrapping_sub(start), entry);
+        self.observe(cr3, true, now.wrapping_sub(start), u32::from(entry));
+    }
+
+    /// Translated user code of `cr3` entered the kernel `n` times inline
+    /// (INT without an exit) within `cycles` of guest time, kernel time
+    /// included: an upper bound on its user time per entry.
+    pub fn inline_entries(&mut self, cr3: u32, n: u32, cycles: u64) {
+        self.stats.translated_stretches += u64::from(n);
+        self.observe(cr3, true, cycles, n);
     }
 
     /// Adds `cycles` of user time of `cr3`, in mode `translated`, ending in
@@ -178,7 +186,7 @@ impl Policy {
     /// code goes direct when its average is over [`Self::TO_DIRECT_US`], or
     /// at once when the window's time alone says so (a computing loop
     /// enters the kernel only for interrupts).
-    fn observe(&mut self, cr3: u32, translated: bool, cycles: u64, entry: bool) {
+    fn observe(&mut self, cr3: u32, translated: bool, cycles: u64, entries: u32) {
         if self.mode != UserExec::Adaptive {
             return;
         }
@@ -192,12 +200,12 @@ impl Policy {
         if s.translated != translated {
             return;
         }
-        s.events += u32::from(entry);
+        s.events = s.events.saturating_add(entries);
         s.cycles = s.cycles.saturating_add(cycles);
         let window = f64::from(Self::WINDOW);
         // Translation churn: more than one new block per CHURN entries.
         let churn = translated && s.translations * Self::CHURN > u64::from(s.events.max(1));
-        let switch = if translated && s.cycles as f64 > window * to_direct {
+        let switch = if s.events < Self::WINDOW && translated && s.cycles as f64 > window * to_direct {
             true
         } else if s.events >= Self::WINDOW {
             let avg = s.cycles as f64 / f64::from(s.events);
