@@ -78,22 +78,30 @@ pub struct BtConfig {
 }
 
 impl BtConfig {
-    /// Applies one `--engine` switch: nochain, nopoll, noinline, inline, or
+    /// Applies one `--engine` switch: nochain, nopoll, noinline, inline,
+    /// nosegcache, notransitions, isolate, slowcallouts, or
     /// the test-only `corrupt=MNEMONIC` (translations of that instruction
     /// class compute a wrong result; replay must catch it).
     pub fn apply_switch(&mut self, switch: &str) -> Result<(), String> {
         match switch {
             "nochain" => self.engine.chaining = false,
             "nopoll" => self.engine.poll_at_block_entry = false,
-            "noinline" => (self.engine.inline_flags, self.engine.inline_segments) = (false, false),
-            "inline" => (self.engine.inline_flags, self.engine.inline_segments) = (true, true),
+            "noinline" => {
+                (self.engine.inline_flags, self.engine.inline_segments, self.engine.inline_transitions) =
+                    (false, false, false)
+            }
+            "inline" => {
+                (self.engine.inline_flags, self.engine.inline_segments, self.engine.inline_transitions) =
+                    (true, true, true)
+            }
             "nosegcache" => self.engine.inline_segments = false,
+            "notransitions" => self.engine.inline_transitions = false,
             "isolate" => self.user_isolation = true,
             "slowcallouts" => self.slow_callouts = true,
             s if s.starts_with("corrupt=") => self.engine.corrupt_named(&s["corrupt=".len()..])?,
             other => {
                 return Err(format!(
-                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, nosegcache, isolate, slowcallouts, corrupt=MNEMONIC)"
+                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, nosegcache, notransitions, isolate, slowcallouts, corrupt=MNEMONIC)"
                 ))
             }
         }

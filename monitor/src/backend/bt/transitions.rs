@@ -93,37 +93,38 @@ impl Transitions {
 
     fn write_page(&self) {
         let p = &self.page;
-        let words: [(u32, u32); 18] = [
-            (trans::INT_OK, p.int_ok),
-            (trans::IRET_OK, p.iret_ok),
-            (trans::INT_CS_SEL, p.int_cs_sel),
-            (trans::INT_CS_OFF, p.int_cs_off),
-            (trans::INT_CS_DESC, p.int_cs_desc[0]),
-            (trans::INT_CS_DESC + 4, p.int_cs_desc[1]),
-            (trans::INT_SS_SEL, p.int_ss_sel),
-            (trans::INT_SS_OFF, p.int_ss_off),
-            (trans::INT_SS_DESC, p.int_ss_desc[0]),
-            (trans::INT_SS_DESC + 4, p.int_ss_desc[1]),
-            (trans::INT_SS_HOST, p.int_ss_host),
-            (trans::TSS_LIVE, p.tss_live),
-            (trans::IDT_LIVE, p.idt_live),
-            (trans::USER_CS_SEL, p.user_cs_sel),
-            (trans::USER_CS_OFF, p.user_cs_off),
-            (trans::USER_CS_DESC, p.user_cs_desc[0]),
-            (trans::USER_CS_DESC + 4, p.user_cs_desc[1]),
-            (trans::USER_SS_SEL, p.user_ss_sel),
+        let words = [
+            p.int_ok,
+            p.iret_ok,
+            p.int_cs_sel,
+            p.int_cs_off,
+            p.int_cs_desc[0],
+            p.int_cs_desc[1],
+            p.int_ss_sel,
+            p.int_ss_off,
+            p.int_ss_desc[0],
+            p.int_ss_desc[1],
+            p.int_ss_host,
+            p.tss_live,
+            p.idt_live,
+            p.user_cs_sel,
+            p.user_cs_off,
+            p.user_cs_desc[0],
+            p.user_cs_desc[1],
+            p.user_ss_sel,
+            p.user_ss_off,
+            p.user_ss_desc[0],
+            p.user_ss_desc[1],
+            p.user_ss_host,
+            p.user_if,
         ];
-        for (off, v) in words {
-            self.alias.write_u32(off, v);
+        // Every field, in order (`Transitions` is `repr(C)`, all u32).
+        const _: () = assert!(std::mem::size_of::<area::Transitions>() == 23 * 4);
+        let mut bytes = [0u8; 23 * 4];
+        for (chunk, w) in bytes.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
         }
-        for (off, v) in [
-            (trans::USER_SS_OFF, p.user_ss_off),
-            (trans::USER_SS_DESC, p.user_ss_desc[0]),
-            (trans::USER_SS_DESC + 4, p.user_ss_desc[1]),
-            (trans::USER_SS_HOST, p.user_ss_host),
-        ] {
-            self.alias.write_u32(off, v);
-        }
+        self.alias.write(area::TRANSITIONS as usize, &bytes);
     }
 
     /// Writes `next` when it differs from what the page holds.
