@@ -12,7 +12,7 @@
 //! the new CS, SS and CPL from this module's own records, never from that
 //! page.
 
-use engine::vmm_area::{self as area, trans, transition, vcpu as page};
+use engine::vmm_area::{self as area, transition, vcpu as page};
 use engine::KeyContext;
 
 use super::{failed, BackendError, BtBackend};
