@@ -170,8 +170,9 @@ pub struct BtBackend {
     user_blocks_seen: u64,
     /// Inline INT/IRET: the transition page and the monitor's records.
     transitions: transitions::Transitions,
-    /// TSC at the last entry into translated code (inline kernel entries
-    /// are charged the time since).
+    /// TSC at the last entry into translated code from the run loop, or
+    /// at the last exit that charged inline kernel entries (which are
+    /// charged the time since).
     tc_entered: u64,
 }
 
@@ -646,8 +647,11 @@ impl BtBackend {
         let (transitioned, entries) = self.sync_transition()?;
         if entries != 0 {
             // Kernel entries the policy did not see as exits: charged the
-            // time since the TC was entered (an upper bound on user time).
-            let cycles = stats::rdtsc().wrapping_sub(self.tc_entered);
+            // time since the TC was entered or entries were last charged
+            // (an upper bound on their user time; callouts the hook ran in
+            // between re-enter the TC without the run loop).
+            let now = stats::rdtsc();
+            let cycles = now.wrapping_sub(std::mem::replace(&mut self.tc_entered, now));
             self.user_exec.stretch_cancel();
             self.user_exec.inline_entries(self.cpu.cr3, entries, cycles);
             self.stats.add("inline_int", u64::from(entries));
