@@ -54,6 +54,9 @@ pub struct Stats {
     /// Parked shadows unmapped: a fault in their region, or the periodic
     /// eviction that keeps unused regions from being revived forever.
     pub parked_evicted_pages: u64,
+    /// Pages a MOV CR3 mapped from the new address space's working set
+    /// (what its hidden faults mapped last time it ran).
+    pub working_set_prefetched: u64,
     /// INVLPGs whose shadows stayed because the tables still map them
     /// identically (one per small page or per large page).
     pub invlpg_kept: u64,
@@ -79,12 +82,13 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 32] {
+    pub fn counters(&self) -> [(&'static str, u64); 33] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
             ("shadow/faults/spurious", self.spurious),
             ("shadow/faults/prefaulted", self.prefaults),
+            ("shadow/tlb/cr3_prefetched_pages", self.working_set_prefetched),
             ("shadow/faults/guest_pf", self.guest_page_faults),
             ("shadow/emulate/mmio", self.emulate_mmio),
             ("shadow/emulate/low_page", self.emulate_low_page),

@@ -104,7 +104,8 @@ fn invlpg_after_narrowing_a_pte() {
 
 #[test]
 fn stale_shadow_stays_until_cr3_reload() {
-    let (mut v, mut p) = vm32(MmuConfig::default(), 0);
+    // Without the working set, which would map the new frame at the reload.
+    let (mut v, mut p) = vm32(MmuConfig { working_set: false, ..MmuConfig::default() }, 0);
     let a = p.map_4k(&mut v.mem, 0x1000_0000, 0x20_0000, RW_US | AD);
     v.fault(0x1000_0000, Access::read());
     // The guest retargets the PTE without INVLPG: like a TLB, the window
@@ -197,7 +198,8 @@ fn global_pages_survive_cr3_only_with_pge() {
 
 #[test]
 fn an_address_space_switch_keeps_what_the_new_one_maps_identically() {
-    let (mut v, mut p) = vm32(MmuConfig { batch_small: 4096, ..MmuConfig::default() }, cr4::PGE);
+    let config = MmuConfig { batch_small: 4096, working_set: false, ..MmuConfig::default() };
+    let (mut v, mut p) = vm32(config, cr4::PGE);
     // A: shared text (same frame, same rights), a private page, a page the
     // other maps read-only, one it has not accessed yet.
     for (gva, gpa) in
@@ -606,7 +608,7 @@ fn stale_large_page_stays_until_invlpg() {
 /// for other tables.)
 #[test]
 fn page_table_isolation_switches_keep_the_kernel() {
-    let mut v = common::vm();
+    let mut v = common::Vm::new(MmuConfig { working_set: false, ..MmuConfig::default() });
     let mut k = shadow_mmu::fake::PagerPae::new(TABLES);
     k.map_4k(&mut v.mem, 0x0804_8000, 0x20_0000, RW_US | AD);
     k.map_2m(&mut v.mem, 0xC000_0000, 0x40_0000, pte::RW | AD);
@@ -686,4 +688,38 @@ fn supervisor_shadows_stay_across_a_switch_to_tables_that_do_not_map_them() {
             assert_eq!(v.win.protect_calls() - protects, 1, "only the user page's revival");
         }
     }
+}
+
+#[test]
+fn a_switch_back_maps_the_working_set_of_the_last_run() {
+    let (mut v, mut p) = vm32(MmuConfig { batch_small: 4096, ..MmuConfig::default() }, cr4::PGE);
+    let mut q = Pager32::new(TABLES + 0x10_0000);
+    // A touches two private pages; a third is present but never accessed.
+    p.map_4k(&mut v.mem, 0x0800_0000, 0x20_0000, RW_US | AD);
+    p.map_4k(&mut v.mem, 0x0800_5000, 0x20_5000, RW_US | pte::A);
+    let untouched = p.map_4k(&mut v.mem, 0x0800_9000, 0x20_9000, RW_US);
+    // B maps other frames at the same addresses.
+    q.map_4k(&mut v.mem, 0x0800_0000, 0x30_0000, RW_US | AD);
+    q.map_4k(&mut v.mem, 0x0800_5000, 0x30_5000, RW_US | AD);
+    assert_eq!(v.fault(0x0800_0000, Access::write().user()), FaultOutcome::Resolved);
+    assert_eq!(v.fault(0x0800_5000, Access::read().user()), FaultOutcome::Resolved);
+    v.set_cr3(q.cr3);
+    assert_eq!(v.fault(0x0800_0000, Access::read().user()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0x0800_0000).map(|m| m.0), Some(0x30_0000));
+    // Back to A: both pages come back without a fault, with the rights a
+    // fault gives (the clean page read-only: D-bit emulation).
+    let faults = v.mmu.stats().hidden_faults;
+    v.set_cr3(p.cr3);
+    assert_eq!(v.win.at(0x0800_0000), Some((0x20_0000, Prot::RWX)));
+    assert_eq!(v.win.at(0x0800_5000), Some((0x20_5000, Prot::RX)));
+    assert_eq!(v.win.at(0x0800_9000), None, "never accessed: left for its fault");
+    assert_eq!(v.mem.u32(untouched) as u64 & pte::A, 0, "no A set behind the guest's back");
+    assert_eq!(v.mmu.stats().hidden_faults, faults);
+    assert!(v.mmu.stats().working_set_prefetched >= 1);
+    // A page A's tables no longer map is not brought back.
+    v.set_cr3(q.cr3);
+    let a_pte = p.pte_addr(&mut v.mem, 0x0800_0000);
+    v.mem.set_u32(a_pte, 0);
+    v.set_cr3(p.cr3);
+    assert_eq!(v.win.at(0x0800_0000), None);
 }
