@@ -24,8 +24,8 @@ use crate::decode::DecodedBlock;
 use crate::mangle::{MangledBlock, Op};
 use crate::recover::RecoveryEntry;
 use crate::vmm_area::{
-    trans, transition, vcpu, GATE_CACHE, LOOKUP_TABLE, LOOKUP_TABLE_USER, SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX,
-    SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_CACHE, SEG_USER_OK, VMM_STACK_TOP,
+    trans, transition, vcpu, EXC_GATE_CACHE, GATE_CACHE, LOOKUP_TABLE, LOOKUP_TABLE_USER, SCRATCH_EAX, SCRATCH_EBX,
+    SCRATCH_ECX, SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_CACHE, SEG_USER_OK, VMM_STACK_TOP,
 };
 use dynasmrt::x86::X86Relocation;
 use dynasmrt::{dynasm, DynasmApi, VecAssembler};
@@ -553,10 +553,13 @@ impl Emitter {
                 x86!(self.asm; gs mov DWORD [VIF], v);
                 self.at(next);
             }
-            Op::DivCheck { load } => self.div_check(load, eip, next, instr),
+            Op::DivCheck { load, inline } => self.div_check(load, *inline, eip, next, instr),
             Op::LoadSeg { sreg, load, pop, kind } => self.load_seg(*sreg, load, *pop, *kind, eip, next, instr),
             Op::Verw { load } => self.verw(load, eip, next, instr),
-            Op::IntGate { vector } => self.int_gate(*vector, eip, next, instr),
+            Op::IntGate { vector } => {
+                let kind = CalloutKind::ControlFlow(crate::classify::Flow::Int);
+                self.int_gate(GATE_CACHE + 8 * u32::from(*vector), 8 * i32::from(*vector), next, eip, next, instr, kind)
+            }
             Op::Iret => self.iret(eip, next, instr),
             Op::Pushf => self.pushf(eip, next),
             Op::Popf => self.popf(eip, next),
@@ -571,7 +574,7 @@ impl Emitter {
     /// `mov [spill], ecx; <load divisor into ecx>; jecxz zero; reload ecx;
     /// jmp over; zero: reload ecx; callout DivideError; over:` -- the guest
     /// state at the callout is the DIV's own (flags untouched).
-    fn div_check(&mut self, load: &[u8], eip: u32, next: u32, instr: &Instruction) {
+    fn div_check(&mut self, load: &[u8], inline: bool, eip: u32, next: u32, instr: &Instruction) {
         self.at(eip);
         self.spill_ecx();
         self.mark(eip, true, false, true);
@@ -579,13 +582,26 @@ impl Emitter {
         let zero = self.short_jump(JECXZ);
         self.reload_ecx();
         self.at(eip);
-        let over = self.short_jump(0xEB);
-        self.bind(zero);
-        self.mark(eip, true, false, true);
-        self.reload_ecx();
-        self.at(eip);
-        self.callout(CalloutKind::DivideError, eip, next, instr, false);
-        self.bind(over);
+        if inline {
+            // The delivery is longer than a rel8 reaches: a near jump over.
+            self.asm.extend([0xE9, 0, 0, 0, 0]);
+            let over = NearFixup(self.off());
+            self.bind(zero);
+            self.mark(eip, true, false, true);
+            self.reload_ecx();
+            self.at(eip);
+            // #DE through its gate, returning to the DIV itself.
+            self.int_gate(EXC_GATE_CACHE, 0, eip, eip, next, instr, CalloutKind::DivideError);
+            self.bind_near(over);
+        } else {
+            let over = self.short_jump(0xEB);
+            self.bind(zero);
+            self.mark(eip, true, false, true);
+            self.reload_ecx();
+            self.at(eip);
+            self.callout(CalloutKind::DivideError, eip, next, instr, false);
+            self.bind(over);
+        }
         self.at(eip);
     }
 
@@ -817,9 +833,23 @@ impl Emitter {
     /// and the guest GS to their kernel slots, IF per the gate type, the
     /// new CS and SS in the vCPU page, and a jump through the CPL 0 lookup
     /// table to the handler. Anything unusual: the INT's own callout.
-    fn int_gate(&mut self, vector: u8, eip: u32, next: u32, instr: &Instruction) {
-        let gate = (GATE_CACHE + 8 * u32::from(vector)) as i32;
-        let idt_off = 8 * i32::from(vector);
+    ///
+    /// `gate`: the gate cache entry to check (INT n's, or an exception's);
+    /// `idt_off`: its IDT entry's offset; `ret`: the EIP the frame returns
+    /// to (the next instruction for INT n, the faulting one for an
+    /// exception); `miss`: the callout that performs it otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn int_gate(
+        &mut self,
+        gate: u32,
+        idt_off: i32,
+        ret: u32,
+        eip: u32,
+        next: u32,
+        instr: &Instruction,
+        miss: CalloutKind,
+    ) {
+        let gate = gate as i32;
         let mut misses = Vec::new();
         self.at(eip);
         self.spill_ecx();
@@ -915,7 +945,7 @@ impl Emitter {
         self.push_from_page(SPILL_ESP);
         self.push_from_page(FRAME + 12);
         self.push_from_page(GUEST_SEL + 4);
-        self.push_imm(next, false);
+        self.push_imm(ret, false);
         self.fallback = false;
         self.esp_saved = false;
         // Committed: nothing below can fault.
@@ -947,7 +977,7 @@ impl Emitter {
             ; gs mov ecx, DWORD [FRAME + 4]
         );
         self.dispatch_to(eip, LOOKUP_TABLE);
-        self.transition_miss(misses, eip, next, instr);
+        self.transition_miss(misses, eip, next, instr, miss);
     }
 
     /// IRETD from CPL 0 to CPL 3. Reads the five-dword frame (a fault there
@@ -1050,12 +1080,12 @@ impl Emitter {
             ; gs mov ecx, DWORD [FRAME]
         );
         self.dispatch_to(eip, LOOKUP_TABLE_USER);
-        self.transition_miss(misses, eip, next, instr);
+        self.transition_miss(misses, eip, next, instr, CalloutKind::ControlFlow(crate::classify::Flow::Iret));
     }
 
     /// The miss path of an inline transition: registers and flags back,
     /// then the instruction's own callout.
-    fn transition_miss(&mut self, misses: Vec<NearFixup>, eip: u32, next: u32, instr: &Instruction) {
+    fn transition_miss(&mut self, misses: Vec<NearFixup>, eip: u32, next: u32, instr: &Instruction, kind: CalloutKind) {
         for m in misses {
             self.bind_near(m);
         }
@@ -1063,12 +1093,6 @@ impl Emitter {
         self.restore_saved();
         self.reload_ecx();
         self.at(eip);
-        let kind = match instr.mnemonic() {
-            iced_x86::Mnemonic::Iretd | iced_x86::Mnemonic::Iret => {
-                CalloutKind::ControlFlow(crate::classify::Flow::Iret)
-            }
-            _ => CalloutKind::ControlFlow(crate::classify::Flow::Int),
-        };
         self.callout(kind, eip, next, instr, false);
     }
 

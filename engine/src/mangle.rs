@@ -68,8 +68,9 @@ pub enum Op {
     FallThrough { target: u32 },
     /// Before DIV/IDIV: `load` is `mov ecx, <divisor>` (or MOVZX), and a
     /// zero divisor exits with a `DivideError` callout, flag-free (JECXZ),
-    /// instead of the host trap the instruction would take.
-    DivCheck { load: InsnBytes },
+    /// instead of the host trap the instruction would take; `inline`: the
+    /// #DE is delivered in the TC first, as an inline INT delivers (CPL 3).
+    DivCheck { load: InsnBytes, inline: bool },
     /// MOV/POP to DS, ES, FS or GS (`sreg`: 0, 3, 4, 5) through the segment
     /// cache: `load` is `movzx ecx, <selector>`; a hit loads the host
     /// shadow selector and, for POP, releases `pop` bytes of stack; a miss
@@ -297,7 +298,8 @@ fn mangle_ident(insn: &DecodedInsn, ctx: &MangleCtx, ops: &mut Vec<Op>) -> Dispo
     };
     let mut disposition = if gs || !ctx.cs32 { Disposition::Rewritten } else { Disposition::Ident };
     if let Some(load) = divisor_load(&insn.instr) {
-        ops.push(Op::DivCheck { load });
+        let inline = ctx.inline_transitions && ctx.cpl == 3 && ctx.cs32 && ctx.ss32;
+        ops.push(Op::DivCheck { load, inline });
         disposition = Disposition::Rewritten;
     }
     ops.push(Op::Copy { bytes, gs });

@@ -79,6 +79,10 @@ pub const TRANSITIONS: u32 = 0x2000;
 /// inline INT n from CPL 3 (8 bytes, zero when the vector must take the
 /// callout). Inline INT hits when the live IDT entry equals it.
 pub const GATE_CACHE: u32 = TRANSITIONS + 0x800;
+/// The exception gate cache: for vectors 0-31, the IDT gate the monitor
+/// validated for delivering that exception inline from CPL 3 (any DPL:
+/// exceptions do not check it), 0 when it must take the callout.
+pub const EXC_GATE_CACHE: u32 = TRANSITIONS + 0x400;
 /// The IDT alias: the guest frames that hold the IDT, mapped read-only.
 pub const IDT_ALIAS: u32 = 0x4000;
 /// Pages of the IDT alias (256 gates may straddle a page).
@@ -115,7 +119,8 @@ const _: () = assert!(NATIVE_STEP + NATIVE_STEP_LEN <= EXIT_GATE + 0x1000);
 const _: () = assert!(REEXEC_SCRATCH + REEXEC_SCRATCH_LEN <= VMM_STACK_TOP - VMM_STACK_LEN);
 const _: () = assert!(VMM_STACK_TOP <= EXIT_GATE);
 const _: () = assert!(EXIT_GATE + 0x1000 <= TRANSITIONS);
-const _: () = assert!(TRANSITIONS + size_of::<Transitions>() as u32 <= GATE_CACHE);
+const _: () = assert!(TRANSITIONS + size_of::<Transitions>() as u32 <= EXC_GATE_CACHE);
+const _: () = assert!(EXC_GATE_CACHE + 32 * 8 <= GATE_CACHE);
 const _: () = assert!(GATE_CACHE + 256 * 8 <= SEG_CACHE);
 const _: () = assert!(SEG_CACHE + SEG_CACHE_ENTRY * SEG_CACHE_ENTRIES <= IDT_ALIAS);
 const _: () = assert!(IDT_ALIAS + IDT_ALIAS_PAGES * 4096 <= TSS_ALIAS);

@@ -1055,8 +1055,11 @@ impl ShadowMmu {
         for base in touched {
             self.snapshot(mem, base);
         }
-        // 5. What this address space faulted in last time it ran.
-        let prefetched = self.prefetch_working_set(mem, mapper)?;
+        // 5. What this address space faulted in last time it ran, when the
+        // switch took something away (not a page-table isolation switch
+        // between the two halves of one process, which keeps everything:
+        // walking the set there would cost more than it saves).
+        let prefetched = if dropped + parked_pages > 0 { self.prefetch_working_set(mem, mapper)? } else { 0 };
         debug!(dropped, kept, parked = parked_pages, revived, prefetched, "address space switch");
         Ok(())
     }

@@ -21,6 +21,7 @@ const H81: u32 = 0x14_1000;
 const H82: u32 = 0x14_2000;
 const H83: u32 = 0x14_3000;
 const HGP: u32 = 0x14_4000;
+const HDE: u32 = 0x14_5000;
 const GDT: u32 = 0x1000;
 const IDT: u32 = 0x2000;
 const TSS: u32 = 0x4000;
@@ -125,6 +126,18 @@ fn h83() -> Vec<u8> {
     })
 }
 
+/// #DE: reports the frame's EIP and CS, skips the 2-byte DIV.
+fn hde() -> Vec<u8> {
+    assemble(HDE, |a| {
+        a.mov(eax, dword_ptr(esp))?;
+        a.out(0xC0, eax)?;
+        a.mov(eax, dword_ptr(esp + 4))?;
+        a.out(0xC1, eax)?;
+        a.add(dword_ptr(esp), 2)?;
+        a.iretd()
+    })
+}
+
 /// #GP: reports the error code and stops.
 fn hgp() -> Vec<u8> {
     assemble(HGP, |a| {
@@ -161,6 +174,11 @@ fn user_code() -> Vec<u8> {
                 a.mov(ebx, edx)?;
                 a.int(0x81)?;
             }
+            // A #DE the translator sees coming (a zero divisor).
+            a.mov(eax, 7)?;
+            a.xor(edx, edx)?;
+            a.xor(ecx, ecx)?;
+            a.div(ecx)?;
         }
         a.int(0x82)
     })
@@ -177,6 +195,7 @@ struct Counts {
     inline_int: u64,
     fallbacks: u64,
     iret_callouts: u64,
+    de_callouts: u64,
 }
 
 /// Runs the guest with `config`; returns every OUT (port, value) and what
@@ -192,6 +211,7 @@ fn run(config: BtConfig) -> (Vec<(u16, u32)>, Counts) {
         (H82, h82()),
         (H83, h83()),
         (HGP, hgp()),
+        (HDE, hde()),
     ] {
         mem.write(u64::from(at), &code).unwrap();
     }
@@ -212,6 +232,7 @@ fn run(config: BtConfig) -> (Vec<(u16, u32)>, Counts) {
         (0x82, gate(H82, 0xEE00)),
         (0x83, gate(H83, 0xEE00)),
         (13, gate(HGP, 0x8E00)),
+        (0, gate(HDE, 0x8E00)),
     ] {
         mem.write(u64::from(IDT) + 8 * v, &g.to_le_bytes()).unwrap();
     }
@@ -235,12 +256,16 @@ fn run(config: BtConfig) -> (Vec<(u16, u32)>, Counts) {
             VmExit::IoOut { port: 0xF4, value, .. } => {
                 assert_eq!(value, 1, "the guest took a #GP: {outs:x?}");
                 let stat = |name: &str| bt.stats().iter().find(|s| s.0 == name).map_or(0, |s| s.1);
-                let iret_callouts =
-                    bt.engine().stats().callouts_taken.iter().filter(|(k, _)| k.contains("iret")).map(|x| x.1).sum();
+                let callouts = |kind: &str| -> u64 {
+                    bt.engine().stats().callouts_taken.iter().filter(|(k, _)| k.as_str() == kind).map(|x| x.1).sum()
+                };
+                let iret_callouts = callouts("flow/iret");
+                let de_callouts = callouts("de");
                 let counts = Counts {
                     inline_int: stat("bt/exits/inline_int"),
                     fallbacks: stat("bt/exits/transition_fault"),
                     iret_callouts,
+                    de_callouts,
                 };
                 return (outs, counts);
             }
@@ -265,6 +290,8 @@ fn inline_int_and_iret_match_their_callout_twin() {
     assert_eq!(off.inline_int, 0, "inline entries with inline transitions off");
     assert!(on.inline_int > 0, "no INT went inline");
     assert!(on.fallbacks > 0, "no push on the fresh stack fell back");
+    assert_eq!(off.de_callouts, u64::from(ROUNDS), "every #DE a callout without inline transitions");
+    assert!(on.de_callouts < off.de_callouts, "no #DE was delivered inline");
     assert!(
         on.iret_callouts < off.iret_callouts / 2,
         "IRETs to user code still took callouts ({} of {})",
@@ -307,4 +334,8 @@ fn inline_int_and_iret_match_their_callout_twin() {
         assert_eq!(r[2], USER_STACK, "ESP back in case {i}");
     }
     assert_eq!(of(0xA0).len(), cases);
+    let de = of(0xC0);
+    assert_eq!(de.len(), ROUNDS as usize, "one #DE per round");
+    assert!(de.iter().all(|&e| (USER..USER + 0x1000).contains(&e)), "#DE frames point at the DIV: {de:x?}");
+    assert_eq!(of(0xC1), vec![0x1B; ROUNDS as usize], "#DE frame CS");
 }

@@ -348,6 +348,9 @@ impl BtBackend {
             }
             CalloutKind::DivideError => {
                 self.cpu.eip = site.guest_eip;
+                if self.cpu.cpl == 3 {
+                    self.transitions.int_missed(vector::DE);
+                }
                 self.fault(Fault::new(vector::DE))
             }
             CalloutKind::Sensitive(_) | CalloutKind::ControlFlow(_) => {

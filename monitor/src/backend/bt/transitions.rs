@@ -85,6 +85,7 @@ impl Transitions {
         };
         t.write_page();
         alias.write(area::GATE_CACHE as usize, &[0; 256 * 8]);
+        alias.write(area::EXC_GATE_CACHE as usize, &[0; 32 * 8]);
         for off in [page::TRANSITION, page::INLINE_ENTRIES] {
             alias.write_u32(off, 0);
         }
@@ -136,7 +137,8 @@ impl Transitions {
         }
     }
 
-    /// A CPL 3 `INT vector` went through its callout while inline entries
+    /// A CPL 3 `INT vector` (or exception `vector`) went through its
+    /// callout while inline entries
     /// were allowed: its gate may have been set up since the last build
     /// (looked at once per vector and build).
     pub fn int_missed(&mut self, vector: u8) {
@@ -163,13 +165,18 @@ impl Transitions {
     }
 }
 
-/// A 32-bit interrupt or trap gate user code may use (DPL 3, present).
-fn user_gate(gate: u64) -> Option<u16> {
+/// The code selector of a present 32-bit interrupt or trap gate.
+fn gate_selector(gate: u64) -> Option<u16> {
     let access = (gate >> 40) as u8;
     let present = access & 0x80 != 0;
-    let dpl = (access >> 5) & 3;
     let typ = access & 0x1F;
-    (present && dpl == 3 && (typ == 0x0E || typ == 0x0F)).then_some((gate >> 16) as u16 & !3)
+    (present && (typ == 0x0E || typ == 0x0F)).then_some((gate >> 16) as u16 & !3)
+}
+
+/// A 32-bit interrupt or trap gate user code may use (DPL 3, present).
+fn user_gate(gate: u64) -> Option<u16> {
+    let dpl = (gate >> 45) as u8 & 3;
+    gate_selector(gate).filter(|_| dpl == 3)
 }
 
 /// The kernel side's code segment: 32-bit, present, DPL 0, not conforming.
@@ -343,21 +350,23 @@ impl BtBackend {
             next.int_cs_off = u32::MAX - 8;
             next.int_ss_off = u32::MAX - 8;
             self.alias.write(area::GATE_CACHE as usize, &[0; 256 * 8]);
+            self.alias.write(area::EXC_GATE_CACHE as usize, &[0; 32 * 8]);
             return Ok(());
         };
-        for (v, &g) in gates.iter().enumerate().take(idt_entries) {
+        for (v, &g) in gates.iter().enumerate() {
             if only.is_some_and(|o| usize::from(o) != v) {
                 continue;
             }
-            let valid = if user_gate(g) == Some(k.cs.selector) { g } else { 0 };
+            let inside = v < idt_entries;
+            let valid = if inside && user_gate(g) == Some(k.cs.selector) { g } else { 0 };
             if self.transitions.gates[v] != valid || only.is_none() {
                 self.transitions.gates[v] = valid;
                 self.alias.write(area::GATE_CACHE as usize + 8 * v, &valid.to_le_bytes());
             }
-        }
-        if only.is_none() {
-            for v in idt_entries..256 {
-                self.alias.write(area::GATE_CACHE as usize + 8 * v, &[0; 8]);
+            if v < 32 {
+                // Exceptions do not check the gate's DPL.
+                let valid = if inside && gate_selector(g) == Some(k.cs.selector) { g } else { 0 };
+                self.alias.write(area::EXC_GATE_CACHE as usize + 8 * v, &valid.to_le_bytes());
             }
         }
         let host_ss = self.shadows.shadow(&mut self.host, k.ss, false, false)?;
