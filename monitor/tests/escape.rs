@@ -212,7 +212,9 @@ fn text(o: &Output) -> String {
 fn run_kernel(t: Transfer, p: Payload, extra: &[&str]) -> (Output, PathBuf) {
     let target = scratch(&format!("{t:?}-{p:?}-{}", extra.join("")));
     let _ = std::fs::remove_file(&target);
-    let elf = scratch(&format!("{t:?}-{p:?}.elf"));
+    // Named after the arguments too: tests run in parallel, and two that
+    // build the same kernel must not write one file while the other reads.
+    let elf = scratch(&format!("{t:?}-{p:?}-{}.elf", extra.join("")));
     std::fs::write(&elf, kernel(t, p, &target)).unwrap();
     let mut args = vec!["run", "--kernel", elf.to_str().unwrap(), "--mem", "16M", "--no-input"];
     args.extend_from_slice(extra);
