@@ -24,8 +24,9 @@ use crate::decode::DecodedBlock;
 use crate::mangle::{MangledBlock, Op};
 use crate::recover::RecoveryEntry;
 use crate::vmm_area::{
-    trans, transition, vcpu, EXC_GATE_CACHE, GATE_CACHE, LOOKUP_TABLE, LOOKUP_TABLE_USER, SCRATCH_EAX, SCRATCH_EBX,
-    SCRATCH_ECX, SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_CACHE, SEG_USER_OK, VMM_STACK_TOP,
+    trans, transition, vcpu, CACHED_PORTS, EXC_GATE_CACHE, GATE_CACHE, LOOKUP_TABLE, LOOKUP_TABLE_USER, PORT_CACHE,
+    SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX, SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_CACHE, SEG_USER_OK,
+    VMM_STACK_TOP,
 };
 use dynasmrt::x86::X86Relocation;
 use dynasmrt::{dynasm, DynasmApi, VecAssembler};
@@ -561,6 +562,7 @@ impl Emitter {
                 self.int_gate(GATE_CACHE + 8 * u32::from(*vector), 8 * i32::from(*vector), next, eip, next, instr, kind)
             }
             Op::Iret => self.iret(eip, next, instr),
+            Op::PortRead { port } => self.port_read(*port, eip, next, instr),
             Op::Pushf => self.pushf(eip, next),
             Op::Popf => self.popf(eip, next),
             Op::IrqCheck { check_vif } => {
@@ -603,6 +605,68 @@ impl Emitter {
             self.bind(over);
         }
         self.at(eip);
+    }
+
+    /// `in al` of a cached port (`vmm_area::PORT_CACHE`), flag-free:
+    ///
+    /// ```text
+    ///       mov [spill], ecx
+    ///       (dx form: movzx ecx, dx; lea ecx, [ecx - port0]; jecxz slot0;
+    ///                 lea ecx, [ecx - (port1 - port0)]; jecxz slot1; jmp miss)
+    /// slotN: mov ecx, [valid N]; jecxz miss; mov al, [value N]
+    ///       reload ecx; jmp done
+    /// miss: reload ecx; callout IN (resumes at done)
+    /// done:
+    /// ```
+    fn port_read(&mut self, port: Option<u16>, eip: u32, next: u32, instr: &Instruction) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        let mut misses = Vec::new();
+        let mut slots = Vec::new();
+        match port {
+            None => {
+                x86!(self.asm; movzx ecx, dx);
+                let mut base = 0i32;
+                for (slot, &p) in CACHED_PORTS.iter().enumerate() {
+                    let delta = i32::from(p) - base;
+                    base = i32::from(p);
+                    x86!(self.asm; lea ecx, [ecx - delta]);
+                    let hit = self.short_jump(JECXZ);
+                    slots.push((slot, Some(hit)));
+                }
+                misses.push(self.short_jump(0xEB));
+            }
+            Some(p) => {
+                let slot = CACHED_PORTS.iter().position(|&c| c == p).expect("a cached port");
+                slots.push((slot, None));
+            }
+        }
+        let mut done = Vec::new();
+        for (slot, hit) in slots {
+            if let Some(hit) = hit {
+                self.bind(hit);
+            }
+            let valid = (PORT_CACHE + 8 * slot as u32) as i32;
+            x86!(self.asm; gs mov ecx, DWORD [valid]);
+            misses.push(self.short_jump(JECXZ));
+            x86!(self.asm; gs mov al, BYTE [valid + 4]);
+            self.mark(next, true, false, false);
+            self.reload_ecx();
+            self.at(next);
+            done.push(self.short_jump(0xEB));
+        }
+        for m in misses {
+            self.bind(m);
+        }
+        self.mark(eip, true, false, true);
+        self.reload_ecx();
+        self.at(eip);
+        self.callout(CalloutKind::Sensitive(crate::classify::Sensitive::In), eip, next, instr, true);
+        for d in done {
+            self.bind(d);
+        }
+        self.at(next);
     }
 
     /// MOV/POP Sreg through the segment cache (`vmm_area::SEG_CACHE`):

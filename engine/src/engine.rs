@@ -338,6 +338,7 @@ impl Engine {
             inline_flags: self.config.inline_flags,
             inline_segments: self.config.inline_segments,
             inline_transitions: self.config.inline_transitions && !self.config.count_insns,
+            inline_port_reads: self.config.inline_port_reads && !self.config.count_insns,
             native_rdtsc: self.config.native_rdtsc && !self.config.count_insns,
             corrupt: self.config.corrupt,
         };

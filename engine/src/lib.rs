@@ -108,6 +108,9 @@ pub struct Config {
     /// transition page (`vmm_area::TRANSITIONS`): kernel entries and exits
     /// of translated user code with no callout. Off in the counting mode.
     pub inline_transitions: bool,
+    /// `in al` of a port the monitor caches (`vmm_area::PORT_CACHE`, the
+    /// PIC masks) reads the cache in CPL 0 code. Off in the counting mode.
+    pub inline_port_reads: bool,
     /// Count retired guest instructions (the deterministic mode): every
     /// block entry charges its instruction count to `VcpuPage.budget` and
     /// exits with a `Poll` callout, before running, when the budget would go
@@ -134,6 +137,7 @@ impl Default for Config {
             inline_flags: true,
             inline_segments: true,
             inline_transitions: true,
+            inline_port_reads: true,
             count_insns: false,
             native_rdtsc: false,
             corrupt: None,

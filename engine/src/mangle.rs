@@ -83,6 +83,9 @@ pub enum Op {
     /// the stack switch, the frame and the jump to the translated handler
     /// inline; anything the caches do not vouch for is the INT's callout.
     IntGate { vector: u8 },
+    /// `in al, dx` (`port` None) or `in al, imm8` of a cached port through
+    /// the port read cache; anything else is the IN's callout.
+    PortRead { port: Option<u16> },
     /// IRETD from CPL 0 to the CPL 3 code and stack segments the transition
     /// page names, inline; anything else is the IRET's callout.
     Iret,
@@ -144,6 +147,8 @@ pub struct MangleCtx {
     pub inline_segments: bool,
     /// Inline INT n at CPL 3 and IRETD at CPL 0 ([`Op::IntGate`], [`Op::Iret`]).
     pub inline_transitions: bool,
+    /// Inline `in al` of cached ports ([`Op::PortRead`]).
+    pub inline_port_reads: bool,
     /// RDTSC as itself ([`crate::Config::native_rdtsc`]).
     pub native_rdtsc: bool,
     /// Test-only corruption ([`crate::Config::corrupt`]).
@@ -434,6 +439,13 @@ fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx, ops: &mut
             rewritten(ops, &[Op::Popf, Op::IrqCheck { check_vif: true }])
         }
         Sensitive::PushSeg if flat_stack => push_segment(insn, ops),
+        Sensitive::In if ring0 && ctx.inline_port_reads && ctx.cs32 => match insn.instr.code() {
+            Code::In_AL_DX => rewritten(ops, &[Op::PortRead { port: None }]),
+            Code::In_AL_imm8 if crate::vmm_area::CACHED_PORTS.contains(&u16::from(insn.instr.immediate8())) => {
+                rewritten(ops, &[Op::PortRead { port: Some(u16::from(insn.instr.immediate8())) }])
+            }
+            _ => callout(ops, CalloutKind::Sensitive(s), !insn.class.ends_block),
+        },
         Sensitive::Verw if ring0 && ctx.inline_segments && ctx.cs32 && !classify::uses_gs_memory(&insn.instr) => {
             match selector_load(&insn.instr, 0) {
                 Some(load) => rewritten(ops, &[Op::Verw { load }]),

@@ -79,6 +79,14 @@ pub const TRANSITIONS: u32 = 0x2000;
 /// inline INT n from CPL 3 (8 bytes, zero when the vector must take the
 /// callout). Inline INT hits when the live IDT entry equals it.
 pub const GATE_CACHE: u32 = TRANSITIONS + 0x800;
+/// The port read cache: for the PIC mask registers (0x21, then 0xA1), a
+/// u32 that is nonzero when the monitor vouches for the value and the
+/// value (u32). A CPL 0 `in al` of such a port reads it here instead of a
+/// callout. The monitor refreshes it whenever the machine's ports are in
+/// its hands and after every access it performs in place.
+pub const PORT_CACHE: u32 = TRANSITIONS + 0x300;
+/// The ports [`PORT_CACHE`] covers, in slot order.
+pub const CACHED_PORTS: [u16; 2] = [0x21, 0xA1];
 /// The exception gate cache: for vectors 0-31, the IDT gate the monitor
 /// validated for delivering that exception inline from CPL 3 (any DPL:
 /// exceptions do not check it), 0 when it must take the callout.
@@ -119,7 +127,8 @@ const _: () = assert!(NATIVE_STEP + NATIVE_STEP_LEN <= EXIT_GATE + 0x1000);
 const _: () = assert!(REEXEC_SCRATCH + REEXEC_SCRATCH_LEN <= VMM_STACK_TOP - VMM_STACK_LEN);
 const _: () = assert!(VMM_STACK_TOP <= EXIT_GATE);
 const _: () = assert!(EXIT_GATE + 0x1000 <= TRANSITIONS);
-const _: () = assert!(TRANSITIONS + size_of::<Transitions>() as u32 <= EXC_GATE_CACHE);
+const _: () = assert!(TRANSITIONS + size_of::<Transitions>() as u32 <= PORT_CACHE);
+const _: () = assert!(PORT_CACHE + 8 * CACHED_PORTS.len() as u32 <= EXC_GATE_CACHE);
 const _: () = assert!(EXC_GATE_CACHE + 32 * 8 <= GATE_CACHE);
 const _: () = assert!(GATE_CACHE + 256 * 8 <= SEG_CACHE);
 const _: () = assert!(SEG_CACHE + SEG_CACHE_ENTRY * SEG_CACHE_ENTRIES <= IDT_ALIAS);

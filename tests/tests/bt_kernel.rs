@@ -683,3 +683,91 @@ fn inline_segment_loads_match_their_callout_twin() {
     let want: Vec<u32> = SEG_CASES.iter().map(|c| c.3).collect();
     assert_eq!(flags, want, "EFLAGS across the loads");
 }
+
+/// Two mask registers (0x21, 0xA1) that read back what was written, and a
+/// "poll mode" (port 0x20 written with 0x0C) in which a read of 0x21 has a
+/// side effect, so the backend may not answer it from its cache.
+struct MaskPorts {
+    masks: [u8; 2],
+    poll: bool,
+    reads: u32,
+    stop: bool,
+}
+
+impl monitor::backend::Ports for MaskPorts {
+    fn io_in(&mut self, port: u16, _size: u8) -> u32 {
+        self.reads += 1;
+        match port {
+            0x21 if self.poll => {
+                self.poll = false;
+                0x80
+            }
+            0x21 => u32::from(self.masks[0]),
+            0xA1 => u32::from(self.masks[1]),
+            _ => 0xFF,
+        }
+    }
+    fn io_out(&mut self, port: u16, _size: u8, value: u32) {
+        match port {
+            0x21 => self.masks[0] = value as u8,
+            0xA1 => self.masks[1] = value as u8,
+            0x20 => self.poll = value == 0x0C,
+            _ => self.stop |= port == 0xF4,
+        }
+    }
+    fn loop_state(&mut self) -> monitor::backend::LoopState {
+        monitor::backend::LoopState { interrupt_pending: false, next_deadline_ns: None, events: self.stop }
+    }
+    fn quiet_read(&mut self, port: u16) -> Option<u8> {
+        match port {
+            0x21 if !self.poll => Some(self.masks[0]),
+            0xA1 => Some(self.masks[1]),
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn cached_port_reads_see_every_write_and_skip_side_effects() {
+    // Reads of both masks (DX and imm8 forms) around writes, a read in
+    // "poll mode", then OUT 0xF4. Each read goes to EDI's stack of results.
+    let code = assemble(CODE, |a| {
+        a.mov(edi, DATA)?;
+        for (port, value) in [(0x21u32, 0x5Au32), (0xA1, 0xC3), (0x21, 0xFF)] {
+            a.mov(eax, value)?;
+            a.out(port, al)?;
+            a.mov(eax, 0xAABB_CC00u32)?;
+            a.mov(dx, port)?;
+            a.in_(al, dx)?;
+            a.stosd()?;
+            a.mov(eax, 0x1122_3300)?;
+            a.in_(al, port)?;
+            a.stosd()?;
+        }
+        a.mov(eax, 0x0C)?;
+        a.out(0x20, al)?;
+        a.in_(al, 0x21)?;
+        a.stosd()?;
+        a.in_(al, 0x21)?;
+        a.stosd()?;
+        a.out(0xF4, al)?;
+        a.hlt()
+    });
+    let mut k = Kernel::with_code(&code);
+    let mut ports = MaskPorts { masks: [0, 0], poll: false, reads: 0, stop: false };
+    while !ports.stop {
+        match k.bt.run_with_ports(&mut ports).expect("run") {
+            VmExit::Interrupted => {}
+            e => panic!("an access left the backend: {e:?}"),
+        }
+    }
+    let mut got = [0u8; 8 * 4];
+    k.mem.read(u64::from(DATA), &mut got).unwrap();
+    let got: Vec<u32> = got.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(
+        got,
+        vec![0xAABB_CC5A, 0x1122_335A, 0xAABB_CCC3, 0x1122_33C3, 0xAABB_CCFF, 0x1122_33FF, 0x0000_0080, 0x0000_00FF],
+        "each read sees the last write; the poll-mode read reached the port"
+    );
+    assert_eq!(ports.reads, 1, "only the poll-mode read went to the ports");
+}

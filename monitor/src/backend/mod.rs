@@ -87,6 +87,13 @@ pub trait Ports {
     fn loop_state_without_deadlines(&mut self) -> LoopState {
         self.loop_state()
     }
+    /// What a byte read of `port` returns, when reading it changes nothing
+    /// and its value changes only through writes to these ports (a PIC's
+    /// mask register): a backend may answer such reads itself until it
+    /// hands a write to the machine. `None`: every read goes to the port.
+    fn quiet_read(&mut self, _port: u16) -> Option<u8> {
+        None
+    }
 }
 
 /// What the run loop acts on between backend runs (see [`Ports`]).

@@ -309,6 +309,16 @@ impl PicPair {
     }
 
     /// IMR of the pair (slave in the high byte).
+    /// A read of mask register `port` (0x21, 0xA1) without side effects:
+    /// `None` in poll mode, where a read acknowledges an interrupt.
+    pub fn quiet_read(&self, port: u16) -> Option<u8> {
+        match port {
+            0x21 if !self.master.poll => Some(self.master.imr),
+            0xA1 if !self.slave.poll => Some(self.slave.imr),
+            _ => None,
+        }
+    }
+
     pub fn imr(&self) -> u16 {
         u16::from(self.master.imr) | u16::from(self.slave.imr) << 8
     }

@@ -240,6 +240,9 @@ impl BtBackend {
             }
             Some(v) => ports.io_out(port, size, v),
         }
+        // The access may have changed what the TC reads of cached ports
+        // (a write, or a read that leaves poll mode).
+        self.refresh_port_cache();
         self.cpu.eip = next_eip;
         self.counter.retire();
         self.stats.count("io_in_place");

@@ -693,6 +693,22 @@ impl BtBackend {
         self.written_sels = None;
     }
 
+    /// The port read cache (`vmm_area::PORT_CACHE`) from the machine's
+    /// ports while they are lent (`run_with_ports`), or empty: between two
+    /// runs the machine may have written them.
+    fn refresh_port_cache(&mut self) {
+        let on = self.config.engine.inline_port_reads && !self.counter.is_on();
+        let ports = self.ports.filter(|_| on);
+        for (slot, &port) in engine::vmm_area::CACHED_PORTS.iter().enumerate() {
+            // SAFETY: as in `io_in_place`: the `&mut dyn Ports` of the
+            // enclosing `run_with_ports` call, not otherwise in use now.
+            let value = ports.and_then(|p| unsafe { &mut *p.0.as_ptr() }.quiet_read(port));
+            let off = engine::vmm_area::PORT_CACHE + 8 * slot as u32;
+            self.alias.write_u32(off, u32::from(value.is_some()));
+            self.alias.write_u32(off + 4, u32::from(value.unwrap_or(0)));
+        }
+    }
+
     /// The guest's TSC: the host's, or virtual time in the counting mode.
     fn guest_tsc_base(&self) -> u64 {
         self.counter.tsc().unwrap_or_else(stats::rdtsc)
@@ -744,6 +760,7 @@ impl Backend for BtBackend {
 
     fn run(&mut self) -> Result<VmExit, BackendError> {
         self.resume_at = None;
+        self.refresh_port_cache();
         if let Some(r) = self.pending.exit.take() {
             return r;
         }
