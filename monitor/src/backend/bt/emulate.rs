@@ -145,11 +145,17 @@ impl BtBackend {
             MmuEffect::Efer { new } => mmu.set_efer(&phys, &mut mapper, new),
         };
         r.map_err(super::failed)?;
-        // The GDT's linear pages may map elsewhere now.
-        self.shadows.seg_cache.invalidate_gdt();
+        // The GDT's, IDT's and TSS's linear pages may map elsewhere now
+        // (after INVLPG, only when it names one of them).
         match effect {
-            MmuEffect::Invlpg(lin) => self.transitions.invalidate_page(lin, &self.cpu),
-            _ => self.transitions.invalidate(),
+            MmuEffect::Invlpg(lin) => {
+                self.shadows.seg_cache.invalidate_gdt_page(lin, &self.cpu);
+                self.transitions.invalidate_page(lin, &self.cpu);
+            }
+            _ => {
+                self.shadows.seg_cache.invalidate_gdt();
+                self.transitions.invalidate();
+            }
         }
         if let MmuEffect::Invlpg(lin) = effect {
             // One mapping changed: the translated user code on that page only.

@@ -298,6 +298,15 @@ impl SegCache {
         self.built_for = None;
     }
 
+    /// INVLPG of `linear`: the alias only when it maps one of its pages.
+    pub fn invalidate_gdt_page(&mut self, linear: u32, cpu: &Cpu) {
+        let first = cpu.gdtr.base & !0xFFF;
+        let page = linear & !0xFFF;
+        if (0..area::GDT_ALIAS_PAGES).any(|k| first.wrapping_add(k * 0x1000) == page) {
+            self.built_for = None;
+        }
+    }
+
     /// Maps the guest frames of the GDT's cached part into the alias pages
     /// when GDTR or paging changed since the last build. No alias (every
     /// inline load a callout) outside protected mode or when a page of it
