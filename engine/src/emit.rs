@@ -1072,6 +1072,15 @@ impl Emitter {
         self.mark(eip, true, false, true);
         self.save_for_checks();
         self.mark(eip, true, false, false);
+        // RPL 0: a return within the kernel (from an interrupt or an
+        // exception taken in kernel code, or Linux's IRET to itself).
+        x86!(self.asm
+            ; gs movzx ecx, BYTE [FRAME + 4]
+            ; test cl, 3
+        );
+        let to_user = self.near_jcc(0x5); // jnz
+        self.iret_to_kernel(eip, &mut misses);
+        self.bind_near(to_user);
         x86!(self.asm; gs cmp DWORD [trans::IRET_OK as i32], 0);
         misses.push(self.near_jcc(0x4)); // je
         x86!(self.asm
@@ -1145,6 +1154,48 @@ impl Emitter {
         );
         self.dispatch_to(eip, LOOKUP_TABLE_USER);
         self.transition_miss(misses, eip, next, instr, CalloutKind::ControlFlow(crate::classify::Flow::Iret));
+    }
+
+    /// The IRET-to-CPL-0 half of [`Emitter::iret`] (frame in `frame[0..3]`,
+    /// registers and flags saved): to the kernel CS of the transition page
+    /// from that same CS, new EFLAGS with TF, NT and VM clear, no interrupt
+    /// pending when IF becomes set. Virtual IF and IOPL from the frame, the
+    /// rest by POPFD, ESP past the three dwords, through the CPL 0 table.
+    fn iret_to_kernel(&mut self, eip: u32, misses: &mut Vec<NearFixup>) {
+        x86!(self.asm; gs cmp DWORD [trans::KIRET_OK as i32], 0);
+        misses.push(self.near_jcc(0x4)); // je
+        x86!(self.asm
+            ; gs movzx ecx, WORD [FRAME + 4]
+            ; gs cmp ecx, DWORD [trans::INT_CS_SEL as i32]
+        );
+        misses.push(self.near_jcc(0x5));
+        x86!(self.asm; gs cmp ecx, DWORD [GUEST_SEL + 4]);
+        misses.push(self.near_jcc(0x5));
+        self.live_gdt_equals(trans::INT_CS_OFF, trans::INT_CS_DESC, misses);
+        x86!(self.asm
+            ; gs mov ecx, DWORD [FRAME + 8]
+            ; test ecx, 0x2_4100
+        );
+        misses.push(self.near_jcc(0x5)); // TF, NT or VM
+        x86!(self.asm; test ecx, IF_MASK);
+        let masked = self.short_jump(0x74); // jz
+        x86!(self.asm; gs cmp DWORD [IRQ_PENDING], 0);
+        misses.push(self.near_jcc(0x5));
+        self.bind(masked);
+        x86!(self.asm
+            ; and ecx, IF_MASK
+            ; gs mov DWORD [VIF], ecx
+            ; gs mov ecx, DWORD [FRAME + 8]
+            ; and ecx, IOPL_MASK
+            ; gs mov DWORD [VIOPL], ecx
+            ; gs mov ebx, DWORD [SPILL_EBX]
+            ; gs mov edx, DWORD [SPILL_EDX]
+            ; gs mov eax, DWORD [SPILL_EAX]
+            ; lea esp, [esp + 8]
+            ; popf
+            ; gs mov ecx, DWORD [FRAME]
+        );
+        self.dispatch_to(eip, LOOKUP_TABLE);
     }
 
     /// The miss path of an inline transition: registers and flags back,

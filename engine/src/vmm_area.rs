@@ -269,6 +269,9 @@ pub struct Transitions {
     /// EFLAGS.IF of user code (0 or 0x200): an inline IRET requires the
     /// frame to restore it, an inline INT pushes it.
     pub user_if: u32,
+    /// Nonzero: CPL 0 translations may return to CPL 0 inline (IRET to
+    /// the kernel CS, the one `int_cs_*` names).
+    pub kiret_ok: u32,
 }
 
 /// Offsets of [`Transitions`] fields from the VMM area base.
@@ -299,6 +302,7 @@ pub mod trans {
         USER_SS_DESC = user_ss_desc,
         USER_SS_HOST = user_ss_host,
         USER_IF = user_if,
+        KIRET_OK = kiret_ok,
     );
 }
 

@@ -118,10 +118,11 @@ impl Transitions {
             p.user_ss_desc[1],
             p.user_ss_host,
             p.user_if,
+            p.kiret_ok,
         ];
         // Every field, in order (`Transitions` is `repr(C)`, all u32).
-        const _: () = assert!(std::mem::size_of::<area::Transitions>() == 23 * 4);
-        let mut bytes = [0u8; 23 * 4];
+        const _: () = assert!(std::mem::size_of::<area::Transitions>() == 24 * 4);
+        let mut bytes = [0u8; 24 * 4];
         for (chunk, w) in bytes.chunks_exact_mut(4).zip(words) {
             chunk.copy_from_slice(&w.to_le_bytes());
         }
@@ -214,6 +215,7 @@ impl BtBackend {
         if !self.transitions_allowed() {
             next.int_ok = 0;
             next.iret_ok = 0;
+            next.kiret_ok = 0;
             self.transitions.publish(next);
             return Ok(());
         }
@@ -249,6 +251,12 @@ impl BtBackend {
                 && in_gdt(next.int_cs_off)
                 && in_gdt(next.int_ss_off)
                 && user_flags_ok,
+        );
+        // From CPL 3 the kernel is reached by an INT, which clears NT.
+        next.kiret_ok = u32::from(
+            self.transitions.kernel.is_some_and(|k| self.engine.table_context(0) == Some(k.ctx))
+                && in_gdt(next.int_cs_off)
+                && (c.cpl == 3 || c.eflags & flags::NT == 0),
         );
         let translated = self.user_exec.translated(c.cr3);
         next.iret_ok = u32::from(
