@@ -136,6 +136,7 @@ impl BtBackend {
     }
 
     fn mmu_effect(&mut self, effect: MmuEffect) -> Result<(), BackendError> {
+        let old_cr3 = self.guest.mmu.regs().cr3;
         let (mmu, phys, mut mapper) = self.guest.paging();
         let r = match effect {
             MmuEffect::Cr3 { new } => mmu.set_cr3(&phys, &mut mapper, new),
@@ -164,7 +165,12 @@ impl BtBackend {
             // The address space changed: translated user code (the counting
             // mode, or IOPL-3 user code) whose pages now map elsewhere goes.
             // Cheap when there is none: the engine indexes CPL 3 blocks by page.
-            self.engine.revalidate_user_mappings(&mut self.guest.code(true));
+            let parked = self.engine.revalidate_user_mappings(&mut self.guest.code(true)).len() as u64;
+            // Each parked block costs about a microsecond now and another
+            // when it comes back: churn of the space that had them.
+            if parked != 0 {
+                self.user_exec.user_parks(old_cr3, parked);
+            }
         } else {
             // Paging changed: translations whose linear pages now map elsewhere go.
             self.engine.revalidate_mappings(&mut self.guest.code(false));
