@@ -39,6 +39,7 @@ use dynasmrt::{DynasmApi, DynasmLabelApi};
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register, RflagsBits};
 
 use super::Target;
+use crate::cpu::descriptor::Descriptor;
 use crate::guests::kernel::{
     self as gk, boot, has_error_code, init_pic, routines, x86, Asm, Image, KCODE, LOAD_ADDR, USER_CS, USER_DS,
 };
@@ -113,8 +114,10 @@ fn mem(u: &mut Unstructured<'_>, size_scale: i64) -> arbitrary::Result<MemoryOpe
     Ok(MemoryOperand::with_base_displ(Register::EBP, disp))
 }
 
-/// One random unprivileged instruction (or a short idiom), encoded.
-fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Vec<Instruction>> {
+/// Arm `arm` (0-24) of the first generator: one random unprivileged
+/// instruction or a short straight-line idiom. Arms 0-12 leave ESP alone
+/// (the bodies of local calls are made of them).
+fn plain(u: &mut Unstructured<'_>, arm: u8) -> arbitrary::Result<Vec<Instruction>> {
     use Code::*;
     let r32 = |u: &mut Unstructured<'_>| u.choose(&R32).copied();
     let r16 = |u: &mut Unstructured<'_>| u.choose(&R16).copied();
@@ -153,7 +156,7 @@ fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Vec<Instruction>> 
     let setcc =
         [Seto_rm8, Setb_rm8, Sete_rm8, Setbe_rm8, Sets_rm8, Setp_rm8, Setl_rm8, Setle_rm8, Setae_rm8, Setne_rm8];
     let flags_ops = [Pushfd, Lahf, Sahf, Clc, Stc, Cmc, Cld, Std];
-    let v = match u.int_in_range(0..=24u8)? {
+    let v = match arm {
         0..=2 => vec![ok(Instruction::with2(*u.choose(&alu32)?, r32(u)?, r32(u)?))?],
         3 => vec![ok(Instruction::with2(*u.choose(&alu16)?, r16(u)?, r16(u)?))?],
         4 => vec![ok(Instruction::with2(*u.choose(&alu8)?, r8(u)?, r8(u)?))?],
@@ -235,11 +238,6 @@ fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Vec<Instruction>> 
                 s,
             ]
         }
-        21 => {
-            // CALL to the next instruction and POP: the guest's return
-            // address must be on the stack, never a TC address.
-            vec![ok(Instruction::with_branch(Call_rel32_32, 0))?, ok(Instruction::with1(Pop_r32, r32(u)?))?]
-        }
         22 => vec![
             // x87 and SSE moves through memory and registers.
             ok(Instruction::with1(Fld_m32fp, mem(u, 4)?))?,
@@ -257,15 +255,488 @@ fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Vec<Instruction>> 
     Ok(v)
 }
 
-/// Encodes one instruction at `ip`; the CALL idiom's target is the next one.
-fn encode(i: &Instruction, ip: u64) -> Option<Vec<u8>> {
-    let mut i = *i;
-    if i.code() == Code::Call_rel32_32 {
-        i.set_near_branch32((ip + 5) as u32);
+/// A generated piece before encoding: instructions in layout order and
+/// the branches and addresses inside it, by label.
+#[derive(Default)]
+struct Idiom {
+    insns: Vec<Instruction>,
+    /// (instruction, label): a relative branch to the label.
+    near: Vec<(usize, usize)>,
+    /// (instruction, label): the instruction's last four bytes (its imm32)
+    /// become the label's address in the block.
+    abs: Vec<(usize, usize)>,
+    /// Per label, the index of the instruction it stands before.
+    labels: Vec<usize>,
+}
+
+impl From<Vec<Instruction>> for Idiom {
+    fn from(insns: Vec<Instruction>) -> Idiom {
+        Idiom { insns, ..Idiom::default() }
     }
-    let mut e = Encoder::new(32);
-    e.encode(&i, ip).ok()?;
-    Some(e.take_buffer())
+}
+
+impl Idiom {
+    fn push(&mut self, i: Instruction) -> usize {
+        self.insns.push(i);
+        self.insns.len() - 1
+    }
+
+    fn extend(&mut self, is: impl IntoIterator<Item = Instruction>) {
+        self.insns.extend(is);
+    }
+
+    fn label(&mut self) -> usize {
+        self.labels.push(usize::MAX);
+        self.labels.len() - 1
+    }
+
+    fn bind(&mut self, l: usize) {
+        self.labels[l] = self.insns.len();
+    }
+
+    /// `i`, a branch with a rel8/rel32, to label `l`.
+    fn branch_to(&mut self, i: Instruction, l: usize) {
+        let n = self.push(i);
+        self.near.push((n, l));
+    }
+
+    /// `i`, whose imm32 (its last four bytes) becomes the address of `l`.
+    fn address_of(&mut self, i: Instruction, l: usize) {
+        let n = self.push(i);
+        self.abs.push((n, l));
+    }
+}
+
+/// An encoded piece: position independent but for `relocs`, (offset of an
+/// imm32, offset of the piece byte whose guest address it must hold).
+struct Piece {
+    bytes: Vec<u8>,
+    relocs: Vec<(usize, usize)>,
+}
+
+/// Encodes an idiom at offset 0: a first pass for the lengths (the branch
+/// and immediate forms used have fixed lengths), a second with the labels'
+/// offsets. `None` when iced refuses an instruction or a rel8 is too short.
+fn assemble(d: &Idiom) -> Option<Piece> {
+    let encode = |i: &Instruction, ip: u64| {
+        let mut e = Encoder::new(32);
+        e.encode(i, ip).ok()?;
+        Some(e.take_buffer())
+    };
+    let mut at = Vec::with_capacity(d.insns.len() + 1);
+    let mut off = 0u64;
+    for (n, i) in d.insns.iter().enumerate() {
+        let mut i = *i;
+        if d.near.iter().any(|&(b, _)| b == n) {
+            i.set_near_branch32(off as u32);
+        }
+        at.push(off);
+        off += encode(&i, off)?.len() as u64;
+    }
+    at.push(off);
+    let label = |l: usize| d.labels.get(l).and_then(|&n| at.get(n)).copied();
+    let mut bytes = Vec::new();
+    let mut relocs = Vec::new();
+    for (n, i) in d.insns.iter().enumerate() {
+        let mut i = *i;
+        if let Some(&(_, l)) = d.near.iter().find(|&&(b, _)| b == n) {
+            i.set_near_branch32(label(l)? as u32);
+        }
+        let b = encode(&i, at[n])?;
+        if bytes.len() as u64 != at[n] || at[n] + b.len() as u64 != at[n + 1] {
+            return None;
+        }
+        if let Some(&(_, l)) = d.abs.iter().find(|&&(b, _)| b == n) {
+            relocs.push((at[n + 1] as usize - 4, label(l)? as usize));
+        }
+        bytes.extend_from_slice(&b);
+    }
+    Some(Piece { bytes, relocs })
+}
+
+/// One random unprivileged instruction or idiom.
+fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
+    use Code::*;
+    match u.int_in_range(0..=31u8)? {
+        21 => {
+            // CALL to the next instruction and POP: the guest's return
+            // address must be on the stack, never a TC address.
+            let mut d = Idiom::default();
+            let next = d.label();
+            d.branch_to(
+                Instruction::with_branch(Call_rel32_32, 0).map_err(|_| arbitrary::Error::IncorrectFormat)?,
+                next,
+            );
+            d.bind(next);
+            d.push(Instruction::with1(Pop_r32, *u.choose(&R32)?).map_err(|_| arbitrary::Error::IncorrectFormat)?);
+            Ok(d)
+        }
+        a @ 0..=24 => plain(u, a).map(Idiom::from),
+        25 | 26 => segment_op(u),
+        27 => segment_string(u),
+        28 | 29 => branch(u),
+        _ => x87(u),
+    }
+}
+
+fn ok(i: Result<Instruction, iced_x86::IcedError>) -> arbitrary::Result<Instruction> {
+    i.map_err(|_| arbitrary::Error::IncorrectFormat)
+}
+
+fn mov_imm(r: Register, v: u32) -> arbitrary::Result<Instruction> {
+    ok(Instruction::with2(Code::Mov_r32_imm32, r, v))
+}
+
+/// The segments whose bases are in the data page: (override, offset of
+/// the base in the data page, byte-granular limit). GDT entries 6 and 7,
+/// DPL 3, loaded into FS and GS by the kernel before each block (user code
+/// never loads or reads a segment register).
+const SEGMENTS: [(Register, u32, u32); 2] = [(Register::FS, 0, 0xFFF), (Register::GS, 0x800, 0x7FF)];
+const FS_SEL: u16 = 0x33;
+const GS_SEL: u16 = 0x3B;
+/// EBP in every block: the data page's middle (`mem` addresses through it).
+const EBP_VALUE: u32 = DATA_PAGE + 0x800;
+
+/// A memory operand inside the data page and the register loads (to be
+/// put just before it) that place it there; `restore` puts EBP back when
+/// the operand used it.
+struct Operand {
+    setup: Vec<Instruction>,
+    mem: MemoryOperand,
+    restore: Vec<Instruction>,
+}
+
+/// An FS- or GS-relative operand of `size` (at most 16) bytes, aligned to
+/// its size, in 32-bit (absolute, base+disp, base+index*scale+disp) or
+/// 16-bit addressing (the eight forms and disp16): the base and index
+/// registers get random high halves (16-bit) or values whose 32-bit sum
+/// wraps (32-bit), and the effective address lands in the segment. EBP or
+/// BP is used only when `bp` (it must be restored after the operand);
+/// `a16` forces one addressing size.
+fn seg_operand(u: &mut Unstructured<'_>, size: u32, bp: bool, a16: Option<bool>) -> arbitrary::Result<Operand> {
+    use Register::*;
+    let &(seg, _, limit) = u.choose(&SEGMENTS)?;
+    let align = size.next_power_of_two().min(16);
+    let t = u.int_in_range(0..=limit + 1 - 16)? & !(align - 1);
+    let mut setup = Vec::new();
+    let mut used_bp = false;
+    let mem = if a16.map_or(u.arbitrary()?, |a| a) {
+        // 16-bit addressing: EA = (base + index + disp) mod 2^16.
+        let base = *u.choose(if bp { &[BX, BP, None][..] } else { &[BX, None][..] })?;
+        let index = *u.choose(&[SI, DI, None])?;
+        let regs: Vec<Register> = [base, index].into_iter().filter(|&r| r != None).collect();
+        let displ_size = if regs.is_empty() { 2 } else { *u.choose(&[0u32, 1, 2])? };
+        let disp = match displ_size {
+            _ if regs.is_empty() => i64::from(t),
+            0 => 0,
+            1 => i64::from(u.arbitrary::<i8>()?),
+            _ => i64::from(u.arbitrary::<u16>()?),
+        };
+        let mut rest = (i64::from(t) - disp) as u16;
+        for (k, &r) in regs.iter().enumerate() {
+            let low = if k + 1 == regs.len() { rest } else { u.arbitrary::<u16>()? };
+            rest = rest.wrapping_sub(low);
+            setup.push(mov_imm(r.full_register32(), (u32::from(u.arbitrary::<u16>()?) << 16) | u32::from(low))?);
+            used_bp |= r == BP;
+        }
+        MemoryOperand::new(base, index, 1, disp, displ_size, false, seg)
+    } else {
+        let regs: &[Register] = if bp { &[EAX, ECX, EDX, EBX, ESI, EDI, EBP] } else { &R32 };
+        match u.int_in_range(0..=2u8)? {
+            0 => MemoryOperand::new(None, None, 1, i64::from(t), 4, false, seg),
+            form => {
+                let base = *u.choose(regs)?;
+                let (disp, displ_size) = if u.arbitrary()? {
+                    (i64::from(u.arbitrary::<i8>()?), 1)
+                } else {
+                    (i64::from(u.arbitrary::<i32>()?), 4)
+                };
+                let mut b = t.wrapping_sub(disp as u32);
+                let (index, scale) = if form == 2 {
+                    let others: Vec<Register> = regs.iter().copied().filter(|&r| r != base).collect();
+                    let index = *u.choose(&others)?;
+                    let (scale, v) = (*u.choose(&[1u32, 2, 4, 8])?, u.arbitrary::<u32>()?);
+                    b = b.wrapping_sub(v.wrapping_mul(scale));
+                    setup.push(mov_imm(index, v)?);
+                    used_bp |= index == EBP;
+                    (index, scale)
+                } else {
+                    (None, 1)
+                };
+                setup.push(mov_imm(base, b)?);
+                used_bp |= base == EBP;
+                MemoryOperand::new(base, index, scale, disp, displ_size, false, seg)
+            }
+        }
+    };
+    let restore = if used_bp { vec![mov_imm(EBP, EBP_VALUE)?] } else { Vec::new() };
+    Ok(Operand { setup, mem, restore })
+}
+
+/// Either an EBP-relative operand (no setup) or a segment one.
+fn any_operand(u: &mut Unstructured<'_>, size: u32, bp: bool) -> arbitrary::Result<Operand> {
+    if u.arbitrary()? {
+        let scale = i64::from(size.next_power_of_two().min(16));
+        Ok(Operand { setup: Vec::new(), mem: mem(u, scale)?, restore: Vec::new() })
+    } else {
+        seg_operand(u, size, bp, None)
+    }
+}
+
+/// An operation on an FS/GS operand (32- or 16-bit addressing), or a
+/// 16-bit-addressing LEA (its EA computed, no access).
+fn segment_op(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
+    use Code::*;
+    /// Operand shapes: memory and register, register and memory, memory
+    /// alone, memory and imm8.
+    #[derive(Clone, Copy)]
+    enum S {
+        MR,
+        RM,
+        M,
+        MI,
+    }
+    const OPS: [(Code, u32, S); 26] = [
+        (Mov_r32_rm32, 4, S::RM),
+        (Mov_rm32_r32, 4, S::MR),
+        (Mov_r16_rm16, 2, S::RM),
+        (Mov_rm8_r8, 1, S::MR),
+        (Add_rm32_r32, 4, S::MR),
+        (Adc_rm32_r32, 4, S::MR),
+        (Sub_r32_rm32, 4, S::RM),
+        (Sbb_rm16_r16, 2, S::MR),
+        (Xor_rm8_r8, 1, S::MR),
+        (And_r32_rm32, 4, S::RM),
+        (Or_rm32_r32, 4, S::MR),
+        (Cmp_rm32_r32, 4, S::MR),
+        (Test_rm32_r32, 4, S::MR),
+        (Movzx_r32_rm16, 2, S::RM),
+        (Movsx_r32_rm8, 1, S::RM),
+        (Inc_rm32, 4, S::M),
+        (Neg_rm16, 2, S::M),
+        (Not_rm8, 1, S::M),
+        (Mul_rm32, 4, S::M),
+        (Shl_rm32_imm8, 4, S::MI),
+        (Rcr_rm16_imm8, 2, S::MI),
+        (Bts_rm32_imm8, 4, S::MI),
+        (Xadd_rm32_r32, 4, S::MR),
+        (Cmpxchg_rm32_r32, 4, S::MR),
+        (Sete_rm8, 1, S::M),
+        (Imul_r32_rm32, 4, S::RM),
+    ];
+    let mut d = Idiom::default();
+    if u.ratio(1u8, 8)? {
+        let mut o = seg_operand(u, 1, true, Some(true))?;
+        o.mem.segment_prefix = Register::None;
+        d.extend(o.setup);
+        let lea = if u.arbitrary()? {
+            ok(Instruction::with2(Lea_r32_m, *u.choose(&R32)?, o.mem))?
+        } else {
+            ok(Instruction::with2(Lea_r16_m, *u.choose(&R16)?, o.mem))?
+        };
+        d.push(lea);
+        d.extend(o.restore);
+        return Ok(d);
+    }
+    let &(code, size, shape) = u.choose(&OPS)?;
+    let o = seg_operand(u, size, true, None)?;
+    let r = match size {
+        4 => *u.choose(&R32)?,
+        2 => *u.choose(&R16)?,
+        _ => *u.choose(&R8)?,
+    };
+    let i = match shape {
+        S::MR => Instruction::with2(code, o.mem, r),
+        S::RM => Instruction::with2(code, r, o.mem),
+        S::M => Instruction::with1(code, o.mem),
+        S::MI => Instruction::with2(code, o.mem, u32::from(u.int_in_range(0..=33u8)?)),
+    };
+    d.extend(o.setup);
+    d.push(ok(i)?);
+    d.extend(o.restore);
+    Ok(d)
+}
+
+/// A string instruction whose source is FS- or GS-relative: 32-bit
+/// addressing (MOVS, LODS, CMPS, with REP) or 16-bit (LODS with SI and a
+/// CX count: the destination of a 16-bit MOVS or CMPS, ES:DI, cannot be
+/// in the data page with a flat ES). Counts up to 16, so the source stays
+/// in its segment whatever DF is.
+fn segment_string(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
+    use iced_x86::RepPrefixKind::{None as NoRep, Repe, Repne};
+    let &(seg, _, limit) = u.choose(&SEGMENTS)?;
+    let src = u.int_in_range(0x80..=limit + 1 - 0x80)? & !3;
+    let count = u.int_in_range(0..=16u32)?;
+    let rep = if u.arbitrary()? { Repe } else { NoRep };
+    let mut d = Idiom::default();
+    if u.arbitrary()? {
+        // 16-bit: only SI and CX count; their high halves are random.
+        d.push(mov_imm(Register::ESI, u32::from(u.arbitrary::<u16>()?) << 16 | src)?);
+        d.push(mov_imm(Register::ECX, u32::from(u.arbitrary::<u16>()?) << 16 | count)?);
+        let s =
+            if u.arbitrary()? { Instruction::with_lodsd(16, seg, rep) } else { Instruction::with_lodsb(16, seg, rep) };
+        d.push(ok(s)?);
+    } else {
+        let edi = DATA_PAGE + 0x800 + 4 * u.int_in_range(0..=64u32)?;
+        d.push(mov_imm(Register::ESI, src)?);
+        d.push(mov_imm(Register::EDI, edi)?);
+        d.push(mov_imm(Register::ECX, count)?);
+        let s = match u.int_in_range(0..=3u8)? {
+            0 => Instruction::with_movsb(32, seg, rep),
+            1 => Instruction::with_movsd(32, seg, rep),
+            2 => Instruction::with_lodsd(32, seg, NoRep),
+            _ => Instruction::with_cmpsb(32, seg, if u.arbitrary()? { Repne } else { Repe }),
+        };
+        d.push(ok(s)?);
+    }
+    Ok(d)
+}
+
+/// Puts `target`'s address where an indirect branch `code` (Jmp_rm32 or
+/// Call_rm32) takes it: a register loaded just before, or memory (through
+/// EBP, FS or GS) written just before. The branch ends the idiom so far.
+fn indirect(u: &mut Unstructured<'_>, d: &mut Idiom, code: Code, target: usize) -> arbitrary::Result<()> {
+    if u.arbitrary()? {
+        let r = *u.choose(&R32)?;
+        d.address_of(mov_imm(r, 0)?, target);
+        d.push(ok(Instruction::with1(code, r))?);
+    } else {
+        // No EBP: a local call's body addresses through it.
+        let o = any_operand(u, 4, false)?;
+        d.extend(o.setup);
+        d.address_of(ok(Instruction::with2(Code::Mov_rm32_imm32, o.mem, 0u32))?, target);
+        d.push(ok(Instruction::with1(code, o.mem))?);
+    }
+    Ok(())
+}
+
+/// Control flow inside the block: an indirect JMP (register, memory, or
+/// PUSH imm32 + RET) forward over never-run INT3s, or a short local call
+/// (CALL rel32, register or memory) to a body of arms 0-12 that returns
+/// with RET or RET 4 (after a PUSH that it pops), jumped over afterwards.
+/// Branches, calls and returns leave the arithmetic flags alone, so the
+/// flag state [`block`] follows in layout order is the executed one.
+fn branch(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
+    use Code::*;
+    let mut d = Idiom::default();
+    if u.arbitrary()? {
+        let over = d.label();
+        match u.int_in_range(0..=2u8)? {
+            0 => indirect(u, &mut d, Jmp_rm32, over)?,
+            1 => {
+                d.address_of(ok(Instruction::with1(Pushd_imm32, 0u32))?, over);
+                d.push(Instruction::with(Retnd));
+            }
+            _ => {
+                let o = any_operand(u, 4, false)?;
+                d.extend(o.setup);
+                d.address_of(ok(Instruction::with2(Mov_rm32_imm32, o.mem, 0u32))?, over);
+                d.push(ok(Instruction::with1(Jmp_rm32, o.mem))?);
+            }
+        }
+        for _ in 0..u.int_in_range(1..=3u8)? {
+            d.push(Instruction::with(Int3));
+        }
+        d.bind(over);
+    } else {
+        let (sub, after) = (d.label(), d.label());
+        let ret4 = u.arbitrary()?;
+        if ret4 {
+            d.push(ok(Instruction::with1(Push_r32, *u.choose(&R32)?))?);
+        }
+        match u.int_in_range(0..=2u8)? {
+            0 => d.branch_to(ok(Instruction::with_branch(Call_rel32_32, 0))?, sub),
+            _ => indirect(u, &mut d, Call_rm32, sub)?,
+        }
+        d.branch_to(ok(Instruction::with_branch(Jmp_rel8_32, 0))?, after);
+        d.bind(sub);
+        for _ in 0..u.int_in_range(1..=2u8)? {
+            let arm = u.int_in_range(0..=12u8)?;
+            d.extend(plain(u, arm)?);
+        }
+        d.push(if ret4 { ok(Instruction::with1(Retnd_imm16, 4u32))? } else { Instruction::with(Retnd) });
+        d.bind(after);
+    }
+    Ok(d)
+}
+
+/// x87 arithmetic on the data page, from FNINIT (a defined state: empty
+/// stack, all exceptions masked) to an empty stack again: a load (memory
+/// or constant), one to three operations (memory operands in 32/64-bit
+/// float and 32-bit integer, through EBP, FS or GS; unary ones; a second
+/// load with an arithmetic pop or FCOMIP, which sets ZF, PF and CF), maybe
+/// a translator exit (PUSH + RET to the next instruction) in between, a
+/// store, maybe FNSTSW AX. The stores land in the hashed data page.
+fn x87(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
+    use Code::*;
+    const MEM_OPS: [(Code, u32); 12] = [
+        (Fadd_m32fp, 4),
+        (Fsub_m32fp, 4),
+        (Fmul_m32fp, 4),
+        (Fdivr_m32fp, 4),
+        (Fadd_m64fp, 8),
+        (Fsubr_m64fp, 8),
+        (Fmul_m64fp, 8),
+        (Fdiv_m64fp, 8),
+        (Fiadd_m32int, 4),
+        (Fimul_m32int, 4),
+        (Fisub_m32int, 4),
+        (Fidiv_m32int, 4),
+    ];
+    const LOADS: [(Code, u32); 4] = [(Fld_m32fp, 4), (Fld_m64fp, 8), (Fild_m32int, 4), (Fld_m80fp, 10)];
+    const STORES: [(Code, u32); 4] = [(Fstp_m64fp, 8), (Fstp_m32fp, 4), (Fistp_m32int, 4), (Fstp_m80fp, 10)];
+    let mut d = Idiom::default();
+    let with_mem = |u: &mut Unstructured<'_>, d: &mut Idiom, code: Code, size: u32| -> arbitrary::Result<()> {
+        let o = any_operand(u, size, true)?;
+        d.extend(o.setup);
+        d.push(ok(Instruction::with1(code, o.mem))?);
+        d.extend(o.restore);
+        Ok(())
+    };
+    d.push(Instruction::with(Fninit));
+    match u.int_in_range(0..=5u8)? {
+        0 => {
+            d.push(Instruction::with(*u.choose(&[Fld1, Fldpi, Fldl2e, Fldz])?));
+        }
+        _ => {
+            let &(code, size) = u.choose(&LOADS)?;
+            with_mem(u, &mut d, code, size)?;
+        }
+    }
+    for _ in 0..u.int_in_range(1..=3u8)? {
+        match u.int_in_range(0..=5u8)? {
+            0 => {
+                d.push(Instruction::with(*u.choose(&[Fsqrt, Fchs, Fabs, Frndint])?));
+            }
+            1 => {
+                let &(code, size) = u.choose(&LOADS[..3])?;
+                with_mem(u, &mut d, code, size)?;
+                let op = *u.choose(&[Faddp_sti_st0, Fmulp_sti_st0, Fsubp_sti_st0, Fdivp_sti_st0, Fcomip_st0_sti])?;
+                let i = if op == Fcomip_st0_sti {
+                    Instruction::with2(op, Register::ST0, Register::ST1)
+                } else {
+                    Instruction::with2(op, Register::ST1, Register::ST0)
+                };
+                d.push(ok(i)?);
+            }
+            2 => {
+                let next = d.label();
+                d.address_of(ok(Instruction::with1(Pushd_imm32, 0u32))?, next);
+                d.push(Instruction::with(Retnd));
+                d.bind(next);
+            }
+            _ => {
+                let &(code, size) = u.choose(&MEM_OPS)?;
+                with_mem(u, &mut d, code, size)?;
+            }
+        }
+    }
+    let &(code, size) = u.choose(&STORES)?;
+    with_mem(u, &mut d, code, size)?;
+    if u.arbitrary()? {
+        d.push(ok(Instruction::with1(Fnstsw_AX, Register::AX))?);
+    }
+    Ok(d)
 }
 
 /// A random block at `ip`, closed by `int 0x80`; forward conditional jumps
@@ -275,28 +746,30 @@ pub fn block(u: &mut Unstructured<'_>, ip: u32) -> arbitrary::Result<Block> {
     // flag info): all at entry (IRET loads them), then what instructions
     // write, minus what they leave undefined. A piece that reads an
     // undefined flag is left out (the rule in the module doc).
-    let mut pieces: Vec<Vec<u8>> = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::new();
     let mut states = Vec::new();
     let mut defined = ARITH;
     let mut len = 0usize;
-    // An idiom (a string instruction and its setup) is one piece: a jump
-    // skips all of it or none, never its setup alone.
+    // An idiom (a string instruction and its setup, a local call, ...) is
+    // one piece: a jump skips all of it or none, never its setup alone.
+    // Its flags are followed in layout order, which is the order they
+    // are written and read in (the idioms' branches touch no flag, the
+    // INT3s they skip touch none of these).
     'outer: for _ in 0..u.int_in_range(1..=12u8)? {
-        let mut piece = Vec::new();
+        let idiom = instruction(u)?;
         let mut st = defined;
-        for i in instruction(u)? {
+        for i in &idiom.insns {
             if i.rflags_read() & ARITH & !st != 0 {
                 super::note("cpl3: left out, reads undefined flags");
                 continue 'outer;
             }
             st = (st | i.rflags_modified()) & !i.rflags_undefined();
-            let Some(b) = encode(&i, u64::from(ip) + (len + piece.len()) as u64) else { continue 'outer };
-            piece.extend_from_slice(&b);
         }
-        if len + piece.len() + 8 + CLOSE.len() > (SLOT as usize) - 4 {
+        let Some(piece) = assemble(&idiom) else { continue 'outer };
+        if len + piece.bytes.len() + 8 + CLOSE.len() > (SLOT as usize) - 4 {
             break;
         }
-        len += piece.len();
+        len += piece.bytes.len();
         pieces.push(piece);
         states.push(defined);
         defined = st;
@@ -314,17 +787,22 @@ pub fn block(u: &mut Unstructured<'_>, ip: u32) -> arbitrary::Result<Block> {
     while i < pieces.len() {
         if i >= free_from
             && u.ratio(1u8, 6)?
-            && code.len() + 2 + pieces[i..].iter().map(Vec::len).sum::<usize>() + CLOSE.len() < SLOT as usize - 4
+            && code.len() + 2 + pieces[i..].iter().map(|p| p.bytes.len()).sum::<usize>() + CLOSE.len()
+                < SLOT as usize - 4
         {
             let k = u.int_in_range(1..=3usize)?.min(pieces.len() - i);
-            let skip: usize = pieces[i..i + k].iter().map(Vec::len).sum();
+            let skip: usize = pieces[i..i + k].iter().map(|p| p.bytes.len()).sum();
             let cc = u.int_in_range(0..=15u8)?;
             if skip < 120 && condition_flags(cc) & !states[i] == 0 && states[i + k] & !states[i] == 0 {
                 code.extend_from_slice(&[0x70 + cc, skip as u8]);
                 free_from = i + k;
             }
         }
-        code.extend_from_slice(&pieces[i]);
+        let at = code.len();
+        code.extend_from_slice(&pieces[i].bytes);
+        for &(imm, target) in &pieces[i].relocs {
+            code[at + imm..at + imm + 4].copy_from_slice(&(ip + (at + target) as u32).to_le_bytes());
+        }
         i += 1;
     }
     // The closing INT 0x80 runs with EAX = 0 (EAX is kept in the data
@@ -385,6 +863,22 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
     let mut img = Image::new();
     img.bytes.resize((BLOCKS_AT + SLOT * BLOCKS as u32 - LOAD_ADDR) as usize, 0);
     img.tables();
+    // FS and GS: DPL 3 data segments based in the data page (SEGMENTS).
+    for (i, &(_, off, limit)) in SEGMENTS.iter().enumerate() {
+        let d = Descriptor {
+            base: DATA_PAGE + off,
+            limit,
+            typ: 0x3,
+            s: true,
+            dpl: 3,
+            present: true,
+            db: true,
+            g: false,
+            avl: false,
+        };
+        img.put(gk::GDT + 8 * (6 + i as u32), &d.to_u64().to_le_bytes());
+    }
+    img.put(gk::GDTR, &(8 * 8 - 1u16).to_le_bytes());
     for (i, b) in blocks.iter().enumerate() {
         img.put(BLOCKS_AT + SLOT * i as u32, &b.code);
         img.put_u32(MASKS + 4 * i as u32, b.compared & FLAGS_MASK);
@@ -430,8 +924,13 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
             ; mov eax, uds
         );
         k.load_data_segs_ax();
+        let (fs_sel, gs_sel) = (i32::from(FS_SEL), i32::from(GS_SEL));
+        x86!(k; mov eax, fs_sel);
+        k.raw(&[0x8E, 0xE0]); // mov fs, ax
+        x86!(k; mov eax, gs_sel);
+        k.raw(&[0x8E, 0xE8]); // mov gs, ax
         let [v0, v1, v2, v3, v4, v5] = b.regs.map(|v| v as i32);
-        let base = (DATA_PAGE + 0x800) as i32;
+        let base = EBP_VALUE as i32;
         x86!(k;
             push uds
             ; push ustack
