@@ -424,6 +424,8 @@ fn seg_operand(u: &mut Unstructured<'_>, size: u32, bp: bool, a16: Option<bool>)
         // 16-bit addressing: EA = (base + index + disp) mod 2^16.
         let base = *u.choose(if bp { &[BX, BP, None][..] } else { &[BX, None][..] })?;
         let index = *u.choose(&[SI, DI, None])?;
+        // [si] and [di] alone: iced takes SI and DI as bases then.
+        let (base, index) = if base == None { (index, None) } else { (base, index) };
         let regs: Vec<Register> = [base, index].into_iter().filter(|&r| r != None).collect();
         let displ_size = if regs.is_empty() { 2 } else { *u.choose(&[0u32, 1, 2])? };
         let disp = match displ_size {
@@ -1101,4 +1103,204 @@ pub fn compare(exe: &std::path::Path, dir: &std::path::Path, blocks: &[Block]) -
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
+
+    use super::*;
+
+    /// `n` bytes of a fixed xorshift64 sequence.
+    fn bytes(mut x: u64, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn has_memory(i: &Instruction) -> bool {
+        (0..i.op_count()).any(|k| i.op_kind(k) == OpKind::Memory)
+    }
+
+    fn a16(i: &Instruction) -> bool {
+        has_memory(i)
+            && (i.memory_base().size() == 2
+                || i.memory_index().size() == 2
+                || (i.memory_base() == Register::None
+                    && i.memory_index() == Register::None
+                    && i.memory_displ_size() == 2))
+    }
+
+    /// The forms of issue 15's second generator an instruction shows.
+    fn forms(i: &Instruction) -> Vec<&'static str> {
+        use Code::*;
+        let seg = matches!(i.segment_prefix(), Register::FS | Register::GS);
+        let reg0 = i.op_count() > 0 && i.op0_kind() == OpKind::Register;
+        let mut f = Vec::new();
+        if a16(i) && i.mnemonic() == Mnemonic::Lea {
+            f.push("lea a16");
+        }
+        if seg && a16(i) {
+            f.push(if i.segment_prefix() == Register::FS { "fs a16" } else { "gs a16" });
+        }
+        if seg && has_memory(i) && !a16(i) {
+            f.push(if i.segment_prefix() == Register::FS { "fs a32" } else { "gs a32" });
+        }
+        if seg && i.is_string_instruction() {
+            f.push(if i.op_kind(i.op_count() - 1) == OpKind::MemorySegSI {
+                "string fs/gs a16"
+            } else {
+                "string fs/gs a32"
+            });
+        }
+        match i.code() {
+            Jmp_rm32 => f.push(if reg0 { "jmp reg" } else { "jmp mem" }),
+            Call_rm32 => f.push(if reg0 { "call reg" } else { "call mem" }),
+            Call_rel32_32 => f.push("call rel32"),
+            Retnd => f.push("ret"),
+            Retnd_imm16 => f.push("ret 4"),
+            Fninit => f.push("fninit"),
+            Fcomip_st0_sti => f.push("fcomip"),
+            Fnstsw_AX => f.push("fnstsw ax"),
+            _ => {}
+        }
+        if has_memory(i) && matches!(i.mnemonic(), Mnemonic::Fadd | Mnemonic::Fiadd) {
+            f.push("fadd mem");
+        }
+        if has_memory(i) && matches!(i.mnemonic(), Mnemonic::Fmul | Mnemonic::Fimul) {
+            f.push("fmul mem");
+        }
+        if has_memory(i) && matches!(i.mnemonic(), Mnemonic::Fdiv | Mnemonic::Fdivr | Mnemonic::Fidiv) {
+            f.push("fdiv mem");
+        }
+        if has_memory(i) && matches!(i.mnemonic(), Mnemonic::Fld | Mnemonic::Fild) {
+            f.push("fld mem");
+        }
+        if has_memory(i) && matches!(i.mnemonic(), Mnemonic::Fstp | Mnemonic::Fistp) {
+            f.push("fstp mem");
+        }
+        if seg && format!("{:?}", i.mnemonic()).starts_with('F') {
+            f.push("x87 fs/gs");
+        }
+        f
+    }
+
+    /// Many blocks from a fixed byte seed: every block decodes to the
+    /// end of its code (which is `CLOSE`), every indirect branch target is
+    /// an instruction later in the same block, and every new form shows up.
+    #[test]
+    fn second_generator_forms_are_generated_and_blocks_decode() {
+        let data = bytes(0x15_1515, 4 << 20);
+        let mut u = Unstructured::new(&data);
+        let mut seen = BTreeSet::new();
+        for n in 0..3000u32 {
+            let ip = BLOCKS_AT + SLOT * (n % BLOCKS as u32);
+            let b = block(&mut u, ip).expect("enough bytes");
+            assert!(b.code.len() <= SLOT as usize, "block {n} too long");
+            assert!(b.code.ends_with(&CLOSE));
+            let insns: Vec<Instruction> =
+                Decoder::with_ip(32, &b.code, u64::from(ip), DecoderOptions::NONE).into_iter().collect();
+            assert!(insns.iter().all(|i| !i.is_invalid()), "block {n} does not decode:\n{}", disassemble(&b.code, ip));
+            assert_eq!(insns.iter().map(Instruction::len).sum::<usize>(), b.code.len());
+            let starts: BTreeSet<u64> = insns.iter().map(Instruction::ip).collect();
+            for w in insns.windows(2) {
+                let (set, br) = (&w[0], &w[1]);
+                let indirect = matches!(br.code(), Code::Jmp_rm32 | Code::Call_rm32 | Code::Retnd);
+                let imm = match set.code() {
+                    Code::Mov_r32_imm32 | Code::Mov_rm32_imm32 | Code::Pushd_imm32 => u64::from(set.immediate32()),
+                    _ => continue,
+                };
+                let feeds = match br.code() {
+                    Code::Retnd => set.code() == Code::Pushd_imm32,
+                    _ if br.op0_kind() == OpKind::Register => set.op0_register() == br.op0_register(),
+                    _ => set.code() == Code::Mov_rm32_imm32 && has_memory(br),
+                };
+                if indirect && feeds {
+                    assert!(
+                        starts.contains(&imm) && imm > br.ip(),
+                        "block {n}: {br} at {:#x} goes to {imm:#x}, not a later instruction:\n{}",
+                        br.ip(),
+                        disassemble(&b.code, ip)
+                    );
+                }
+            }
+            for i in &insns {
+                seen.extend(forms(i));
+            }
+        }
+        let want = [
+            "lea a16",
+            "fs a16",
+            "gs a16",
+            "fs a32",
+            "gs a32",
+            "string fs/gs a16",
+            "string fs/gs a32",
+            "jmp reg",
+            "jmp mem",
+            "call reg",
+            "call mem",
+            "call rel32",
+            "ret",
+            "ret 4",
+            "fninit",
+            "fadd mem",
+            "fmul mem",
+            "fdiv mem",
+            "fld mem",
+            "fstp mem",
+            "fcomip",
+            "fnstsw ax",
+            "x87 fs/gs",
+        ];
+        for w in want {
+            assert!(seen.contains(w), "never generated: {w} (seen {seen:?})");
+        }
+    }
+
+    /// Segment operands land in their segment, aligned, whatever the
+    /// addressing: the effective address computed from the setup's
+    /// register values and the decoded operand.
+    #[test]
+    fn segment_operands_land_in_their_segment() {
+        let data = bytes(0x31337, 1 << 20);
+        let mut u = Unstructured::new(&data);
+        let (mut n16, mut n32) = (0, 0);
+        for _ in 0..5000 {
+            let size = *u.choose(&[1u32, 2, 4, 8, 10]).unwrap();
+            let o = seg_operand(&mut u, size, true, None).unwrap();
+            let mut regs = std::collections::HashMap::new();
+            regs.insert(Register::EBP, EBP_VALUE);
+            for s in &o.setup {
+                regs.insert(s.op0_register(), s.immediate32());
+            }
+            let mut e = Encoder::new(32);
+            e.encode(&Instruction::with2(Code::Mov_r32_rm32, Register::EAX, o.mem).unwrap(), 0).unwrap();
+            let buf = e.take_buffer();
+            let i = Decoder::new(32, &buf, DecoderOptions::NONE).decode();
+            let val = |r: Register| if r == Register::None { 0 } else { regs[&r.full_register32()] };
+            let ea = if a16(&i) {
+                n16 += 1;
+                (val(i.memory_base()).wrapping_add(val(i.memory_index())).wrapping_add(i.memory_displacement32()))
+                    & 0xFFFF
+            } else {
+                n32 += 1;
+                val(i.memory_base())
+                    .wrapping_add(val(i.memory_index()).wrapping_mul(i.memory_index_scale()))
+                    .wrapping_add(i.memory_displacement32())
+            };
+            let &(_, _, limit) = SEGMENTS.iter().find(|s| s.0 == i.segment_prefix()).unwrap();
+            assert!(ea + size - 1 <= limit, "{i}: EA {ea:#x} + {size} beyond {limit:#x}");
+            assert_eq!(ea % size.next_power_of_two().min(16), 0, "{i}: EA {ea:#x} misaligned");
+            assert_eq!(o.restore.is_empty(), o.setup.iter().all(|s| s.op0_register() != Register::EBP));
+        }
+        assert!(n16 > 1000 && n32 > 1000, "{n16} 16-bit, {n32} 32-bit");
+    }
 }
