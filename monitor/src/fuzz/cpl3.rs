@@ -28,6 +28,41 @@
 //! registers (direct execution shows the host LDT's shadow selectors,
 //! docs/translator.md), CPUID and RDTSC (direct execution reaches the host
 //! CPU), and anything touching memory outside the data and stack pages.
+//!
+//! Beyond the first version's instructions ([`plain`]), the generator
+//! makes (each idiom one piece, which a Jcc skips whole):
+//!
+//! - **FS/GS operands** ([`segment_op`], [`segment_string`]). The guest's
+//!   GDT has two more DPL-3 data segments, FS based at the data page (limit
+//!   0xFFF) and GS at its middle (limit 0x7FF), which the kernel loads
+//!   before each block ([`SEGMENTS`]); user code never loads or reads a
+//!   segment register. Operands in 32-bit addressing (absolute,
+//!   base+disp, base+index*scale+disp, the registers loaded just before
+//!   with values whose 32-bit sum wraps to the target) and in 16-bit
+//!   addressing (0x67: the eight forms, with no, 8- or 16-bit
+//!   displacement, and disp16 alone; random high register halves, sums
+//!   that wrap at 64 KiB). String instructions with an FS/GS source:
+//!   MOVS, LODS, CMPS (32-bit), LODS with SI and a CX count (16-bit).
+//! - **16-bit addressing without an override only in LEA.** DS, ES and
+//!   SS are flat (base 0), so a 16-bit effective address through them is
+//!   below 64 KiB, never in the data or stack pages, and basing DS or SS
+//!   at the data page would move every other operand. 16-bit MOVS, CMPS,
+//!   STOS and SCAS (destination ES:DI) are left out for that reason.
+//! - **Indirect branches and local calls** ([`branch`]): JMP reg, JMP
+//!   [mem] (through EBP, FS or GS) and PUSH imm32 + RET forward to a label
+//!   later in the piece, over INT3s that never run; CALL rel32, CALL reg
+//!   or CALL [mem] to a short body of first-version arithmetic that ends
+//!   in RET (or RET 4 after a PUSH), jumped over after the return. The
+//!   addresses are patched in once the piece's place in the block is
+//!   known ([`Piece::relocs`]).
+//! - **x87 arithmetic** ([`x87`]): FNINIT, a load, one to three
+//!   operations with 32/64-bit float and 32-bit integer memory operands
+//!   (EBP, FS, GS; 16- or 32-bit addressing), unary ones, FCOMIP (flags),
+//!   maybe a translator exit in the middle, a store into the hashed data
+//!   page, maybe FNSTSW AX.
+//!
+//! Every access stays aligned to its size, as in the first version
+//! (misaligned accesses with EFLAGS.AC set are not tried yet).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -267,6 +302,8 @@ struct Idiom {
     abs: Vec<(usize, usize)>,
     /// Per label, the index of the instruction it stands before.
     labels: Vec<usize>,
+    /// Which generator made it, for `--verbose-outcomes` (None: the first).
+    kind: Option<&'static str>,
 }
 
 impl From<Vec<Instruction>> for Idiom {
@@ -283,6 +320,20 @@ impl Idiom {
 
     fn extend(&mut self, is: impl IntoIterator<Item = Instruction>) {
         self.insns.extend(is);
+    }
+
+    fn kind(self, kind: &'static str) -> Idiom {
+        Idiom { kind: Some(kind), ..self }
+    }
+
+    /// Whether an instruction uses 16-bit addressing.
+    fn a16(&self) -> bool {
+        self.insns.iter().any(|i| {
+            (0..i.op_count()).any(|k| i.op_kind(k) == iced_x86::OpKind::Memory)
+                && (i.memory_base().size() == 2
+                    || i.memory_index().size() == 2
+                    || (i.memory_base() == Register::None && i.memory_displ_size() == 2))
+        })
     }
 
     fn label(&mut self) -> usize {
@@ -372,10 +423,10 @@ fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
             Ok(d)
         }
         a @ 0..=24 => plain(u, a).map(Idiom::from),
-        25 | 26 => segment_op(u),
-        27 => segment_string(u),
-        28 | 29 => branch(u),
-        _ => x87(u),
+        25 | 26 => segment_op(u).map(|d| d.kind("cpl3 piece: FS/GS operand or 16-bit LEA")),
+        27 => segment_string(u).map(|d| d.kind("cpl3 piece: FS/GS string instruction")),
+        28 | 29 => branch(u).map(|d| d.kind("cpl3 piece: indirect branch or local call")),
+        _ => x87(u).map(|d| d.kind("cpl3 piece: x87 arithmetic")),
     }
 }
 
@@ -772,6 +823,12 @@ pub fn block(u: &mut Unstructured<'_>, ip: u32) -> arbitrary::Result<Block> {
             break;
         }
         len += piece.bytes.len();
+        if let Some(k) = idiom.kind {
+            super::note(k);
+        }
+        if idiom.a16() {
+            super::note("cpl3 piece: 16-bit addressing");
+        }
         pieces.push(piece);
         states.push(defined);
         defined = st;
