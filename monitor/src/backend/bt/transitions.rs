@@ -255,6 +255,7 @@ impl BtBackend {
         // From CPL 3 the kernel is reached by an INT, which clears NT.
         next.kiret_ok = u32::from(
             self.transitions.kernel.is_some_and(|k| self.engine.table_context(0) == Some(k.ctx))
+                && self.retry.is_none()
                 && in_gdt(next.int_cs_off)
                 && (c.cpl == 3 || c.eflags & flags::NT == 0),
         );
