@@ -939,8 +939,7 @@ impl Emitter {
         self.mark(eip, true, false, true);
         self.save_for_checks();
         self.mark(eip, true, false, false);
-        x86!(self.asm; gs cmp DWORD [trans::INT_OK as i32], 0);
-        misses.push(self.near_jcc(0x4)); // je
+        self.miss_unless_allowed(trans::INT_OK, &mut misses);
         x86!(self.asm
             ; gs mov eax, DWORD [gate]
             ; gs mov edx, DWORD [gate + 4]
@@ -1081,18 +1080,9 @@ impl Emitter {
         let to_user = self.near_jcc(0x5); // jnz
         self.iret_to_kernel(eip, &mut misses);
         self.bind_near(to_user);
-        x86!(self.asm; gs cmp DWORD [trans::IRET_OK as i32], 0);
-        misses.push(self.near_jcc(0x4)); // je
-        x86!(self.asm
-            ; gs movzx ecx, WORD [FRAME + 4]
-            ; gs cmp ecx, DWORD [trans::USER_CS_SEL as i32]
-        );
-        misses.push(self.near_jcc(0x5));
-        x86!(self.asm
-            ; gs movzx ecx, WORD [FRAME + 16]
-            ; gs cmp ecx, DWORD [trans::USER_SS_SEL as i32]
-        );
-        misses.push(self.near_jcc(0x5));
+        self.miss_unless_allowed(trans::IRET_OK, &mut misses);
+        self.miss_unless_frame_selector(4, trans::USER_CS_SEL, &mut misses);
+        self.miss_unless_frame_selector(16, trans::USER_SS_SEL, &mut misses);
         self.live_gdt_equals(trans::USER_CS_OFF, trans::USER_CS_DESC, &mut misses);
         self.live_gdt_equals(trans::USER_SS_OFF, trans::USER_SS_DESC, &mut misses);
         x86!(self.asm
@@ -1162,14 +1152,9 @@ impl Emitter {
     /// pending when IF becomes set. Virtual IF and IOPL from the frame, the
     /// rest by POPFD, ESP past the three dwords, through the CPL 0 table.
     fn iret_to_kernel(&mut self, eip: u32, misses: &mut Vec<NearFixup>) {
-        x86!(self.asm; gs cmp DWORD [trans::KIRET_OK as i32], 0);
-        misses.push(self.near_jcc(0x4)); // je
-        x86!(self.asm
-            ; gs movzx ecx, WORD [FRAME + 4]
-            ; gs cmp ecx, DWORD [trans::INT_CS_SEL as i32]
-        );
-        misses.push(self.near_jcc(0x5));
-        x86!(self.asm; gs cmp ecx, DWORD [GUEST_SEL + 4]);
+        self.miss_unless_allowed(trans::KIRET_OK, misses);
+        self.miss_unless_frame_selector(4, trans::INT_CS_SEL, misses);
+        x86!(self.asm; gs cmp DWORD [GUEST_SEL + 4], ecx);
         misses.push(self.near_jcc(0x5));
         self.live_gdt_equals(trans::INT_CS_OFF, trans::INT_CS_DESC, misses);
         x86!(self.asm
@@ -1196,6 +1181,24 @@ impl Emitter {
             ; gs mov ecx, DWORD [FRAME]
         );
         self.dispatch_to(eip, LOOKUP_TABLE);
+    }
+
+    /// A miss unless the transition page's enable word at `word` is set.
+    fn miss_unless_allowed(&mut self, word: u32, misses: &mut Vec<NearFixup>) {
+        let word = word as i32;
+        x86!(self.asm; gs cmp DWORD [word], 0);
+        misses.push(self.near_jcc(0x4)); // je
+    }
+
+    /// A miss unless the selector at `frame[off]` (its low 16 bits, left
+    /// in ECX) is the transition page's selector at `sel`.
+    fn miss_unless_frame_selector(&mut self, off: i32, sel: u32, misses: &mut Vec<NearFixup>) {
+        let sel = sel as i32;
+        x86!(self.asm
+            ; gs movzx ecx, WORD [FRAME + off]
+            ; gs cmp ecx, DWORD [sel]
+        );
+        misses.push(self.near_jcc(0x5)); // jne
     }
 
     /// The miss path of an inline transition: registers and flags back,

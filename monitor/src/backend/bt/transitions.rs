@@ -180,6 +180,13 @@ fn user_gate(gate: u64) -> Option<u16> {
     gate_selector(gate).filter(|_| dpl == 3)
 }
 
+/// A loaded segment's descriptor as the two dwords the TC compares with
+/// the live GDT entry.
+fn desc_words(r: &SegReg) -> [u32; 2] {
+    let v = r.cache.to_u64();
+    [v as u32, (v >> 32) as u32]
+}
+
 /// The kernel side's code segment: 32-bit, present, DPL 0, not conforming.
 fn kernel_code(d: &Descriptor) -> bool {
     d.is_code() && d.present && d.dpl == 0 && d.db && !d.is_conforming_code()
@@ -379,16 +386,12 @@ impl BtBackend {
             }
         }
         let host_ss = self.shadows.shadow(&mut self.host, k.ss, false, false)?;
-        let d = |r: &SegReg| {
-            let v = r.cache.to_u64();
-            [v as u32, (v >> 32) as u32]
-        };
         next.int_cs_sel = u32::from(k.cs.selector);
         next.int_cs_off = u32::from(k.cs.selector & !7);
-        next.int_cs_desc = d(&k.cs);
+        next.int_cs_desc = desc_words(&k.cs);
         next.int_ss_sel = u32::from(k.ss.selector);
         next.int_ss_off = u32::from(k.ss.selector & !7);
-        next.int_ss_desc = d(&k.ss);
+        next.int_ss_desc = desc_words(&k.ss);
         next.int_ss_host = u32::from(host_ss);
         Ok(())
     }
@@ -408,17 +411,13 @@ impl BtBackend {
             return Ok(());
         }
         let host_ss = self.shadows.shadow(&mut self.host, ss, false, true)?;
-        let d = |r: &SegReg| {
-            let v = r.cache.to_u64();
-            [v as u32, (v >> 32) as u32]
-        };
         self.transitions.user = Some(Side::new(cs, ss, 3));
         next.user_cs_sel = u32::from(cs.selector);
         next.user_cs_off = u32::from(cs.selector & !7);
-        next.user_cs_desc = d(&cs);
+        next.user_cs_desc = desc_words(&cs);
         next.user_ss_sel = u32::from(ss.selector);
         next.user_ss_off = u32::from(ss.selector & !7);
-        next.user_ss_desc = d(&ss);
+        next.user_ss_desc = desc_words(&ss);
         next.user_ss_host = u32::from(host_ss);
         Ok(())
     }
