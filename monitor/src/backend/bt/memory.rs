@@ -160,6 +160,37 @@ impl Guest {
         Code { mmu: &mut self.mmu, mem: &self.mem, user }
     }
 
+    /// Maps the guest frames behind the `frames.len()` linear pages from
+    /// page `linear` read-only at VMM-area offset `alias` and on (the GDT,
+    /// IDT and TSS aliases), each only when its frame changed (`frames`
+    /// remembers what is mapped). Returns false, mapping nothing, when a
+    /// page does not translate to guest RAM.
+    pub fn map_alias(
+        &mut self,
+        linear: u32,
+        alias: u32,
+        frames: &mut [Option<u64>],
+    ) -> Result<bool, crate::host::HostError> {
+        let size = self.mem.size();
+        let mut gpas = [0u64; 2];
+        let gpas = &mut gpas[..frames.len()];
+        for (k, gpa) in gpas.iter_mut().enumerate() {
+            let lin = (linear & !0xFFF).wrapping_add(k as u32 * 0x1000);
+            let access = shadow_mmu::Access { write: false, user: false, fetch: false };
+            match self.mmu.probe(&mut Phys(&self.mem), lin, access) {
+                Ok(t) if t.gpa.saturating_add(0x1000) <= size => *gpa = t.gpa & !0xFFF,
+                _ => return Ok(false),
+            }
+        }
+        for (k, gpa) in gpas.iter().enumerate() {
+            if frames[k] != Some(*gpa) {
+                self.window.map_vmm_page(alias + k as u32 * 0x1000, &self.mem, *gpa)?;
+                frames[k] = Some(*gpa);
+            }
+        }
+        Ok(true)
+    }
+
     /// The MMU with its page walker's memory and its mapper.
     pub fn paging(&mut self) -> (&mut ShadowMmu, Phys<'_>, WindowMapper<'_>) {
         (&mut self.mmu, Phys(&self.mem), WindowMapper { window: self.window, mem: &self.mem })

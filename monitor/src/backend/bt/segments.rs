@@ -320,25 +320,10 @@ impl SegCache {
         let max = area::SEG_CACHE_ENTRIES * 8;
         let mut end = if cpu.protected_mode() { ((u32::from(cpu.gdtr.limit) + 1) & !7).min(max) } else { 0 };
         let base = cpu.gdtr.base;
-        let pages = if end == 0 { 0 } else { 1 + ((base & 0xFFF) + end - 1) / 0x1000 };
-        let mut gpas = [0u64; area::GDT_ALIAS_PAGES as usize];
-        let size = guest.mem.size();
-        let (mmu, mut phys, _) = guest.paging();
-        for (k, gpa) in gpas.iter_mut().enumerate().take(pages as usize) {
-            let lin = (base & !0xFFF).wrapping_add(k as u32 * 0x1000);
-            let access = shadow_mmu::Access { write: false, user: false, fetch: false };
-            match mmu.probe(&mut phys, lin, access) {
-                Ok(t) if t.gpa.saturating_add(0x1000) <= size => *gpa = t.gpa & !0xFFF,
-                _ => end = 0,
-            }
-        }
         if end != 0 {
-            for (k, gpa) in gpas.iter().enumerate().take(pages as usize) {
-                if self.frames[k] != Some(*gpa) {
-                    let off = area::GDT_ALIAS + k as u32 * 0x1000;
-                    guest.window.map_vmm_page(off, &guest.mem, *gpa).map_err(failed)?;
-                    self.frames[k] = Some(*gpa);
-                }
+            let pages = 1 + ((base & 0xFFF) + end - 1) / 0x1000;
+            if !guest.map_alias(base, area::GDT_ALIAS, &mut self.frames[..pages as usize]).map_err(failed)? {
+                end = 0;
             }
         }
         self.alias.write_u32(page::GDT_LIVE, area::GDT_ALIAS + (base & 0xFFF));

@@ -287,37 +287,19 @@ impl BtBackend {
         let tss = c.tr.cache;
         let tss_ok = c.tr.selector & !3 != 0 && tss.present && !tss.s && tss.typ & 0x9 == 0x9 && tss.limit >= 11;
         let esp0 = tss.base.wrapping_add(4);
-        let size = self.guest.mem.size();
-        let frame = |lin: u32, guest: &mut super::memory::Guest| {
-            let (mmu, mut phys, _) = guest.paging();
-            let access = shadow_mmu::Access { write: false, user: false, fetch: false };
-            mmu.probe(&mut phys, lin, access).ok().map(|t| t.gpa & !0xFFF).filter(|g| g + 0x1000 <= size)
-        };
         next.idt_live = 0;
         if idt_len >= 8 {
-            let pages = 1 + ((idt_base & 0xFFF) + idt_len - 1) / 0x1000;
-            let frames: Vec<Option<u64>> =
-                (0..pages).map(|k| frame((idt_base & !0xFFF).wrapping_add(k * 0x1000), &mut self.guest)).collect();
-            if frames.iter().all(Option::is_some) {
-                for (k, gpa) in frames.iter().enumerate() {
-                    let gpa = gpa.expect("checked");
-                    if self.transitions.idt_frames[k] != Some(gpa) {
-                        let off = area::IDT_ALIAS + k as u32 * 0x1000;
-                        self.guest.window.map_vmm_page(off, &self.guest.mem, gpa).map_err(failed)?;
-                        self.transitions.idt_frames[k] = Some(gpa);
-                    }
-                }
+            let pages = (1 + ((idt_base & 0xFFF) + idt_len - 1) / 0x1000) as usize;
+            let frames = &mut self.transitions.idt_frames[..pages];
+            if self.guest.map_alias(idt_base, area::IDT_ALIAS, frames).map_err(failed)? {
                 next.idt_live = area::IDT_ALIAS + (idt_base & 0xFFF);
             }
         }
         next.tss_live = 0;
         // ESP0 and SS0 in one page.
         if tss_ok && esp0 & 0xFFF <= 0x1000 - 6 {
-            if let Some(gpa) = frame(esp0 & !0xFFF, &mut self.guest) {
-                if self.transitions.tss_frame != Some(gpa) {
-                    self.guest.window.map_vmm_page(area::TSS_ALIAS, &self.guest.mem, gpa).map_err(failed)?;
-                    self.transitions.tss_frame = Some(gpa);
-                }
+            let frames = std::slice::from_mut(&mut self.transitions.tss_frame);
+            if self.guest.map_alias(esp0, area::TSS_ALIAS, frames).map_err(failed)? {
                 next.tss_live = area::TSS_ALIAS + (esp0 & 0xFFF);
             }
         }
