@@ -14,7 +14,7 @@ use crate::stats::Stats;
 use crate::vmm_area::{self, VmmAreaView, LOOKUP_ENTRIES, SCRATCH_ECX, TC};
 use crate::{BlockKey, Config, EngineError, KeyContext};
 use iced_x86::{Instruction, Register};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 /// TC bytes kept at the end for the capped block of the counting mode.
 const CAPPED_SLOT: u32 = 16 * 1024;
@@ -103,6 +103,9 @@ pub struct Engine {
     by_page: FxHashMap<u64, Vec<u32>>,
     /// CPL 3 blocks by linear page (revalidated on every address-space switch).
     user_pages: FxHashMap<u32, Vec<u32>>,
+    /// The other blocks by linear page: a paging change (a CR4.PGE toggle,
+    /// Linux's global TLB flush) walks each page once instead of each block.
+    kernel_pages: FxHashMap<u32, Vec<u32>>,
     /// User blocks parked by a MOV CR3 or INVLPG that mapped their pages
     /// elsewhere (or nowhere): unreachable (no chain into them, no lookup
     /// entry, not under their key) but kept, so an address space that maps
@@ -177,6 +180,7 @@ impl Engine {
             by_tc: Vec::new(),
             by_page: FxHashMap::default(),
             user_pages: FxHashMap::default(),
+            kernel_pages: FxHashMap::default(),
             parked: FxHashMap::default(),
             new_pages: BTreeSet::new(),
             tables: [LookupTable::new(vmm_area::LOOKUP_TABLE), LookupTable::new(vmm_area::LOOKUP_TABLE_USER)],
@@ -480,7 +484,16 @@ impl Engine {
     /// Drops blocks whose linear pages no longer map to the physical pages
     /// they were decoded from (call after MOV CR3 / INVLPG of code pages).
     pub fn revalidate_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
-        self.revalidate_all(code)
+        let mut stale = moved_blocks(&self.blocks, &self.user_pages, code);
+        stale.extend(moved_blocks(&self.blocks, &self.kernel_pages, code));
+        stale.sort_unstable();
+        stale.dedup();
+        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
+        if !keys.is_empty() {
+            self.stats.invalidations += 1;
+            self.stats.blocks_invalidated += keys.len() as u64;
+        }
+        keys
     }
 
     /// [`Engine::revalidate_mappings`] for the blocks translated for CPL 3
@@ -490,18 +503,7 @@ impl Engine {
     pub fn revalidate_user_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
         // Through the index of CPL 3 blocks by linear page: every MOV CR3
         // comes here, and walking all blocks cost more than the switch.
-        let mut stale = Vec::new();
-        for (&linear, ids) in &self.user_pages {
-            let now = code.phys_page(linear);
-            for &id in ids {
-                let moved = self.blocks[id as usize]
-                    .as_ref()
-                    .is_some_and(|b| b.pages.iter().any(|p| p.linear == linear && Some(p.phys) != now));
-                if moved {
-                    stale.push(id);
-                }
-            }
-        }
+        let mut stale = moved_blocks(&self.blocks, &self.user_pages, code);
         stale.sort_unstable();
         stale.dedup();
         self.park_all(stale)
@@ -536,28 +538,6 @@ impl Engine {
         self.park_all(stale)
     }
 
-    fn revalidate_all(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
-        let mut walked: HashMap<u32, Option<u64>> = HashMap::new();
-        let stale: Vec<u32> = self
-            .blocks
-            .iter()
-            .enumerate()
-            .filter_map(|(id, b)| b.as_ref().map(|b| (id, b)))
-            .filter(|(_, b)| {
-                b.pages
-                    .iter()
-                    .any(|p| *walked.entry(p.linear).or_insert_with(|| code.phys_page(p.linear)) != Some(p.phys))
-            })
-            .map(|(id, _)| id as u32)
-            .collect();
-        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.drop_block(id)).collect();
-        if !keys.is_empty() {
-            self.stats.invalidations += 1;
-            self.stats.blocks_invalidated += keys.len() as u64;
-        }
-        keys
-    }
-
     /// Guest-physical pages that hold translated code now: the monitor
     /// write-protects them in every shadow mapping.
     pub fn code_pages(&self) -> Vec<u64> {
@@ -583,6 +563,7 @@ impl Engine {
         self.by_tc.clear();
         self.by_page.clear();
         self.user_pages.clear();
+        self.kernel_pages.clear();
         self.new_pages.clear();
         self.clear_table(0);
         self.clear_table(1);
@@ -818,9 +799,8 @@ impl Engine {
                 self.new_pages.insert(p.phys);
             }
             list.push(id);
-            if key.cpl == 3 {
-                self.user_pages.entry(p.linear).or_default().push(id);
-            }
+            let by_linear = if key.cpl == 3 { &mut self.user_pages } else { &mut self.kernel_pages };
+            by_linear.entry(p.linear).or_default().push(id);
         }
     }
 
@@ -912,9 +892,8 @@ impl Engine {
         remove_id(&mut self.parked, b.key, id);
         for p in &b.pages {
             remove_id(&mut self.by_page, p.phys, id);
-            if b.key.cpl == 3 {
-                remove_id(&mut self.user_pages, p.linear, id);
-            }
+            let by_linear = if b.key.cpl == 3 { &mut self.user_pages } else { &mut self.kernel_pages };
+            remove_id(by_linear, p.linear, id);
         }
         Some(b.key)
     }
@@ -1009,6 +988,24 @@ fn guest_records(decoded: &DecodedBlock, mangled: &MangledBlock, e: &Emitted, st
 }
 
 /// Removes `id` from the list of `key` in an index, and the list once empty.
+/// The blocks of `index` (linear page -> blocks) whose code on that page
+/// is no longer the frame it was decoded from: each page walked once.
+fn moved_blocks(blocks: &[Option<Block>], index: &FxHashMap<u32, Vec<u32>>, code: &mut dyn GuestCode) -> Vec<u32> {
+    let mut stale = Vec::new();
+    for (&linear, ids) in index {
+        let now = code.phys_page(linear);
+        for &id in ids {
+            let moved = blocks[id as usize]
+                .as_ref()
+                .is_some_and(|b| b.pages.iter().any(|p| p.linear == linear && Some(p.phys) != now));
+            if moved {
+                stale.push(id);
+            }
+        }
+    }
+    stale
+}
+
 fn remove_id<K: std::hash::Hash + Eq>(index: &mut FxHashMap<K, Vec<u32>>, key: K, id: u32) {
     if let Some(list) = index.get_mut(&key) {
         list.retain(|&x| x != id);

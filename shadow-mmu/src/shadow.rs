@@ -15,7 +15,9 @@ struct FrameHasher(u64);
 
 impl Hasher for FrameHasher {
     fn finish(&self) -> u64 {
-        self.0
+        // Page-aligned keys leave the product's low bits zero, and those
+        // are std's bucket index: the high bits go low (engine::fxhash).
+        self.0.rotate_left(26)
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
@@ -944,6 +946,11 @@ impl ShadowMmu {
             // Identity: no translation depends on CR3.
             return Ok(());
         }
+        if !new.pge() && self.entries.len() > self.nonglobal.len() {
+            // Global shadows kept by a CR4.PGE clear ([`ShadowMmu::resync`]):
+            // without PGE no page survives a MOV CR3.
+            self.drop_where(mapper, 0..=u32::MAX, |_, e| e.global)?;
+        }
         // 1. The shadows in force, region by region.
         let regions = std::mem::take(&mut self.regions);
         let mut victims = Vec::new();
@@ -1317,15 +1324,79 @@ impl ShadowMmu {
         self.apply(mem, mapper, PagingRegs { cr0: value, ..self.regs }, changed, true)
     }
 
-    /// MOV CR4: a change of PSE, PGE or PAE drops every shadow, globals too.
+    /// MOV CR4: a change of PSE or PAE drops every shadow, globals too. A
+    /// change of PGE alone flushes the TLB, globals included, but keeps the
+    /// page-table format: shadows the tables still map identically stay
+    /// ([`ShadowMmu::resync`]). Linux flushes global pages that way, CR4.PGE
+    /// off and on again, whenever no INVPCID is offered (vmalloc purges,
+    /// module loads: ~460 pairs in a Debian boot, each a full flush and the
+    /// refaults after it before).
     pub fn set_cr4<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(
         &mut self,
         mem: &M,
         mapper: &mut H,
         value: u32,
     ) -> Result<(), MmuError> {
-        let changed = (self.regs.cr4 ^ value) & (cr4::PSE | cr4::PGE | cr4::PAE) != 0;
-        self.apply(mem, mapper, PagingRegs { cr4: value, ..self.regs }, changed, true)
+        let diff = self.regs.cr4 ^ value;
+        let changed = diff & (cr4::PSE | cr4::PAE) != 0;
+        let new = PagingRegs { cr4: value, ..self.regs };
+        if !changed && diff & cr4::PGE != 0 {
+            if new.mode() == PagingMode::Pae {
+                // A PGE change reloads the PDPTEs like a MOV CR3 (SDM 4.4.1).
+                self.pdptes = load_pdptes(mem, new.cr3)?;
+            }
+            self.regs = new;
+            return self.resync(mem, mapper);
+        }
+        self.apply(mem, mapper, new, changed, true)
+    }
+
+    /// A flush of the whole TLB that keeps every shadow in force the tables
+    /// still map identically: dropping and refaulting it would map the same
+    /// thing and set no A/D bit, so keeping it is indistinguishable. A
+    /// shadow marked global stays marked while its leaf has G (which is what
+    /// the flag records without PGE too); [`ShadowMmu::set_cr3`] drops the
+    /// marked ones while PGE is clear. Parked shadows are checked when they
+    /// come back, as always.
+    fn resync<M: PhysMem + ?Sized, H: HostMapper + ?Sized>(&mut self, mem: &M, mapper: &mut H) -> Result<(), MmuError> {
+        self.stats.global_resyncs += 1;
+        if self.regs.mode() == PagingMode::Off {
+            return Ok(());
+        }
+        let mut dir = None;
+        let mut victims = Vec::new();
+        let mut demoted = Vec::new();
+        for (&gva, e) in &self.entries {
+            if self.is_parked(gva, e) {
+                continue;
+            }
+            // The flag as a walk would set it now, with G's meaning under PGE.
+            if self.still_maps(mem, gva, e, &mut dir) {
+                continue;
+            }
+            let flipped = ShadowEntry { global: !e.global, ..*e };
+            if e.guest_size == PageSize::Size4K && self.still_maps(mem, gva, &flipped, &mut dir) {
+                // Only G (or PGE) differs: a page that became global stays
+                // checked at MOV CR3 like before; one whose leaf lost G
+                // must be checked from now on. Without PGE, a walk reports
+                // no global page: the flag stays (set_cr3 minds it).
+                if e.global && self.regs.pge() {
+                    demoted.push((gva, flipped));
+                }
+                continue;
+            }
+            victims.push(gva);
+        }
+        self.stats.global_resync_dropped_pages += victims.len() as u64;
+        let spans = runs(&victims).into_iter().map(|(s, l)| (s, s + (l - 1))).collect();
+        self.drop_victims(mapper, spans, victims)?;
+        for (gva, e) in demoted {
+            self.put(gva, e);
+            if let Some((_, pde)) = directory_entry(mem, &self.regs, &self.pdptes, gva) {
+                self.note_run(gva, std::slice::from_ref(&e), dir_key(pde));
+            }
+        }
+        Ok(())
     }
 
     /// WRMSR EFER: a change of NXE drops every shadow (host exec rights

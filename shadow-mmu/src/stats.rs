@@ -60,8 +60,12 @@ pub struct Stats {
     /// INVLPGs whose shadows stayed because the tables still map them
     /// identically (one per small page or per large page).
     pub invlpg_kept: u64,
-    /// Full flushes (CR0/CR4/EFER changes, `flush_all`, CR3 without PGE).
+    /// Full flushes (CR0/CR4/EFER changes, `flush_all`).
     pub flushes: u64,
+    /// CR4.PGE changes: TLB flushes that kept what still maps identically.
+    pub global_resyncs: u64,
+    /// Shadows such a flush dropped (their tables changed).
+    pub global_resync_dropped_pages: u64,
     pub code_pages_protected: u64,
     pub code_pages_unprotected: u64,
     /// Switches to CPL 3 that unmapped supervisor-only pages (isolation).
@@ -82,7 +86,7 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 33] {
+    pub fn counters(&self) -> [(&'static str, u64); 35] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
@@ -113,6 +117,8 @@ impl Stats {
             ("shadow/tlb/parked_evicted_pages", self.parked_evicted_pages),
             ("shadow/tlb/invlpg_kept", self.invlpg_kept),
             ("shadow/tlb/flush", self.flushes),
+            ("shadow/tlb/global_resync", self.global_resyncs),
+            ("shadow/tlb/global_resync_dropped_pages", self.global_resync_dropped_pages),
             ("shadow/code/protected", self.code_pages_protected),
             ("shadow/code/unprotected", self.code_pages_unprotected),
             ("shadow/isolation/unmaps", self.isolation_unmaps),

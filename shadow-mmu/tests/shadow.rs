@@ -185,15 +185,65 @@ fn global_pages_survive_cr3_only_with_pge() {
         assert_eq!(v.mmu.entry(0xC000_0000).is_some(), pge, "pge={pge}");
         assert_eq!(v.mmu.entry(0x0800_0000), None);
         if pge {
-            // INVLPG drops globals; so does toggling CR4.PGE.
+            // INVLPG drops a global page whose entry changed.
+            let g = q.pte_addr(&mut v.mem, 0xC000_0000);
+            v.mem.set_u32(g, 0x30_2000 | (pte::RW | pte::G | AD | pte::P) as u32);
             v.invlpg(0xC000_0000);
             assert_eq!(v.mmu.entry(0xC000_0000), None);
             v.fault(0xC000_0000, Access::read());
-            v.mmu.set_cr4(&v.mem, &mut v.win, 0).unwrap();
-            assert_eq!(v.mmu.mapped_pages(), 0);
-            assert_eq!(v.mmu.stats().flushes, 3, "CR4 and CR0 at set-up, CR4.PGE here");
+            assert_eq!(v.win.at(0xC000_0000).unwrap().0, 0x30_2000);
         }
     }
+}
+
+#[test]
+fn toggling_pge_flushes_what_changed_and_keeps_the_rest() {
+    let (mut v, mut p) = vm32(MmuConfig { batch_small: 4096, ..MmuConfig::default() }, cr4::PGE);
+    p.map_4k(&mut v.mem, 0xC000_0000, 0x20_0000, pte::RW | pte::G | AD);
+    p.map_4k(&mut v.mem, 0xC000_1000, 0x20_1000, pte::RW | pte::G | AD);
+    p.map_4k(&mut v.mem, 0x0800_0000, 0x20_2000, RW_US | AD);
+    for gva in [0xC000_0000, 0xC000_1000, 0x0800_0000] {
+        v.fault(gva, Access::read());
+    }
+    let (flushes, resyncs) = (v.mmu.stats().flushes, v.mmu.stats().global_resyncs);
+    // The guest remaps one kernel page without INVLPG, then flushes the
+    // whole TLB the way Linux does without INVPCID: PGE off and on.
+    let changed = p.pte_addr(&mut v.mem, 0xC000_1000);
+    v.mem.set_u32(changed, 0x20_5000 | (pte::RW | pte::G | AD | pte::P) as u32);
+    let unmaps = v.win.unmap_calls();
+    v.mmu.set_cr4(&v.mem, &mut v.win, 0).unwrap();
+    assert_eq!(v.mmu.entry(0xC000_1000), None, "the flush must not keep a stale translation");
+    assert_eq!(v.win.at(0xC000_1000), None);
+    assert_eq!(v.win.unmap_calls() - unmaps, 1);
+    assert!(v.mmu.entry(0xC000_0000).is_some() && v.mmu.entry(0x0800_0000).is_some(), "unchanged pages stay");
+    v.mmu.set_cr4(&v.mem, &mut v.win, cr4::PGE).unwrap();
+    assert!(v.mmu.entry(0xC000_0000).unwrap().global);
+    assert_eq!(v.mmu.stats().flushes, flushes, "no full flush");
+    assert_eq!(v.mmu.stats().global_resyncs - resyncs, 2);
+    v.win.assert_matches(&v.mmu);
+    // A leaf that lost G: the next address space switch checks it.
+    let g = p.pte_addr(&mut v.mem, 0xC000_0000);
+    v.mem.set_u32(g, 0x20_0000 | (pte::RW | AD | pte::P) as u32);
+    v.mmu.set_cr4(&v.mem, &mut v.win, 0).unwrap();
+    v.mmu.set_cr4(&v.mem, &mut v.win, cr4::PGE).unwrap();
+    assert!(!v.mmu.entry(0xC000_0000).unwrap().global, "demoted");
+    let mut q = Pager32::new(TABLES + 0x8_0000);
+    q.map_4k(&mut v.mem, 0xC000_0000, 0x30_0000, pte::RW | AD);
+    v.set_cr3(q.cr3);
+    assert_eq!(v.mmu.entry(0xC000_0000), None, "a non-global page of another address space");
+    // Globals kept across PGE off do not survive a MOV CR3 while it is off.
+    v.set_cr3(p.cr3);
+    v.fault(0xC000_0000, Access::read());
+    let g2 = p.pte_addr(&mut v.mem, 0xC000_0000);
+    v.mem.set_u32(g2, 0x20_0000 | (pte::RW | pte::G | AD | pte::P) as u32);
+    v.invlpg(0xC000_0000);
+    v.fault(0xC000_0000, Access::read());
+    assert!(v.mmu.entry(0xC000_0000).unwrap().global);
+    v.mmu.set_cr4(&v.mem, &mut v.win, 0).unwrap();
+    assert!(v.mmu.entry(0xC000_0000).is_some());
+    v.set_cr3(q.cr3);
+    assert_eq!(v.mmu.entry(0xC000_0000), None, "PGE is off: every page goes at MOV CR3");
+    v.win.assert_matches(&v.mmu);
 }
 
 #[test]
