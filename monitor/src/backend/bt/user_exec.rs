@@ -42,6 +42,9 @@ struct Space {
     parks: u64,
     /// Windows to stay direct after translation churn sent it back.
     penalty: u32,
+    /// The penalty the next churn gets: doubled by each churn, back to
+    /// [`Policy::CHURN_PENALTY`] after a translated window without churn.
+    backoff: u32,
 }
 
 /// What the policy did, for `--stats`.
@@ -93,8 +96,14 @@ impl Policy {
     /// a few dozen blocks each stay translated.
     pub const PARKS_PER_TRANSLATION: u64 = 12;
     /// ... and stays direct for this many windows (fork/exec churn: each
-    /// switch to another process drops the user blocks the space had).
+    /// switch to another process drops the user blocks the space had),
+    /// twice as many after each churn that follows, up to
+    /// [`Self::MAX_PENALTY`]. A Debian boot had address spaces (systemd,
+    /// journald) go translated and back 60 times, each time translating
+    /// their working set again: 2.5 s more than running all user code
+    /// directly, with a fixed penalty.
     const CHURN_PENALTY: u32 = 8;
+    const MAX_PENALTY: u32 = 1024;
     /// At most this many address spaces remembered (a fork storm must not
     /// grow the map without bound); forgotten ones start direct again.
     const MAX_SPACES: usize = 4096;
@@ -230,6 +239,10 @@ impl Policy {
         } else if s.events >= Self::WINDOW {
             let avg = s.cycles as f64 / f64::from(s.events);
             if translated {
+                if !churn {
+                    // A window that paid off: the space earned a fresh start.
+                    s.backoff = Self::CHURN_PENALTY;
+                }
                 avg > to_direct || churn
             } else if s.penalty > 0 {
                 s.penalty -= 1;
@@ -241,7 +254,8 @@ impl Policy {
             return;
         };
         if switch && churn {
-            s.penalty = Self::CHURN_PENALTY;
+            s.penalty = s.backoff.max(Self::CHURN_PENALTY);
+            s.backoff = (s.penalty * 2).min(Self::MAX_PENALTY);
         }
         (s.events, s.cycles, s.translations, s.parks) = (0, 0, 0, 0);
         if switch {
@@ -411,6 +425,37 @@ mod tests {
             p.direct_entry(5, 1);
         }
         assert!(p.translated(5), "translated again after the penalty");
+        // Churn again at once: twice the penalty this time.
+        for _ in 0..Policy::WINDOW {
+            p.user_translations(5, 1);
+            p.inline_entries(5, 1, 5);
+        }
+        assert!(!p.translated(5), "churn sent it back again");
+        for _ in 0..2 * Policy::CHURN_PENALTY * Policy::WINDOW {
+            p.direct_entry(5, 1);
+            assert!(!p.translated(5), "the doubled penalty is served");
+        }
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(5, 1);
+        }
+        assert!(p.translated(5));
+        // A window that pays off resets the backoff.
+        for _ in 0..Policy::WINDOW {
+            p.inline_entries(5, 1, 5);
+        }
+        assert!(p.translated(5));
+        for _ in 0..Policy::WINDOW {
+            p.user_translations(5, 1);
+            p.inline_entries(5, 1, 5);
+        }
+        assert!(!p.translated(5));
+        for _ in 0..Policy::CHURN_PENALTY * Policy::WINDOW {
+            p.direct_entry(5, 1);
+        }
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(5, 1);
+        }
+        assert!(p.translated(5), "the base penalty again");
     }
 
     #[test]
