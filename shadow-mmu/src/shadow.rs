@@ -951,6 +951,15 @@ impl ShadowMmu {
             // without PGE no page survives a MOV CR3.
             self.drop_where(mapper, 0..=u32::MAX, |_, e| e.global)?;
         }
+        // The new address space's working set (mapped again in step 5):
+        // the old shadows at those pages are replaced by that mapping
+        // instead of being unmapped first, and a region holding some is not
+        // parked, since the prefetch would evict it at once (two processes
+        // of one program use the same addresses: a park, an unmap and a map
+        // per region and switch, where one map does).
+        let incoming: BTreeSet<u32> =
+            self.working_sets.get(&cr3).map(|w| w.iter().copied().collect()).unwrap_or_default();
+        let incoming_regions: BTreeSet<u32> = incoming.iter().map(|&p| self.region_of(p)).collect();
         // 1. The shadows in force, region by region.
         let regions = std::mem::take(&mut self.regions);
         let mut victims = Vec::new();
@@ -984,7 +993,7 @@ impl ShadowMmu {
                 }
             }
             let check = self.check_region(mem, base, &r);
-            if check.all_failed && r.key.is_some() && r.key != check.key {
+            if check.all_failed && r.key.is_some() && r.key != check.key && !incoming_regions.contains(&base) {
                 // Another directory entry (or none) here: the address space
                 // these came from may come back.
                 to_park.push((base, r));
@@ -1004,7 +1013,9 @@ impl ShadowMmu {
             }
         }
         let dropped = victims.len();
-        let spans = runs(&victims).into_iter().map(|(s, l)| (s, s + (l - 1))).collect();
+        let (replaced, unmapped): (Vec<u32>, Vec<u32>) = victims.iter().copied().partition(|p| incoming.contains(p));
+        let dropped_replaced = replaced.len();
+        let spans = runs(&unmapped).into_iter().map(|(s, l)| (s, s + (l - 1))).collect();
         self.drop_victims(mapper, spans, victims)?;
         // 2. Park what another address space may want back: one `protect`
         // per span of the region not interrupted by a global shadow.
@@ -1067,6 +1078,13 @@ impl ShadowMmu {
         // between the two halves of one process, which keeps everything:
         // walking the set there would cost more than it saves).
         let prefetched = if dropped + parked_pages > 0 { self.prefetch_working_set(mem, mapper)? } else { 0 };
+        // What the prefetch did not map over still shows the old frame.
+        let stale: Vec<u32> = replaced.into_iter().filter(|p| !self.entries.contains_key(p)).collect();
+        for (start, len) in runs(&stale) {
+            mapper.unmap(start, len)?;
+            self.stats.host_unmap_calls += 1;
+        }
+        self.stats.cr3_replaced_pages += (dropped_replaced - stale.len()) as u64;
         debug!(dropped, kept, parked = parked_pages, revived, prefetched, "address space switch");
         Ok(())
     }

@@ -54,6 +54,9 @@ pub struct Stats {
     /// Parked shadows unmapped: a fault in their region, or the periodic
     /// eviction that keeps unused regions from being revived forever.
     pub parked_evicted_pages: u64,
+    /// Shadows a MOV CR3 dropped without unmapping them first: the new
+    /// address space's working-set prefetch mapped its own frame there.
+    pub cr3_replaced_pages: u64,
     /// Pages a MOV CR3 mapped from the new address space's working set
     /// (what its hidden faults mapped last time it ran).
     pub working_set_prefetched: u64,
@@ -86,13 +89,14 @@ impl Stats {
     }
 
     /// All counters with their stable names.
-    pub fn counters(&self) -> [(&'static str, u64); 35] {
+    pub fn counters(&self) -> [(&'static str, u64); 36] {
         [
             ("shadow/faults/hidden", self.hidden_faults),
             ("shadow/faults/resolved", self.resolved),
             ("shadow/faults/spurious", self.spurious),
             ("shadow/faults/prefaulted", self.prefaults),
             ("shadow/tlb/cr3_prefetched_pages", self.working_set_prefetched),
+            ("shadow/tlb/cr3_replaced_pages", self.cr3_replaced_pages),
             ("shadow/faults/guest_pf", self.guest_page_faults),
             ("shadow/emulate/mmio", self.emulate_mmio),
             ("shadow/emulate/low_page", self.emulate_low_page),

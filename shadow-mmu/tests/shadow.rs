@@ -773,3 +773,46 @@ fn a_switch_back_maps_the_working_set_of_the_last_run() {
     v.set_cr3(p.cr3);
     assert_eq!(v.win.at(0x0800_0000), None);
 }
+
+#[test]
+fn a_ping_pong_maps_the_other_frame_over_the_old_one() {
+    let (mut v, mut p) = vm32(MmuConfig { batch_small: 4096, ..MmuConfig::default() }, cr4::PGE);
+    let mut q = Pager32::new(TABLES + 0x10_0000);
+    // Two processes of one program: a private page each at the same
+    // address (their stacks), and A has one more B does not use.
+    p.map_4k(&mut v.mem, 0x0800_0000, 0x20_0000, RW_US | AD);
+    p.map_4k(&mut v.mem, 0x0800_3000, 0x20_3000, RW_US | AD);
+    q.map_4k(&mut v.mem, 0x0800_0000, 0x30_0000, RW_US | AD);
+    q.map_4k(&mut v.mem, 0x0800_3000, 0x30_3000, RW_US | AD);
+    for gva in [0x0800_0000, 0x0800_3000] {
+        v.fault(gva, Access::write().user());
+    }
+    v.set_cr3(q.cr3);
+    v.fault(0x0800_0000, Access::write().user());
+    v.set_cr3(p.cr3);
+    v.fault(0x0800_3000, Access::write().user());
+    v.win.assert_matches(&v.mmu);
+    // To B again: its page comes with one map over A's, no protect to
+    // park the region and no unmap first; A's other page is unmapped.
+    let (maps, unmaps, protects) = (v.win.map_calls(), v.win.unmap_calls(), v.win.protect_calls());
+    let faults = v.mmu.stats().hidden_faults;
+    v.set_cr3(q.cr3);
+    assert_eq!(v.win.at(0x0800_0000), Some((0x30_0000, Prot::RWX)));
+    assert_eq!(v.win.at(0x0800_3000), None, "A's frame must not stay visible to B");
+    assert_eq!(v.mmu.entry(0x0800_3000), None);
+    assert_eq!(v.win.map_calls() - maps, 1);
+    assert_eq!(v.win.unmap_calls() - unmaps, 1, "A's page B does not use");
+    assert_eq!(v.win.protect_calls(), protects, "nothing parked");
+    assert!(v.mmu.stats().cr3_replaced_pages >= 1);
+    v.win.assert_matches(&v.mmu);
+    // A page B remembers but its tables no longer map is not left with A's frame.
+    v.set_cr3(p.cr3);
+    v.fault(0x0800_0000, Access::write().user());
+    let b_pte = q.pte_addr(&mut v.mem, 0x0800_0000);
+    v.mem.set_u32(b_pte, 0);
+    v.set_cr3(q.cr3);
+    assert_eq!(v.win.at(0x0800_0000), None);
+    assert_eq!(v.mmu.entry(0x0800_0000), None);
+    assert_eq!(v.mmu.stats().hidden_faults, faults + 1);
+    v.win.assert_matches(&v.mmu);
+}
