@@ -382,7 +382,7 @@ impl Vm {
                     session.observe(Event::Io { count, port, size, write, value })?;
                     continue;
                 }
-                Served::Mmio => continue,
+                Served::Mmio | Served::Msr => continue,
                 Served::NotAnAccess => {}
             }
             match exit {

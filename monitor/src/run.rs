@@ -259,7 +259,8 @@ fn platform(
     config: PlatformConfig,
 ) -> Result<Platform, RunError> {
     use crate::devices::virtio::{blk::Block, rng::Rng};
-    let mut platform = Platform::with_machine(config, opts.machine, policy.crystal_hz().unwrap_or(1))?;
+    let tsc_hz = policy.tsc_hz.unwrap_or(1);
+    let mut platform = Platform::with_machine(config, opts.machine, policy.crystal_hz().unwrap_or(1), tsc_hz)?;
     for (i, d) in opts.disks.iter().enumerate() {
         platform.add_virtio(Box::new(Block::open(d, i)?), mem)?;
     }

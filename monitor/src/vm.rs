@@ -89,8 +89,16 @@ impl std::fmt::Display for RunOutcome {
 /// What [`Vm::serve_access`] did with an exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Served {
-    Port { port: u16, size: u8, write: bool, value: u32 },
+    Port {
+        port: u16,
+        size: u8,
+        write: bool,
+        value: u32,
+    },
     Mmio,
+    /// An MSR the machine holds (the guest re-executes the access on replay:
+    /// nothing to record).
+    Msr,
     NotAnAccess,
 }
 
@@ -267,7 +275,12 @@ impl Vm {
                 continue;
             }
             match exit {
-                VmExit::IoIn { .. } | VmExit::IoOut { .. } | VmExit::MmioRead { .. } | VmExit::MmioWrite { .. } => {}
+                VmExit::IoIn { .. }
+                | VmExit::IoOut { .. }
+                | VmExit::MmioRead { .. }
+                | VmExit::MmioWrite { .. }
+                | VmExit::MsrRead { .. }
+                | VmExit::MsrWrite { .. } => {}
                 VmExit::Halt => {
                     self.halts += 1;
                     if !self.backend.interrupts_enabled() && !self.platform.pending_interrupt() {
@@ -331,6 +344,15 @@ impl Vm {
             VmExit::MmioWrite { addr, size, value } => {
                 self.platform.mmio_write(addr, &value.to_le_bytes()[..usize::from(size).min(8)]);
                 Served::Mmio
+            }
+            VmExit::MsrRead { index } => {
+                let value = self.platform.msr_read(index);
+                self.backend.complete_msr_read(value);
+                Served::Msr
+            }
+            VmExit::MsrWrite { index, value, tsc } => {
+                self.platform.msr_write(index, value, tsc);
+                Served::Msr
             }
             _ => Served::NotAnAccess,
         }

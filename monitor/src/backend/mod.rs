@@ -37,6 +37,18 @@ pub enum VmExit {
         size: u8,
         value: u64,
     },
+    /// RDMSR of an MSR the machine holds (IA32_TSC_DEADLINE, in the local
+    /// APIC): completed with [`Backend::complete_msr_read`].
+    MsrRead {
+        index: u32,
+    },
+    /// WRMSR of an MSR the machine holds; `tsc` is the guest TSC at the
+    /// instruction (the deadline's reference).
+    MsrWrite {
+        index: u32,
+        value: u64,
+        tsc: u64,
+    },
     /// HLT: wait for an interrupt (or stop, if interrupts are disabled).
     Halt,
     /// Stopped by [`Backend::kicker`] (or a backend-internal timeslice).
@@ -118,6 +130,12 @@ pub trait Backend {
     fn complete_io_in(&mut self, value: u32);
     /// The value of the MMIO read that caused the last exit.
     fn complete_mmio_read(&mut self, value: u64);
+    /// The value of the RDMSR that caused the last exit
+    /// ([`VmExit::MsrRead`]). A backend that never makes that exit (kvm)
+    /// keeps the default, which does nothing.
+    fn complete_msr_read(&mut self, value: u64) {
+        let _ = value;
+    }
     /// Whether an external interrupt can be injected now (IF=1, no
     /// interrupt shadow).
     fn interrupts_enabled(&self) -> bool;

@@ -24,6 +24,12 @@ pub mod edx1 {
     pub const SSE2: u32 = 1 << 26;
 }
 
+/// CPUID leaf 1 ECX feature bits.
+pub mod ecx1 {
+    /// The local APIC timer has TSC-deadline mode (IA32_TSC_DEADLINE).
+    pub const TSC_DEADLINE: u32 = 1 << 24;
+}
+
 /// CPUID leaf 0x8000_0001 EDX: execute-disable (EFER.NXE, PTE bit 63).
 pub const EXT_EDX_NX: u32 = 1 << 20;
 /// CPUID leaf 7 EDX: the IA32_ARCH_CAPABILITIES MSR exists.
@@ -83,12 +89,14 @@ impl CpuPolicy {
         self
     }
 
-    /// The CPU of the `pc` machine: a local APIC (IA32_APIC_BASE), and a
-    /// TSC of `tsc_hz` that CPUID announces (leaves 0x15 and 0x16), so that
-    /// Linux neither calibrates the TSC nor the APIC timer.
+    /// The CPU of the `pc` machine: a local APIC (IA32_APIC_BASE) with the
+    /// TSC-deadline timer (IA32_TSC_DEADLINE), and a TSC of `tsc_hz` that
+    /// CPUID announces (leaves 0x15 and 0x16), so that Linux neither
+    /// calibrates the TSC nor the APIC timer.
     pub fn pc(tsc_hz: u64) -> Self {
         let mut p = Self::default();
         p.edx1 |= edx1::APIC;
+        p.ecx1 |= ecx1::TSC_DEADLINE;
         p.tsc_hz = Some(tsc_hz.max(1_000_000));
         p.ext_edx = EXT_EDX_NX;
         p
@@ -112,6 +120,11 @@ impl CpuPolicy {
     /// Has the CPU a local APIC?
     pub fn has_apic(&self) -> bool {
         self.edx1 & edx1::APIC != 0
+    }
+
+    /// Has the local APIC timer TSC-deadline mode (only with an APIC)?
+    pub fn has_tsc_deadline(&self) -> bool {
+        self.has_apic() && self.ecx1 & ecx1::TSC_DEADLINE != 0
     }
 
     /// TSC / crystal ratio of leaf 0x15: the smallest that makes the crystal
@@ -180,6 +193,9 @@ pub mod msr {
     pub const MISC_ENABLE: u32 = 0x1A0;
     /// IA32_APIC_BASE (CPUs with a local APIC).
     pub const APIC_BASE: u32 = 0x1B;
+    /// IA32_TSC_DEADLINE (CPUs with TSC-deadline mode): held by the local
+    /// APIC, served by the machine.
+    pub const TSC_DEADLINE: u32 = 0x6E0;
     pub const PAT: u32 = 0x277;
     /// IA32_ARCH_CAPABILITIES (read-only; CPUs that announce it in leaf 7).
     pub const ARCH_CAPABILITIES: u32 = 0x10A;
@@ -245,7 +261,11 @@ mod tests {
         assert_ne!(iso.cpuid(7, 0)[3] & EDX7_ARCH_CAPABILITIES, 0);
         assert_eq!(iso.arch_caps, Some(ARCH_CAP_RDCL_NO));
         assert_eq!(CpuPolicy::default().with_rdcl_no().arch_caps, None, "no leaf 7 on isa");
-        assert_eq!(p.cpuid(1, 0)[2] & (1 << 24), 0, "no TSC-deadline timer");
+        assert_ne!(p.cpuid(1, 0)[2] & ecx1::TSC_DEADLINE, 0, "TSC-deadline timer");
+        assert!(p.has_tsc_deadline());
+        let isa = CpuPolicy::default();
+        assert_eq!(isa.cpuid(1, 0)[2] & ecx1::TSC_DEADLINE, 0, "isa: no APIC, no TSC-deadline");
+        assert!(!isa.has_tsc_deadline());
         // A TSC beyond 4.29 GHz: a crystal of half of it.
         let fast = CpuPolicy::pc(5_000_000_000);
         assert_eq!(fast.cpuid(0x15, 0), [1, 2, 2_500_000_000, 0]);

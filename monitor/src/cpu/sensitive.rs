@@ -53,6 +53,17 @@ pub enum MmuEffect {
     Invlpg(u32),
 }
 
+/// An access to an MSR the machine holds, not the CPU (IA32_TSC_DEADLINE:
+/// the local APIC's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrOp {
+    /// RDMSR: the machine's value goes to EDX:EAX.
+    Read { index: u32 },
+    /// WRMSR of `value`; `tsc` is the guest TSC at the instruction (what
+    /// IA32_TSC_DEADLINE is compared with).
+    Write { index: u32, value: u64, tsc: u64 },
+}
+
 /// What the caller does after a sensitive instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -72,6 +83,9 @@ pub enum Outcome {
     Interrupt(u8),
     /// A segment register changed: refresh its host shadow, then continue.
     SegmentLoaded(Seg),
+    /// The machine performs the MSR access, then continue at the next
+    /// instruction (a read: after its value is in EDX:EAX).
+    Msr(MsrOp),
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -636,6 +650,9 @@ fn msr_access(cpu: &mut Cpu, env: &mut Env<'_>, write: bool) -> Result<Outcome, 
             }
             m.apic_base
         }
+        msr::TSC_DEADLINE if env.policy.has_tsc_deadline() => {
+            return Ok(Outcome::Msr(if write { MsrOp::Write { index, value, tsc } } else { MsrOp::Read { index } }));
+        }
         _ => return Err(Fault::gp(0).into()),
     };
     if !write {
@@ -851,12 +868,21 @@ mod tests {
         m: &mut FlatMem,
         f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
     ) -> Result<Outcome, ExecError> {
+        exec_on(&CpuPolicy::default(), cpu, m, f)
+    }
+
+    /// [`exec`] on the CPU of `policy`.
+    fn exec_on(
+        policy: &CpuPolicy,
+        cpu: &mut Cpu,
+        m: &mut FlatMem,
+        f: impl FnOnce(&mut CodeAssembler) -> Result<(), iced_x86::IcedError>,
+    ) -> Result<Outcome, ExecError> {
         let mut a = CodeAssembler::new(32).unwrap();
         f(&mut a).unwrap();
         let bytes = a.assemble(u64::from(cpu.eip)).unwrap();
         let insn = Decoder::with_ip(32, &bytes, u64::from(cpu.eip), 0).decode();
-        let policy = CpuPolicy::default();
-        let mut env = Env { mem: m, policy: &policy, host_tsc: 1000 };
+        let mut env = Env { mem: m, policy, host_tsc: 1000 };
         let r = execute(cpu, &mut env, &insn, &engine::classify::classify(&insn));
         if matches!(r, Ok(Outcome::Next | Outcome::Mmu(_) | Outcome::SegmentLoaded(_))) {
             cpu.eip = insn.next_ip32();
@@ -968,6 +994,29 @@ mod tests {
         cpu.gpr[0] = 0xC000_1000;
         exec(&mut cpu, &mut m, |a| a.wrmsr()).unwrap();
         assert_eq!(cpu.msr.sysenter_eip, 0xC000_1000);
+    }
+
+    #[test]
+    fn tsc_deadline_msr_goes_to_the_machine_on_the_pc_cpu_only() {
+        let pc = CpuPolicy::pc(1_000_000_000);
+        let (mut cpu, mut m) = machine();
+        cpu.msr.tsc_offset = 5;
+        cpu.gpr[1] = msr::TSC_DEADLINE;
+        cpu.gpr[0] = 0x89AB_CDEF;
+        cpu.gpr[2] = 0x1234;
+        assert_eq!(
+            exec_on(&pc, &mut cpu, &mut m, |a| a.wrmsr()),
+            Ok(Outcome::Msr(MsrOp::Write { index: msr::TSC_DEADLINE, value: 0x1234_89AB_CDEF, tsc: 1005 }))
+        );
+        assert_eq!(
+            exec_on(&pc, &mut cpu, &mut m, |a| a.rdmsr()),
+            Ok(Outcome::Msr(MsrOp::Read { index: msr::TSC_DEADLINE }))
+        );
+        let gp = Err(ExecError::Fault(Fault::gp(0)));
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.rdmsr()), gp, "isa: no such MSR");
+        assert_eq!(exec(&mut cpu, &mut m, |a| a.wrmsr()), gp);
+        cpu.cpl = 3;
+        assert_eq!(exec_on(&pc, &mut cpu, &mut m, |a| a.wrmsr()), gp, "CPL 0 only");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The local APIC of the one vCPU (xAPIC, MMIO at `LAPIC_BASE`), as Intel's
 //! SDM vol. 3 ch. 11 describes it for a P6-family part (version 0x14, six
-//! LVT entries, no x2APIC, no TSC-deadline mode).
+//! LVT entries, no x2APIC) with the TSC-deadline timer mode (SDM 11.5.4.1).
 //!
 //! A plain state machine: the platform hands it interrupt messages
 //! ([`LocalApic::accept`], from the I/O APIC or a self-IPI), asks it for the
@@ -14,6 +14,16 @@
 //! clock (cpu/policy.rs), so Linux takes the timer's period from CPUID and
 //! never calibrates it. All times come from the platform clock: virtual time
 //! in the deterministic mode.
+//!
+//! TSC-deadline mode (LVT timer bits 18:17 = 10b): the IA32_TSC_DEADLINE MSR
+//! lives here, since firing clears it. The CPU hands each RDMSR/WRMSR of it
+//! to the platform ([`LocalApic::tsc_deadline`],
+//! [`LocalApic::set_tsc_deadline`]) with the guest TSC at the WRMSR; the
+//! deadline becomes a platform-clock time from the distance between the two
+//! TSC values at `tsc_hz` (the rate the guest TSC runs at against the
+//! platform clock: the host TSC's against CLOCK_MONOTONIC, or 1 GHz of
+//! virtual time), rounded up so the interrupt never comes before the guest
+//! TSC reaches the deadline.
 //!
 //! What is not modelled: the IA32_APIC_BASE enable bit detaching the APIC
 //! (the MSR lives with the CPU, cpu/sensitive.rs; the platform treats the
@@ -60,6 +70,12 @@ pub mod reg {
 pub const VERSION: u32 = 0x0005_0014;
 /// LVT mask bit.
 pub const LVT_MASKED: u32 = 1 << 16;
+/// LVT timer modes (bits 18:17). 11b is reserved: it counts as one-shot
+/// here (KVM's behaviour; the SDM only says "reserved"), and reads back as
+/// written.
+pub const TIMER_ONE_SHOT: u32 = 0;
+pub const TIMER_PERIODIC: u32 = 1;
+pub const TIMER_TSC_DEADLINE: u32 = 2;
 /// SVR: APIC software enable.
 pub const SVR_ENABLE: u32 = 1 << 8;
 /// LVT/ICR delivery modes (bits 8-10).
@@ -129,6 +145,11 @@ struct Timer {
     fired: u64,
     /// Counting (a one-shot that reached zero stops).
     running: bool,
+    /// IA32_TSC_DEADLINE in TSC-deadline mode: the guest TSC to fire at,
+    /// 0 when disarmed (firing clears it).
+    deadline_tsc: u64,
+    /// Platform time at which the guest TSC reaches `deadline_tsc`.
+    deadline_ns: u64,
 }
 
 impl Timer {
@@ -154,6 +175,8 @@ pub struct ApicStats {
 pub struct LocalApic {
     clock: Arc<dyn Clock>,
     timer_hz: u64,
+    /// The guest TSC's rate against the platform clock (TSC-deadline mode).
+    tsc_hz: u64,
     id: u8,
     tpr: u32,
     ldr: u32,
@@ -184,6 +207,7 @@ impl LocalApic {
         Self {
             clock,
             timer_hz: timer_hz.max(1),
+            tsc_hz: timer_hz.max(1),
             id: 0,
             tpr: 0,
             ldr: 0,
@@ -201,6 +225,13 @@ impl LocalApic {
             eois: Vec::new(),
             stats: ApicStats::default(),
         }
+    }
+
+    /// The guest TSC runs at `tsc_hz` against the platform clock (the
+    /// TSC-deadline timer's conversion; `new` assumes the timer's rate).
+    pub fn with_tsc_hz(mut self, tsc_hz: u64) -> Self {
+        self.tsc_hz = tsc_hz.max(1);
+        self
     }
 
     pub fn stats(&self) -> ApicStats {
@@ -327,6 +358,39 @@ impl LocalApic {
         (self.lvt[LVT_TIMER] >> 17) & 3
     }
 
+    fn periodic(&self) -> bool {
+        self.timer_mode() == TIMER_PERIODIC
+    }
+
+    fn tsc_deadline_mode(&self) -> bool {
+        self.timer_mode() == TIMER_TSC_DEADLINE
+    }
+
+    /// RDMSR IA32_TSC_DEADLINE: the armed deadline, 0 when disarmed, fired,
+    /// or not in TSC-deadline mode (SDM 11.5.4.1). The caller polls first.
+    pub fn tsc_deadline(&self) -> u64 {
+        if self.tsc_deadline_mode() {
+            self.timer.deadline_tsc
+        } else {
+            0
+        }
+    }
+
+    /// WRMSR IA32_TSC_DEADLINE of `value` when the guest TSC read `tsc_now`:
+    /// arms the timer for the moment the TSC reaches `value` (at once if it
+    /// has), 0 disarms. Ignored outside TSC-deadline mode (SDM 11.5.4.1).
+    pub fn set_tsc_deadline(&mut self, value: u64, tsc_now: u64) {
+        if !self.tsc_deadline_mode() {
+            tracing::debug!(value, "local APIC: IA32_TSC_DEADLINE write outside TSC-deadline mode ignored");
+            return;
+        }
+        let now = self.clock.now_ns();
+        let ahead = u128::from(value.saturating_sub(tsc_now));
+        let ns = (ahead * 1_000_000_000).div_ceil(u128::from(self.tsc_hz));
+        self.timer.deadline_tsc = value;
+        self.timer.deadline_ns = now.saturating_add(u64::try_from(ns).unwrap_or(u64::MAX));
+    }
+
     /// Nanoseconds after `start_ns` at which `ticks` timer ticks have passed.
     fn ticks_to_ns(&self, ticks: u64) -> u64 {
         let cycles = u128::from(ticks) * u128::from(self.timer.divisor());
@@ -342,6 +406,9 @@ impl LocalApic {
     /// When the next expiry is due (whether or not it interrupts).
     fn next_expiry_ns(&self) -> Option<u64> {
         let t = &self.timer;
+        if self.tsc_deadline_mode() {
+            return (t.deadline_tsc != 0).then_some(t.deadline_ns);
+        }
         if !t.running || t.initial == 0 {
             return None;
         }
@@ -366,7 +433,10 @@ impl LocalApic {
             return;
         }
         self.stats.timer_expiries += 1;
-        if self.timer_mode() == 1 {
+        if self.tsc_deadline_mode() {
+            // Fires once: disarmed, the MSR reads 0.
+            self.timer.deadline_tsc = 0;
+        } else if self.periodic() {
             let elapsed = self.ns_to_ticks(now_ns - self.timer.start_ns);
             let t = &mut self.timer;
             t.fired = (elapsed / u64::from(t.initial)).max(t.fired + 1);
@@ -381,12 +451,12 @@ impl LocalApic {
 
     fn current_count(&self, now_ns: u64) -> u32 {
         let t = &self.timer;
-        if !t.running || t.initial == 0 {
+        if !t.running || t.initial == 0 || self.tsc_deadline_mode() {
             return 0;
         }
         let elapsed = self.ns_to_ticks(now_ns.saturating_sub(t.start_ns));
         let initial = u64::from(t.initial);
-        if self.timer_mode() == 1 {
+        if self.periodic() {
             (initial - elapsed % initial) as u32
         } else {
             initial.saturating_sub(elapsed) as u32
@@ -459,13 +529,19 @@ impl LocalApic {
             o @ reg::LVT_TIMER..=reg::LVT_ERROR => {
                 let i = ((o - reg::LVT_TIMER) >> 4) as usize;
                 let now = self.clock.now_ns();
-                let was_periodic = self.timer_mode() == 1;
+                let was_periodic = self.periodic();
+                let was_deadline = self.tsc_deadline_mode();
                 let mut v = value & LVT_WRITABLE[i];
                 if !self.software_enabled() {
                     v |= LVT_MASKED;
                 }
                 self.lvt[i] = v;
-                if i == LVT_TIMER && was_periodic != (self.timer_mode() == 1) && self.timer.running {
+                if i == LVT_TIMER && was_deadline != self.tsc_deadline_mode() {
+                    // Into or out of TSC-deadline mode: the timer is disarmed
+                    // (SDM 11.5.4.1), the initial count cleared (as KVM does).
+                    let divide_reg = self.timer.divide_reg;
+                    self.timer = Timer { divide_reg, ..Timer::default() };
+                } else if i == LVT_TIMER && was_periodic != self.periodic() && self.timer.running {
                     // A mode change restarts counting from the current count.
                     let cur = self.current_count(now);
                     let initial = self.timer.initial;
@@ -474,6 +550,8 @@ impl LocalApic {
                     self.timer.start_ns = now.saturating_sub(left);
                 }
             }
+            // TSC-deadline mode ignores the initial count (SDM 11.5.4.1).
+            reg::TIMER_INITIAL if self.tsc_deadline_mode() => {}
             reg::TIMER_INITIAL => {
                 let now = self.clock.now_ns();
                 self.start_timer(value, now);
@@ -718,6 +796,136 @@ mod tests {
         assert_eq!(a.next_deadline_ns(), None);
         a.write_reg(reg::TIMER_INITIAL, 0);
         assert_eq!(a.read_reg(reg::TIMER_CURRENT), 0);
+    }
+
+    /// An APIC in TSC-deadline mode (vector 0x50) whose guest TSC runs at
+    /// 2 GHz, 7_000_000 ahead of twice the platform clock's ns.
+    fn deadline_apic() -> (LocalApic, ManualClock, impl Fn(&ManualClock) -> u64) {
+        let (a, clock) = enabled();
+        let mut a = a.with_tsc_hz(2_000_000_000);
+        a.write_reg(reg::LVT_TIMER, (TIMER_TSC_DEADLINE << 17) | 0x50);
+        (a, clock, |c: &ManualClock| 7_000_000 + 2 * c.now_ns())
+    }
+
+    #[test]
+    fn tsc_deadline_fires_once_when_the_tsc_reaches_it() {
+        let (mut a, clock, tsc) = deadline_apic();
+        assert_eq!(a.read_reg(reg::LVT_TIMER), 0x4_0050);
+        assert_eq!(a.tsc_deadline(), 0, "reset value");
+        assert_eq!(a.next_deadline_ns(), None);
+        // 4_000_000 TSC ticks ahead: 2 ms of platform time.
+        let deadline = tsc(&clock) + 4_000_000;
+        a.set_tsc_deadline(deadline, tsc(&clock));
+        assert_eq!(a.tsc_deadline(), deadline);
+        assert_eq!(a.next_deadline_ns(), Some(1_000 + 2_000_000));
+        clock.set(1_000 + 1_999_999);
+        a.poll(clock.now_ns());
+        assert!(tsc(&clock) < deadline);
+        assert_eq!(a.pending(), None, "not before the deadline");
+        assert_eq!(a.tsc_deadline(), deadline);
+        clock.set(1_000 + 2_000_000);
+        assert_eq!(tsc(&clock), deadline);
+        a.poll(clock.now_ns());
+        assert_eq!(a.acknowledge(), Some(0x50));
+        assert_eq!(a.tsc_deadline(), 0, "firing clears the MSR");
+        assert_eq!(a.next_deadline_ns(), None);
+        a.write_reg(reg::EOI, 0);
+        clock.advance(10_000_000);
+        a.poll(clock.now_ns());
+        assert_eq!(a.pending(), None, "once per write");
+        assert_eq!(a.stats().timer_expiries, 1);
+        // Half a nanosecond ahead rounds up to one: never early.
+        let now = clock.now_ns();
+        a.set_tsc_deadline(tsc(&clock) + 3, tsc(&clock));
+        assert_eq!(a.next_deadline_ns(), Some(now + 2));
+        a.poll(now + 1);
+        assert_eq!(a.pending(), None);
+        a.poll(now + 2);
+        assert_eq!(a.acknowledge(), Some(0x50));
+    }
+
+    #[test]
+    fn tsc_deadline_zero_disarms_and_the_past_fires_at_once() {
+        let (mut a, clock, tsc) = deadline_apic();
+        let deadline = tsc(&clock) + 1_000;
+        a.set_tsc_deadline(deadline, tsc(&clock));
+        a.set_tsc_deadline(0, tsc(&clock));
+        assert_eq!(a.tsc_deadline(), 0);
+        assert_eq!(a.next_deadline_ns(), None);
+        clock.advance(1_000_000);
+        a.poll(clock.now_ns());
+        assert_eq!(a.pending(), None, "disarmed");
+        // Moved backward: the new deadline counts.
+        a.set_tsc_deadline(tsc(&clock) + 2_000_000, tsc(&clock));
+        a.set_tsc_deadline(tsc(&clock) + 200, tsc(&clock));
+        assert_eq!(a.next_deadline_ns(), Some(clock.now_ns() + 100));
+        a.set_tsc_deadline(0, tsc(&clock));
+        // A deadline the TSC has passed fires at the next poll.
+        a.set_tsc_deadline(tsc(&clock) - 5, tsc(&clock));
+        assert_eq!(a.next_deadline_ns(), Some(clock.now_ns()));
+        a.poll(clock.now_ns());
+        assert_eq!(a.acknowledge(), Some(0x50));
+        assert_eq!(a.tsc_deadline(), 0);
+        a.write_reg(reg::EOI, 0);
+        // Masked: it expires (the MSR clears) without an interrupt.
+        a.write_reg(reg::LVT_TIMER, (TIMER_TSC_DEADLINE << 17) | LVT_MASKED | 0x50);
+        a.set_tsc_deadline(tsc(&clock) + 10, tsc(&clock));
+        assert_eq!(a.tsc_deadline(), tsc(&clock) + 10, "the mask is no mode change");
+        assert_eq!(a.next_deadline_ns(), None, "nothing to wake for");
+        clock.advance(5);
+        a.poll(clock.now_ns());
+        assert_eq!(a.pending(), None);
+        assert_eq!(a.tsc_deadline(), 0);
+    }
+
+    #[test]
+    fn tsc_deadline_mode_ignores_the_count_and_mode_changes_disarm() {
+        let (a, clock) = enabled();
+        let mut a = a.with_tsc_hz(1_000_000_000);
+        // A one-shot count running, then TSC-deadline mode: disarmed.
+        a.write_reg(reg::LVT_TIMER, 0x50);
+        a.write_reg(reg::TIMER_INITIAL, 1_000_000);
+        assert!(a.next_deadline_ns().is_some());
+        a.write_reg(reg::LVT_TIMER, (TIMER_TSC_DEADLINE << 17) | 0x50);
+        assert_eq!(a.read_reg(reg::TIMER_INITIAL), 0);
+        assert_eq!(a.read_reg(reg::TIMER_CURRENT), 0);
+        assert_eq!(a.next_deadline_ns(), None, "the count-down stopped");
+        // Initial-count writes are ignored.
+        a.write_reg(reg::TIMER_INITIAL, 500);
+        assert_eq!(a.read_reg(reg::TIMER_INITIAL), 0);
+        assert_eq!(a.read_reg(reg::TIMER_CURRENT), 0);
+        assert_eq!(a.next_deadline_ns(), None);
+        // Armed, then back to one-shot: disarmed, and it stays so.
+        let t = clock.now_ns();
+        a.set_tsc_deadline(t + 1_000, t);
+        assert_eq!(a.tsc_deadline(), t + 1_000);
+        a.write_reg(reg::LVT_TIMER, 0x50);
+        assert_eq!(a.tsc_deadline(), 0, "reads 0 outside TSC-deadline mode");
+        assert_eq!(a.next_deadline_ns(), None);
+        a.write_reg(reg::LVT_TIMER, (TIMER_TSC_DEADLINE << 17) | 0x50);
+        assert_eq!(a.tsc_deadline(), 0, "the mode change disarmed it");
+        clock.advance(2_000);
+        a.poll(clock.now_ns());
+        assert_eq!(a.pending(), None);
+        // Outside TSC-deadline mode the MSR write is ignored.
+        a.write_reg(reg::LVT_TIMER, 0x50);
+        a.set_tsc_deadline(clock.now_ns() + 10, clock.now_ns());
+        assert_eq!(a.next_deadline_ns(), None);
+        a.write_reg(reg::LVT_TIMER, (TIMER_TSC_DEADLINE << 17) | 0x50);
+        assert_eq!(a.tsc_deadline(), 0);
+        // Mode 11b is reserved: it reads back and counts as one-shot.
+        a.write_reg(reg::LVT_TIMER, (3 << 17) | 0x50);
+        assert_eq!(a.read_reg(reg::LVT_TIMER), 0x6_0050);
+        a.write_reg(reg::TIMER_DIVIDE, 0xB);
+        a.write_reg(reg::TIMER_INITIAL, 100);
+        assert_eq!(a.read_reg(reg::TIMER_INITIAL), 100);
+        a.set_tsc_deadline(clock.now_ns() + 10, clock.now_ns());
+        assert_eq!(a.tsc_deadline(), 0);
+        assert_eq!(a.next_deadline_ns(), Some(clock.now_ns() + 100));
+        clock.advance(100);
+        a.poll(clock.now_ns());
+        assert_eq!(a.acknowledge(), Some(0x50));
+        assert_eq!(a.next_deadline_ns(), None, "one-shot: no reload");
     }
 
     #[test]

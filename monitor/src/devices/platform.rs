@@ -161,12 +161,19 @@ pub struct Platform {
 impl Platform {
     /// The `isa` machine.
     pub fn new(config: PlatformConfig) -> Result<Self, PlatformError> {
-        Self::with_machine(config, Machine::Isa, 1)
+        Self::with_machine(config, Machine::Isa, 1, 1)
     }
 
     /// The `machine`; the local APIC timer (`pc`) counts at `apic_timer_hz`
-    /// before its divider (what CPUID leaf 0x15 announces).
-    pub fn with_machine(config: PlatformConfig, machine: Machine, apic_timer_hz: u64) -> Result<Self, PlatformError> {
+    /// before its divider (what CPUID leaf 0x15 announces), and the guest
+    /// TSC runs at `tsc_hz` against the platform clock (its TSC-deadline
+    /// mode).
+    pub fn with_machine(
+        config: PlatformConfig,
+        machine: Machine,
+        apic_timer_hz: u64,
+        tsc_hz: u64,
+    ) -> Result<Self, PlatformError> {
         let PlatformConfig { ram_size, console, clock, wall_clock } = config;
         let events = EventSink::new();
         let pic = Arc::new(Mutex::new(PicPair::new()));
@@ -203,7 +210,7 @@ impl Platform {
         let apics = match machine {
             Machine::Isa => None,
             Machine::Pc => {
-                let lapic = Arc::new(Mutex::new(LocalApic::new(clock.clone(), apic_timer_hz)));
+                let lapic = Arc::new(Mutex::new(LocalApic::new(clock.clone(), apic_timer_hz).with_tsc_hz(tsc_hz)));
                 let ioapic = Arc::new(Mutex::new(IoApic::new()));
                 let lapic_id = mmio.register("lapic", LAPIC_BASE, LAPIC_SIZE, lapic.clone())?;
                 let ioapic_id = mmio.register("ioapic", IOAPIC_BASE, IOAPIC_SIZE, ioapic.clone())?;
@@ -422,6 +429,31 @@ impl Platform {
         self.set_line(IRQ_RTC, rtc);
         if let Some(a) = &self.apics {
             lock(&a.lapic).poll(now_ns);
+        }
+    }
+
+    /// RDMSR of an MSR the machine holds: IA32_TSC_DEADLINE, the local
+    /// APIC's. The timers are polled first, so a deadline that has passed
+    /// reads 0. Anything else (the CPU policy sends nothing else) reads 0.
+    pub fn msr_read(&mut self, index: u32) -> u64 {
+        match (&self.apics, index) {
+            (Some(_), crate::cpu::policy::msr::TSC_DEADLINE) => {
+                self.poll_timers(self.clock.now_ns());
+                self.apics.as_ref().map_or(0, |a| lock(&a.lapic).tsc_deadline())
+            }
+            _ => {
+                tracing::warn!(index = format_args!("{index:#x}"), "RDMSR of an MSR the machine does not hold");
+                0
+            }
+        }
+    }
+
+    /// WRMSR of `value` to an MSR the machine holds, when the guest TSC read
+    /// `tsc`: IA32_TSC_DEADLINE arms (or disarms) the local APIC timer.
+    pub fn msr_write(&mut self, index: u32, value: u64, tsc: u64) {
+        match (&self.apics, index) {
+            (Some(a), crate::cpu::policy::msr::TSC_DEADLINE) => lock(&a.lapic).set_tsc_deadline(value, tsc),
+            _ => tracing::warn!(index = format_args!("{index:#x}"), "WRMSR of an MSR the machine does not hold"),
         }
     }
 
@@ -708,7 +740,7 @@ mod tests {
             clock: Arc::new(clock.clone()),
             wall_clock: Arc::new(ManualClock::new(0)),
         };
-        (Platform::with_machine(cfg, Machine::Pc, 1_000_000_000).unwrap(), clock)
+        (Platform::with_machine(cfg, Machine::Pc, 1_000_000_000, 1_000_000_000).unwrap(), clock)
     }
 
     fn mmio_write32(p: &mut Platform, addr: u64, v: u32) {
@@ -792,6 +824,33 @@ mod tests {
         p.poll_timers(d);
         assert!(p.pending_interrupt());
         assert_eq!(p.acknowledge_interrupt(), Some(0xEC));
+    }
+
+    #[test]
+    fn pc_machine_serves_the_tsc_deadline_msr() {
+        use crate::cpu::policy::msr::TSC_DEADLINE;
+        let (mut p, clock) = pc_platform();
+        mmio_write32(&mut p, LAPIC_BASE + 0xF0, 0x1FF);
+        // One-shot mode: the MSR write is ignored.
+        mmio_write32(&mut p, LAPIC_BASE + 0x320, 0xED);
+        p.msr_write(TSC_DEADLINE, 5_000, 1_000);
+        assert_eq!(p.msr_read(TSC_DEADLINE), 0);
+        assert_eq!(p.next_deadline_ns(), None);
+        mmio_write32(&mut p, LAPIC_BASE + 0x320, 0x4_00ED);
+        // The guest TSC reads 1_000 now (1 GHz): 4_000 ticks ahead.
+        p.msr_write(TSC_DEADLINE, 5_000, 1_000);
+        assert_eq!(p.msr_read(TSC_DEADLINE), 5_000);
+        let d = p.next_deadline_ns().unwrap();
+        assert_eq!(d, clock.now_ns() + 4_000);
+        clock.set(d - 1);
+        p.poll_timers(d - 1);
+        assert!(!p.pending_interrupt());
+        clock.set(d);
+        assert_eq!(p.msr_read(TSC_DEADLINE), 0, "a read polls: the deadline has passed");
+        assert_eq!(p.acknowledge_interrupt(), Some(0xED));
+        let mut isa = platform().0;
+        isa.msr_write(TSC_DEADLINE, 5_000, 1_000);
+        assert_eq!(isa.msr_read(TSC_DEADLINE), 0, "no APIC on isa");
     }
 
     #[test]

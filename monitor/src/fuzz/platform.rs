@@ -117,7 +117,7 @@ impl Storm {
             wall_clock: Arc::new(wall),
         };
         let hz = *u.choose(&[1u64, 1_000_000_000, 3_000_000_000, u64::MAX])?;
-        let mut p = match Platform::with_machine(config, machine, hz) {
+        let mut p = match Platform::with_machine(config, machine, hz, hz) {
             Ok(p) => p,
             Err(e) => return Ok(Err(format!("platform: {e}"))),
         };
@@ -145,8 +145,9 @@ impl Storm {
                 }
                 6 => {
                     // A program sequence: PIT channel 0 with a tiny divisor,
-                    // PIC initialization, or an RTC periodic rate.
-                    match u.int_in_range(0..=2u8)? {
+                    // PIC initialization, an RTC periodic rate, or the APIC
+                    // timer's TSC-deadline mode and its MSR.
+                    match u.int_in_range(0..=3u8)? {
                         0 => {
                             let mode = *u.choose(&[0x34u32, 0x36, 0x30, 0x32, 0x38, 0x3A])?;
                             let div: u16 = *u.choose(&[0u16, 1, 2, 3, 0xFFFF])?;
@@ -159,6 +160,24 @@ impl Storm {
                                 p.io_out(port, 1, v);
                             }
                         }
+                        // (The CPU hands the MSR over on the pc machine only.)
+                        2 if machine == Machine::Pc => {
+                            use crate::cpu::policy::msr::TSC_DEADLINE;
+                            if u.arbitrary()? {
+                                let lvt = *u.choose(&[0x4_0030u32, 0x5_0030, 0x2_0030, 0x6_0030, 0x30])?;
+                                p.mmio_write(LAPIC_BASE + 0x320, &lvt.to_le_bytes());
+                            }
+                            let (value, tsc): (u64, u64) = (u.arbitrary()?, u.arbitrary()?);
+                            let r = timed("msr_write", || p.msr_write(TSC_DEADLINE, value, tsc));
+                            let _ = p.next_deadline_ns();
+                            let r = r.and(timed("msr_read", || {
+                                let _ = p.msr_read(TSC_DEADLINE);
+                            }));
+                            if let Err(e) = r {
+                                return Ok(Err(e));
+                            }
+                        }
+                        2 => {}
                         _ => {
                             p.io_out(0x70, 1, 0x0A);
                             p.io_out(0x71, 1, u32::from(u.int_in_range(0x20..=0x2Fu8)?));

@@ -10,7 +10,7 @@ use super::{unsupported, BtBackend, Step};
 use crate::backend::{BackendError, VmExit};
 use crate::cpu::interrupt::{DeliveryError, Event};
 use crate::cpu::operand::gpr_write;
-use crate::cpu::sensitive::{self, Env, ExecError, IoOp, MmuEffect, Outcome};
+use crate::cpu::sensitive::{self, Env, ExecError, IoOp, MmuEffect, MsrOp, Outcome};
 use crate::cpu::Fault;
 
 /// An I/O instruction waiting for the machine.
@@ -37,6 +37,8 @@ pub(super) struct Pending {
     pub io: Option<PendingIo>,
     /// An MMIO read waiting for its value.
     pub mmio: Option<PendingMmio>,
+    /// A RDMSR waiting for the machine's value: the EIP after it.
+    pub msr_read: Option<u32>,
     /// What `run` returns first (the second half of an MMIO access).
     pub exit: Option<Result<VmExit, BackendError>>,
 }
@@ -44,7 +46,7 @@ pub(super) struct Pending {
 impl Pending {
     /// Nothing waits for the machine.
     pub fn is_idle(&self) -> bool {
-        self.io.is_none() && self.mmio.is_none() && self.exit.is_none()
+        self.io.is_none() && self.mmio.is_none() && self.msr_read.is_none() && self.exit.is_none()
     }
 }
 
@@ -57,7 +59,8 @@ fn completes(result: &Result<Outcome, ExecError>) -> bool {
             | Outcome::Jumped
             | Outcome::Mmu(_)
             | Outcome::Halt
-            | Outcome::Interrupt(_))
+            | Outcome::Interrupt(_)
+            | Outcome::Msr(MsrOp::Write { .. }))
     )
 }
 
@@ -132,6 +135,29 @@ impl BtBackend {
                 self.cpu.eip = next_eip;
                 self.raise(Event::Software(v))
             }
+            // The WRMSR is complete once the machine has the value: EIP
+            // moves now, before the machine may inject an interrupt.
+            Outcome::Msr(MsrOp::Write { index, value, tsc }) => {
+                self.cpu.eip = next_eip;
+                self.stats.count("msr");
+                Ok(Some(VmExit::MsrWrite { index, value, tsc }))
+            }
+            Outcome::Msr(MsrOp::Read { index }) => {
+                self.pending.msr_read = Some(next_eip);
+                self.stats.count("msr");
+                Ok(Some(VmExit::MsrRead { index }))
+            }
+        }
+    }
+
+    /// The machine's value for the pending RDMSR: EDX:EAX, and the
+    /// instruction retires.
+    pub(super) fn finish_msr_read(&mut self, value: u64) {
+        if let Some(next_eip) = self.pending.msr_read.take() {
+            self.cpu.gpr[0] = value as u32;
+            self.cpu.gpr[2] = (value >> 32) as u32;
+            self.cpu.eip = next_eip;
+            self.counter.retire();
         }
     }
 

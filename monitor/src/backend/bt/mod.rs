@@ -791,6 +791,10 @@ impl Backend for BtBackend {
         self.finish_mmio_read(value);
     }
 
+    fn complete_msr_read(&mut self, value: u64) {
+        self.finish_msr_read(value);
+    }
+
     fn interrupts_enabled(&self) -> bool {
         // Not between guest instructions (a kick in a committed TC
         // sequence): the virtual CPU state is not the guest's yet.
