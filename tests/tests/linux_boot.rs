@@ -2,8 +2,9 @@
 //! on the bt backend to its init script, which runs `uname -a`,
 //! `cat /proc/cpuinfo`, `ls /` and 200 fork/exec of `/bin/true`, then
 //! powers off; and the same guest at an interactive shell answers typed
-//! commands fed through the console. Uses ../shared/guests (skipped, with
-//! the reason printed, where it is absent).
+//! commands fed through the console; on the `pc` machine it runs on the
+//! TSC-deadline timer, also recorded and replayed. Uses ../shared/guests
+//! (skipped, with the reason printed, where it is absent).
 
 use std::path::PathBuf;
 use std::sync::mpsc::channel;
@@ -111,4 +112,70 @@ fn linux_shell_answers_typed_commands() {
     let text = out.text();
     assert_eq!(r, RunOutcome::HaltedWithInterruptsOff, "{text}");
     assert!(text.contains("typed-42"), "the shell ran the typed command: {text}");
+}
+
+/// On the `pc` machine Linux finds the TSC-deadline timer (CPUID leaf 1 ECX
+/// bit 24) and makes it its clock event device, through `popek run`'s
+/// machine building; the same boot recorded in the deterministic mode
+/// replays (its deadlines are WRMSRs the replay executes again).
+#[test]
+fn linux_on_the_pc_machine_runs_on_the_tsc_deadline_timer() {
+    use monitor::deterministic::{DetOptions, DetOutcome};
+    use monitor::devices::platform::Machine;
+    use monitor::run::{run, run_deterministic, DetSession, RunOptions};
+    use monitor::trace::format::Trace;
+
+    let _l = vm_lock();
+    let Some((kernel, busybox)) = guests() else { return };
+    let script = "#!/bin/sh\n\
+        mount -t proc proc /proc\n\
+        dmesg | grep 'TSC deadline'\n\
+        grep 'Clock Event Device: lapic' /proc/timer_list\n\
+        grep LOC /proc/interrupts\n\
+        sleep 1\n\
+        grep LOC /proc/interrupts\n\
+        echo init: done\n\
+        poweroff -f\n";
+    let dir = std::env::temp_dir().join(format!("popek-linux-deadline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = dir.join("initrd.gz");
+    std::fs::write(&initrd, initramfs::busybox_initramfs(&busybox, script, &[]).unwrap()).unwrap();
+    let opts = RunOptions {
+        kernel: Some(kernel),
+        initrd: Some(initrd),
+        append: Some("console=ttyS0 panic=-1 quiet".into()),
+        mem: 256 << 20,
+        machine: Machine::Pc,
+        ..RunOptions::default()
+    };
+    let check = |text: &str| {
+        assert!(text.contains("TSC deadline timer available"), "{text}");
+        assert!(text.contains("Clock Event Device: lapic-deadline"), "{text}");
+        // HZ=250, periodic: about 250 timer interrupts in the second.
+        let locs: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("LOC:"))
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(locs.len(), 2, "{text}");
+        assert!((200..=300).contains(&(locs[1] - locs[0])), "{locs:?}");
+        assert!(text.contains("init: done"), "{text}");
+    };
+    let out = Capture::default();
+    let r = run(&opts, Box::new(out.clone())).unwrap();
+    assert_eq!(r.outcome, RunOutcome::HaltedWithInterruptsOff, "{}", out.text());
+    check(&out.text());
+
+    let trace_path = dir.join("linux.trace");
+    let out = Capture::default();
+    let session = DetSession::Record { path: trace_path.clone(), input: None };
+    let rec = run_deterministic(&opts, &DetOptions::default(), session, "", Box::new(out.clone())).unwrap();
+    assert_eq!(rec.outcome, DetOutcome::Finished(RunOutcome::HaltedWithInterruptsOff), "{}", out.text());
+    check(&out.text());
+    let trace = Trace::read(&trace_path).unwrap();
+    let session = DetSession::Replay(Box::new(trace));
+    let rep = run_deterministic(&opts, &DetOptions::default(), session, "", Box::new(std::io::sink())).unwrap();
+    assert!(rep.verified.expect("a replay verifies").end);
+    assert_eq!(rep.count, rec.count);
+    let _ = std::fs::remove_dir_all(dir);
 }
