@@ -3,11 +3,12 @@
 # ../shared/guests/linux-686) into target/guest-modules/linux-686/, for the
 # tests that boot it with virtio disks (tests/tests/linux_virtio.rs). Uses
 # apt on a Debian host: the i386 architecture is added if it is missing.
+# POPEK_VIRTIO_MODULES=DIR puts them elsewhere (the tests read it too).
 # Usage: scripts/fetch-virtio-modules.sh [KERNEL_VERSION]   (default 6.1.0-50-686)
 set -eu
 cd "$(dirname "$0")/.."
 V=${1:-6.1.0-50-686}
-OUT=target/guest-modules/linux-686
+OUT=${POPEK_VIRTIO_MODULES:-target/guest-modules/linux-686}
 if ! dpkg --print-foreign-architectures | grep -qx i386; then
     dpkg --add-architecture i386
     apt-get update -qq
