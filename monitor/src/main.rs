@@ -472,6 +472,7 @@ fn run(a: RunArgs) -> ExitCode {
         guest: a.guest,
         jail: jail_wanted(a.no_jail),
         machine: a.machine,
+        legacy_cpu: false,
         disks: a.disks,
         rng: a.rng,
     };

@@ -57,6 +57,9 @@ pub struct RunOptions {
     pub jail: bool,
     /// The PC (`pc`: APICs, PCI; `isa`: what traces without the option ran on).
     pub machine: Machine,
+    /// The `pc` CPU without the TSC-deadline timer, as traces recorded
+    /// before it had one saw it ([`MachineSpec::legacy_cpu`]).
+    pub legacy_cpu: bool,
     /// virtio-blk disks on raw images (`--disk FILE[,ro]`).
     pub disks: Vec<crate::devices::virtio::blk::DiskSpec>,
     /// A virtio-rng device (`--rng`).
@@ -76,6 +79,7 @@ impl Default for RunOptions {
             guest: None,
             jail: false,
             machine: Machine::default(),
+            legacy_cpu: false,
             disks: Vec::new(),
             rng: false,
         }
@@ -141,6 +145,7 @@ impl RunOptions {
             append: self.append.clone(),
             mem: self.mem,
             machine: self.machine,
+            legacy_cpu: self.legacy_cpu,
         }
     }
 
@@ -153,6 +158,7 @@ impl RunOptions {
             append: m.append,
             mem: m.mem,
             machine: m.machine,
+            legacy_cpu: m.legacy_cpu,
             ..RunOptions::default()
         }
     }
@@ -237,9 +243,10 @@ pub const DETERMINISTIC_TSC_HZ: u64 = 1_000_000_000;
 /// The CPU of `machine`; the TSC runs at `tsc_hz` (the host's, or 1 GHz of
 /// virtual time in the deterministic mode). With user isolation the guest
 /// is told it is not susceptible to Meltdown (docs/security.md).
-pub fn cpu_policy(machine: Machine, tsc_hz: u64, user_isolation: bool) -> CpuPolicy {
+pub fn cpu_policy(machine: Machine, tsc_hz: u64, user_isolation: bool, legacy_cpu: bool) -> CpuPolicy {
     let p = match machine {
         Machine::Isa => CpuPolicy::default(),
+        Machine::Pc if legacy_cpu => CpuPolicy::pc(tsc_hz).without_tsc_deadline(),
         Machine::Pc => CpuPolicy::pc(tsc_hz),
     };
     if user_isolation {
@@ -317,7 +324,8 @@ fn build_machine(
     }
     let deterministic = timing.deterministic || opts.bt.deterministic;
     let tsc_hz = if deterministic { DETERMINISTIC_TSC_HZ } else { crate::devices::clock::host_tsc_hz() };
-    let policy = cpu_policy(opts.machine, tsc_hz, opts.bt.user_isolation && opts.backend == BackendKind::Bt);
+    let policy =
+        cpu_policy(opts.machine, tsc_hz, opts.bt.user_isolation && opts.backend == BackendKind::Bt, opts.legacy_cpu);
     let config =
         PlatformConfig { ram_size: mem.size(), console, clock: timing.clock.clone(), wall_clock: timing.wall_clock };
     let platform = platform(opts, &policy, &mem, config)?;
@@ -438,7 +446,12 @@ pub fn run_deterministic(
                 command_line: header::command_line(&opts.machine()),
                 mem_bytes: opts.mem,
                 images: header::image_digests(&opts.machine())?,
-                cpuid: header::cpuid_entries(opts.machine, DETERMINISTIC_TSC_HZ, opts.bt.user_isolation),
+                cpuid: header::cpuid_entries(
+                    opts.machine,
+                    DETERMINISTIC_TSC_HZ,
+                    opts.bt.user_isolation,
+                    opts.legacy_cpu,
+                ),
                 start_unix_ns: crate::devices::clock::WallClock::now_unix_ns(&start),
                 checkpoint_every: det.checkpoint_every,
                 memory_every: det.memory_every,

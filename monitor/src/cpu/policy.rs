@@ -102,6 +102,13 @@ impl CpuPolicy {
         p
     }
 
+    /// The `pc` CPU as it was before it offered the TSC-deadline timer:
+    /// traces recorded then replay on it.
+    pub fn without_tsc_deadline(mut self) -> Self {
+        self.ecx1 &= !ecx1::TSC_DEADLINE;
+        self
+    }
+
     /// Tells the guest it is not susceptible to Meltdown (RDCL_NO): right
     /// when user code cannot reach supervisor pages in the window, i.e. with
     /// user isolation. Needs leaf 7 (the `pc` machine); no effect otherwise.

@@ -23,6 +23,10 @@ pub struct MachineSpec {
     /// The PC; a header without `--machine` means `isa` (recorded before
     /// there was a choice).
     pub machine: crate::devices::platform::Machine,
+    /// A `pc` recorded before its CPU offered the TSC-deadline timer (the
+    /// header's CPUID leaf 1 says so): replay gives the guest that CPU, or
+    /// the trace would diverge where the kernel chose its timer.
+    pub legacy_cpu: bool,
 }
 
 #[derive(Debug, Error)]
@@ -109,12 +113,20 @@ pub fn machine_from_header(h: &Header) -> Result<MachineSpec, HeaderError> {
             other => return Err(HeaderError::Malformed(format!("unknown machine option {other:?}"))),
         }
     }
+    let tsc_deadline = crate::cpu::policy::ecx1::TSC_DEADLINE;
+    m.legacy_cpu = m.machine == crate::devices::platform::Machine::Pc
+        && h.cpuid.iter().find(|c| (c.leaf, c.subleaf) == (1, 0)).is_some_and(|c| c.regs[2] & tsc_deadline == 0);
     Ok(m)
 }
 
 /// The CPUID answers of the guest's policy (recorded in trace headers).
-pub fn cpuid_entries(machine: crate::devices::platform::Machine, tsc_hz: u64, isolation: bool) -> Vec<CpuidEntry> {
-    let p = crate::run::cpu_policy(machine, tsc_hz, isolation);
+pub fn cpuid_entries(
+    machine: crate::devices::platform::Machine,
+    tsc_hz: u64,
+    isolation: bool,
+    legacy_cpu: bool,
+) -> Vec<CpuidEntry> {
+    let p = crate::run::cpu_policy(machine, tsc_hz, isolation, legacy_cpu);
     let mut v = Vec::new();
     for base in [0u32, 0x8000_0000] {
         let max = p.cpuid(base, 0)[0];
@@ -178,11 +190,30 @@ mod tests {
             append: Some("console=ttyS0 quiet".into()),
             mem: 128 << 20,
             machine: crate::devices::platform::Machine::Pc,
+            legacy_cpu: false,
         };
         let h = Header { command_line: command_line(&m), mem_bytes: 1, ..Header::default() };
         assert_eq!(machine_from_header(&h).unwrap(), m);
         // Recorded before `--machine` existed: the isa machine.
         let old = Header { command_line: vec!["--mem".into(), "1M".into()], ..Header::default() };
         assert_eq!(machine_from_header(&old).unwrap().machine, crate::devices::platform::Machine::Isa);
+    }
+
+    #[test]
+    fn a_pc_recorded_without_the_tsc_deadline_timer_replays_on_that_cpu() {
+        use crate::devices::platform::Machine;
+        let pc = MachineSpec { mem: 1 << 20, machine: Machine::Pc, ..MachineSpec::default() };
+        let header = |legacy| Header {
+            command_line: command_line(&pc),
+            mem_bytes: pc.mem,
+            cpuid: cpuid_entries(Machine::Pc, 1_000_000_000, false, legacy),
+            ..Header::default()
+        };
+        assert!(!machine_from_header(&header(false)).unwrap().legacy_cpu, "today's pc");
+        let old = machine_from_header(&header(true)).unwrap();
+        assert!(old.legacy_cpu, "leaf 1 without TSC-deadline");
+        // The CPU replay builds answers CPUID as the recording did.
+        assert_eq!(cpuid_entries(old.machine, 1_000_000_000, false, old.legacy_cpu), header(true).cpuid);
+        assert_ne!(header(true).cpuid, header(false).cpuid);
     }
 }
