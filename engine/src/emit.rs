@@ -67,10 +67,9 @@ const NEW_SELS: i32 = vcpu::NEW_SELS as i32;
 const TRANSITION: i32 = vcpu::TRANSITION as i32;
 const INLINE_ENTRIES: i32 = vcpu::INLINE_ENTRIES as i32;
 const SAVE_SS: i32 = vcpu::SAVE_SS as i32;
-/// Selector bit that tells a segment's two host LDT slots apart (the
-/// untruncated user slot is 2048 entries above the kernel one,
-/// `monitor::backend::bt::segments::USER_SLOTS`).
-const USER_SLOT_BIT: i32 = 2048 << 3;
+/// Selector bit that tells a segment's two host LDT slots apart
+/// ([`crate::vmm_area::SHADOW_USER_BIT`]).
+const USER_SLOT_BIT: i32 = crate::vmm_area::SHADOW_USER_BIT as i32;
 /// EFLAGS bits an inline IRET to CPL 3 requires clear (TF, IOPL, NT, VM)
 /// or set (IF): anything else is the callout's.
 const IRET_FLAGS_CHECKED: i32 = 0x100 | 0x200 | 0x3000 | 0x4000 | 0x2_0000;
@@ -681,7 +680,7 @@ impl Emitter {
     ///       cmp byte [rpl_ok + edx*2 + eax], 0; je miss  (checks fail at this RPL)
     ///       ebx = [gdt_live]; compare [ebx + edx] (8 bytes) with [cache + edx*2]
     ///       jne miss                                     (the GDT changed)
-    ///       edx = ecx | 7 (the host shadow selector)
+    ///       edx = 4 (ecx & ~7) + 0x27 (the host shadow selector)
     /// null: guest_sel[sreg] = ecx; Sreg = edx; seg_loaded |= bit
     ///       (pop: lea esp, [esp + n]); restore; jmp done
     /// miss: restore; callout (the instruction's own)
@@ -707,8 +706,10 @@ impl Emitter {
         // selector does).
         x86!(self.asm
             ; gs movzx eax, BYTE [edx * 4 + SEG_ENTRY_USER_OK]
-            ; mov edx, ecx
-            ; or edx, 7
+            // The kernel shadow slot: 4 (selector & ~7) + 0x27.
+            ; lea edx, [ecx * 4]
+            ; and edx, !0x1F
+            ; lea edx, [edx + 0x27]
         );
         let join = self.short_jump(0xEB);
         if let Some(null) = null {

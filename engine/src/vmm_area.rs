@@ -61,6 +61,11 @@ pub const GDT_ALIAS_PAGES: u32 = 2;
 /// when the live GDT entry equals it. In a page that guest-mode code can
 /// only read: user code must not forge what the kernel's loads trust.
 pub const SEG_CACHE: u32 = 0x3000;
+/// The selector bit that tells a guest descriptor's two host LDT shadow
+/// slots apart (the truncated kernel one and the user one as written):
+/// host selector `4 (s & ~7) + 0x27` for guest GDT selector `s`, `| 8` for
+/// the user twin (monitor::backend::bt::segments).
+pub const SHADOW_USER_BIT: u16 = 8;
 /// Bytes per segment-cache entry (descriptor, 4 load bytes, 4 VERW bytes,
 /// the user byte, padding).
 pub const SEG_CACHE_ENTRY: u32 = 32;

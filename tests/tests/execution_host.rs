@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
+use monitor::host::ldt::FIRST_SHADOW;
 use monitor::host::{Exit, HostSegment, Prot, SegKind, SyscallKind};
 use popek_tests::*;
 
@@ -340,10 +341,15 @@ fn stack_fault_and_segment_not_present() {
     let data = SegKind::Data { writable: true, expand_down: false };
     let small_ss = g
         .vcpu
-        .set_ldt_entry(1, HostSegment { base: 0, limit: 0x30_0000 - 1, kind: data, big: true, present: true })
+        .set_ldt_entry(
+            FIRST_SHADOW,
+            HostSegment { base: 0, limit: 0x30_0000 - 1, kind: data, big: true, present: true },
+        )
         .unwrap();
-    let absent =
-        g.vcpu.set_ldt_entry(2, HostSegment { base: 0, limit: 0xFFFF, kind: data, big: true, present: false }).unwrap();
+    let absent = g
+        .vcpu
+        .set_ldt_entry(FIRST_SHADOW + 1, HostSegment { base: 0, limit: 0xFFFF, kind: data, big: true, present: false })
+        .unwrap();
     g.load(|a| {
         a.push(eax)?; // ESP = limit+1: the push lands at limit-3: fine
         a.mov(esp, 0x30_0000 + 0x100)?;

@@ -373,7 +373,7 @@ impl Vcpu {
 
     /// Writes host LDT entry `index` and returns its selector.
     pub fn set_ldt_entry(&mut self, index: u16, seg: HostSegment) -> Result<u16, HostError> {
-        if index >= ldt::FIRST_RESERVED {
+        if !(ldt::FIRST_SHADOW..ldt::LDT_ENTRIES).contains(&index) {
             return Err(HostError::LdtIndex(index));
         }
         let sel = ldt::set_entry(index, &seg)?;

@@ -5,19 +5,26 @@
 //!
 //! Each guest descriptor has two shadow slots in the host LDT, one-to-one,
 //! so mapping a host selector found at an exit back to the guest selector
-//! is arithmetic, not a search:
+//! is arithmetic, not a search. Guest entry `i` of table `ti` (0 GDT, 1
+//! LDT) has host index `FIRST_SHADOW + 4 i + 2 ti + user`:
 //!
-//! | host LDT indexes | holds |
+//! | `user` | holds |
 //! | --- | --- |
-//! | `0..2048` | guest GDT entry `i`, limit truncated below the VMM area (translated kernel code) |
-//! | `2048..4096` | guest GDT entry `i`, as the guest wrote it (direct user code) |
-//! | `4096..6144` | guest LDT entry `j`, truncated |
-//! | `6144..8188` | guest LDT entry `j`, as written |
+//! | 0 | the descriptor, limit truncated below the VMM area (translated kernel code) |
+//! | 1 | the descriptor as the guest wrote it (direct user code) |
+//!
+//! Interleaved, so a guest that uses the first few dozen GDT entries (Linux
+//! uses 32) keeps the host LDT under a page: the kernel copies the whole
+//! table at every `modify_ldt` write, and a write that cost ~17 µs with
+//! the 64 KB table of the earlier layout (user slots 2048 entries up)
+//! costs a few µs. In selector terms the host selector of guest GDT
+//! selector `s` is `4 (s & ~7) + 0x27`, and [`area::SHADOW_USER_BIT`]
+//! (bit 3) tells the two slots apart.
 //!
 //! The two slots of a descriptor are written together, so either always
 //! shadows the same descriptor as the other: inline privilege transitions
 //! switch a loaded segment between them by flipping the selector's
-//! [`USER_SLOTS`] bit.
+//! [`area::SHADOW_USER_BIT`].
 //!
 //! Why two: user code runs directly and glibc addresses its TLS with
 //! negative offsets that wrap around 4 GiB (`gs:[-0x54]`), which a truncated
@@ -30,15 +37,11 @@ use engine::vmm_area::{self as area, vcpu as page};
 use super::memory::Guest;
 use super::{failed, BackendError};
 use crate::cpu::{Cpu, Descriptor, Seg, SegReg};
-use crate::host::ldt::{ldt_selector, HostSegment, SegKind};
+use crate::host::ldt::{ldt_selector, HostSegment, SegKind, FIRST_SHADOW, LDT_ENTRIES};
 use crate::host::{Segments, Vcpu, VmmAlias};
 
-/// First host LDT index used for guest LDT descriptors.
-pub const LDT_SHADOW_BASE: u16 = 4096;
-/// Offset of the untruncated (user) slots within each table's range.
-pub const USER_SLOTS: u16 = 2048;
 /// Guest GDT/LDT indexes that have a shadow slot.
-pub const MAX_SHADOWED: u16 = 2044;
+pub const MAX_SHADOWED: u16 = (LDT_ENTRIES - FIRST_SHADOW) / 4;
 
 /// The host LDT copy of code/data descriptor `d`, truncated below the VMM
 /// area (`vmm_base`), or as written when `vmm_base` is `None`. System
@@ -67,8 +70,8 @@ pub fn shadow_index(sel: u16, user: bool) -> Option<u16> {
     if sel & !3 == 0 || index >= MAX_SHADOWED {
         return None;
     }
-    let table = if sel & 4 != 0 { LDT_SHADOW_BASE } else { 0 };
-    Some(table + index + if user { USER_SLOTS } else { 0 })
+    let table = (sel >> 2) & 1;
+    Some(FIRST_SHADOW + 4 * index + 2 * table + u16::from(user))
 }
 
 /// Host selector (RPL 3, TI=1) for guest selector `sel`.
@@ -82,13 +85,9 @@ pub fn guest_selector(host: u16, rpl: u8) -> Option<u16> {
     if host & 4 == 0 {
         return None;
     }
-    let index = host >> 3;
-    let (ti, rest) = if index >= LDT_SHADOW_BASE { (4, index - LDT_SHADOW_BASE) } else { (0, index) };
-    let gi = rest % USER_SLOTS;
-    if gi >= MAX_SHADOWED {
-        return None;
-    }
-    Some((gi << 3) | ti | u16::from(rpl & 3))
+    let rest = (host >> 3).checked_sub(FIRST_SHADOW)?;
+    let (gi, ti) = (rest / 4, (rest >> 1) & 1);
+    Some((gi << 3) | (ti << 2) | u16::from(rpl & 3))
 }
 
 /// A selector error code from the host refers to a host selector: report
@@ -151,10 +150,10 @@ impl Shadows {
         if seg.selector & !3 != 0 {
             // The other slot of the pair shadows the same descriptor.
             let twin = descriptor_shadow(&seg.cache, if user { truncated } else { None }).expect("a code/data segment");
-            self.write_slot(host, index ^ USER_SLOTS, twin)?;
+            self.write_slot(host, index ^ 1, twin)?;
             if seg.selector & 4 == 0 {
                 // Both slots of this GDT index now shadow `seg.cache`.
-                self.seg_cache.record(index & !USER_SLOTS, &seg.cache);
+                self.seg_cache.record(seg.selector >> 3, &seg.cache);
             }
         }
         Ok(ldt_selector(index))
@@ -410,18 +409,27 @@ mod tests {
 
     #[test]
     fn shadow_selectors_round_trip() {
-        assert_eq!(shadow_index(0x10, false), Some(2));
-        assert_eq!(shadow_index(0x10, true), Some(USER_SLOTS + 2));
-        assert_eq!(shadow_index(0x0f, false), Some(LDT_SHADOW_BASE + 1));
+        assert_eq!(shadow_index(0x10, false), Some(FIRST_SHADOW + 8));
+        assert_eq!(shadow_index(0x10, true), Some(FIRST_SHADOW + 9));
+        assert_eq!(shadow_index(0x0f, false), Some(FIRST_SHADOW + 6));
         assert_eq!(shadow_index(3, false), None);
+        // What the TC computes inline: 4 (s & ~7) + 0x27, bit 3 for the twin.
+        for s in [0x08u16, 0x10, 0x7b, 0xfb] {
+            let want = 4 * (s & !7) + 0x27;
+            assert_eq!(shadow_selector(s, false), Some(want), "{s:#x}");
+            assert_eq!(shadow_selector(s, true), Some(want | area::SHADOW_USER_BIT), "{s:#x}");
+        }
+        // Linux's GDT (32 entries) keeps the host LDT within a page.
+        assert!((usize::from(shadow_index(31 << 3 | 3, true).unwrap()) + 1) * 8 <= 4096);
+        assert_eq!(guest_selector(crate::host::ldt::ldt_selector(crate::host::ldt::VMM_DATA_INDEX), 3), None);
         for user in [false, true] {
             let h = shadow_selector(0x10, user).unwrap();
             assert_eq!(guest_selector(h, 0), Some(0x10));
             let h = shadow_selector(0x0f, user).unwrap();
             assert_eq!(guest_selector(h, 3), Some(0x0f));
         }
-        assert!(shadow_index(0x33, true).unwrap() < crate::host::ldt::FIRST_RESERVED);
-        assert!(shadow_index((MAX_SHADOWED - 1) << 3 | 4, true).unwrap() < crate::host::ldt::FIRST_RESERVED);
+        assert!(shadow_index((MAX_SHADOWED - 1) << 3 | 4, true).unwrap() < LDT_ENTRIES);
+        assert_eq!(shadow_index(MAX_SHADOWED << 3, true), None);
     }
 
     #[test]
