@@ -253,7 +253,14 @@ impl Vm {
 
     /// Runs the guest until it exits, powers off, resets or dies.
     pub fn run(&mut self) -> Result<RunOutcome, VmError> {
-        let ticker = Ticker::start(self.clock.clone(), self.backend.kicker());
+        let timer = self.backend.kick_thread().and_then(|tid| {
+            crate::host::signals::KickTimer::new(tid)
+                .map_err(|e| tracing::debug!(%e, "no kick timer: a ticker thread kicks instead"))
+                .ok()
+        });
+        let ticker = timer.is_none().then(|| Ticker::start(self.clock.clone(), self.backend.kicker()));
+        // The deadline the timer is set for.
+        let mut armed: Option<u64> = None;
         let _stress = self.start_stress_kicks(None);
         loop {
             let now = self.clock.now_ns();
@@ -266,7 +273,19 @@ impl Vm {
                 return Ok(outcome);
             }
             self.offer_interrupt()?;
-            ticker.deadline.store(self.platform.next_deadline_ns().unwrap_or(u64::MAX), Ordering::Release);
+            let deadline = self.platform.next_deadline_ns();
+            if let Some(t) = &timer {
+                if deadline != armed {
+                    let after = deadline.map(|d| d.saturating_sub(self.clock.now_ns()));
+                    t.set(after).map_err(|e| VmError::Stopped {
+                        error: BackendError::Failed { backend: "run loop", what: e.to_string() },
+                        state: self.backend.cpu_state().dump(),
+                    })?;
+                    armed = deadline;
+                }
+            } else if let Some(t) = &ticker {
+                t.deadline.store(deadline.unwrap_or(u64::MAX), Ordering::Release);
+            }
             let exit = match self.backend.run_with_ports(&mut self.platform) {
                 Ok(e) => e,
                 Err(error) => return Err(VmError::Stopped { error, state: self.backend.cpu_state().dump() }),

@@ -301,15 +301,17 @@ fn a_running_popek_is_jailed_on_every_thread() {
     });
     let elf = scratch("spin.elf");
     std::fs::write(&elf, monitor::loader::multiboot::build_elf(&spin, LOAD, LOAD, 0)).unwrap();
+    // Console input on (a pipe kept open): the vCPU thread and the input
+    // thread, which blocks reading it. The timer kicks need no thread.
     let mut child = Command::new(POPEK)
-        .args(["run", "--kernel", elf.to_str().unwrap(), "--mem", "16M", "--no-input"])
-        .stdin(Stdio::null())
+        .args(["run", "--kernel", elf.to_str().unwrap(), "--mem", "16M"])
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let pid = child.id();
-    // Wait until the run loop's threads (ticker) exist and the jail is closed.
+    // Wait until the run loop's threads exist and the jail is closed.
     let t = Instant::now();
     let mut statuses = Vec::new();
     while t.elapsed() < Duration::from_secs(20) {
@@ -321,7 +323,7 @@ fn a_running_popek_is_jailed_on_every_thread() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(statuses.len() >= 2, "vCPU and ticker threads: {statuses:?}");
+    assert!(statuses.len() >= 2, "vCPU and console input threads: {statuses:?}");
     for s in &statuses {
         let field = |k: &str| s.lines().find(|l| l.starts_with(k)).unwrap_or("").to_string();
         assert_eq!(field("Seccomp:"), "Seccomp:\t2", "{s}");

@@ -145,6 +145,13 @@ pub trait Backend {
     fn request_interrupt_window(&mut self, on: bool);
     /// A handle to make `run` return [`VmExit::Interrupted`].
     fn kicker(&self) -> Kick;
+    /// The host thread that [`Backend::kicker`]'s kick signals, when a kick
+    /// is exactly the kick signal to it: the run loop can then arm a timer
+    /// that sends it ([`crate::host::signals::KickTimer`]) instead of
+    /// running a ticker thread.
+    fn kick_thread(&self) -> Option<libc::pid_t> {
+        None
+    }
     /// The architectural state (for reports, dumps and traces).
     fn cpu_state(&mut self) -> Cpu;
     /// Backend counters as `(name, value)` pairs with stable names.

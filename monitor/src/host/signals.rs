@@ -334,3 +334,58 @@ pub fn kick_thread(tid: libc::pid_t) -> Result<(), HostError> {
     }
     Ok(())
 }
+
+/// A POSIX timer that sends the kick signal to one thread of this process
+/// when it expires: the run loop's timer deadlines without a thread of
+/// their own. A ticker thread woke every 0.2-2 ms on the other CPU, which
+/// kept our address space live there, and every `mmap`, `munmap`,
+/// `mprotect` and `modify_ldt` of the shadow MMU then waited for an IPI
+/// to it (docs/benchmarks.md).
+pub struct KickTimer {
+    id: libc::timer_t,
+}
+
+impl KickTimer {
+    /// A disarmed timer that kicks thread `tid`.
+    pub fn new(tid: libc::pid_t) -> Result<KickTimer, HostError> {
+        // SAFETY: a zeroed sigevent is a valid value of the C struct; the
+        // fields set below are the ones SIGEV_THREAD_ID reads.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = kick_signal();
+        sev.sigev_notify_thread_id = tid;
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: both pointers are to live locals; the kernel writes `id`.
+        let r = unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) };
+        if r != 0 {
+            return Err(HostError::Syscall { what: "timer_create(kick)", errno: nix::Error::last() });
+        }
+        Ok(KickTimer { id })
+    }
+
+    /// Kicks once, `after_ns` from now (a deadline already passed kicks at
+    /// once); `None` disarms.
+    pub fn set(&self, after_ns: Option<u64>) -> Result<(), HostError> {
+        let ns = after_ns.map_or(0, |n| n.max(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_value: libc::timespec {
+                tv_sec: (ns / 1_000_000_000) as libc::time_t,
+                tv_nsec: (ns % 1_000_000_000) as _,
+            },
+        };
+        // SAFETY: `id` is this object's timer; `spec` lives across the call.
+        let r = unsafe { libc::timer_settime(self.id, 0, &spec, std::ptr::null_mut()) };
+        if r != 0 {
+            return Err(HostError::Syscall { what: "timer_settime(kick)", errno: nix::Error::last() });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KickTimer {
+    fn drop(&mut self) {
+        // SAFETY: `id` came from timer_create and is deleted once.
+        unsafe { libc::timer_delete(self.id) };
+    }
+}

@@ -176,6 +176,11 @@ impl Kicker {
     pub fn kick(&self) -> Result<(), HostError> {
         signals::kick_thread(self.tid)
     }
+
+    /// The thread a kick interrupts (a [`signals::KickTimer`] can kick it).
+    pub fn tid(&self) -> libc::pid_t {
+        self.tid
+    }
 }
 
 /// EFLAGS bits guest-mode code controls (the rest are forced: IF=1, IOPL=0).

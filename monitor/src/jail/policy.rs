@@ -169,6 +169,11 @@ const COMMON: &[Rule] = &[
     // Time.
     allow(libc::SYS_clock_gettime, "clock_gettime"),
     allow(libc::SYS_clock_nanosleep, "clock_nanosleep"),
+    // The run loop's kick timer (SIGEV_THREAD_ID: the kernel delivers only
+    // to a thread of this process).
+    allow(libc::SYS_timer_create, "timer_create"),
+    allow(libc::SYS_timer_settime, "timer_settime"),
+    allow(libc::SYS_timer_delete, "timer_delete"),
     allow(libc::SYS_nanosleep, "nanosleep"),
     allow(libc::SYS_gettimeofday, "gettimeofday"),
     allow(libc::SYS_getrandom, "getrandom"),

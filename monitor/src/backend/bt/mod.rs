@@ -815,6 +815,10 @@ impl Backend for BtBackend {
         self.want_window = on;
     }
 
+    fn kick_thread(&self) -> Option<libc::pid_t> {
+        Some(self.host.kicker().tid())
+    }
+
     fn kicker(&self) -> Kick {
         let k = self.host.kicker();
         Arc::new(move || {
