@@ -82,28 +82,30 @@ use crate::guests::kernel::{
 /// Blocks per guest.
 pub const BLOCKS: usize = 32;
 /// Where block `i` is: one 256-byte slot each, below the runtime area.
-const BLOCKS_AT: u32 = LOAD_ADDR + 0x6000;
-const SLOT: u32 = 0x100;
+pub(super) const BLOCKS_AT: u32 = LOAD_ADDR + 0x6000;
+pub(super) const SLOT: u32 = 0x100;
 /// The data page the blocks address through EBP (EBP = its middle).
-const DATA_PAGE: u32 = 0x0014_0000;
-const USTACK_TOP: u32 = 0x0015_0000;
+pub(super) const DATA_PAGE: u32 = 0x0014_0000;
+pub(super) const USTACK_TOP: u32 = 0x0015_0000;
 const KSTACK_TOP: u32 = gk::KSTACK0_TOP;
 /// The kernel variable holding the index of the next block's setup.
 const NEXT: u32 = gk::VARS;
 /// Per block, the EFLAGS bits its dump shows (`MASKS + 4 * i`).
 const MASKS: u32 = gk::VARS + 0x100;
 /// EFLAGS bits compared: CF PF AF ZF SF DF OF.
-const FLAGS_MASK: u32 = 0x0CD5;
+pub(super) const FLAGS_MASK: u32 = 0x0CD5;
 /// EFLAGS bits the generated POPFDs never set: TF (a #DB after every
 /// instruction turns the rest of a block into trap handling). NT and AC,
 /// once known VM failures (docs/reliability.md), are set.
 pub const KNOWN_BAD_FLAGS: u32 = 0x100;
 /// A guest that runs longer is a hang.
-const RUN_LIMIT: Duration = Duration::from_secs(20);
+pub(super) const RUN_LIMIT: Duration = Duration::from_secs(20);
 
-const R32: [Register; 6] = [Register::EAX, Register::ECX, Register::EDX, Register::EBX, Register::ESI, Register::EDI];
-const R16: [Register; 6] = [Register::AX, Register::CX, Register::DX, Register::BX, Register::SI, Register::DI];
-const R8: [Register; 8] =
+pub(super) const R32: [Register; 6] =
+    [Register::EAX, Register::ECX, Register::EDX, Register::EBX, Register::ESI, Register::EDI];
+pub(super) const R16: [Register; 6] =
+    [Register::AX, Register::CX, Register::DX, Register::BX, Register::SI, Register::DI];
+pub(super) const R8: [Register; 8] =
     [Register::AL, Register::CL, Register::DL, Register::BL, Register::AH, Register::CH, Register::DH, Register::BH];
 
 struct Cpl3 {
@@ -144,7 +146,7 @@ pub struct Block {
     pub compared: u32,
 }
 
-fn mem(u: &mut Unstructured<'_>, size_scale: i64) -> arbitrary::Result<MemoryOperand> {
+pub(super) fn mem(u: &mut Unstructured<'_>, size_scale: i64) -> arbitrary::Result<MemoryOperand> {
     let disp = i64::from(u.int_in_range(-120i8..=112)?) & !(size_scale - 1);
     Ok(MemoryOperand::with_base_displ(Register::EBP, disp))
 }
@@ -152,7 +154,7 @@ fn mem(u: &mut Unstructured<'_>, size_scale: i64) -> arbitrary::Result<MemoryOpe
 /// Arm `arm` (0-24) of the first generator: one random unprivileged
 /// instruction or a short straight-line idiom. Arms 0-12 leave ESP alone
 /// (the bodies of local calls are made of them).
-fn plain(u: &mut Unstructured<'_>, arm: u8) -> arbitrary::Result<Vec<Instruction>> {
+pub(super) fn plain(u: &mut Unstructured<'_>, arm: u8) -> arbitrary::Result<Vec<Instruction>> {
     use Code::*;
     let r32 = |u: &mut Unstructured<'_>| u.choose(&R32).copied();
     let r16 = |u: &mut Unstructured<'_>| u.choose(&R16).copied();
@@ -293,7 +295,7 @@ fn plain(u: &mut Unstructured<'_>, arm: u8) -> arbitrary::Result<Vec<Instruction
 /// A generated piece before encoding: instructions in layout order and
 /// the branches and addresses inside it, by label.
 #[derive(Default)]
-struct Idiom {
+pub(super) struct Idiom {
     insns: Vec<Instruction>,
     /// (instruction, label): a relative branch to the label.
     near: Vec<(usize, usize)>,
@@ -313,16 +315,16 @@ impl From<Vec<Instruction>> for Idiom {
 }
 
 impl Idiom {
-    fn push(&mut self, i: Instruction) -> usize {
+    pub(super) fn push(&mut self, i: Instruction) -> usize {
         self.insns.push(i);
         self.insns.len() - 1
     }
 
-    fn extend(&mut self, is: impl IntoIterator<Item = Instruction>) {
+    pub(super) fn extend(&mut self, is: impl IntoIterator<Item = Instruction>) {
         self.insns.extend(is);
     }
 
-    fn kind(self, kind: &'static str) -> Idiom {
+    pub(super) fn kind(self, kind: &'static str) -> Idiom {
         Idiom { kind: Some(kind), ..self }
     }
 
@@ -336,23 +338,23 @@ impl Idiom {
         })
     }
 
-    fn label(&mut self) -> usize {
+    pub(super) fn label(&mut self) -> usize {
         self.labels.push(usize::MAX);
         self.labels.len() - 1
     }
 
-    fn bind(&mut self, l: usize) {
+    pub(super) fn bind(&mut self, l: usize) {
         self.labels[l] = self.insns.len();
     }
 
     /// `i`, a branch with a rel8/rel32, to label `l`.
-    fn branch_to(&mut self, i: Instruction, l: usize) {
+    pub(super) fn branch_to(&mut self, i: Instruction, l: usize) {
         let n = self.push(i);
         self.near.push((n, l));
     }
 
     /// `i`, whose imm32 (its last four bytes) becomes the address of `l`.
-    fn address_of(&mut self, i: Instruction, l: usize) {
+    pub(super) fn address_of(&mut self, i: Instruction, l: usize) {
         let n = self.push(i);
         self.abs.push((n, l));
     }
@@ -407,8 +409,16 @@ fn assemble(d: &Idiom) -> Option<Piece> {
 
 /// One random unprivileged instruction or idiom.
 fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
+    let arm = u.int_in_range(0..=31u8)?;
+    instruction_arm(u, arm)
+}
+
+/// Arm `arm` (0-31) of [`instruction`]: 0-24 [`plain`] (21 a CALL to the
+/// next instruction and POP; 24 CLI/STI/HLT), 25-31 the second generator's
+/// pieces. The cpl0 target picks its arms itself (no HLT at CPL 0).
+pub(super) fn instruction_arm(u: &mut Unstructured<'_>, arm: u8) -> arbitrary::Result<Idiom> {
     use Code::*;
-    match u.int_in_range(0..=31u8)? {
+    match arm {
         21 => {
             // CALL to the next instruction and POP: the guest's return
             // address must be on the stack, never a TC address.
@@ -430,11 +440,11 @@ fn instruction(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
     }
 }
 
-fn ok(i: Result<Instruction, iced_x86::IcedError>) -> arbitrary::Result<Instruction> {
+pub(super) fn ok(i: Result<Instruction, iced_x86::IcedError>) -> arbitrary::Result<Instruction> {
     i.map_err(|_| arbitrary::Error::IncorrectFormat)
 }
 
-fn mov_imm(r: Register, v: u32) -> arbitrary::Result<Instruction> {
+pub(super) fn mov_imm(r: Register, v: u32) -> arbitrary::Result<Instruction> {
     ok(Instruction::with2(Code::Mov_r32_imm32, r, v))
 }
 
@@ -442,11 +452,11 @@ fn mov_imm(r: Register, v: u32) -> arbitrary::Result<Instruction> {
 /// the base in the data page, byte-granular limit). GDT entries 6 and 7,
 /// DPL 3, loaded into FS and GS by the kernel before each block (user code
 /// never loads or reads a segment register).
-const SEGMENTS: [(Register, u32, u32); 2] = [(Register::FS, 0, 0xFFF), (Register::GS, 0x800, 0x7FF)];
-const FS_SEL: u16 = 0x33;
-const GS_SEL: u16 = 0x3B;
+pub(super) const SEGMENTS: [(Register, u32, u32); 2] = [(Register::FS, 0, 0xFFF), (Register::GS, 0x800, 0x7FF)];
+pub(super) const FS_SEL: u16 = 0x33;
+pub(super) const GS_SEL: u16 = 0x3B;
 /// EBP in every block: the data page's middle (`mem` addresses through it).
-const EBP_VALUE: u32 = DATA_PAGE + 0x800;
+pub(super) const EBP_VALUE: u32 = DATA_PAGE + 0x800;
 
 /// A memory operand inside the data page and the register loads (to be
 /// put just before it) that place it there; `restore` puts EBP back when
@@ -795,6 +805,17 @@ fn x87(u: &mut Unstructured<'_>) -> arbitrary::Result<Idiom> {
 /// A random block at `ip`, closed by `int 0x80`; forward conditional jumps
 /// within the block are inserted between instructions.
 pub fn block(u: &mut Unstructured<'_>, ip: u32) -> arbitrary::Result<Block> {
+    block_with(u, ip, "cpl3", instruction)
+}
+
+/// [`block`] with pieces from `gen` (the cpl0 target's generator); `tag`
+/// prefixes the outcome notes.
+pub(super) fn block_with(
+    u: &mut Unstructured<'_>,
+    ip: u32,
+    tag: &str,
+    mut gen: impl FnMut(&mut Unstructured<'_>) -> arbitrary::Result<Idiom>,
+) -> arbitrary::Result<Block> {
     // Which arithmetic flags are defined before each piece (iced-x86's
     // flag info): all at entry (IRET loads them), then what instructions
     // write, minus what they leave undefined. A piece that reads an
@@ -809,11 +830,11 @@ pub fn block(u: &mut Unstructured<'_>, ip: u32) -> arbitrary::Result<Block> {
     // are written and read in (the idioms' branches touch no flag, the
     // INT3s they skip touch none of these).
     'outer: for _ in 0..u.int_in_range(1..=12u8)? {
-        let idiom = instruction(u)?;
+        let idiom = gen(u)?;
         let mut st = defined;
         for i in &idiom.insns {
             if i.rflags_read() & ARITH & !st != 0 {
-                super::note("cpl3: left out, reads undefined flags");
+                super::note(&format!("{tag}: left out, reads undefined flags"));
                 continue 'outer;
             }
             st = (st | i.rflags_modified()) & !i.rflags_undefined();
@@ -888,9 +909,10 @@ pub fn block(u: &mut Unstructured<'_>, ip: u32) -> arbitrary::Result<Block> {
 pub const CLOSE: [u8; 10] = [0x89, 0x45, 0x7C, 0xB8, 0, 0, 0, 0, 0xCD, 0x80];
 
 /// iced-x86's arithmetic flag bits.
-const ARITH: u32 = RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
+pub(super) const ARITH: u32 =
+    RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
 /// EFLAGS.DF.
-const DF: u32 = 1 << 10;
+pub(super) const DF: u32 = 1 << 10;
 
 /// The flags Jcc condition `cc` (the low nibble of 0x70+cc) reads.
 fn condition_flags(cc: u8) -> u32 {
@@ -908,7 +930,7 @@ fn condition_flags(cc: u8) -> u32 {
 }
 
 /// iced-x86 flag bits as EFLAGS bits.
-fn eflags_bits(f: u32) -> u32 {
+pub(super) fn eflags_bits(f: u32) -> u32 {
     use RflagsBits as F;
     [(F::CF, 0), (F::PF, 2), (F::AF, 4), (F::ZF, 6), (F::SF, 7), (F::OF, 11)]
         .iter()
@@ -922,22 +944,7 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
     let mut img = Image::new();
     img.bytes.resize((BLOCKS_AT + SLOT * BLOCKS as u32 - LOAD_ADDR) as usize, 0);
     img.tables();
-    // FS and GS: DPL 3 data segments based in the data page (SEGMENTS).
-    for (i, &(_, off, limit)) in SEGMENTS.iter().enumerate() {
-        let d = Descriptor {
-            base: DATA_PAGE + off,
-            limit,
-            typ: 0x3,
-            s: true,
-            dpl: 3,
-            present: true,
-            db: true,
-            g: false,
-            avl: false,
-        };
-        img.put(gk::GDT + 8 * (6 + i as u32), &d.to_u64().to_le_bytes());
-    }
-    img.put(gk::GDTR, &(8 * 8 - 1u16).to_le_bytes());
+    put_segments(&mut img);
     for (i, b) in blocks.iter().enumerate() {
         img.put(BLOCKS_AT + SLOT * i as u32, &b.code);
         img.put_u32(MASKS + 4 * i as u32, b.compared & FLAGS_MASK);
@@ -958,30 +965,13 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
     x86!(k; jmp =>setups[0]);
     for (i, b) in blocks.iter().enumerate() {
         k.bind(setups[i]);
-        let fill = k.label();
-        let (data, seed) = (DATA_PAGE as i32, (0x1234_5678u32.wrapping_mul(i as u32 + 1)) as i32);
-        let (stack_bottom, uds, ustack) = ((USTACK_TOP - 0x1000) as i32, i32::from(USER_DS), USTACK_TOP as i32);
+        let (uds, ustack) = (i32::from(USER_DS), USTACK_TOP as i32);
         let (flags, ucs, at) = ((0x202 | b.flags) as i32, i32::from(USER_CS), (BLOCKS_AT + SLOT * i as u32) as i32);
         let following = i as i32 + 1;
-        let golden = 0x9E37_79B9u32 as i32;
         // NEXT = the index of the setup the handler goes on with.
         x86!(k; mov esp, ktop ; mov DWORD [next], following);
-        x86!(k;
-            cld
-            ; mov edi, data
-            ; mov ecx, 1024
-            ; mov eax, seed
-            ; =>fill
-            ; stosd
-            ; add eax, golden
-            ; dec ecx
-            ; jnz =>fill
-            ; mov edi, stack_bottom
-            ; mov ecx, 1024
-            ; xor eax, eax
-            ; rep stosd
-            ; mov eax, uds
-        );
+        fill_pages(&mut k, i);
+        x86!(k; mov eax, uds);
         k.load_data_segs_ax();
         let (fs_sel, gs_sel) = (i32::from(FS_SEL), i32::from(GS_SEL));
         x86!(k; mov eax, fs_sel);
@@ -1036,6 +1026,66 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
         }
         x86!(k; call =>hex);
     }
+    hash_pages(&mut k, &r);
+    x86!(k; mov al, 0x0A ; call =>putc ; mov eax, DWORD [next]);
+    for (j, &l) in setups.iter().enumerate() {
+        let j = j as i32;
+        x86!(k; cmp eax, j ; je =>l);
+    }
+    x86!(k; mov al, 0x32 ; call =>exit);
+    let code = k.finish();
+    img.put(KCODE, &code);
+    crate::loader::multiboot::build_elf(&img.bytes, LOAD_ADDR, entry, 0x6_0000)
+}
+
+/// GDT entries 6 and 7: FS and GS, DPL 3 data segments based in the data
+/// page ([`SEGMENTS`]); the GDT limit covers them.
+pub(super) fn put_segments(img: &mut Image) {
+    for (i, &(_, off, limit)) in SEGMENTS.iter().enumerate() {
+        let d = Descriptor {
+            base: DATA_PAGE + off,
+            limit,
+            typ: 0x3,
+            s: true,
+            dpl: 3,
+            present: true,
+            db: true,
+            g: false,
+            avl: false,
+        };
+        img.put(gk::GDT + 8 * (6 + i as u32), &d.to_u64().to_le_bytes());
+    }
+    img.put(gk::GDTR, &(8 * 8 - 1u16).to_le_bytes());
+}
+
+/// Fills the data page with block `i`'s pattern and zeroes the stack page
+/// (kernel code, ES flat; clobbers EAX, ECX, EDI).
+pub(super) fn fill_pages(k: &mut Asm, i: usize) {
+    let fill = k.label();
+    let (data, seed) = (DATA_PAGE as i32, (0x1234_5678u32.wrapping_mul(i as u32 + 1)) as i32);
+    let stack_bottom = (USTACK_TOP - 0x1000) as i32;
+    let golden = 0x9E37_79B9u32 as i32;
+    x86!(k;
+        cld
+        ; mov edi, data
+        ; mov ecx, 1024
+        ; mov eax, seed
+        ; =>fill
+        ; stosd
+        ; add eax, golden
+        ; dec ecx
+        ; jnz =>fill
+        ; mov edi, stack_bottom
+        ; mov ecx, 1024
+        ; xor eax, eax
+        ; rep stosd
+    );
+}
+
+/// Prints ` hash` of the data page and of the stack page (kernel code,
+/// DS flat; clobbers EAX, ECX, ESI).
+pub(super) fn hash_pages(k: &mut Asm, r: &gk::Routines) {
+    let (putc, hex) = (r.putc, r.print_hex);
     for page in [DATA_PAGE, USTACK_TOP - 0x1000] {
         let l = k.label();
         let p = page as i32;
@@ -1056,45 +1106,66 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
             ; call =>hex
         );
     }
-    x86!(k; mov al, 0x0A ; call =>putc ; mov eax, DWORD [next]);
-    for (j, &l) in setups.iter().enumerate() {
-        let j = j as i32;
-        x86!(k; cmp eax, j ; je =>l);
-    }
-    x86!(k; mov al, 0x32 ; call =>exit);
-    let code = k.finish();
-    img.put(KCODE, &code);
-    crate::loader::multiboot::build_elf(&img.bytes, LOAD_ADDR, entry, 0x6_0000)
 }
 
 /// Runs the guest with `user_exec` and returns its console output.
 fn run(exe: &std::path::Path, elf: &std::path::Path, user_exec: &str) -> Result<String, String> {
+    run_with(exe, elf, &["--user-exec", user_exec], user_exec, RUN_LIMIT)
+}
+
+/// Runs the guest `elf` under `popek run` (isa machine, 16 MiB) with the
+/// extra arguments `args` and returns its console output; `what` names
+/// the run in errors. A run longer than `limit` is killed and an error.
+pub(super) fn run_with(
+    exe: &std::path::Path,
+    elf: &std::path::Path,
+    args: &[&str],
+    what: &str,
+    limit: Duration,
+) -> Result<String, String> {
+    run_capture(exe, elf, args, what, limit).map(|r| r.0)
+}
+
+/// [`run_with`], also returning the run's stderr (through a file beside
+/// `elf`: a pipe nobody reads could fill) and exit status.
+pub(super) fn run_capture(
+    exe: &std::path::Path,
+    elf: &std::path::Path,
+    args: &[&str],
+    what: &str,
+    limit: Duration,
+) -> Result<(String, String, std::process::ExitStatus), String> {
+    let err_path = elf.with_extension("stderr");
+    let err_file = std::fs::File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
     let mut child = Command::new(exe)
-        .args(["run", "--machine", "isa", "--mem", "16M", "--no-input", "--user-exec", user_exec, "--kernel"])
+        .args(["run", "--machine", "isa", "--mem", "16M", "--no-input"])
+        .args(args)
+        .arg("--kernel")
         .arg(elf)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::from(err_file))
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
     let start = Instant::now();
-    loop {
+    let status = loop {
         match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if start.elapsed() > RUN_LIMIT => {
+            Ok(Some(s)) => break s,
+            Ok(None) if start.elapsed() > limit => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("the guest ({user_exec}) did not finish in {} s", RUN_LIMIT.as_secs()));
+                return Err(format!("the guest ({what}) did not finish in {} s", limit.as_secs()));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(2)),
             Err(e) => return Err(e.to_string()),
         }
-    }
+    };
     let mut out = String::new();
     if let Some(mut o) = child.stdout.take() {
         let _ = o.read_to_string(&mut out);
     }
-    Ok(out)
+    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    Ok((out, err, status))
 }
 
 /// Disassembly of a block, for failure reports.
