@@ -75,6 +75,9 @@ const USER_SLOT_BIT: i32 = crate::vmm_area::SHADOW_USER_BIT as i32;
 const IRET_FLAGS_CHECKED: i32 = 0x100 | 0x200 | 0x3000 | 0x4000 | 0x2_0000;
 const IF_MASK: i32 = 0x200;
 const IOPL_MASK: i32 = 0x3000;
+/// EFLAGS.NT: virtual only (the host's is not read back), so kept with
+/// IOPL in `viopl` by the inline PUSHF/POPF (cpl0 fuzzer finding).
+const NT_MASK: i32 = 0x4000;
 
 /// Where and how a block is emitted.
 #[derive(Clone, Copy, Debug)]
@@ -1072,6 +1075,9 @@ impl Emitter {
         self.mark(eip, true, false, true);
         self.save_for_checks();
         self.mark(eip, true, false, false);
+        // NT set now: a task return, the callout's.
+        x86!(self.asm; gs test DWORD [VIOPL], NT_MASK);
+        misses.push(self.near_jcc(0x5));
         // RPL 0: a return within the kernel (from an interrupt or an
         // exception taken in kernel code, or Linux's IRET to itself).
         x86!(self.asm
@@ -1305,8 +1311,8 @@ impl Emitter {
         self.dispatch(eip);
     }
 
-    /// PUSHFD: push the real flags, rewrite IF/IOPL in the pushed image
-    /// from the virtual ones, restore the real flags with POPFD.
+    /// PUSHFD: push the real flags, rewrite IF, IOPL and NT in the pushed
+    /// image from the virtual ones, restore the real flags with POPFD.
     fn pushf(&mut self, eip: u32, next: u32) {
         self.at(eip);
         x86!(self.asm; pushf);
@@ -1314,7 +1320,7 @@ impl Emitter {
         self.mark(eip, false, false, false);
         self.spill_ecx();
         self.mark(eip, true, false, false);
-        let keep = !(IF_MASK | IOPL_MASK);
+        let keep = !(IF_MASK | IOPL_MASK | NT_MASK);
         x86!(self.asm
             ; mov ecx, [esp]
             ; and ecx, keep
@@ -1327,8 +1333,10 @@ impl Emitter {
         self.at(next);
     }
 
-    /// POPFD: virtual IF/IOPL from the popped image, everything else into
-    /// the real flags (host CPL 3 POPF ignores IF and IOPL).
+    /// POPFD: virtual IF, IOPL and NT from the popped image, everything
+    /// else into the real flags (host CPL 3 POPF ignores IF and IOPL; NT
+    /// reaches the host's flags too, but only the virtual copy is read
+    /// back).
     fn popf(&mut self, eip: u32, next: u32) {
         self.at(eip);
         self.spill_ecx();
@@ -1340,7 +1348,7 @@ impl Emitter {
             ; and ecx, IF_MASK
             ; gs mov DWORD [VIF], ecx
             ; mov ecx, [esp]
-            ; and ecx, IOPL_MASK
+            ; and ecx, IOPL_MASK | NT_MASK
             ; gs mov DWORD [VIOPL], ecx
         );
         self.reload_ecx();

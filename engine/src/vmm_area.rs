@@ -185,7 +185,8 @@ pub struct VcpuPage {
     pub vmm_gs_sel: u16,
     pub _pad0: u16,
     // ---- engine fields (after the ABI fields) ----
-    /// Virtual EFLAGS.IOPL bits (mask 0x3000), kept by inline PUSHF/POPF.
+    /// Virtual EFLAGS.IOPL and NT bits (mask 0x7000), kept by inline
+    /// PUSHF/POPF (an inline IRET with NT set misses: a task return).
     pub viopl: u32,
     /// Indirect-lookup hits, counted by the indirect entry prologues when
     /// `Config::count_indirect_hits` is on (wraps).

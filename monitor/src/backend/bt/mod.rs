@@ -635,7 +635,7 @@ impl BtBackend {
     /// The vCPU page's virtual flags and poll state for an entry.
     fn write_entry_flags(&mut self) {
         self.alias.write_u32(page::VIF, self.cpu.eflags & flags::IF);
-        self.alias.write_u32(page::VIOPL, self.cpu.eflags & flags::IOPL);
+        self.alias.write_u32(page::VIOPL, self.cpu.eflags & (flags::IOPL | flags::NT));
         self.alias.write_u32(page::IRQ_PENDING, u32::from(self.want_window));
         self.alias.write_u32(page::POLL, 0);
     }
@@ -665,8 +665,9 @@ impl BtBackend {
         // copy is not believed, or a user process could give itself IOPL 3.
         if self.cpu.cpl < 3 {
             let vif = self.alias.read_u32(page::VIF) & flags::IF;
-            let viopl = self.alias.read_u32(page::VIOPL) & flags::IOPL;
-            self.cpu.eflags = (self.cpu.eflags & !(flags::IF | flags::IOPL)) | vif | viopl;
+            // NT too: the host's is not read back (flags::LIVE).
+            let viopl = self.alias.read_u32(page::VIOPL) & (flags::IOPL | flags::NT);
+            self.cpu.eflags = (self.cpu.eflags & !(flags::IF | flags::IOPL | flags::NT)) | vif | viopl;
         }
         self.counter.settle(self.alias.read_u32(page::BUDGET) as i32);
         self.handle_translated_exit(exit, host_eip)
