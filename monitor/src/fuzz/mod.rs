@@ -17,6 +17,7 @@
 //! FILE` runs one again).
 
 pub mod alloc;
+pub mod cpl0;
 pub mod cpl3;
 pub mod loaders;
 pub mod mutate;
@@ -90,6 +91,12 @@ pub fn targets() -> &'static [TargetInfo] {
             about: "differential: random unprivileged blocks at CPL 3, user code direct vs translated, in a guest (slow: two VMs per input)",
             max_len: 4096,
             make: cpl3::cpl3,
+        },
+        TargetInfo {
+            name: "cpl0",
+            about: "metamorphic: random kernel blocks with sensitive instructions at CPL 0, translated, under six switch sets that must agree (slow: six VMs per input)",
+            max_len: 4096,
+            make: cpl0::cpl0,
         },
         TargetInfo {
             name: "platform",
