@@ -67,7 +67,6 @@
 //! failure, an unsupported instruction, a panic, a reset) is a failure
 //! too, with the tail of its stderr.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use arbitrary::Unstructured;
@@ -75,13 +74,13 @@ use dynasmrt::{DynasmApi, DynasmLabelApi};
 use iced_x86::{Code, Instruction, MemoryOperand, Register};
 
 use super::cpl3::{
-    self, block_with, disassemble, fill_pages, hash_pages, mov_imm, ok, put_segments, Block, Idiom, BLOCKS_AT,
-    DATA_PAGE, FS_SEL, GS_SEL, R16, R32, SLOT, USTACK_TOP,
+    self, block_with, disassemble, fill_pages, mov_imm, ok, Block, Idiom, BLOCKS_AT, DATA_PAGE, FS_SEL, GS_SEL, R16,
+    R32, SLOT, USTACK_TOP,
 };
 use super::Target;
 use crate::guests::kernel::{
-    self as gk, boot, has_error_code, init_pic, routines, x86, Asm, Image, KCODE, KERNEL_CS, KERNEL_DS, LOAD_ADDR,
-    TSS_SEL, USER_CS, USER_DS,
+    self as gk, init_pic, interrupt_stubs, kernel_start, x86, Asm, KCODE, KERNEL_CS, KERNEL_DS, TSS_SEL, USER_CS,
+    USER_DS,
 };
 
 /// Blocks per guest.
@@ -129,29 +128,10 @@ pub const VARIANTS: [Variant; 6] = [
     Variant { name: "flush", args: &[], flush: true },
 ];
 
-struct Cpl0 {
-    exe: PathBuf,
-    dir: PathBuf,
-}
+struct Cpl0(cpl3::GuestDir);
 
 pub fn cpl0() -> Result<Box<dyn Target>, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    if !exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("popek")) {
-        return Err(format!("needs the popek executable to start guests, not {}", exe.display()));
-    }
-    static INSTANCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("popek-fuzz-cpl0-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    Ok(Box::new(Cpl0 { exe, dir }))
-}
-
-impl Drop for Cpl0 {
-    fn drop(&mut self) {
-        if std::env::var_os("POPEK_FUZZ_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
+    Ok(Box::new(Cpl0(cpl3::GuestDir::new("cpl0")?)))
 }
 
 /// `[ebp + disp]` in the data page, aligned to 8.
@@ -631,22 +611,10 @@ pub fn block(u: &mut Unstructured<'_>, ip: u32) -> arbitrary::Result<Block> {
 /// The guest: kernel at [`KCODE`], blocks in their slots, run at CPL 0;
 /// with `flush`, it writes to its code pages before each block.
 pub fn guest(blocks: &[Block], flush: bool) -> Vec<u8> {
-    let mut img = Image::new();
-    img.bytes.resize((BLOCKS_AT + SLOT * BLOCKS as u32 - LOAD_ADDR) as usize, 0);
-    img.tables();
-    put_segments(&mut img);
-    for (i, b) in blocks.iter().enumerate() {
-        img.put(BLOCKS_AT + SLOT * i as u32, &b.code);
-        img.put_u32(MASKS + 4 * i as u32, b.compared);
-    }
+    let mut img = cpl3::guest_image(blocks, !0);
     img.put_u32(FLUSH, u32::from(flush));
     let mut k = Asm::new(KCODE);
-    let entry = k.here();
-    boot(&mut k);
-    let skip = k.label();
-    x86!(k; jmp =>skip);
-    let r = routines(&mut k);
-    k.bind(skip);
+    let (entry, r) = kernel_start(&mut k);
     // Every interrupt line masked.
     init_pic(&mut k, false);
     let (ktop, next, cr0_init, flush_flag) = (KSTACK_TOP as i32, NEXT as i32, CR0_INIT as i32, FLUSH as i32);
@@ -678,13 +646,8 @@ pub fn guest(blocks: &[Block], flush: bool) -> Vec<u8> {
         let kds = i32::from(KERNEL_DS);
         x86!(k; mov eax, kds);
         k.load_data_segs_ax();
-        let (fs_sel, gs_sel) = (i32::from(FS_SEL), i32::from(GS_SEL));
-        x86!(k; mov eax, fs_sel);
-        k.raw(&[0x8E, 0xE0]); // mov fs, ax
-        x86!(k; mov eax, gs_sel);
-        k.raw(&[0x8E, 0xE8]); // mov gs, ax
-        let [v0, v1, v2, v3, v4, v5] = b.regs.map(|v| v as i32);
-        let (base, stack) = (cpl3::EBP_VALUE as i32, STACK_INIT as i32);
+        cpl3::load_fs_gs(&mut k);
+        let stack = STACK_INIT as i32;
         let (flags, kcs, at) = ((0x2 | b.flags) as i32, i32::from(KERNEL_CS), (BLOCKS_AT + SLOT * i as u32) as i32);
         // IRETD to the block at CPL 0: its frame on the block's stack.
         x86!(k;
@@ -692,15 +655,8 @@ pub fn guest(blocks: &[Block], flush: bool) -> Vec<u8> {
             ; push flags
             ; push kcs
             ; push at
-            ; mov eax, v0
-            ; mov ecx, v1
-            ; mov edx, v2
-            ; mov ebx, v3
-            ; mov esi, v4
-            ; mov edi, v5
-            ; mov ebp, base
         );
-        k.iretd();
+        cpl3::enter_block(&mut k, b);
     }
     k.bind(setups[blocks.len()]);
     let exit = r.exit;
@@ -708,18 +664,7 @@ pub fn guest(blocks: &[Block], flush: bool) -> Vec<u8> {
 
     // Vectors 0-31 and 0x80 dump the state. At CPL 0 the frame is on the
     // block's stack (no switch): vector, error, EIP, CS, EFLAGS.
-    let mut stubs = Vec::new();
-    for v in (0u8..32).chain([0x80]) {
-        stubs.push((v, k.here()));
-        if !has_error_code(v) {
-            x86!(k; push 0);
-        }
-        let vi = i32::from(v);
-        x86!(k; push vi ; jmp =>common);
-    }
-    for &(v, addr) in &stubs {
-        img.gate(v, addr, if v == 0x80 { 3 } else { 0 });
-    }
+    interrupt_stubs(&mut k, &mut img, (0u8..32).chain([0x80]), common, 0x80);
     let (putc, hex) = (r.putc, r.print_hex);
     let (saved, masks, kds) = (SAVED as i32, (MASKS - 4) as i32, i32::from(KERNEL_DS));
     k.bind(common);
@@ -767,17 +712,7 @@ pub fn guest(blocks: &[Block], flush: bool) -> Vec<u8> {
         let at = saved + 4 * s;
         x86!(k; mov al, 0x20 ; call =>putc ; mov eax, [at] ; call =>hex);
     }
-    hash_pages(&mut k, &r);
-    x86!(k; mov al, 0x0A ; call =>putc ; mov eax, DWORD [next]);
-    for (j, &l) in setups.iter().enumerate() {
-        let j = j as i32;
-        x86!(k; cmp eax, j ; je =>l);
-    }
-    x86!(k; mov al, 0x32 ; call =>exit);
-    let code = k.finish();
-    assert!(code.len() <= gk::KCODE_MAX as usize, "cpl0 kernel too long: {} bytes", code.len());
-    img.put(KCODE, &code);
-    crate::loader::multiboot::build_elf(&img.bytes, LOAD_ADDR, entry, 0x6_0000)
+    cpl3::finish_guest(k, img, &r, &setups, entry)
 }
 
 impl Target for Cpl0 {
@@ -796,7 +731,7 @@ impl Target for Cpl0 {
         if blocks.is_empty() {
             return Ok(());
         }
-        compare(&self.exe, &self.dir, &blocks, &VARIANTS)
+        compare(&self.0.exe, &self.0.dir, &blocks, &VARIANTS)
     }
 }
 

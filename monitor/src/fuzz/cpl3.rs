@@ -64,7 +64,6 @@
 //! Every access stays aligned to its size, as in the first version
 //! (misaligned accesses with EFLAGS.AC set are not tried yet).
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -76,7 +75,7 @@ use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register, RflagsBits};
 use super::Target;
 use crate::cpu::descriptor::Descriptor;
 use crate::guests::kernel::{
-    self as gk, boot, has_error_code, init_pic, routines, x86, Asm, Image, KCODE, LOAD_ADDR, USER_CS, USER_DS,
+    self as gk, init_pic, interrupt_stubs, kernel_start, x86, Asm, Image, KCODE, LOAD_ADDR, USER_CS, USER_DS,
 };
 
 /// Blocks per guest.
@@ -108,30 +107,40 @@ pub(super) const R16: [Register; 6] =
 pub(super) const R8: [Register; 8] =
     [Register::AL, Register::CL, Register::DL, Register::BL, Register::AH, Register::CH, Register::DH, Register::BH];
 
-struct Cpl3 {
-    exe: PathBuf,
-    dir: PathBuf,
+/// What a target that runs guests needs: the `popek` executable (the fuzz
+/// worker) and a scratch directory for the guests, removed when dropped.
+pub(super) struct GuestDir {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
 }
 
-pub fn cpl3() -> Result<Box<dyn Target>, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    if !exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("popek")) {
-        return Err(format!("needs the popek executable to start guests, not {}", exe.display()));
+impl GuestDir {
+    pub(super) fn new(target: &str) -> Result<GuestDir, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        if !exe.file_name().is_some_and(|n| n.to_string_lossy().starts_with("popek")) {
+            return Err(format!("needs the popek executable to start guests, not {}", exe.display()));
+        }
+        static INSTANCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("popek-fuzz-{target}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        Ok(GuestDir { exe, dir })
     }
-    static INSTANCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("popek-fuzz-cpl3-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    Ok(Box::new(Cpl3 { exe, dir }))
 }
 
-impl Drop for Cpl3 {
+impl Drop for GuestDir {
     fn drop(&mut self) {
         // POPEK_FUZZ_KEEP keeps the last guest (guest.elf) for a look by hand.
         if std::env::var_os("POPEK_FUZZ_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+struct Cpl3(GuestDir);
+
+pub fn cpl3() -> Result<Box<dyn Target>, String> {
+    Ok(Box::new(Cpl3(GuestDir::new("cpl3")?)))
 }
 
 /// One generated block: its bytes (closing `int 0x80` included), initial
@@ -941,21 +950,9 @@ pub(super) fn eflags_bits(f: u32) -> u32 {
 /// The guest: kernel at [`KCODE`], blocks in their slots; returns the
 /// multiboot ELF.
 pub fn guest(blocks: &[Block]) -> Vec<u8> {
-    let mut img = Image::new();
-    img.bytes.resize((BLOCKS_AT + SLOT * BLOCKS as u32 - LOAD_ADDR) as usize, 0);
-    img.tables();
-    put_segments(&mut img);
-    for (i, b) in blocks.iter().enumerate() {
-        img.put(BLOCKS_AT + SLOT * i as u32, &b.code);
-        img.put_u32(MASKS + 4 * i as u32, b.compared & FLAGS_MASK);
-    }
+    let mut img = guest_image(blocks, FLAGS_MASK);
     let mut k = Asm::new(KCODE);
-    let entry = k.here();
-    boot(&mut k);
-    let skip = k.label();
-    x86!(k; jmp =>skip);
-    let r = routines(&mut k);
-    k.bind(skip);
+    let (entry, r) = kernel_start(&mut k);
     init_pic(&mut k, false);
     let (tss_esp0, ktop) = ((gk::TSS + 4) as i32, KSTACK_TOP as i32);
     x86!(k; mov DWORD [tss_esp0], ktop);
@@ -973,46 +970,22 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
         fill_pages(&mut k, i);
         x86!(k; mov eax, uds);
         k.load_data_segs_ax();
-        let (fs_sel, gs_sel) = (i32::from(FS_SEL), i32::from(GS_SEL));
-        x86!(k; mov eax, fs_sel);
-        k.raw(&[0x8E, 0xE0]); // mov fs, ax
-        x86!(k; mov eax, gs_sel);
-        k.raw(&[0x8E, 0xE8]); // mov gs, ax
-        let [v0, v1, v2, v3, v4, v5] = b.regs.map(|v| v as i32);
-        let base = EBP_VALUE as i32;
+        load_fs_gs(&mut k);
         x86!(k;
             push uds
             ; push ustack
             ; push flags
             ; push ucs
             ; push at
-            ; mov eax, v0
-            ; mov ecx, v1
-            ; mov edx, v2
-            ; mov ebx, v3
-            ; mov esi, v4
-            ; mov edi, v5
-            ; mov ebp, base
         );
-        k.iretd();
+        enter_block(&mut k, b);
     }
     k.bind(setups[blocks.len()]);
     let exit = r.exit;
     x86!(k; mov al, 0x31 ; call =>exit);
 
     // Vectors 0-31 (DPL 0) and 0x80 (DPL 3) dump the state.
-    let mut stubs = Vec::new();
-    for v in (0u8..32).chain([0x80]) {
-        stubs.push((v, k.here()));
-        if !has_error_code(v) {
-            x86!(k; push 0);
-        }
-        let vi = i32::from(v);
-        x86!(k; push vi ; jmp =>common);
-    }
-    for &(v, addr) in &stubs {
-        img.gate(v, addr, if v == 0x80 { 3 } else { 0 });
-    }
+    interrupt_stubs(&mut k, &mut img, (0u8..32).chain([0x80]), common, 0x80);
     let (putc, hex) = (r.putc, r.print_hex);
     k.bind(common);
     x86!(k; pushad ; cld ; mov al, 0x42 ; call =>putc);
@@ -1026,7 +999,62 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
         }
         x86!(k; call =>hex);
     }
-    hash_pages(&mut k, &r);
+    finish_guest(k, img, &r, &setups, entry)
+}
+
+/// The image both fuzz guests start from: the descriptor tables, FS and GS
+/// ([`put_segments`]), each block in its slot and its mask of compared
+/// EFLAGS bits (`& mask`) in the masks table.
+pub(super) fn guest_image(blocks: &[Block], mask: u32) -> Image {
+    let mut img = Image::new();
+    img.bytes.resize((BLOCKS_AT + SLOT * BLOCKS as u32 - LOAD_ADDR) as usize, 0);
+    img.tables();
+    put_segments(&mut img);
+    for (i, b) in blocks.iter().enumerate() {
+        img.put(BLOCKS_AT + SLOT * i as u32, &b.code);
+        img.put_u32(MASKS + 4 * i as u32, b.compared & mask);
+    }
+    img
+}
+
+/// FS and GS as every block starts with them ([`SEGMENTS`]; clobbers EAX).
+pub(super) fn load_fs_gs(k: &mut Asm) {
+    let (fs_sel, gs_sel) = (i32::from(FS_SEL), i32::from(GS_SEL));
+    x86!(k; mov eax, fs_sel);
+    k.raw(&[0x8E, 0xE0]); // mov fs, ax
+    x86!(k; mov eax, gs_sel);
+    k.raw(&[0x8E, 0xE8]); // mov gs, ax
+}
+
+/// Loads block `b`'s registers (and EBP's fixed value) and IRETs to it
+/// through the frame already pushed.
+pub(super) fn enter_block(k: &mut Asm, b: &Block) {
+    let [v0, v1, v2, v3, v4, v5] = b.regs.map(|v| v as i32);
+    let base = EBP_VALUE as i32;
+    x86!(k;
+        mov eax, v0
+        ; mov ecx, v1
+        ; mov edx, v2
+        ; mov ebx, v3
+        ; mov esi, v4
+        ; mov edi, v5
+        ; mov ebp, base
+    );
+    k.iretd();
+}
+
+/// The end of a dump handler and of the guest: the page hashes, then on to
+/// the setup of block NEXT (or exit); the kernel placed in `img`, which
+/// becomes the multiboot ELF.
+pub(super) fn finish_guest(
+    mut k: Asm,
+    mut img: Image,
+    r: &gk::Routines,
+    setups: &[dynasmrt::DynamicLabel],
+    entry: u32,
+) -> Vec<u8> {
+    let (putc, exit, next) = (r.putc, r.exit, NEXT as i32);
+    hash_pages(&mut k, r);
     x86!(k; mov al, 0x0A ; call =>putc ; mov eax, DWORD [next]);
     for (j, &l) in setups.iter().enumerate() {
         let j = j as i32;
@@ -1034,6 +1062,7 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
     }
     x86!(k; mov al, 0x32 ; call =>exit);
     let code = k.finish();
+    assert!(code.len() <= gk::KCODE_MAX as usize, "fuzz kernel too long: {} bytes", code.len());
     img.put(KCODE, &code);
     crate::loader::multiboot::build_elf(&img.bytes, LOAD_ADDR, entry, 0x6_0000)
 }
@@ -1126,8 +1155,9 @@ pub(super) fn run_with(
     run_capture(exe, elf, args, what, limit).map(|r| r.0)
 }
 
-/// [`run_with`], also returning the run's stderr (through a file beside
-/// `elf`: a pipe nobody reads could fill) and exit status.
+/// [`run_with`], also returning the run's stderr and exit status. Both
+/// outputs go through files beside `elf`: a pipe read only after the exit
+/// could fill, and the guest would wait on it until the time limit.
 pub(super) fn run_capture(
     exe: &std::path::Path,
     elf: &std::path::Path,
@@ -1136,14 +1166,16 @@ pub(super) fn run_capture(
     limit: Duration,
 ) -> Result<(String, String, std::process::ExitStatus), String> {
     let err_path = elf.with_extension("stderr");
-    let err_file = std::fs::File::create(&err_path).map_err(|e| format!("{}: {e}", err_path.display()))?;
+    let out_path = elf.with_extension("stdout");
+    let create = |p: &std::path::Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (out_file, err_file) = (create(&out_path)?, create(&err_path)?);
     let mut child = Command::new(exe)
         .args(["run", "--machine", "isa", "--mem", "16M", "--no-input"])
         .args(args)
         .arg("--kernel")
         .arg(elf)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::from(out_file))
         .stderr(Stdio::from(err_file))
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
@@ -1160,10 +1192,7 @@ pub(super) fn run_capture(
             Err(e) => return Err(e.to_string()),
         }
     };
-    let mut out = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = o.read_to_string(&mut out);
-    }
+    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
     let err = std::fs::read_to_string(&err_path).unwrap_or_default();
     Ok((out, err, status))
 }
@@ -1198,7 +1227,7 @@ impl Target for Cpl3 {
         if blocks.is_empty() {
             return Ok(());
         }
-        compare(&self.exe, &self.dir, &blocks)
+        compare(&self.0.exe, &self.0.dir, &blocks)
     }
 }
 

@@ -79,14 +79,7 @@ pub fn build() -> (Vec<u8>, u32) {
     ustrings.place(&mut img, USER_VA - UCODE);
 
     let mut k = Asm::new(KCODE);
-    let entry = k.here();
-    boot(&mut k);
-    let r_start = k.label();
-    let skip = k.label();
-    x86!(k; jmp =>skip);
-    let r = routines(&mut k);
-    k.bind(skip);
-    let _ = r_start;
+    let (entry, r) = kernel_start(&mut k);
 
     print(&mut k, &r, ks.add("popek demo: protected mode, paging, 2 user tasks preempted by the PIT at 100 Hz\n"));
     identity_table(&mut k);
@@ -108,18 +101,7 @@ pub fn build() -> (Vec<u8>, u32) {
 
     // ---- interrupt entry ------------------------------------------------
     let common = k.label();
-    let mut stubs = Vec::new();
-    for v in (0u8..32).chain([VEC_TIMER, VEC_TIMER + 7, VEC_SYSCALL]) {
-        stubs.push((v, k.here()));
-        if !has_error_code(v) {
-            x86!(k; push 0);
-        }
-        let vi = i32::from(v);
-        x86!(k; push vi ; jmp =>common);
-    }
-    for &(v, addr) in &stubs {
-        img.gate(v, addr, if v == VEC_SYSCALL { 3 } else { 0 });
-    }
+    interrupt_stubs(&mut k, &mut img, (0u8..32).chain([VEC_TIMER, VEC_TIMER + 7, VEC_SYSCALL]), common, VEC_SYSCALL);
 
     let (ret_user, timer, syscall, pagefault, divide, other, schedule, kill, panic) =
         (k.label(), k.label(), k.label(), k.label(), k.label(), k.label(), k.label(), k.label(), k.label());

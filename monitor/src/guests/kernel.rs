@@ -458,6 +458,43 @@ pub fn print(k: &mut Asm, r: &Routines, s: u32) {
     x86!(k; mov esi, s ; call =>puts);
 }
 
+/// The start of a kernel that needs nothing between its boot prologue and
+/// its own code: the entry address, then [`boot`], the [`routines`]
+/// jumped over. Returns the entry and the routines.
+pub fn kernel_start(k: &mut Asm) -> (u32, Routines) {
+    let entry = k.here();
+    boot(k);
+    let skip = k.label();
+    x86!(k; jmp =>skip);
+    let r = routines(k);
+    k.bind(skip);
+    (entry, r)
+}
+
+/// One entry stub per vector of `vectors`: a zero error code where the CPU
+/// pushes none, then the vector, then a jump to `common`; and its IDT gate,
+/// DPL 3 for `user_vector` (an INT from user code) and 0 for the others.
+pub fn interrupt_stubs(
+    k: &mut Asm,
+    img: &mut Image,
+    vectors: impl IntoIterator<Item = u8>,
+    common: DynamicLabel,
+    user_vector: u8,
+) {
+    let mut stubs = Vec::new();
+    for v in vectors {
+        stubs.push((v, k.here()));
+        if !has_error_code(v) {
+            x86!(k; push 0);
+        }
+        let vi = i32::from(v);
+        x86!(k; push vi ; jmp =>common);
+    }
+    for &(v, addr) in &stubs {
+        img.gate(v, addr, if v == user_vector { 3 } else { 0 });
+    }
+}
+
 /// The vectors whose exceptions push an error code.
 pub fn has_error_code(vector: u8) -> bool {
     matches!(vector, 8 | 10..=14 | 17 | 21)
