@@ -647,3 +647,35 @@ fn guest_cannot_write_outside_its_mappings_or_into_the_vmm_area() {
     g.vcpu.window().vmm_alias().read(0, &mut after);
     assert_eq!(before, after, "VMM area untouched");
 }
+
+/// CPUID in guest-mode code faults back to the monitor (CPUID faulting), so
+/// that the guest's CPUID policy is what directly run user code sees: a
+/// process that saw the host's OSXSAVE would run XGETBV, which the guest's
+/// CPU lacks (CI found busybox's glibc doing exactly that).
+#[test]
+fn cpuid_in_guest_code_exits_to_the_monitor() {
+    let mut g = Guest::new();
+    if !g.vcpu.hides_host_cpuid() {
+        eprintln!("SKIPPED: this host has no CPUID faulting; guest user code sees the host's CPUID");
+        return;
+    }
+    g.load(|a| {
+        a.mov(eax, 0)?;
+        a.cpuid()?;
+        a.ud2()
+    });
+    match run(&mut g) {
+        Exit::GeneralProtection { error_code: 0, insn, len } => {
+            assert!(len >= 2);
+            assert_eq!(&insn[..2], &[0x0F, 0xA2], "CPUID");
+        }
+        e => panic!("expected #GP from CPUID, got {e:?}"),
+    }
+    assert_eq!(g.vcpu.regs().eip, CODE + 5, "at the CPUID");
+    // The monitor's own CPUID still answers on this thread (served by the
+    // signal handler).
+    let served = monitor::host::cpuid_fault::monitor_cpuids_served();
+    let vendor = std::arch::x86_64::__cpuid(0);
+    assert_ne!(vendor.ebx, 0);
+    assert_eq!(monitor::host::cpuid_fault::monitor_cpuids_served(), served + 1);
+}

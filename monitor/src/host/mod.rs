@@ -6,11 +6,13 @@
 //! - [`ldt`]: guest segment descriptors shadowed into the host LDT;
 //! - [`entry`]: the assembly that enters guest-mode code and the exit paths;
 //! - [`signals`]: the handler that turns host signals into exits;
+//! - [`cpuid_fault`]: CPUID faulting, so directly run user code sees the guest's CPUID;
 //! - [`seccomp`]: the filter that keeps guest system calls away from the host;
 //! - [`vcpu`]: the safe API, [`Vcpu::run`].
 //!
 //! docs/execution-host.md describes the protocol with a diagram.
 
+pub mod cpuid_fault;
 pub mod entry;
 pub mod ldt;
 pub mod seccomp;

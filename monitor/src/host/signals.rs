@@ -301,6 +301,9 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut l
         POPEK_KICK_PENDING.store(1, Ordering::SeqCst);
         return;
     }
+    if super::cpuid_fault::serve_monitor_cpuid(sig, g) {
+        return;
+    }
     if sig == libc::SIGSYS {
         // The jail refused a call made by 64-bit code outside the window.
         let (nr, addr, arch) = sigsys_details(info);

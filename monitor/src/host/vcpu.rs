@@ -204,7 +204,16 @@ pub struct Vcpu {
     window: &'static Window,
     /// Host LDT entries this vCPU set up, by index.
     ldt: ldt::LdtTable,
+    /// CPUID faults on this thread: directly run guest user code sees the
+    /// guest's CPUID ([`super::cpuid_fault`]).
+    cpuid_faulting: bool,
     _not_send: PhantomData<*mut ()>,
+}
+
+/// Whether the host CPU is AMD's (asked once, before CPUID faulting).
+fn host_is_amd() -> bool {
+    static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMD.get_or_init(|| std::arch::x86_64::__cpuid(0).ebx == u32::from_le_bytes(*b"Auth"))
 }
 
 fn check_host() -> Result<(), HostError> {
@@ -213,6 +222,7 @@ fn check_host() -> Result<(), HostError> {
     if unsafe { libc::getauxval(libc::AT_HWCAP2) } & HWCAP2_FSGSBASE == 0 {
         return Err(HostError::NoFsGsBase);
     }
+    let _ = host_is_amd();
     let leaf1 = std::arch::x86_64::__cpuid(1);
     if leaf1.ecx & (1 << 27) == 0 {
         return Err(HostError::NoXsave);
@@ -270,7 +280,13 @@ impl Vcpu {
         seccomp::install_on_current_thread().map_err(release)?;
         POPEK_KICK_PENDING.store(0, Ordering::SeqCst);
         install_exit_gate(window);
-        let mut v = Vcpu { window, ldt: ldt::LdtTable::default(), _not_send: PhantomData };
+        let cpuid_faulting = super::cpuid_fault::enable_on_current_thread();
+        if !cpuid_faulting {
+            tracing::warn!(
+                "this host has no CPUID faulting: guest user code run directly sees the host's CPUID (docs/security.md)"
+            );
+        }
+        let mut v = Vcpu { window, ldt: ldt::LdtTable::default(), cpuid_faulting, _not_send: PhantomData };
         {
             let f = v.frame_mut();
             f.gpr = [0; 8];
@@ -301,6 +317,12 @@ impl Vcpu {
     fn frame_mut(&mut self) -> &mut Frame {
         // SAFETY: see `frame`; `&mut self` makes this the only reference.
         unsafe { &mut *std::ptr::addr_of_mut!(POPEK_FRAME) }
+    }
+
+    /// Whether directly run guest user code sees the guest's CPUID (CPUID
+    /// faults on this thread) rather than the host's.
+    pub fn hides_host_cpuid(&self) -> bool {
+        self.cpuid_faulting
     }
 
     /// The process's address window (shadow mappings, VMM area).
@@ -536,8 +558,7 @@ impl Vcpu {
                     // A fast system call (SYSCALL on AMD, SYSENTER on Intel):
                     // the host kernel replaced the return address with its
                     // vDSO landing pad before seccomp saw it.
-                    let amd = std::arch::x86_64::__cpuid(0).ebx == u32::from_le_bytes(*b"Auth");
-                    (if amd { SyscallKind::Syscall } else { SyscallKind::Sysenter }, false)
+                    (if host_is_amd() { SyscallKind::Syscall } else { SyscallKind::Sysenter }, false)
                 } else {
                     // Where the call returns to, from seccomp (call_addr),
                     // not from the interrupted context: for a "number" that
@@ -570,6 +591,9 @@ impl Drop for Vcpu {
             f.vcpu_tid = 0;
             f.host_fsbase = 0;
             f.host_gsbase = 0;
+        }
+        if self.cpuid_faulting {
+            super::cpuid_fault::disable_on_current_thread();
         }
         VCPU_TAKEN.store(false, Ordering::Release);
     }

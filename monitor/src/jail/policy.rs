@@ -185,6 +185,9 @@ const BT: &[Rule] = &[
     allow_if(libc::SYS_mprotect, "mprotect", PROTECT_BT),
     allow(libc::SYS_modify_ldt, "modify_ldt"),
     allow_if(libc::SYS_ioctl, "ioctl", TERMINAL_IOCTLS),
+    // CPUID faulting toggled around a CPUID of the monitor's own, and off
+    // when the vCPU goes (host/cpuid_fault.rs); ARCH_SET_CPUID only.
+    allow_if(libc::SYS_arch_prctl, "arch_prctl", &[&[Check::Eq(0, crate::host::cpuid_fault::ARCH_SET_CPUID)]]),
 ];
 
 /// /dev/kvm: vCPU ioctls, no executable memory.

@@ -69,6 +69,16 @@ impl BtBackend {
     /// virtual CPU.
     pub(super) fn emulate(&mut self, insn: &Instruction, c: &Classification, next_eip: u32) -> Step {
         tracing::trace!(eip = format_args!("{:#x}", self.cpu.eip), next = format_args!("{next_eip:#x}"), %insn, "sensitive");
+        if self.cpu.cpl == 3
+            && matches!(c.class, Class::Sensitive(Sensitive::Cpuid | Sensitive::Xgetbv))
+            && !self.host.hides_host_cpuid()
+            && self.user_exec.mode() != super::user_exec::UserExec::Translated
+        {
+            // Without CPUID faulting, user code run directly sees the host's
+            // CPUID; translated, it must see the same CPU (an XGETBV after
+            // OSXSAVE was seen natively is no #UD).
+            return self.step_host_native(insn, next_eip);
+        }
         // The clock only for what reads it (a TSC read is a tenth of a
         // hooked callout on these hosts).
         let reads_tsc = matches!(

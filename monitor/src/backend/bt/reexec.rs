@@ -122,6 +122,18 @@ impl BtBackend {
         self.after_snippet(exit, done, insn.next_ip32())
     }
 
+    /// Runs register-only `insn` natively as the host CPU has it (CPUID,
+    /// XGETBV at CPL 3 on a host without CPUID faulting).
+    pub(super) fn step_host_native(&mut self, insn: &Instruction, next_eip: u32) -> Step {
+        let mut enc = iced_x86::Encoder::new(32);
+        enc.encode(insn, u64::from(self.native_step_eip()))
+            .map_err(|e| unsupported(format!("re-encoding `{insn}`: {e}")))?;
+        let bytes = enc.take_buffer();
+        self.stats.count("native_step");
+        let (exit, done) = self.run_snippet(&bytes, false)?;
+        self.after_snippet(exit, done, next_eip)
+    }
+
     /// Runs `insn` natively with its memory operand redirected to the
     /// vCPU page's scratch slot holding `data`; `data` gets the slot back.
     fn redirect_and_run(&mut self, insn: &Instruction, data: &mut [u8]) -> Result<(Exit, bool), BackendError> {
