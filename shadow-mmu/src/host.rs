@@ -63,6 +63,26 @@ pub trait PhysMem {
         }
         true
     }
+
+    /// Whether the `expected.len()` bytes at `gpa` are `expected` (a MOV
+    /// CR3 compares page-table snapshots this way); `None` if any of them is
+    /// outside RAM. Implementors with a flat view of RAM should override
+    /// this with one comparison in place.
+    fn bytes_equal(&self, gpa: u64, expected: &[u8]) -> Option<bool> {
+        let mut buf = [0u8; 256];
+        let mut at = gpa;
+        for chunk in expected.chunks(buf.len()) {
+            let now = &mut buf[..chunk.len()];
+            if !self.read_bytes(at, now) {
+                return None;
+            }
+            if now != chunk {
+                return Some(false);
+            }
+            at += chunk.len() as u64;
+        }
+        Some(true)
+    }
 }
 
 /// Which window operation failed.
@@ -118,6 +138,9 @@ impl<T: PhysMem + ?Sized> PhysMem for &mut T {
     }
     fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> bool {
         (**self).read_bytes(gpa, buf)
+    }
+    fn bytes_equal(&self, gpa: u64, expected: &[u8]) -> Option<bool> {
+        (**self).bytes_equal(gpa, expected)
     }
 }
 

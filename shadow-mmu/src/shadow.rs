@@ -32,6 +32,7 @@ impl Hasher for FrameHasher {
 type FrameMap<V> = HashMap<u64, V, BuildHasherDefault<FrameHasher>>;
 type FrameSet = HashSet<u64, BuildHasherDefault<FrameHasher>>;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 
 use tracing::{debug, trace};
 
@@ -197,7 +198,23 @@ struct Region {
     parks: u32,
     /// Its pages as host calls see them; `None` once a shadow of the region
     /// was added, removed or changed rights.
-    cache: Option<RegionCache>,
+    cache: Option<Arc<RegionCache>>,
+    /// The other half of a page-table isolation pair: a directory entry
+    /// under which none of these (supervisor-only) pages is present, with
+    /// its page-table bytes then. While they are unchanged the shadows
+    /// stay in place there, as for a region that is not mapped at all.
+    alt: Option<AbsentView>,
+    /// No shadow of the region was added, removed or changed since `snap`
+    /// was taken: every one is inside it, nothing needs looking up.
+    settled: bool,
+}
+
+/// Where a region's shadows are all absent ([`Region::alt`]).
+#[derive(Clone, Debug)]
+struct AbsentView {
+    key: u64,
+    lo: u32,
+    snap: Vec<u8>,
 }
 
 /// What parking and reviving a region costs in host calls, computed once
@@ -224,6 +241,8 @@ struct RegionCheck {
     unchanged: bool,
     /// Every non-global shadow of the region failed.
     all_failed: bool,
+    /// Pages checked one by one.
+    checked: usize,
 }
 
 /// A region is unmapped rather than parked once in this many parks: MOV
@@ -736,19 +755,24 @@ impl ShadowMmu {
         let base = self.region_of(gva);
         if let Some(r) = self.regions.get_mut(&base) {
             r.cache = None;
+            r.alt = None;
+            r.settled = false;
         }
         if let Some(r) = self.parked_regions.get_mut(&base) {
             r.cache = None;
+            r.alt = None;
+            r.settled = false;
         }
     }
 
     /// The host-call cache of the region at `base` (in force or parked).
-    fn region_cache(&mut self, base: u32) -> RegionCache {
+    /// Shared, not copied: MOV CR3 asks for it per region and switch.
+    fn region_cache(&mut self, base: u32) -> Arc<RegionCache> {
         let cached = self.regions.get(&base).or_else(|| self.parked_regions.get(&base)).and_then(|r| r.cache.clone());
         if let Some(c) = cached {
             return c;
         }
-        let c = self.compute_region_cache(base);
+        let c = Arc::new(self.compute_region_cache(base));
         if let Some(r) = self.regions.get_mut(&base).or(self.parked_regions.get_mut(&base)) {
             r.cache = Some(c.clone());
         }
@@ -957,21 +981,23 @@ impl ShadowMmu {
         // parked, since the prefetch would evict it at once (two processes
         // of one program use the same addresses: a park, an unmap and a map
         // per region and switch, where one map does).
-        let incoming: BTreeSet<u32> =
-            self.working_sets.get(&cr3).map(|w| w.iter().copied().collect()).unwrap_or_default();
-        let incoming_regions: BTreeSet<u32> = incoming.iter().map(|&p| self.region_of(p)).collect();
-        // 1. The shadows in force, region by region.
-        let regions = std::mem::take(&mut self.regions);
+        let mut incoming: Vec<u32> = self.working_sets.get(&cr3).cloned().unwrap_or_default();
+        incoming.sort_unstable();
+        let mut incoming_regions: Vec<u32> = incoming.iter().map(|&p| self.region_of(p)).collect();
+        incoming_regions.dedup();
+        // 1. The shadows in force, region by region (updated in place: a
+        // page-table isolation switch changes nothing in most of them).
+        let bases: Vec<u32> = self.regions.keys().copied().collect();
         let mut victims = Vec::new();
         let mut to_park: Vec<(u32, Region)> = Vec::new();
         let mut touched = Vec::new();
         let mut kept = 0usize;
-        for (base, r) in regions {
+        for base in bases {
             if self.nonglobal.range(self.region_range(base)).next().is_none() {
+                self.regions.remove(&base);
                 continue;
             }
             self.stats.cr3_regions_checked += 1;
-            let mut r = r;
             if !self.config.user_isolation && self.region_absent(mem, base) {
                 // The new address space does not map this region at all:
                 // Linux's page-table isolation (the user half of each pair
@@ -980,40 +1006,69 @@ impl ShadowMmu {
                 // the guest's user code reaches supervisor pages anyway
                 // (docs/security.md), and guest kernel code never runs
                 // there on the user tables.
-                let c = match r.cache.clone() {
-                    Some(c) => c,
-                    None => self.compute_region_cache(base),
-                };
-                r.cache = Some(c.clone());
+                let c = self.region_cache(base);
                 if c.supervisor_only && c.pages > 0 {
                     kept += c.pages;
                     self.stats.cr3_absent_kept_pages += c.pages as u64;
-                    self.regions.insert(base, r);
                     continue;
                 }
             }
-            let check = self.check_region(mem, base, &r);
-            if check.all_failed && r.key.is_some() && r.key != check.key && !incoming_regions.contains(&base) {
+            if !self.config.user_isolation
+                && self.regions[&base].alt.as_ref().is_some_and(|alt| self.still_absent(mem, base, alt))
+            {
+                // The other half of a page-table isolation pair, as last
+                // time: the region's pages are still absent here.
+                let pages = self.region_cache(base).pages;
+                kept += pages;
+                self.stats.cr3_absent_kept_pages += pages as u64;
+                continue;
+            }
+            let check = self.check_region(mem, base, &self.regions[&base]);
+            self.stats.cr3_checked_pages += check.checked as u64;
+            let r = &self.regions[&base];
+            if check.all_failed
+                && r.key.is_some()
+                && r.key != check.key
+                && incoming_regions.binary_search(&base).is_err()
+            {
+                if !self.config.user_isolation {
+                    if let Some(view) = self.absent_view(mem, base) {
+                        // Present here, but none of its pages is (the user
+                        // half of a page-table isolation pair maps kernel
+                        // regions sparsely): keep, like an absent region.
+                        let pages = self.region_cache(base).pages;
+                        kept += pages;
+                        self.stats.cr3_absent_kept_pages += pages as u64;
+                        self.regions.get_mut(&base).expect("listed").alt = Some(view);
+                        continue;
+                    }
+                }
                 // Another directory entry (or none) here: the address space
                 // these came from may come back.
+                let r = self.regions.remove(&base).expect("listed");
                 to_park.push((base, r));
                 continue;
             }
             victims.extend_from_slice(&check.failed);
             if check.all_failed {
+                self.regions.remove(&base);
                 continue;
             }
+            let r = self.regions.get_mut(&base).expect("listed");
             if check.unchanged {
-                self.regions.insert(base, Region { key: check.key, ..r });
-                kept += self.region_cache(base).pages;
+                r.key = check.key;
+                // Counted only where the region's cache is fresh: computing
+                // it for a statistic cost more than the switch itself.
+                kept += r.cache.as_ref().map_or(0, |c| c.pages);
             } else {
+                *r = Region { key: check.key, parks: r.parks, ..Region::default() };
                 kept += self.region_len(base) - check.failed.len();
-                self.regions.insert(base, Region { key: check.key, parks: r.parks, ..Region::default() });
                 touched.push(base);
             }
         }
         let dropped = victims.len();
-        let (replaced, unmapped): (Vec<u32>, Vec<u32>) = victims.iter().copied().partition(|p| incoming.contains(p));
+        let (replaced, unmapped): (Vec<u32>, Vec<u32>) =
+            victims.iter().copied().partition(|p| incoming.binary_search(p).is_ok());
         let dropped_replaced = replaced.len();
         let spans = runs(&unmapped).into_iter().map(|(s, l)| (s, s + (l - 1))).collect();
         self.drop_victims(mapper, spans, victims)?;
@@ -1045,7 +1100,8 @@ impl ShadowMmu {
             if self.parked_regions[&base].key != Some(dir_key(pde)) {
                 continue;
             }
-            let check = self.check_region(mem, base, &self.parked_regions[&base].clone());
+            let check = self.check_region(mem, base, &self.parked_regions[&base]);
+            self.stats.cr3_checked_pages += check.checked as u64;
             if !check.failed.is_empty() {
                 // Still without rights: the unmap needs no protect first.
                 let spans = runs(&check.failed).into_iter().map(|(s, l)| (s, s + (l - 1))).collect();
@@ -1176,6 +1232,45 @@ impl ShadowMmu {
         directory_entry(mem, &self.regs, &self.pdptes, base).is_none_or(|(_, v)| v & pte::P == 0)
     }
 
+    /// When every shadow of the region at `base` is supervisor-only and
+    /// absent from the current tables (4 KiB entries, P clear), what shows
+    /// it later: the directory entry and the page-table bytes over them.
+    fn absent_view<M: PhysMem + ?Sized>(&mut self, mem: &M, base: u32) -> Option<AbsentView> {
+        let cache = self.region_cache(base);
+        if !cache.supervisor_only || cache.pages == 0 {
+            return None;
+        }
+        let pde = self.region_dir(mem, base)?;
+        if pde & pte::PS != 0 && (self.regs.pse() || self.regs.mode() == PagingMode::Pae) {
+            return None;
+        }
+        let mut pages = self.nonglobal.range(self.region_range(base));
+        let lo = *pages.next()?;
+        let hi = pages.next_back().copied().unwrap_or(lo);
+        let esz = if self.regs.mode() == PagingMode::Pae { 8usize } else { 4 };
+        let mut snap = vec![0u8; ((hi - lo) / PAGE_SIZE + 1) as usize * esz];
+        if !mem.read_bytes(leaf_of(&self.regs, pde, lo).entry_gpa, &mut snap) {
+            return None;
+        }
+        let present = |gva: u32| {
+            let i = ((gva - lo) / PAGE_SIZE) as usize * esz;
+            snap[i] & (pte::P as u8) != 0
+        };
+        if self.nonglobal.range(self.region_range(base)).any(|&p| present(p)) {
+            return None;
+        }
+        Some(AbsentView { key: dir_key(pde), lo, snap })
+    }
+
+    /// Whether the current tables still show `alt` at the region at `base`.
+    fn still_absent<M: PhysMem + ?Sized>(&self, mem: &M, base: u32, alt: &AbsentView) -> bool {
+        let Some(pde) = self.region_dir(mem, base) else { return false };
+        if dir_key(pde) != alt.key {
+            return false;
+        }
+        mem.bytes_equal(leaf_of(&self.regs, pde, alt.lo).entry_gpa, &alt.snap) == Some(true)
+    }
+
     /// The usable directory entry of the region at `base`, if any.
     fn region_dir<M: PhysMem + ?Sized>(&self, mem: &M, base: u32) -> Option<u64> {
         directory_entry(mem, &self.regs, &self.pdptes, base)
@@ -1183,11 +1278,11 @@ impl ShadowMmu {
             .filter(|&p| p & pte::P != 0 && p & pte::A != 0 && !dir_reserved(&self.regs, p))
     }
 
-    fn check_region<M: PhysMem + ?Sized>(&mut self, mem: &M, base: u32, r: &Region) -> RegionCheck {
+    fn check_region<M: PhysMem + ?Sized>(&self, mem: &M, base: u32, r: &Region) -> RegionCheck {
         let pde = self.region_dir(mem, base);
         let Some(pde) = pde else {
             let failed: Vec<u32> = self.nonglobal.range(self.region_range(base)).copied().collect();
-            return RegionCheck { failed, key: None, unchanged: false, all_failed: true };
+            return RegionCheck { failed, key: None, unchanged: false, all_failed: true, checked: 0 };
         };
         let key = dir_key(pde);
         let large = pde & pte::PS != 0 && (self.regs.pse() || self.regs.mode() == PagingMode::Pae);
@@ -1200,7 +1295,6 @@ impl ShadowMmu {
             self.changed_pages(mem, pde, base, r)
         };
         let unchanged = suspects.is_empty() && r.fresh.is_empty();
-        self.stats.cr3_checked_pages += suspects.len() as u64;
         let mut dir = None;
         let mut failed = Vec::new();
         let checked = suspects.len();
@@ -1211,7 +1305,7 @@ impl ShadowMmu {
             }
         }
         let all_failed = !failed.is_empty() && failed.len() == checked && checked == self.region_len(base);
-        RegionCheck { failed, key: Some(key), unchanged, all_failed }
+        RegionCheck { failed, key: Some(key), unchanged, all_failed, checked }
     }
 
     fn region_len(&self, base: u32) -> usize {
@@ -1224,12 +1318,15 @@ impl ShadowMmu {
     fn changed_pages<M: PhysMem + ?Sized>(&self, mem: &M, pde: u64, base: u32, r: &Region) -> Vec<u32> {
         let esz = if self.regs.mode() == PagingMode::Pae { 8usize } else { 4 };
         let first = leaf_of(&self.regs, pde, r.lo).entry_gpa;
-        let mut now = vec![0u8; r.snap.len()];
-        let readable = r.snap.is_empty() || mem.read_bytes(first, &mut now);
         let covered = (r.snap.len() / esz) as u32;
         let end = r.lo.wrapping_add(covered * PAGE_SIZE);
         let range = self.region_range(base);
-        if readable && !r.snap.is_empty() && now == r.snap && r.fresh.is_empty() {
+        // The common case (every switch of a page-table isolation pair):
+        // compared in place, nothing copied.
+        if !r.snap.is_empty() && r.fresh.is_empty() && mem.bytes_equal(first, &r.snap) == Some(true) {
+            if r.settled {
+                return Vec::new();
+            }
             // Only pages outside the snapshot (none, normally).
             let mut out: Vec<u32> = self.nonglobal.range(*range.start()..r.lo.max(*range.start())).copied().collect();
             if u64::from(end) <= u64::from(*range.end()) && end > r.lo {
@@ -1237,6 +1334,8 @@ impl ShadowMmu {
             }
             return out;
         }
+        let mut now = vec![0u8; r.snap.len()];
+        let readable = r.snap.is_empty() || mem.read_bytes(first, &mut now);
         let mut fresh = r.fresh.clone();
         fresh.sort_unstable();
         self.nonglobal
@@ -1263,11 +1362,13 @@ impl ShadowMmu {
             .collect();
         let write_ok =
             self.nonglobal.range(self.region_range(base)).any(|p| self.entries.get(p).is_some_and(|e| e.write_ok));
+        let only_small = small.len() == self.region_len(base);
         let pde = directory_entry(mem, &self.regs, &self.pdptes, base).map(|(_, v)| v);
         let Some(r) = self.regions.get_mut(&base) else { return };
         r.write_ok = write_ok;
         r.fresh.clear();
         r.snap.clear();
+        r.settled = false;
         let (Some(&lo), Some(&hi), Some(pde)) = (small.first(), small.last(), pde) else { return };
         let esz = if self.regs.mode() == PagingMode::Pae { 8u64 } else { 4 };
         let first = leaf_of(&self.regs, pde, lo).entry_gpa;
@@ -1275,6 +1376,7 @@ impl ShadowMmu {
         if mem.read_bytes(first, &mut snap) {
             r.lo = lo;
             r.snap = snap;
+            r.settled = only_small;
         } else {
             // Outside RAM: no snapshot, so every page is checked alone.
             r.fresh = small;

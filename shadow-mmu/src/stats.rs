@@ -35,7 +35,8 @@ pub struct Stats {
     pub invlpg: u64,
     pub cr3_switches: u64,
     /// Shadows a MOV CR3 kept because the new address space maps them
-    /// identically (summed over switches).
+    /// identically (summed over switches; a region whose host-call cache is
+    /// stale is not counted, since counting it would cost a walk).
     pub cr3_kept_pages: u64,
     /// Shadows a MOV CR3 had to check one by one (their page-table entry
     /// changed, or their directory entry did); the others were checked a

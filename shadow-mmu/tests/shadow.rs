@@ -705,6 +705,66 @@ fn page_table_isolation_switches_keep_the_kernel() {
     assert_eq!(v.win.at(0xC060_0000).unwrap().0, 0x30_1000);
 }
 
+/// The user half of a page-table isolation pair maps a kernel region
+/// sparsely, through its own page table (Linux's entry trampoline and
+/// cpu_entry_area): the kernel's pages there, absent from that table, stay
+/// mapped across the switches with no host call (they used to be parked and
+/// revived on every system call: 2 mprotects each way). Once the user table
+/// maps one of them, the switch no longer keeps it.
+#[test]
+fn page_table_isolation_keeps_kernel_pages_the_user_table_leaves_absent() {
+    let mut v = common::Vm::new(MmuConfig { working_set: false, ..MmuConfig::default() });
+    let mut k = shadow_mmu::fake::PagerPae::new(TABLES);
+    k.map_4k(&mut v.mem, 0x0804_8000, 0x20_0000, RW_US | AD);
+    k.map_4k(&mut v.mem, 0xC060_0000, 0x30_0000, pte::RW | AD);
+    k.map_4k(&mut v.mem, 0xC060_1000, 0x30_1000, pte::RW | AD);
+    // The user PDPT: the kernel's user directory, and its own kernel
+    // directory mapping one trampoline page of the same 2 MiB region.
+    let mut u = shadow_mmu::fake::PagerPae::new(TABLES + 0x2_0000);
+    u.map_4k(&mut v.mem, 0xC07F_F000, 0x31_F000, pte::RW | AD);
+    let pde = u.pde_addr(&mut v.mem, 0xC060_0000);
+    v.mem.set_u64(pde, v.mem.u64(pde) | pte::A);
+    let user_pdpte = v.mem.u64(TABLES);
+    v.mem.set_u64(u64::from(u.cr3), user_pdpte);
+    v.paging_pae(&k, true);
+    for gva in [0x0804_8000u32, 0xC060_0000, 0xC060_1000] {
+        assert_eq!(v.fault(gva, Access::write()), FaultOutcome::Resolved, "{gva:#x}");
+    }
+    v.set_cr3(u.cr3);
+    v.set_cr3(k.cr3);
+    let (maps, protects, unmaps) = (v.win.map_calls(), v.win.protect_calls(), v.mmu.stats().host_unmap_calls);
+    let kept = v.mmu.stats().cr3_absent_kept_pages;
+    for _ in 0..3 {
+        v.set_cr3(u.cr3);
+        assert_eq!(v.win.at(0xC060_0000), Some((0x30_0000, Prot::RWX)), "kept under the user tables");
+        assert_eq!(v.win.at(0xC060_1000), Some((0x30_1000, Prot::RWX)));
+        v.set_cr3(k.cr3);
+        assert_eq!(v.win.at(0xC060_1000), Some((0x30_1000, Prot::RWX)));
+    }
+    assert_eq!(v.win.map_calls(), maps, "no new mapping");
+    assert_eq!(v.win.protect_calls(), protects, "no park, no revival");
+    assert_eq!(v.mmu.stats().host_unmap_calls, unmaps);
+    assert_eq!(v.mmu.stats().cr3_absent_kept_pages - kept, 6, "2 pages, 3 switches to the user tables");
+    // The user table now maps one of those addresses to another frame:
+    // the old frame must not stay reachable there.
+    u.map_4k(&mut v.mem, 0xC060_1000, 0x33_1000, pte::RW | AD);
+    v.set_cr3(u.cr3);
+    assert_ne!(v.win.at(0xC060_1000).map(|m| m.1), Some(Prot::RWX), "not kept: the user table maps it");
+    assert_eq!(v.fault(0xC060_1000, Access::read()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0xC060_1000).map(|m| m.0), Some(0x33_1000));
+    // A kernel PTE changed while the user tables were loaded: caught on
+    // the way back.
+    v.set_cr3(k.cr3);
+    v.fault(0xC060_0000, Access::read());
+    v.set_cr3(u.cr3);
+    let a = k.pte_addr(&mut v.mem, 0xC060_0000);
+    v.mem.set_u64(a, 0x30_2000 | pte::RW | AD | pte::P);
+    v.set_cr3(k.cr3);
+    assert_ne!(v.win.at(0xC060_0000).map(|m| m.0), Some(0x30_0000), "stale: not kept");
+    assert_eq!(v.fault(0xC060_0000, Access::read()), FaultOutcome::Resolved);
+    assert_eq!(v.win.at(0xC060_0000).map(|m| m.0), Some(0x30_2000));
+}
+
 #[test]
 fn supervisor_shadows_stay_across_a_switch_to_tables_that_do_not_map_them() {
     // Page-table isolation: A (the kernel tables) maps a supervisor page

@@ -38,6 +38,9 @@ impl PhysMem for Phys<'_> {
     fn read_bytes(&self, gpa: u64, buf: &mut [u8]) -> bool {
         self.0.read(gpa, buf).is_ok()
     }
+    fn bytes_equal(&self, gpa: u64, expected: &[u8]) -> Option<bool> {
+        self.0.slice(gpa, expected.len() as u64).ok().map(|now| now == expected)
+    }
 }
 
 /// The window, as the shadow MMU drives it.
