@@ -771,3 +771,73 @@ fn cached_port_reads_see_every_write_and_skip_side_effects() {
     );
     assert_eq!(ports.reads, 1, "only the poll-mode read went to the ports");
 }
+
+/// String instructions on guest page 0 (below the host's mmap_min_addr,
+/// never mapped in the window, so every access is emulated): LODS, STOS,
+/// MOVS and CMPS with REP, as the same code gives on page 5
+/// (docs/reliability.md, finding 9 of `popek fuzz cpl0`: `lodsb` there
+/// used to stop the VM).
+#[test]
+fn string_instructions_on_guest_page_0_match_the_same_on_another_page() {
+    fn on_page(base: u32) -> (Vec<(u16, u32)>, Vec<u8>) {
+        let mut k = Kernel::new(|a| {
+            a.cld()?;
+            // Fill 0xC00 bytes at base+0x100 with a pattern, by REP STOSD.
+            a.mov(edi, base + 0x100)?;
+            a.mov(eax, 0x0403_0201u32)?;
+            a.mov(ecx, 0x300)?;
+            a.rep().stosd()?;
+            // One LODSB from base+0x8d0 (finding 9's address).
+            a.mov(esi, base + 0x8D0)?;
+            a.lodsb()?;
+            a.movzx(eax, al)?;
+            a.out(0x80, eax)?;
+            // REP MOVSB 0x40 bytes from DATA into base+0x200, backwards.
+            a.std()?;
+            a.mov(esi, DATA + 0x3F)?;
+            a.mov(edi, base + 0x23F)?;
+            a.mov(ecx, 0x40)?;
+            a.rep().movsb()?;
+            a.cld()?;
+            a.mov(eax, edi)?;
+            a.out(0x80, eax)?;
+            // REPE CMPSD of base+0x100 against DATA+0x100 (equal for 8
+            // dwords, then different): ECX left and the flags.
+            a.mov(esi, base + 0x100)?;
+            a.mov(edi, DATA + 0x100)?;
+            a.mov(ecx, 0x20)?;
+            a.repe().cmpsd()?;
+            a.pushfd()?;
+            a.pop(eax)?;
+            a.and(eax, 0x8D5)?;
+            a.out(0x80, eax)?;
+            a.mov(eax, ecx)?;
+            a.out(0xF4, eax)
+        });
+        let data: Vec<u8> = (0..0x40u8).map(|i| i.wrapping_mul(7)).collect();
+        k.mem.write(u64::from(DATA), &data).unwrap();
+        let mut cmp = vec![0u8; 0x80];
+        for (i, b) in cmp.iter_mut().enumerate() {
+            *b = if i < 32 { [1, 2, 3, 4][i % 4] } else { 0xEE };
+        }
+        k.mem.write(u64::from(DATA + 0x100), &cmp).unwrap();
+        let left = k.run();
+        let mut outs = k.outs.clone();
+        outs.push((0xF4, left));
+        let mut bytes = vec![0u8; 0x300];
+        k.mem.read(u64::from(base), &mut bytes).unwrap();
+        (outs, bytes)
+    }
+    let (outs0, mem0) = on_page(0);
+    let (outs5, mem5) = on_page(0x5000);
+    // The same results, with the EDI printed relative to its page.
+    let rel = |outs: &[(u16, u32)], base: u32| -> Vec<(u16, u32)> {
+        outs.iter().enumerate().map(|(i, &(p, v))| (p, if i == 1 { v - base } else { v })).collect()
+    };
+    assert_eq!(rel(&outs0, 0), rel(&outs5, 0x5000));
+    assert_eq!(mem0[0x100..0x240], mem5[0x100..0x240]);
+    assert_eq!(outs0[0], (0x80, 0x01), "LODSB read the pattern");
+    assert_eq!(outs0[1], (0x80, 0x1FF), "MOVSB went backwards: EDI one below the copy");
+    assert_eq!(mem0[0x200..0x240], (0..0x40u8).map(|i| i.wrapping_mul(7)).collect::<Vec<_>>()[..]);
+    assert_eq!(outs0[3], (0xF4, 0x20 - 9), "CMPSD stopped at the ninth dword");
+}

@@ -12,6 +12,7 @@ pub mod operand;
 pub mod policy;
 pub mod sensitive;
 pub mod state;
+pub mod string;
 
 pub use descriptor::Descriptor;
 pub use state::{Cpu, Seg, SegReg, TableReg};

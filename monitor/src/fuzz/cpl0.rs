@@ -59,8 +59,8 @@
 //! `popek run` stops with "does not support task return", in every
 //! variant alike); a piece that loads a segment register puts FS and GS
 //! back to their data-page segments (a string instruction through a
-//! base-0 FS or GS would read guest page 0, which the bt backend emulates
-//! and cannot re-execute string instructions on: finding 9,
+//! base-0 FS or GS would read guest page 0, which the bt backend emulates:
+//! finding 9, fixed since, the rule kept so that runs stay comparable,
 //! [`maybe_restore`]).
 //!
 //! A variant whose guest prints fewer dumps than it has blocks (a backend
@@ -177,10 +177,10 @@ fn load_sreg(u: &mut Unstructured<'_>, d: &mut Idiom, sreg: Register, sel: u16) 
 ///
 /// FS and GS always: with a base-0 segment in FS or GS, the cpl3 pieces'
 /// FS/GS operands (offsets below 4 KiB) land in guest-linear page 0,
-/// below the host's `mmap_min_addr`, where every access is emulated, and
-/// re-execution refuses string instructions: `popek run` stops with "the
-/// bt backend does not support emulation: `lodsb fs:[esi]` has no
-/// explicit memory operand" (docs/reliability.md, finding 9, not fixed).
+/// below the host's `mmap_min_addr`, where every access is emulated; string
+/// instructions there used to stop `popek run` (docs/reliability.md,
+/// finding 9, fixed by `cpu::string`; the rule stays so that runs remain
+/// comparable with the recorded figures).
 fn maybe_restore(u: &mut Unstructured<'_>, d: &mut Idiom) -> arbitrary::Result<()> {
     load_sreg(u, d, Register::FS, FS_SEL)?;
     load_sreg(u, d, Register::GS, GS_SEL)?;

@@ -234,6 +234,29 @@ impl BtBackend {
         })
     }
 
+    /// A string instruction whose accesses the window cannot serve (guest
+    /// page 0): run on the virtual CPU, a bounded number of iterations per
+    /// step (the rest continue on the next run, natively if they no longer
+    /// touch such a page).
+    fn emulate_string(&mut self, insn: &Instruction) -> Step {
+        use crate::cpu::string::{execute, StringError, StringStep};
+        /// Iterations per step: a REP over a whole page stays one step, and
+        /// a huge count still lets the run loop deliver interrupts.
+        const BUDGET: u32 = 4096;
+        self.stats.count("string_emulated");
+        let r = execute(&mut self.cpu, &mut self.guest.linear(), insn, BUDGET);
+        match r {
+            Ok(StringStep::Done) => {
+                self.cpu.eip = insn.next_ip32();
+                self.counter.retire();
+                Ok(None)
+            }
+            Ok(StringStep::More) => Ok(None),
+            Err(StringError::Fault(f)) => self.fault(f),
+            Err(e @ StringError::NotString(_)) => Err(unsupported(format!("emulation: {e}"))),
+        }
+    }
+
     /// Emulation by re-execution: the instruction at EIP touches guest
     /// memory the window cannot map where the guest sees it (a page below
     /// the host's `mmap_min_addr`, the VMM area's range, a CR0.WP=0
@@ -246,6 +269,9 @@ impl BtBackend {
             Ok(i) => i,
             Err(r) => return r,
         };
+        if insn.is_string_instruction() {
+            return self.emulate_string(&insn);
+        }
         let (size, reads, writes) = memory_operand(&insn).map_err(|what| unsupported(format!("emulation: {what}")))?;
         let lin = match crate::cpu::operand::memory_linear(&self.cpu, &insn, size as u32, writes && !reads) {
             Ok(l) => l,
