@@ -2,8 +2,6 @@
 //! (in TSC cycles: reading the clock through the vDSO cost a quarter of a
 //! callout here).
 
-use std::time::{Duration, Instant};
-
 use engine::callout::CalloutKind;
 use engine::Engine;
 use shadow_mmu::ShadowMmu;
@@ -129,14 +127,10 @@ impl BtStats {
     }
 }
 
-/// Host TSC cycles per microsecond, measured once (20 ms) when first asked.
+/// Host TSC cycles per microsecond: the rate the guest's CPUID announces,
+/// measured once per process ([`crate::devices::clock::host_tsc_hz`]).
 pub(super) fn tsc_per_us() -> f64 {
-    static RATE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *RATE.get_or_init(|| {
-        let (t, c) = (Instant::now(), rdtsc());
-        std::thread::sleep(Duration::from_millis(20));
-        (rdtsc().wrapping_sub(c)) as f64 / t.elapsed().as_secs_f64() / 1e6
-    })
+    crate::devices::clock::host_tsc_hz() as f64 / 1e6
 }
 
 pub(super) fn rdtsc() -> u64 {
