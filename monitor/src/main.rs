@@ -473,6 +473,7 @@ fn run(a: RunArgs) -> ExitCode {
         jail: jail_wanted(a.no_jail),
         machine: a.machine,
         legacy_cpu: false,
+        legacy_keyboard: false,
         disks: a.disks,
         rng: a.rng,
     };

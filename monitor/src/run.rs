@@ -60,6 +60,9 @@ pub struct RunOptions {
     /// The `pc` CPU without the TSC-deadline timer, as traces recorded
     /// before it had one saw it ([`MachineSpec::legacy_cpu`]).
     pub legacy_cpu: bool,
+    /// The i8042 of traces recorded before [`crate::trace::format::MODEL_REVISION`]
+    /// 1 ([`MachineSpec::legacy_keyboard`]).
+    pub legacy_keyboard: bool,
     /// virtio-blk disks on raw images (`--disk FILE[,ro]`).
     pub disks: Vec<crate::devices::virtio::blk::DiskSpec>,
     /// A virtio-rng device (`--rng`).
@@ -80,6 +83,7 @@ impl Default for RunOptions {
             jail: false,
             machine: Machine::default(),
             legacy_cpu: false,
+            legacy_keyboard: false,
             disks: Vec::new(),
             rng: false,
         }
@@ -146,6 +150,7 @@ impl RunOptions {
             mem: self.mem,
             machine: self.machine,
             legacy_cpu: self.legacy_cpu,
+            legacy_keyboard: self.legacy_keyboard,
         }
     }
 
@@ -159,6 +164,7 @@ impl RunOptions {
             mem: m.mem,
             machine: m.machine,
             legacy_cpu: m.legacy_cpu,
+            legacy_keyboard: m.legacy_keyboard,
             ..RunOptions::default()
         }
     }
@@ -268,6 +274,9 @@ fn platform(
     use crate::devices::virtio::{blk::Block, rng::Rng};
     let tsc_hz = policy.tsc_hz.unwrap_or(1);
     let mut platform = Platform::with_machine(config, opts.machine, policy.crystal_hz().unwrap_or(1), tsc_hz)?;
+    if opts.legacy_keyboard {
+        platform.use_legacy_keyboard_irq();
+    }
     for (i, d) in opts.disks.iter().enumerate() {
         platform.add_virtio(Box::new(Block::open(d, i)?), mem)?;
     }
@@ -458,6 +467,7 @@ pub fn run_deterministic(
                 input_quantum: det.input_quantum,
                 engine: engine_switches.to_string(),
                 host_cpu: crate::trace::format::host_cpu_vendor(),
+                model_revision: if opts.legacy_keyboard { 0 } else { crate::trace::format::MODEL_REVISION },
             };
             (h, *det)
         }

@@ -43,7 +43,11 @@ fn run_machine(
     std::thread::spawn(move || {
         let backend = make(mem.clone());
         let mut vm = Vm::new(mem, platform, backend, clock);
-        let _ = tx.send(vm.run().map_err(|e| e.to_string()));
+        let r = vm.run().map_err(|e| e.to_string());
+        // The vCPU goes before the caller hears of the end (and lets the
+        // next test create one).
+        drop(vm);
+        let _ = tx.send(r);
     });
     let start = Instant::now();
     let outcome = match rx.recv_timeout(timeout) {
@@ -87,7 +91,11 @@ fn run_on_kvm(g: &Guest, timeout: Duration) -> Option<(RunOutcome, String)> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut vm = Vm::new(mem, platform, Box::new(backend), clock);
-        let _ = tx.send(vm.run().map_err(|e| e.to_string()));
+        let r = vm.run().map_err(|e| e.to_string());
+        // The vCPU goes before the caller hears of the end (and lets the
+        // next test create one).
+        drop(vm);
+        let _ = tx.send(r);
     });
     let start = Instant::now();
     let outcome = match rx.recv_timeout(timeout) {

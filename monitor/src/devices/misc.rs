@@ -87,6 +87,12 @@ pub struct I8042 {
     /// The keyboard expects a parameter byte for this command.
     kbd_param: Option<u8>,
     last_data: u8,
+    /// The guest read a byte and another one moved into the output buffer:
+    /// IRQ1 falls and rises again for it, as the controller's does
+    /// ([`I8042::take_new_byte`]).
+    new_byte: bool,
+    /// Models revision 0 (traces recorded before): no new edge per byte.
+    legacy_irq: bool,
 }
 
 impl I8042 {
@@ -100,12 +106,30 @@ impl I8042 {
             last_write_was_command: false,
             kbd_param: None,
             last_data: 0,
+            new_byte: false,
+            legacy_irq: false,
         }
     }
 
     /// The keyboard interrupt line (IRQ1): a byte waits and KBDINT is enabled.
     pub fn irq1_level(&self) -> bool {
         !self.out.is_empty() && self.ctr & CTR_KBDINT != 0
+    }
+
+    /// Whether a byte moved into the output buffer after the guest read the
+    /// one before (cleared by asking). The 8259 and the I/O APIC see IRQ1 as
+    /// an edge: a line that stayed high from one byte to the next would
+    /// announce only the first of the keyboard's multi-byte answers (the
+    /// ACK of 0xF2, never the ID bytes), and Linux's atkbd probe then
+    /// timed out (about 0.7 s, after which a VM's power-off waited for it).
+    pub fn take_new_byte(&mut self) -> bool {
+        std::mem::take(&mut self.new_byte) && !self.legacy_irq
+    }
+
+    /// Behaves as before [`crate::trace::format::MODEL_REVISION`] 1, for
+    /// the replay of traces recorded then.
+    pub fn use_legacy_irq(&mut self) {
+        self.legacy_irq = true;
     }
 
     /// A20 as the output port last set it.
@@ -203,6 +227,7 @@ impl ByteRegisters for I8042 {
             PORT_I8042_DATA => {
                 if let Some(b) = self.out.pop_front() {
                     self.last_data = b;
+                    self.new_byte = !self.out.is_empty();
                 }
                 self.last_data
             }

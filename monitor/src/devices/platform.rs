@@ -505,6 +505,11 @@ impl Platform {
         }
     }
 
+    /// The i8042 as traces recorded before device-model revision 1 saw it.
+    pub fn use_legacy_keyboard_irq(&mut self) {
+        lock(&self.i8042).use_legacy_irq();
+    }
+
     /// Propagates the interrupt line of the device just accessed.
     fn after_access(&mut self, id: Option<DeviceId>) {
         let Some(id) = id else { return };
@@ -523,7 +528,14 @@ impl Platform {
         } else if id == src.cmos {
             (IRQ_RTC, lock(&self.cmos).irq_level())
         } else if id == src.i8042 {
-            (IRQ_KEYBOARD, lock(&self.i8042).irq1_level())
+            let mut kbc = lock(&self.i8042);
+            if kbc.take_new_byte() {
+                // The next byte of an answer: a new edge on IRQ1.
+                drop(kbc);
+                self.set_line(IRQ_KEYBOARD, false);
+                kbc = lock(&self.i8042);
+            }
+            (IRQ_KEYBOARD, kbc.irq1_level())
         } else {
             return;
         };
@@ -939,5 +951,21 @@ mod tests {
         p.io_out(0x60, 1, 0xF4); // enable scanning: ACK
         assert_eq!(p.acknowledge_interrupt(), Some(0x31));
         assert_eq!(p.io_in(0x60, 1), 0xFA);
+    }
+
+    /// A multi-byte answer (identify: ACK, 0xAB, 0x83) raises IRQ1 once per
+    /// byte, as Linux's interrupt-driven atkbd probe needs: the handler
+    /// reads one byte per interrupt and EOIs.
+    #[test]
+    fn keyboard_identify_raises_irq1_for_every_byte() {
+        let (mut p, _, _) = platform();
+        init_pic(&mut p, 0xFD, 0xFF);
+        p.io_out(0x60, 1, 0xF2);
+        for byte in [0xFA, 0xAB, 0x83] {
+            assert_eq!(p.acknowledge_interrupt(), Some(0x31), "IRQ1 for {byte:#x}");
+            assert_eq!(p.io_in(0x60, 1), byte);
+            p.io_out(0x20, 1, 0x20);
+        }
+        assert!(!p.pending_interrupt(), "nothing left: no fourth interrupt");
     }
 }

@@ -115,6 +115,7 @@ fn header(u: &mut Unstructured<'_>) -> arbitrary::Result<Header> {
         input_quantum: u.arbitrary()?,
         engine,
         host_cpu: mutate::string(u, &["AuthenticAMD", "GenuineIntel"], 16)?,
+        model_revision: u.int_in_range(0..=2)?,
     })
 }
 

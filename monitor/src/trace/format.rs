@@ -21,8 +21,9 @@ use thiserror::Error;
 /// The first eight bytes of every trace file.
 pub const MAGIC: &[u8; 8] = b"POPEKTRC";
 /// The format version this code writes and the only one it reads.
-pub const FORMAT_VERSION: u16 = 2;
-/// The oldest version this reader accepts (v1 lacks `host_cpu`).
+pub const FORMAT_VERSION: u16 = 3;
+/// The oldest version this reader accepts (v1 lacks `host_cpu`, v2
+/// `model_revision`).
 pub const OLDEST_VERSION: u16 = 1;
 
 /// What the recording ran: everything a replay needs to rebuild the same machine.
@@ -48,7 +49,17 @@ pub struct Header {
     /// architecture leaves undefined can differ on another vendor. Empty in
     /// version 1 traces.
     pub host_cpu: String,
+    /// Which behaviour of the device models the recording saw
+    /// ([`MODEL_REVISION`]); 0 in version 1 and 2 traces. A replay builds
+    /// the machine the recording had.
+    pub model_revision: u32,
 }
+
+/// The device models' behaviour as of this build, recorded in trace
+/// headers. 1: the i8042 raises IRQ1 again for each byte of a multi-byte
+/// keyboard answer (before, only for the first: Linux's keyboard probe
+/// timed out).
+pub const MODEL_REVISION: u32 = 1;
 
 /// This host's CPU vendor string (CPUID leaf 0).
 pub fn host_cpu_vendor() -> String {
@@ -217,6 +228,7 @@ fn encode_header(out: &mut Vec<u8>, h: &Header) {
     put_uv(out, h.input_quantum);
     put_str(out, &h.engine);
     put_str(out, &h.host_cpu);
+    put_uv(out, h.model_revision.into());
 }
 
 /// Appends a state block (mask, changed fields, optional memory digest) and advances `prev`.
@@ -621,6 +633,7 @@ impl<B: BufRead> Records<B> {
             input_quantum: self.uv()?,
             engine: self.string("engine")?,
             host_cpu: if version >= 2 { self.string("host cpu")? } else { String::new() },
+            model_revision: if version >= 3 { self.uv32("model revision")? } else { 0 },
         })
     }
 
@@ -911,6 +924,7 @@ mod tests {
             input_quantum: 100_000,
             engine: "nochain".into(),
             host_cpu: "AuthenticAMD".into(),
+            model_revision: MODEL_REVISION,
         }
     }
 
@@ -1178,32 +1192,50 @@ mod tests {
         assert!(matches!(Trace::from_bytes(b"POPEK"), Err(TraceError::NotATrace)));
         assert!(matches!(Trace::from_bytes(b""), Err(TraceError::NotATrace)));
         assert!(matches!(Trace::from_bytes(b"POPEKTRC\x01"), Err(TraceError::Truncated { events_read: 0 })));
-        bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
+        bytes[8..10].copy_from_slice(&4u16.to_le_bytes());
         match Trace::from_bytes(&bytes) {
-            Err(e @ TraceError::UnsupportedVersion { found: 3, supported: 2 }) => {
-                assert!(e.to_string().contains("version 3"))
+            Err(e @ TraceError::UnsupportedVersion { found: 4, supported: 3 }) => {
+                assert!(e.to_string().contains("version 4"))
             }
             other => panic!("{other:?}"),
         }
     }
 
-    #[test]
-    fn version_1_traces_read_without_a_host_cpu() {
-        // A v1 stream is a v2 stream whose header lacks the last string.
-        let h = Header { host_cpu: String::new(), ..header() };
+    /// A v3 stream's header without its last `n` bytes, as version
+    /// `version` wrote it (each older version lacks one trailing field).
+    fn older_stream(h: &Header, n: usize, version: u16) -> Vec<u8> {
         let mut hdr = Vec::new();
-        encode_header(&mut hdr, &h);
-        let file = encode(&h, &all_kinds());
+        encode_header(&mut hdr, h);
+        let file = encode(h, &all_kinds());
         let mut raw = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&file[10..]), &mut raw).unwrap();
         assert_eq!(raw[..hdr.len()], hdr[..]);
-        assert_eq!(raw[hdr.len() - 1], 0, "the empty host_cpu ends the header");
-        raw.remove(hdr.len() - 1);
+        raw.drain(hdr.len() - n..hdr.len());
         let mut bytes = MAGIC.to_vec();
-        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&version.to_le_bytes());
         let mut z = ZlibEncoder::new(bytes, Compression::default());
         z.write_all(&raw).unwrap();
-        let t = Trace::from_bytes(&z.finish().unwrap()).expect("version 1 reads");
+        z.finish().unwrap()
+    }
+
+    #[test]
+    fn version_2_traces_read_as_model_revision_0() {
+        // model_revision 0 is one byte: a v2 header lacks exactly it.
+        let h = Header { model_revision: 0, ..header() };
+        let t = Trace::from_bytes(&older_stream(&h, 1, 2)).expect("version 2 reads");
+        assert_eq!(t.header, h);
+        assert_eq!(t.events, all_kinds());
+        // And a v3 trace keeps its revision.
+        let t = Trace::from_bytes(&Trace { header: header(), events: all_kinds() }.to_bytes().unwrap()).unwrap();
+        assert_eq!(t.header.model_revision, MODEL_REVISION);
+    }
+
+    #[test]
+    fn version_1_traces_read_without_a_host_cpu() {
+        // A v1 stream is a v3 stream whose header lacks the last string
+        // (empty: one byte) and the revision (0: one byte).
+        let h = Header { host_cpu: String::new(), model_revision: 0, ..header() };
+        let t = Trace::from_bytes(&older_stream(&h, 2, 1)).expect("version 1 reads");
         assert_eq!(t.header, h);
         assert_eq!(t.events, all_kinds());
     }

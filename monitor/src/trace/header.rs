@@ -27,6 +27,12 @@ pub struct MachineSpec {
     /// header's CPUID leaf 1 says so): replay gives the guest that CPU, or
     /// the trace would diverge where the kernel chose its timer.
     pub legacy_cpu: bool,
+    /// Recorded with device models older than [`MODEL_REVISION`] 1 (the
+    /// i8042 announced only the first byte of a keyboard answer): replay
+    /// gives the guest that keyboard controller.
+    ///
+    /// [`MODEL_REVISION`]: crate::trace::format::MODEL_REVISION
+    pub legacy_keyboard: bool,
 }
 
 #[derive(Debug, Error)]
@@ -116,6 +122,7 @@ pub fn machine_from_header(h: &Header) -> Result<MachineSpec, HeaderError> {
     let tsc_deadline = crate::cpu::policy::ecx1::TSC_DEADLINE;
     m.legacy_cpu = m.machine == crate::devices::platform::Machine::Pc
         && h.cpuid.iter().find(|c| (c.leaf, c.subleaf) == (1, 0)).is_some_and(|c| c.regs[2] & tsc_deadline == 0);
+    m.legacy_keyboard = h.model_revision < 1;
     Ok(m)
 }
 
@@ -191,9 +198,18 @@ mod tests {
             mem: 128 << 20,
             machine: crate::devices::platform::Machine::Pc,
             legacy_cpu: false,
+            legacy_keyboard: false,
         };
-        let h = Header { command_line: command_line(&m), mem_bytes: 1, ..Header::default() };
+        let h = Header {
+            command_line: command_line(&m),
+            mem_bytes: 1,
+            model_revision: crate::trace::format::MODEL_REVISION,
+            ..Header::default()
+        };
         assert_eq!(machine_from_header(&h).unwrap(), m);
+        // Recorded before device-model revision 1: the old keyboard IRQ.
+        let before = Header { model_revision: 0, ..h.clone() };
+        assert!(machine_from_header(&before).unwrap().legacy_keyboard);
         // Recorded before `--machine` existed: the isa machine.
         let old = Header { command_line: vec!["--mem".into(), "1M".into()], ..Header::default() };
         assert_eq!(machine_from_header(&old).unwrap().machine, crate::devices::platform::Machine::Isa);

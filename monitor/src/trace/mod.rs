@@ -39,6 +39,7 @@ pub fn info(t: &Trace, bytes_on_disk: u64) -> String {
         "recorded on: {}\n",
         if h.host_cpu.is_empty() { "(not recorded: a version 1 trace)" } else { h.host_cpu.as_str() }
     );
+    s += &format!("device models: revision {} (this build: {})\n", h.model_revision, format::MODEL_REVISION);
     let (mut inputs, mut input_bytes, mut irqs, mut io, mut cps, mut mems) = (0, 0, 0, 0, 0, 0);
     for e in &t.events {
         match e {
