@@ -44,6 +44,10 @@ pub struct TargetInfo {
     pub about: &'static str,
     /// Longest buffer the driver makes for it.
     pub max_len: usize,
+    /// Shortest: the translator targets make blocks while the bytes last,
+    /// and each input costs VM start-ups, so an input is always long
+    /// enough for every block slot (about 80 bytes a block).
+    pub min_len: usize,
     pub make: fn() -> Result<Box<dyn Target>, String>,
 }
 
@@ -54,54 +58,63 @@ pub fn targets() -> &'static [TargetInfo] {
             name: "bzimage",
             about: "Linux bzImage setup header and loader (loader/linux.rs), from a valid synthetic bzImage",
             max_len: 4096,
+            min_len: 0,
             make: loaders::bzimage,
         },
         TargetInfo {
             name: "multiboot",
             about: "multiboot ELF and a.out-kludge loader with modules (loader/multiboot.rs)",
             max_len: 4096,
+            min_len: 0,
             make: loaders::multiboot,
         },
         TargetInfo {
             name: "initramfs",
             about: "initramfs writer round trip and newc/gzip reader (loader/initramfs.rs)",
             max_len: 4096,
+            min_len: 0,
             make: loaders::initramfs,
         },
         TargetInfo {
             name: "trace",
             about: "trace writer/reader round trip and the reader on damaged files (trace/format.rs), diff, info",
             max_len: 4096,
+            min_len: 0,
             make: trace::trace,
         },
         TargetInfo {
             name: "replay",
             about: "`popek replay`'s input path without a kernel: trace, header → machine, switches, replayer fed its own trace",
             max_len: 4096,
+            min_len: 0,
             make: trace::replay,
         },
         TargetInfo {
             name: "virtio",
             about: "virtio descriptor chains (blk, rng) on made-up guest memory, directly and through the legacy PCI registers",
             max_len: 4096,
+            min_len: 0,
             make: virtio::virtio,
         },
         TargetInfo {
             name: "cpl3",
             about: "differential: random unprivileged blocks at CPL 3, user code direct vs translated, in a guest (slow: two VMs per input)",
-            max_len: 4096,
+            max_len: 8192,
+            min_len: 4096,
             make: cpl3::cpl3,
         },
         TargetInfo {
             name: "cpl0",
             about: "metamorphic: random kernel blocks with sensitive instructions at CPL 0, translated, under six switch sets that must agree (slow: six VMs per input)",
-            max_len: 4096,
+            max_len: 8192,
+            min_len: 4096,
             make: cpl0::cpl0,
         },
         TargetInfo {
             name: "platform",
             about: "port/MMIO storms on the pc and isa machines (PIC, PIT, CMOS, UART, APICs, PCI, virtio-pci), timers, interrupts",
             max_len: 8192,
+            min_len: 0,
             make: platform::platform,
         },
     ]
@@ -116,6 +129,7 @@ pub static SELFTEST: TargetInfo = TargetInfo {
     name: "selftest",
     about: "fails on purpose (tests of the fuzz driver)",
     max_len: 16,
+    min_len: 0,
     make: || Ok(Box::new(SelfTest)),
 };
 
@@ -392,6 +406,10 @@ pub fn fuzz(info: &TargetInfo, opts: &Options, mut progress: Option<&mut dyn Pro
             break;
         }
         rng.buffer(info.max_len, &mut buf);
+        // Topped up from the same generator: a run stays a function of its seed.
+        while buf.len() < info.min_len {
+            buf.extend_from_slice(&rng.next_u64().to_le_bytes());
+        }
         if let Some(p) = progress.as_deref_mut() {
             p.starting(report.inputs, &buf);
         }
