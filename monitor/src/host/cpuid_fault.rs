@@ -37,17 +37,25 @@ fn set_cpuid_allowed(allowed: bool) -> bool {
     unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_SET_CPUID, libc::c_ulong::from(allowed)) == 0 }
 }
 
-/// Makes CPUID fault on the calling thread. False when the host CPU or
-/// kernel cannot (guest user code then sees the host's CPUID).
+/// Makes CPUID fault on the calling thread (whose signal handlers are
+/// installed). False when the host CPU or kernel cannot, or says it can
+/// but a CPUID then does not fault (some hypervisors advertise the feature
+/// without honouring it): guest user code then sees the host's CPUID.
 pub(super) fn enable_on_current_thread() -> bool {
     // Fill the standard library's feature cache first, so that the
     // monitor's own feature checks never fault.
     let _ = std::arch::is_x86_feature_detected!("sse4.2");
-    let ok = set_cpuid_allowed(false);
-    if ok {
-        ENABLED.store(true, Ordering::Release);
+    if !set_cpuid_allowed(false) {
+        return false;
     }
-    ok
+    ENABLED.store(true, Ordering::Release);
+    let served = monitor_cpuids_served();
+    let _ = std::arch::x86_64::__cpuid(0);
+    if monitor_cpuids_served() == served {
+        set_cpuid_allowed(true);
+        return false;
+    }
+    true
 }
 
 /// Lets the calling thread execute CPUID again.
