@@ -717,17 +717,7 @@ pub fn guest(blocks: &[Block], flush: bool) -> Vec<u8> {
 
 impl Target for Cpl0 {
     fn run(&mut self, input: &[u8]) -> Result<(), String> {
-        let mut u = Unstructured::new(input);
-        let mut blocks = Vec::new();
-        for i in 0..BLOCKS {
-            if u.is_empty() && i > 0 {
-                break;
-            }
-            match block(&mut u, BLOCKS_AT + SLOT * i as u32) {
-                Ok(b) => blocks.push(b),
-                Err(_) => break,
-            }
-        }
+        let blocks = cpl3::blocks_from(input, block);
         if blocks.is_empty() {
             return Ok(());
         }

@@ -1197,6 +1197,26 @@ pub(super) fn run_capture(
     Ok((out, err, status))
 }
 
+/// The blocks of one input, one per slot while its bytes last (both fuzz
+/// guests generate them this way; `make` is the guest's block generator).
+pub(super) fn blocks_from(
+    input: &[u8],
+    make: impl Fn(&mut Unstructured<'_>, u32) -> arbitrary::Result<Block>,
+) -> Vec<Block> {
+    let mut u = Unstructured::new(input);
+    let mut blocks = Vec::new();
+    for i in 0..BLOCKS {
+        if u.is_empty() && i > 0 {
+            break;
+        }
+        match make(&mut u, BLOCKS_AT + SLOT * i as u32) {
+            Ok(b) => blocks.push(b),
+            Err(_) => break,
+        }
+    }
+    blocks
+}
+
 /// Disassembly of a block, for failure reports.
 pub fn disassemble(code: &[u8], ip: u32) -> String {
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
@@ -1213,17 +1233,7 @@ pub fn disassemble(code: &[u8], ip: u32) -> String {
 
 impl Target for Cpl3 {
     fn run(&mut self, input: &[u8]) -> Result<(), String> {
-        let mut u = Unstructured::new(input);
-        let mut blocks = Vec::new();
-        for i in 0..BLOCKS {
-            if u.is_empty() && i > 0 {
-                break;
-            }
-            match block(&mut u, BLOCKS_AT + SLOT * i as u32) {
-                Ok(b) => blocks.push(b),
-                Err(_) => break,
-            }
-        }
+        let blocks = blocks_from(input, block);
         if blocks.is_empty() {
             return Ok(());
         }
