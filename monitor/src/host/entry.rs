@@ -25,8 +25,13 @@ use std::mem::offset_of;
 /// entry cost more than the rest of a callout's round trip.
 pub const XSAVE_MASK: u32 = 0b11;
 
-/// Size reserved for the XSAVE image of the guest's extended state.
-pub const XSAVE_AREA_SIZE: usize = 8192;
+/// Size of the XSAVE image of [`XSAVE_MASK`]: the legacy x87/SSE region
+/// (512 bytes) and the XSAVE header (64). Standard-form XSAVE and XRSTOR of
+/// components 0 and 1 touch nothing beyond it, whatever the host's XCR0:
+/// the size CPUID leaf 0xD reports covers every enabled component (11008
+/// bytes on a Xeon with AMX tiles, which Popek once refused to run on).
+pub const XSAVE_AREA_SIZE: usize = 512 + 64;
+const _: () = assert!(XSAVE_MASK == 0b11, "a wider mask needs the CPUID leaf 0xD offsets");
 
 /// Why `popek_enter` returned.
 pub const EXIT_SIGNAL: u32 = 1;

@@ -50,8 +50,6 @@ pub enum HostError {
     NoXsave,
     #[error("this CPU lacks LAHF/SAHF in 64-bit mode (CPUID 0x80000001 ECX bit 0), which the callout path uses")]
     NoLahfSahf,
-    #[error("the XSAVE area of this CPU ({0} bytes) is larger than Popek supports")]
-    XsaveTooLarge(u32),
     #[error(
         "another vCPU is alive in this process: the window and the host LDT are process-global, one vCPU at a time"
     )]

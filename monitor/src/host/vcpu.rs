@@ -227,11 +227,9 @@ fn check_host() -> Result<(), HostError> {
     if leaf1.ecx & (1 << 27) == 0 {
         return Err(HostError::NoXsave);
     }
-    // Leaf 0xD exists when OSXSAVE is set.
-    let size = std::arch::x86_64::__cpuid_count(0xD, 0).ebx;
-    if size as usize > XSAVE_AREA_SIZE {
-        return Err(HostError::XsaveTooLarge(size));
-    }
+    // No size check against CPUID leaf 0xD: its EBX is the image for the
+    // host's whole XCR0 (11008 bytes with AMX tiles), but Popek saves only
+    // XSAVE_MASK, whose image has a fixed size (entry::XSAVE_AREA_SIZE).
     // The hooked resume restores flags with SAHF in 64-bit mode.
     if std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 == 0 {
         return Err(HostError::NoLahfSahf);
