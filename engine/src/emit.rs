@@ -24,9 +24,9 @@ use crate::decode::DecodedBlock;
 use crate::mangle::{MangledBlock, Op};
 use crate::recover::RecoveryEntry;
 use crate::vmm_area::{
-    trans, transition, vcpu, CACHED_PORTS, EXC_GATE_CACHE, GATE_CACHE, LOOKUP_TABLE, LOOKUP_TABLE_USER, PORT_CACHE,
-    SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX, SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_CACHE, SEG_USER_OK,
-    VMM_STACK_TOP,
+    trans, transition, vcpu, CACHED_PORTS, EXC_GATE_CACHE, GATE_CACHE, INVLPG_FILTER, LOOKUP_TABLE, LOOKUP_TABLE_USER,
+    PORT_CACHE, SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX, SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_BASE_ZERO,
+    SEG_CACHE, SEG_CACHE_ENTRIES, SEG_CACHE_ENTRY, SEG_USER_OK, SHADOW_USER_BIT, VMM_STACK_TOP,
 };
 use dynasmrt::x86::X86Relocation;
 use dynasmrt::{dynasm, DynasmApi, VecAssembler};
@@ -60,6 +60,8 @@ const SEG_DESC: i32 = SEG_CACHE as i32;
 const SEG_RPL_OK: i32 = SEG_CACHE as i32 + 8;
 const SEG_VERW_OK: i32 = SEG_CACHE as i32 + 12;
 const SEG_ENTRY_USER_OK: i32 = (SEG_CACHE + SEG_USER_OK) as i32;
+const SEG_ENTRY_BASE_ZERO: i32 = (SEG_CACHE + SEG_BASE_ZERO) as i32;
+const FILTER: i32 = INVLPG_FILTER as i32;
 const PAGE_SEG_USER_OK: i32 = vcpu::SEG_USER_OK as i32;
 const SPILL_ESP: i32 = vcpu::scratch(SCRATCH_ESP) as i32;
 const FRAME: i32 = vcpu::FRAME as i32;
@@ -565,6 +567,7 @@ impl Emitter {
             }
             Op::Iret => self.iret(eip, next, instr),
             Op::PortRead { port } => self.port_read(*port, eip, next, instr),
+            Op::Invlpg { load, sreg } => self.invlpg(load, *sreg, eip, next, instr),
             Op::Pushf => self.pushf(eip, next),
             Op::Popf => self.popf(eip, next),
             Op::IrqCheck { check_vif } => {
@@ -671,6 +674,54 @@ impl Emitter {
         self.at(next);
     }
 
+    /// INVLPG through the filter (`vmm_area::INVLPG_FILTER`):
+    ///
+    /// ```text
+    ///       mov [spill], ecx; lea ecx, <operand>         (effective address)
+    ///       save eax, edx, ebx; lahf; seto al; save eax (flags free from here)
+    ///       mov eax, <sreg>; sub eax, 0x27               (host selector - first shadow)
+    ///       test eax, ~0x7E8; jnz miss                   (not a GDT shadow slot < 64)
+    ///       and eax, ~8                                   (the index's cache entry)
+    ///       cmp byte [SEG_CACHE + eax + SEG_BASE_ZERO], 0; je miss
+    ///       edx = ecx >> 15; ecx = (ecx >> 12) & 7
+    ///       movzx eax, byte [INVLPG_FILTER + edx]; bt eax, ecx; jc miss
+    ///       restore; jmp done                             (nothing to invalidate)
+    /// miss: restore; callout INVLPG
+    /// done:
+    /// ```
+    ///
+    /// The segment test reads the host register, not the guest selector:
+    /// its hidden base is that of the slot it was loaded from, and the
+    /// monitor rewrites a slot's cache entry with the slot. Nothing after
+    /// the LEA can fault (GS-relative reads of the VMM area).
+    fn invlpg(&mut self, load: &[u8], sreg: u8, eip: u32, next: u32, instr: &Instruction) {
+        self.load_ecx_and_save(load, eip);
+        // mov eax, Sreg (8C /r, mod 11, reg = sreg, rm = EAX).
+        self.asm.extend([0x8C, 0xC0 | (sreg << 3)]);
+        let slots = (SEG_CACHE_ENTRIES * SEG_CACHE_ENTRY - SEG_CACHE_ENTRY) as i32 | i32::from(SHADOW_USER_BIT);
+        x86!(self.asm
+            ; sub eax, 0x27
+            ; test eax, !slots
+        );
+        let mut misses = vec![self.near_jcc(0x5)]; // jnz
+        let user_bit = !i32::from(SHADOW_USER_BIT);
+        x86!(self.asm
+            ; and eax, user_bit
+            ; gs cmp BYTE [eax + SEG_ENTRY_BASE_ZERO], 0
+        );
+        misses.push(self.near_jcc(0x4)); // je
+        x86!(self.asm
+            ; mov edx, ecx
+            ; shr edx, 15
+            ; shr ecx, 12
+            ; and ecx, 7
+            ; gs movzx eax, BYTE [edx + FILTER]
+            ; bt eax, ecx
+        );
+        misses.push(self.near_jcc(0x2)); // jc (jb)
+        self.seg_cache_tails(misses, CalloutKind::Sensitive(crate::classify::Sensitive::Invlpg), eip, next, instr);
+    }
+
     /// MOV/POP Sreg through the segment cache (`vmm_area::SEG_CACHE`):
     ///
     /// ```text
@@ -761,12 +812,7 @@ impl Emitter {
         null_ok: bool,
         eip: u32,
     ) -> (Option<ShortFixup>, Vec<NearFixup>) {
-        self.at(eip);
-        self.spill_ecx();
-        self.mark(eip, true, false, true);
-        self.asm.extend(load.iter());
-        self.mark(eip, true, false, false);
-        self.save_for_checks();
+        self.load_ecx_and_save(load, eip);
         x86!(self.asm; cmp ecx, 4);
         let mut misses = Vec::new();
         let null = if null_ok {
@@ -823,6 +869,18 @@ impl Emitter {
         self.callout(kind, eip, next, instr, true);
         self.bind(done);
         self.at(next);
+    }
+
+    /// The head of the checked sequences: ECX spilled, `load` (the only
+    /// guest access, exact) puts the operand in ECX, then EAX, EDX, EBX
+    /// and the flags are saved (nothing after this can fault: inexact).
+    fn load_ecx_and_save(&mut self, load: &[u8], eip: u32) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        self.asm.extend(load.iter());
+        self.mark(eip, true, false, false);
+        self.save_for_checks();
     }
 
     /// The registers and flags [`Emitter::load_seg`] saved, back.

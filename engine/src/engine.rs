@@ -243,6 +243,7 @@ impl Engine {
         let entry = b.entry;
         for p in &b.pages {
             self.user_pages.entry(p.linear).or_default().push(id);
+            self.view.mark_invlpg(p.linear);
         }
         let had_slot = !b.indirect_slots.is_empty();
         self.by_key.insert(*key, id);
@@ -343,6 +344,7 @@ impl Engine {
             inline_segments: self.config.inline_segments,
             inline_transitions: self.config.inline_transitions && !self.config.count_insns,
             inline_port_reads: self.config.inline_port_reads && !self.config.count_insns,
+            inline_invlpg: self.config.inline_invlpg && !self.config.count_insns,
             native_rdtsc: self.config.native_rdtsc && !self.config.count_insns,
             corrupt: self.config.corrupt,
         };
@@ -517,6 +519,12 @@ impl Engine {
             self.stats.blocks_invalidated += keys.len() as u64;
         }
         keys
+    }
+
+    /// Whether translated CPL 3 code comes from the page holding `linear`
+    /// (an INVLPG of it has work: `vmm_area::INVLPG_FILTER`).
+    pub fn has_user_page(&self, linear: u32) -> bool {
+        self.user_pages.get(&(linear & !0xFFF)).is_some_and(|ids| !ids.is_empty())
     }
 
     /// [`Engine::revalidate_user_mappings`] for one linear page (INVLPG:
@@ -799,8 +807,13 @@ impl Engine {
                 self.new_pages.insert(p.phys);
             }
             list.push(id);
-            let by_linear = if key.cpl == 3 { &mut self.user_pages } else { &mut self.kernel_pages };
-            by_linear.entry(p.linear).or_default().push(id);
+            if key.cpl == 3 {
+                // INVLPG of this page must reach revalidate_user_page.
+                self.user_pages.entry(p.linear).or_default().push(id);
+                self.view.mark_invlpg(p.linear);
+            } else {
+                self.kernel_pages.entry(p.linear).or_default().push(id);
+            }
         }
     }
 

@@ -111,6 +111,11 @@ pub struct Config {
     /// `in al` of a port the monitor caches (`vmm_area::PORT_CACHE`, the
     /// PIC masks) reads the cache in CPL 0 code. Off in the counting mode.
     pub inline_port_reads: bool,
+    /// INVLPG in CPL 0 code retires inline when the monitor's filter says
+    /// it has nothing to do (`vmm_area::INVLPG_FILTER`). Off in the
+    /// counting mode, like the port cache: whether it hits depends on the
+    /// monitor's mapping history, not on the guest alone.
+    pub inline_invlpg: bool,
     /// Count retired guest instructions (the deterministic mode): every
     /// block entry charges its instruction count to `VcpuPage.budget` and
     /// exits with a `Poll` callout, before running, when the budget would go
@@ -138,6 +143,7 @@ impl Default for Config {
             inline_segments: true,
             inline_transitions: true,
             inline_port_reads: true,
+            inline_invlpg: true,
             count_insns: false,
             native_rdtsc: false,
             corrupt: None,

@@ -89,6 +89,12 @@ pub enum Op {
     /// IRETD from CPL 0 to the CPL 3 code and stack segments the transition
     /// page names, inline; anything else is the IRET's callout.
     Iret,
+    /// INVLPG at CPL 0 through the INVLPG filter: `load` is `lea ecx,
+    /// <operand>`, `sreg` the operand's segment (0 ES, 2 SS, 3 DS, 4 FS),
+    /// whose host selector must be a GDT shadow of base 0; a page whose
+    /// filter bit is clear retires with nothing to do, anything else is
+    /// the INVLPG's callout.
+    Invlpg { load: InsnBytes, sreg: u8 },
 }
 
 /// One guest instruction after mangling (the `n`th of the block: its
@@ -149,6 +155,8 @@ pub struct MangleCtx {
     pub inline_transitions: bool,
     /// Inline `in al` of cached ports ([`Op::PortRead`]).
     pub inline_port_reads: bool,
+    /// Inline INVLPG of pages the filter clears ([`Op::Invlpg`]).
+    pub inline_invlpg: bool,
     /// RDTSC as itself ([`crate::Config::native_rdtsc`]).
     pub native_rdtsc: bool,
     /// Test-only corruption ([`crate::Config::corrupt`]).
@@ -243,6 +251,29 @@ fn segment_load(insn: &DecodedInsn, s: Sensitive) -> Option<Op> {
         return None;
     }
     Some(Op::LoadSeg { sreg, load: selector_load(i, 1)?, pop: 0, kind })
+}
+
+/// [`Op::Invlpg`] for `invlpg m`: `lea ecx, m` (its effective address,
+/// 16-bit addressing included) and the segment that makes it linear. CS
+/// and GS are not the guest's in translated code: those take the callout.
+fn invlpg_load(i: &Instruction) -> Option<Op> {
+    if i.op0_kind() != OpKind::Memory {
+        return None;
+    }
+    let sreg = match i.memory_segment() {
+        Register::ES => 0,
+        Register::SS => 2,
+        Register::DS => 3,
+        Register::FS => 4,
+        _ => return None,
+    };
+    let mut load = *i;
+    load.set_code(Code::Lea_r32_m);
+    load.set_op0_kind(OpKind::Register);
+    load.set_op0_register(Register::ECX);
+    load.set_op1_kind(OpKind::Memory);
+    load.set_segment_prefix(Register::None);
+    Some(Op::Invlpg { load: encode32(&load)?, sreg })
 }
 
 /// `movzx ecx, <operand n of i>`: a selector operand read with the guest's
@@ -445,6 +476,10 @@ fn mangle_sensitive(insn: &DecodedInsn, s: Sensitive, ctx: &MangleCtx, ops: &mut
                 rewritten(ops, &[Op::PortRead { port: Some(u16::from(insn.instr.immediate8())) }])
             }
             _ => callout(ops, CalloutKind::Sensitive(s), !insn.class.ends_block),
+        },
+        Sensitive::Invlpg if ring0 && ctx.inline_invlpg && ctx.cs32 => match invlpg_load(&insn.instr) {
+            Some(op) => rewritten(ops, &[op]),
+            None => callout(ops, CalloutKind::Sensitive(s), !insn.class.ends_block),
         },
         Sensitive::Verw if ring0 && ctx.inline_segments && ctx.cs32 && !classify::uses_gs_memory(&insn.instr) => {
             match selector_load(&insn.instr, 0) {

@@ -15,6 +15,7 @@
 //! base + 0x04_0000  indirect lookup table: 65 536 x u32 TC addresses
 //! base + 0x08_0000  the same for CPL 3 blocks
 //! base + 0x0C_0000  GDT alias: the guest frames holding its GDT, read-only
+//! base + 0x0E_0000  INVLPG filter: one bit per guest page, read-only
 //! base + 0x10_0000  translation cache (7 MiB): engine stubs, then blocks
 //! ```
 //!
@@ -71,6 +72,11 @@ pub const SHADOW_USER_BIT: u16 = 8;
 pub const SEG_CACHE_ENTRY: u32 = 32;
 /// Offset of the "survives an IRET to CPL 3" byte in an entry.
 pub const SEG_USER_OK: u32 = 16;
+/// Offset of the "base is 0" byte in an entry: nonzero when the
+/// descriptor both host LDT slots of the index hold has base 0, so a
+/// segment register holding either slot turns an effective address into
+/// the same linear address (inline INVLPG, [`INVLPG_FILTER`]).
+pub const SEG_BASE_ZERO: u32 = 17;
 /// Top of the VMM stack at the end of the vCPU page: an inline INT points
 /// SS:ESP here (SS the VMM data selector) for the PUSHFD that reads the
 /// guest's whole EFLAGS without touching guest memory.
@@ -102,6 +108,24 @@ pub const IDT_ALIAS: u32 = 0x4000;
 pub const IDT_ALIAS_PAGES: u32 = 2;
 /// The TSS alias: the guest frame that holds TSS.ESP0 and TSS.SS0.
 pub const TSS_ALIAS: u32 = 0x6000;
+/// The INVLPG filter: one bit per 4 KiB guest-linear page (bit `p & 7` of
+/// byte `p >> 3` for page number `p`), set when an INVLPG of that page may
+/// have work for the monitor: a shadow mapping there (the window sets the
+/// bit on every map), translated CPL 3 code from it, a page of the GDT,
+/// IDT or TSS aliases. A clear bit is a promise that the INVLPG callout
+/// would change nothing, so a CPL 0 INVLPG of such a page retires inline;
+/// only the INVLPG callout clears a bit, after finding nothing left. Why:
+/// Linux unmaps and INVLPGs pages it never let the shadow see (vmalloc,
+/// kmap, fixmap slots), and a callout costs more than QEMU's whole INVLPG.
+pub const INVLPG_FILTER: u32 = 0xE_0000;
+/// Bytes of the INVLPG filter: 2^20 pages, one bit each.
+pub const INVLPG_FILTER_LEN: u32 = 0x2_0000;
+
+/// The filter byte and bit of the page holding `linear`.
+pub const fn invlpg_filter_bit(linear: u32) -> (u32, u8) {
+    (INVLPG_FILTER + (linear >> 15), 1 << ((linear >> 12) & 7))
+}
+
 /// GDT indexes with a segment-cache entry (Linux uses 32).
 pub const SEG_CACHE_ENTRIES: u32 = 64;
 /// Size of the translation cache.
@@ -140,7 +164,10 @@ const _: () = assert!(SEG_CACHE + SEG_CACHE_ENTRY * SEG_CACHE_ENTRIES <= IDT_ALI
 const _: () = assert!(IDT_ALIAS + IDT_ALIAS_PAGES * 4096 <= TSS_ALIAS);
 const _: () = assert!(TSS_ALIAS + 4096 <= LOOKUP_TABLE);
 const _: () = assert!(LOOKUP_TABLE_USER + LOOKUP_TABLE_SIZE <= GDT_ALIAS);
-const _: () = assert!(GDT_ALIAS + GDT_ALIAS_PAGES * 4096 <= TC);
+const _: () = assert!(GDT_ALIAS + GDT_ALIAS_PAGES * 4096 <= INVLPG_FILTER);
+const _: () = assert!(INVLPG_FILTER + INVLPG_FILTER_LEN <= TC);
+const _: () = assert!(INVLPG_FILTER_LEN * 8 == 1 << 20);
+const _: () = assert!(SEG_BASE_ZERO < SEG_CACHE_ENTRY);
 
 /// Number of spill slots in [`VcpuPage::scratch`].
 pub const SCRATCH_SLOTS: usize = 8;
@@ -427,6 +454,16 @@ impl VmmAreaView {
 
     pub(crate) fn write(&mut self, off: u32, data: &[u8]) {
         self.mem.write(off as usize, data);
+    }
+
+    /// Sets the [`INVLPG_FILTER`] bit of the page holding `linear`.
+    pub(crate) fn mark_invlpg(&mut self, linear: u32) {
+        let (off, bit) = invlpg_filter_bit(linear);
+        let mut b = [0u8];
+        self.mem.read(off as usize, &mut b);
+        if b[0] & bit == 0 {
+            self.write(off, &[b[0] | bit]);
+        }
     }
 
     /// A copy of `len` bytes at `off` (a copy, not a borrow: the bytes are

@@ -118,6 +118,12 @@ pub trait HostMapper {
     fn unmap(&mut self, gva: u32, len: u32) -> Result<(), MapError>;
     /// Changes the rights of mapped pages in `[gva, gva+len)`.
     fn protect(&mut self, gva: u32, len: u32, prot: Prot) -> Result<(), MapError>;
+    /// Shadows now stand for the guest's 2/4 MiB page `[gva, gva+len)`: an
+    /// INVLPG of any page in it, mapped or not, has work (the monitor's
+    /// INVLPG filter listens). Nothing by default.
+    fn note_large_page(&mut self, gva: u32, len: u32) {
+        let _ = (gva, len);
+    }
 }
 
 impl<T: PhysMem + ?Sized> PhysMem for &mut T {
@@ -147,6 +153,9 @@ impl<T: PhysMem + ?Sized> PhysMem for &mut T {
 impl<T: HostMapper + ?Sized> HostMapper for &mut T {
     fn map(&mut self, gva: u32, gpa: u64, len: u32, prot: Prot) -> Result<(), MapError> {
         (**self).map(gva, gpa, len, prot)
+    }
+    fn note_large_page(&mut self, gva: u32, len: u32) {
+        (**self).note_large_page(gva, len)
     }
     fn unmap(&mut self, gva: u32, len: u32) -> Result<(), MapError> {
         (**self).unmap(gva, len)

@@ -558,8 +558,8 @@ impl ShadowMmu {
             return Ok(());
         }
         let large = new.guest_size != PageSize::Size4K;
-        if large {
-            self.large.insert((new.guest_page, new.guest_size));
+        if large && self.large.insert((new.guest_page, new.guest_size)) {
+            mapper.note_large_page(new.guest_page, new.guest_size.bytes());
         }
         if new.prot.write && !old.prot.write {
             self.stats.dirty_upgrades += 1;
@@ -717,8 +717,8 @@ impl ShadowMmu {
                 self.rmap_remove(old.gpa, gva);
             }
             self.rmap.entry(e.gpa).or_default().insert(gva);
-            if e.guest_size != PageSize::Size4K {
-                self.large.insert((e.guest_page, e.guest_size));
+            if e.guest_size != PageSize::Size4K && self.large.insert((e.guest_page, e.guest_size)) {
+                mapper.note_large_page(e.guest_page, e.guest_size.bytes());
             }
         }
         Ok(())
@@ -864,6 +864,15 @@ impl ShadowMmu {
         let page = page_of(gva);
         self.drop_where(mapper, page..=page, |_, _| true)?;
         Ok(())
+    }
+
+    /// Whether an INVLPG of `gva` could change anything here: a shadow of
+    /// its page (parked ones included) or of a large page holding it.
+    pub fn has_shadow(&self, gva: u32) -> bool {
+        self.entries.contains_key(&page_of(gva))
+            || [PageSize::Size4M, PageSize::Size2M]
+                .into_iter()
+                .any(|size| self.large.contains(&(gva & !(size.bytes() - 1), size)))
     }
 
     /// INVLPG: the TLB entry of the page holding `gva` (of the whole guest

@@ -841,3 +841,122 @@ fn string_instructions_on_guest_page_0_match_the_same_on_another_page() {
     assert_eq!(mem0[0x200..0x240], (0..0x40u8).map(|i| i.wrapping_mul(7)).collect::<Vec<_>>()[..]);
     assert_eq!(outs0[3], (0xF4, 0x20 - 9), "CMPSD stopped at the ninth dword");
 }
+
+/// Runs the INVLPG cases with `config`: each case reads a page through
+/// the shadow, changes the guest's mapping, INVLPGs it one way or another
+/// and reads again (port 0x80). Returns the reads and the INVLPG callouts.
+fn run_invlpg_cases(config: BtConfig) -> (Vec<u32>, u64) {
+    const PD: u32 = 0xA_0000;
+    const PT: u32 = 0xA_1000; // maps 4-8 MiB in 4 KiB pages
+    const A: u32 = 0xC0_0000; // a 4 MiB-aligned frame: also the remapped large page
+    const B: u32 = 0xC0_1000;
+    let pte = |i: u32| PT + 4 * i;
+    let page = |i: u32| 0x40_0000 + 0x1000 * i;
+    let code = assemble(CODE, |a| {
+        // Identity 0-4 MiB (large), the page table for 4-8 MiB, identity 8-12 MiB (large).
+        a.mov(dword_ptr(PD), 0x83)?;
+        a.mov(dword_ptr(PD + 4), PT | 3)?;
+        a.mov(dword_ptr(PD + 8), 0x80_0083)?;
+        for i in 0..16 {
+            a.mov(dword_ptr(pte(i)), A | 3)?;
+        }
+        a.mov(eax, PD)?;
+        a.mov(cr3, eax)?;
+        a.mov(eax, cr4)?;
+        a.or(eax, 0x10)?; // PSE
+        a.mov(cr4, eax)?;
+        a.mov(eax, cr0)?;
+        a.or(eax, 0x8000_0000u32)?;
+        a.mov(cr0, eax)?;
+        let read = |a: &mut CodeAssembler, at: u32| -> Result<(), IcedError> {
+            a.mov(eax, dword_ptr(at))?;
+            a.out(0x80, eax)
+        };
+        // 1. A shadowed page remapped: the INVLPG must drop its shadow.
+        read(a, page(0))?;
+        a.mov(dword_ptr(pte(0)), B | 3)?;
+        a.mov(eax, page(0))?;
+        a.invlpg(dword_ptr(eax))?;
+        read(a, page(0))?;
+        // 2. An INVLPG that keeps the shadow (mapping unchanged) must not
+        // forget it: the next one, after the change, drops it.
+        read(a, page(1))?;
+        a.invlpg(dword_ptr(page(1)))?;
+        a.mov(dword_ptr(pte(1)), B | 3)?;
+        a.invlpg(dword_ptr(page(1)))?;
+        read(a, page(1))?;
+        // 3. INVLPGs of a page with nothing left (inline once the first
+        // callout found nothing), then a change back.
+        read(a, page(2))?;
+        a.mov(dword_ptr(pte(2)), B | 3)?;
+        for _ in 0..3 {
+            a.invlpg(dword_ptr(page(2)))?;
+        }
+        a.mov(dword_ptr(pte(2)), A | 3)?;
+        a.invlpg(dword_ptr(page(2)))?;
+        read(a, page(2))?;
+        // 4. Segment bases: ES and DS based at 0x1000 name the page after
+        // the effective address, which itself was never touched.
+        for (sreg_es, (touched, i)) in [(true, (page(8), 8)), (false, (page(10), 10))] {
+            read(a, touched)?;
+            a.mov(dword_ptr(pte(i)), B | 3)?;
+            a.mov(eax, 0x18)?;
+            if sreg_es {
+                a.mov(es, ax)?;
+                a.invlpg(dword_ptr(touched - 0x1000).es())?;
+            } else {
+                a.mov(ds, ax)?;
+                a.invlpg(dword_ptr(touched - 0x1000))?;
+            }
+            a.mov(eax, 0x10)?;
+            a.mov(es, ax)?;
+            a.mov(ds, ax)?;
+            read(a, touched)?;
+        }
+        // 5. An SS-relative operand.
+        read(a, page(12))?;
+        a.mov(dword_ptr(pte(12)), B | 3)?;
+        a.mov(ebp, page(12))?;
+        a.invlpg(dword_ptr(ebp))?;
+        read(a, page(12))?;
+        // 6. A large page: an INVLPG of another 4 KiB page inside it drops
+        // the whole guest TLB entry.
+        read(a, 0x80_1000)?;
+        a.mov(dword_ptr(PD + 8), A | 0x83)?;
+        a.invlpg(dword_ptr(0xBF_F000))?;
+        read(a, 0x80_1000)?;
+        a.mov(eax, 1)?;
+        a.out(0xF4, eax)
+    });
+    let mut k = Kernel::with_config(&code, config);
+    for (at, v) in [(A, 0xAAAA_0000u32), (B, 0xBBBB_0000), (0x80_1000, 0x8888_0000)] {
+        k.mem.write(u64::from(at), &v.to_le_bytes()).unwrap();
+    }
+    let gdt: [u64; 4] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00cf_9300_1000_ffff];
+    for (i, d) in gdt.iter().enumerate() {
+        k.mem.write(u64::from(GDT) + 8 * i as u64, &d.to_le_bytes()).unwrap();
+    }
+    k.bt.cpu_mut().gdtr = monitor::cpu::TableReg { base: GDT, limit: 8 * 4 - 1 };
+    assert_eq!(k.run(), 1);
+    let callouts =
+        k.bt.engine().stats().callouts_taken.iter().filter(|(kind, _)| kind.contains("invlpg")).map(|x| x.1).sum();
+    let reads = k.outs.iter().filter(|o| o.0 == 0x80).map(|o| o.1).collect();
+    (reads, callouts)
+}
+
+#[test]
+fn inline_invlpg_matches_its_callout_twin() {
+    let mut callout = BtConfig::default();
+    callout.apply_switch("noinline").unwrap();
+    let (callout_reads, callout_callouts) = run_invlpg_cases(callout);
+    let (inline_reads, inline_callouts) = run_invlpg_cases(BtConfig::default());
+    let (a, b, large) = (0xAAAA_0000u32, 0xBBBB_0000u32, 0x8888_0000u32);
+    // What the architecture says: every read after an INVLPG sees the new mapping.
+    let want = vec![a, b, a, b, a, a, a, b, a, b, a, b, large, b];
+    assert_eq!(callout_reads, want, "the callout path");
+    assert_eq!(inline_reads, want, "the inline path");
+    assert!(
+        inline_callouts < callout_callouts,
+        "no INVLPG retired inline ({inline_callouts} vs {callout_callouts} callouts)"
+    );
+}

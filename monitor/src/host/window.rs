@@ -273,8 +273,43 @@ impl Window {
         }
         self.mmap_fixed(gva, len, prot, mem.fd(), gpa)?;
         self.record(gva, len, prot);
+        self.mark_invlpg(gva, len);
         self.stats.lock().expect("stats").maps += 1;
         Ok(())
+    }
+
+    /// Sets the INVLPG filter bits (`vmm_area::INVLPG_FILTER`) of the pages
+    /// in `[gva, gva+len)`: an INVLPG of any of them now has work. Every
+    /// map sets them, so a shadow can never hide behind a clear bit.
+    pub fn mark_invlpg(&self, gva: u32, len: u32) {
+        let alias = self.vmm_alias();
+        let first = gva / PAGE;
+        let end = (u64::from(gva) + u64::from(len.max(1))).div_ceil(u64::from(PAGE)).min(1 << 20) as u32;
+        let mut page = first;
+        while page < end {
+            let (off, _) = vmm::invlpg_filter_bit(page * PAGE);
+            let mut byte = [0u8];
+            alias.read(off as usize, &mut byte);
+            // The pages of this filter byte that the range covers.
+            let stop = ((page | 7) + 1).min(end);
+            let want = (page..stop).fold(byte[0], |b, p| b | 1 << (p & 7));
+            if want != byte[0] {
+                alias.write(off as usize, &[want]);
+            }
+            page = stop;
+        }
+    }
+
+    /// Clears the INVLPG filter bit of the page holding `gva`: the INVLPG
+    /// callout found nothing there that a later INVLPG could change.
+    pub fn clear_invlpg(&self, gva: u32) {
+        let alias = self.vmm_alias();
+        let (off, bit) = vmm::invlpg_filter_bit(gva);
+        let mut byte = [0u8];
+        alias.read(off as usize, &mut byte);
+        if byte[0] & bit != 0 {
+            alias.write(off as usize, &[byte[0] & !bit]);
+        }
     }
 
     /// Maps guest-physical page `gpa` read-only at VMM-area offset `off`,
@@ -335,7 +370,10 @@ impl Window {
 
     /// Unmaps every shadow mapping (everything below the VMM area).
     pub fn unmap_all(&self) -> Result<(), HostError> {
-        self.unmap(self.min_addr, self.vmm_base - self.min_addr)
+        self.unmap(self.min_addr, self.vmm_base - self.min_addr)?;
+        // Nothing is mapped: no INVLPG has work until something is again.
+        self.vmm_alias().write(vmm::INVLPG_FILTER as usize, &vec![0; vmm::INVLPG_FILTER_LEN as usize]);
+        Ok(())
     }
 
     /// Reads guest-linear memory as guest-mode code would see it (any

@@ -186,30 +186,38 @@ impl BtBackend {
         // (after INVLPG, only when it names one of them).
         match effect {
             MmuEffect::Invlpg(lin) => {
-                self.shadows.seg_cache.invalidate_gdt_page(lin, &self.cpu);
-                self.transitions.invalidate_page(lin, &self.cpu);
+                let gdt = self.shadows.seg_cache.invalidate_gdt_page(lin, &self.cpu);
+                let aliases = self.transitions.invalidate_page(lin, &self.cpu);
+                // One mapping changed: the translated user code on that page only.
+                self.engine.revalidate_user_page(lin, &mut self.guest.code(true));
+                // Nothing left that a later INVLPG of this page could
+                // change: the next one retires in the TC (INVLPG_FILTER).
+                if !gdt && !aliases && !self.guest.mmu.has_shadow(lin) && !self.engine.has_user_page(lin) {
+                    self.guest.window.clear_invlpg(lin);
+                }
             }
             _ => {
                 self.shadows.seg_cache.invalidate_gdt();
                 self.transitions.invalidate();
             }
         }
-        if let MmuEffect::Invlpg(lin) = effect {
-            // One mapping changed: the translated user code on that page only.
-            self.engine.revalidate_user_page(lin, &mut self.guest.code(true));
-        } else if matches!(effect, MmuEffect::Cr3 { .. }) {
-            // The address space changed: translated user code (the counting
-            // mode, or IOPL-3 user code) whose pages now map elsewhere goes.
-            // Cheap when there is none: the engine indexes CPL 3 blocks by page.
-            let parked = self.engine.revalidate_user_mappings(&mut self.guest.code(true)).len() as u64;
-            // Each parked block costs about a microsecond now and another
-            // when it comes back: churn of the space that had them.
-            if parked != 0 {
-                self.user_exec.user_parks(old_cr3, parked);
+        match effect {
+            MmuEffect::Invlpg(_) => {}
+            MmuEffect::Cr3 { .. } => {
+                // The address space changed: translated user code (the counting
+                // mode, or IOPL-3 user code) whose pages now map elsewhere goes.
+                // Cheap when there is none: the engine indexes CPL 3 blocks by page.
+                let parked = self.engine.revalidate_user_mappings(&mut self.guest.code(true)).len() as u64;
+                // Each parked block costs about a microsecond now and another
+                // when it comes back: churn of the space that had them.
+                if parked != 0 {
+                    self.user_exec.user_parks(old_cr3, parked);
+                }
             }
-        } else {
             // Paging changed: translations whose linear pages now map elsewhere go.
-            self.engine.revalidate_mappings(&mut self.guest.code(false));
+            _ => {
+                self.engine.revalidate_mappings(&mut self.guest.code(false));
+            }
         }
         Ok(())
     }

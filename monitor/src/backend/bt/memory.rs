@@ -58,6 +58,9 @@ impl HostMapper for WindowMapper<'_> {
             detail: e.to_string(),
         })
     }
+    fn note_large_page(&mut self, gva: u32, len: u32) {
+        self.window.mark_invlpg(gva, len);
+    }
     fn unmap(&mut self, gva: u32, len: u32) -> Result<(), MapError> {
         self.window.unmap(gva, len).map_err(|e| MapError { op: MapOp::Unmap, gva, len, detail: e.to_string() })
     }
@@ -179,6 +182,8 @@ impl Guest {
         let gpas = &mut gpas[..frames.len()];
         for (k, gpa) in gpas.iter_mut().enumerate() {
             let lin = (linear & !0xFFF).wrapping_add(k as u32 * 0x1000);
+            // An INVLPG of an alias page must reach the monitor.
+            self.window.mark_invlpg(lin, 0x1000);
             let access = shadow_mmu::Access { write: false, user: false, fetch: false };
             match self.mmu.probe(&mut Phys(&self.mem), lin, access) {
                 Ok(t) if t.gpa.saturating_add(0x1000) <= size => *gpa = t.gpa & !0xFFF,

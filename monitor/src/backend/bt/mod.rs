@@ -87,12 +87,12 @@ impl BtConfig {
             "nochain" => self.engine.chaining = false,
             "nopoll" => self.engine.poll_at_block_entry = false,
             "noinline" => {
-                (self.engine.inline_flags, self.engine.inline_segments, self.engine.inline_transitions) =
-                    (false, false, false)
+                let e = &mut self.engine;
+                (e.inline_flags, e.inline_segments, e.inline_transitions, e.inline_invlpg) = (false, false, false, false)
             }
             "inline" => {
-                (self.engine.inline_flags, self.engine.inline_segments, self.engine.inline_transitions) =
-                    (true, true, true)
+                let e = &mut self.engine;
+                (e.inline_flags, e.inline_segments, e.inline_transitions, e.inline_invlpg) = (true, true, true, true)
             }
             "nosegcache" => self.engine.inline_segments = false,
             "notransitions" => self.engine.inline_transitions = false,

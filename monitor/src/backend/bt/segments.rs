@@ -273,6 +273,7 @@ impl SegCache {
             bytes[12 + usize::from(rpl)] = u8::from(d.is_writable_data() && rpl <= d.dpl);
         }
         bytes[area::SEG_USER_OK as usize] = u8::from(Self::survives_user_return(d));
+        bytes[area::SEG_BASE_ZERO as usize] = u8::from(d.base == 0);
         let off = area::SEG_CACHE + u32::from(index) * area::SEG_CACHE_ENTRY;
         self.alias.write(off as usize, &bytes);
     }
@@ -298,12 +299,15 @@ impl SegCache {
     }
 
     /// INVLPG of `linear`: the alias only when it maps one of its pages.
-    pub fn invalidate_gdt_page(&mut self, linear: u32, cpu: &Cpu) {
+    /// Returns whether it does.
+    pub fn invalidate_gdt_page(&mut self, linear: u32, cpu: &Cpu) -> bool {
         let first = cpu.gdtr.base & !0xFFF;
         let page = linear & !0xFFF;
-        if (0..area::GDT_ALIAS_PAGES).any(|k| first.wrapping_add(k * 0x1000) == page) {
+        let covers = (0..area::GDT_ALIAS_PAGES).any(|k| first.wrapping_add(k * 0x1000) == page);
+        if covers {
             self.built_for = None;
         }
+        covers
     }
 
     /// Maps the guest frames of the GDT's cached part into the alias pages

@@ -155,14 +155,17 @@ impl Transitions {
         self.built_for = None;
     }
 
-    /// INVLPG of `linear`: the aliases only when it maps one of their pages.
-    pub fn invalidate_page(&mut self, linear: u32, cpu: &crate::cpu::Cpu) {
+    /// INVLPG of `linear`: the aliases only when it maps one of their
+    /// pages. Returns whether it does.
+    pub fn invalidate_page(&mut self, linear: u32, cpu: &crate::cpu::Cpu) -> bool {
         let page = linear & !0xFFF;
         let idt = cpu.idtr.base & !0xFFF;
         let tss = cpu.tr.cache.base.wrapping_add(4) & !0xFFF;
-        if page == idt || page == idt.wrapping_add(0x1000) || page == tss {
+        let covers = page == idt || page == idt.wrapping_add(0x1000) || page == tss;
+        if covers {
             self.built_for = None;
         }
+        covers
     }
 }
 
