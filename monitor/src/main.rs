@@ -154,6 +154,10 @@ struct RunArgs {
     /// A virtio-rng device (pc machine).
     #[arg(long)]
     rng: bool,
+    /// Run a bzImage's own decompressor in the guest (with KASLR) instead
+    /// of booting the kernel the host decompressed and cached.
+    #[arg(long)]
+    guest_decompress: bool,
     /// Print exits, translation and shadow-MMU counters and where the time went.
     #[arg(long)]
     stats: bool,
@@ -474,6 +478,7 @@ fn run(a: RunArgs) -> ExitCode {
         machine: a.machine,
         legacy_cpu: false,
         legacy_keyboard: false,
+        guest_decompress: a.guest_decompress,
         disks: a.disks,
         rng: a.rng,
     };

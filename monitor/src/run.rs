@@ -63,6 +63,10 @@ pub struct RunOptions {
     /// The i8042 of traces recorded before [`crate::trace::format::MODEL_REVISION`]
     /// 1 ([`MachineSpec::legacy_keyboard`]).
     pub legacy_keyboard: bool,
+    /// Let a bzImage's own decompressor run in the guest instead of booting
+    /// the kernel the host decompressed (`--guest-decompress`; replays of
+    /// traces recorded before model revision 2: [`MachineSpec::guest_decompress`]).
+    pub guest_decompress: bool,
     /// virtio-blk disks on raw images (`--disk FILE[,ro]`).
     pub disks: Vec<crate::devices::virtio::blk::DiskSpec>,
     /// A virtio-rng device (`--rng`).
@@ -84,6 +88,7 @@ impl Default for RunOptions {
             machine: Machine::default(),
             legacy_cpu: false,
             legacy_keyboard: false,
+            guest_decompress: false,
             disks: Vec::new(),
             rng: false,
         }
@@ -151,6 +156,7 @@ impl RunOptions {
             machine: self.machine,
             legacy_cpu: self.legacy_cpu,
             legacy_keyboard: self.legacy_keyboard,
+            guest_decompress: self.guest_decompress,
         }
     }
 
@@ -165,6 +171,7 @@ impl RunOptions {
             machine: m.machine,
             legacy_cpu: m.legacy_cpu,
             legacy_keyboard: m.legacy_keyboard,
+            guest_decompress: m.guest_decompress,
             ..RunOptions::default()
         }
     }
@@ -202,6 +209,29 @@ fn read(path: &Path) -> Result<Vec<u8>, RunError> {
     std::fs::read(path).map_err(|source| RunError::Read { path: path.to_owned(), source })
 }
 
+/// The kernel inside bzImage `image`, decompressed by the host (cached
+/// across runs: docs/loaders.md), or `None` when the guest must run the
+/// image's decompressor (an old boot protocol, another compression, a
+/// damaged payload: the guest's decompressor then says what it thinks).
+fn host_decompressed(image: &[u8], notes: &mut Vec<String>) -> Option<Vec<u8>> {
+    use crate::loader::vmlinux::{self, Cache, Source};
+    let header = linux::parse(image).ok()?;
+    let got = match Cache::default_location() {
+        Some(cache) => cache.vmlinux(image, &header),
+        None => vmlinux::decompress(image, &header).map(|v| (v, Source::Decompressed)),
+    };
+    match got {
+        Ok((v, source)) => {
+            tracing::debug!(?source, bytes = v.len(), "kernel decompressed by the host");
+            Some(v)
+        }
+        Err(e) => {
+            notes.push(format!("the kernel's own decompressor runs in the guest: {e}"));
+            None
+        }
+    }
+}
+
 /// Loads the image and returns the initial CPU state.
 fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> Result<Cpu, RunError> {
     let Some(kernel) = &opts.kernel else {
@@ -223,7 +253,11 @@ fn load_image(opts: &RunOptions, mem: &GuestMemory, notes: &mut Vec<String>) -> 
     let looks_linux = image.get(0x202..0x206) == Some(b"HdrS".as_slice());
     let state: BootState = if looks_linux || linux::is_bzimage(&image) {
         let initrd = opts.initrd.as_deref().map(read).transpose()?;
-        let boot = linux::load(mem, &image, &append, initrd.as_deref())?;
+        let vmlinux = if opts.guest_decompress { None } else { host_decompressed(&image, notes) };
+        let boot = match &vmlinux {
+            Some(v) => linux::load_decompressed(mem, &image, v, &append, initrd.as_deref())?,
+            None => linux::load(mem, &image, &append, initrd.as_deref())?,
+        };
         if boot.reservetop_added {
             notes.push(format!(
                 "added `{}` to the kernel command line (keeps the fixmap out of the VMM area)",
@@ -467,7 +501,13 @@ pub fn run_deterministic(
                 input_quantum: det.input_quantum,
                 engine: engine_switches.to_string(),
                 host_cpu: crate::trace::format::host_cpu_vendor(),
-                model_revision: if opts.legacy_keyboard { 0 } else { crate::trace::format::MODEL_REVISION },
+                model_revision: if opts.legacy_keyboard {
+                    0
+                } else if opts.guest_decompress {
+                    1
+                } else {
+                    crate::trace::format::MODEL_REVISION
+                },
             };
             (h, *det)
         }

@@ -147,6 +147,11 @@ impl Target for BzImage {
                 2 => Some(vec![0x5A; u.int_in_range(0..=(mem.size() as usize + 4096))?]),
                 _ => Some(u.bytes(u.len().min(256))?.to_vec()),
             };
+            if u.ratio(1u8, 4)? {
+                // The host decompression path: a payload of random bytes
+                // behind an XZ or gzip magic, where the header says.
+                return Ok(decompressed(u, mem, img, &h, &cmdline));
+            }
             let boot = match linux::load(mem, &img, &cmdline, initrd.as_deref()) {
                 Ok(b) => b,
                 Err(e) => {
@@ -158,6 +163,50 @@ impl Target for BzImage {
             Ok(check_linux(mem, &img, &boot))
         })
     }
+}
+
+/// The bzImage with a payload the host decompresses ([`vmlinux`]): any
+/// outcome but a panic is fine; a kernel that decompressed must load or
+/// be refused cleanly.
+///
+/// [`vmlinux`]: crate::loader::vmlinux
+fn decompressed(
+    u: &mut Unstructured<'_>,
+    mem: &GuestMemory,
+    mut img: Vec<u8>,
+    h: &linux::SetupHeader,
+    cmdline: &str,
+) -> Result<(), String> {
+    use crate::loader::vmlinux;
+    let pm = img.len() - h.kernel_offset;
+    let off = u.int_in_range(0..=pm).unwrap_or(0);
+    let len = u.int_in_range(0..=pm - off + 8).unwrap_or(0);
+    img[0x248..0x24C].copy_from_slice(&(off as u32).to_le_bytes());
+    img[0x24C..0x250].copy_from_slice(&(len as u32).to_le_bytes());
+    let magic: &[u8] =
+        if u.arbitrary::<bool>().unwrap_or(false) { &[0xFD, b'7', b'z', b'X', b'Z', 0] } else { &[0x1F, 0x8B, 8, 0] };
+    let at = h.kernel_offset + off;
+    for (i, b) in magic.iter().enumerate() {
+        if let Some(x) = img.get_mut(at + i) {
+            *x = *b;
+        }
+    }
+    if let Some(rest) = img.get_mut(at + magic.len()..) {
+        for x in rest.iter_mut() {
+            *x = u.arbitrary().unwrap_or(0);
+        }
+    }
+    match vmlinux::decompress(&img, h) {
+        Err(e) => super::note_err("decompress:", &e),
+        Ok(v) => match linux::load_decompressed(mem, &img, &v, cmdline, None) {
+            Ok(b) => {
+                super::note("decompressed and loaded");
+                ranges_in_ram(&b.state, mem.size())?;
+            }
+            Err(e) => super::note_err("load decompressed:", &e),
+        },
+    }
+    Ok(())
 }
 
 fn check_linux(mem: &GuestMemory, img: &[u8], boot: &linux::LinuxBoot) -> Result<(), String> {

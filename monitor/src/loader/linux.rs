@@ -91,6 +91,8 @@ pub enum LinuxError {
     InitrdDoesNotFit { size: u64, low: u64, high: u64 },
     #[error("arithmetic overflow computing {0}")]
     Overflow(&'static str),
+    #[error("the decompressed kernel cannot be loaded: {0}")]
+    Vmlinux(String),
     #[error(transparent)]
     Memory(#[from] MemoryError),
 }
@@ -249,40 +251,109 @@ pub fn with_reservetop(cmdline: &str) -> (String, bool) {
     (out.join(" "), true)
 }
 
-/// Loads a bzImage with `cmdline` and an optional initrd into `mem`.
-pub fn load(mem: &GuestMemory, image: &[u8], cmdline: &str, initrd: Option<&[u8]>) -> Result<LinuxBoot> {
-    let header = parse(image)?;
-    let ram = mem.size();
-    let mut state = BootState::flat(header.code32_start);
-
-    // The protected-mode kernel, and the memory it claims while booting.
-    let load = u64::from(header.code32_start);
-    let load_end = load.checked_add(header.kernel_size).ok_or(LinuxError::Overflow("the kernel's end"))?;
-    if overlaps_legacy_hole(load, header.kernel_size) {
-        return Err(LinuxError::LegacyHole { start: load, end: load_end });
+/// Checks that the kernel's `[start, start+len)` is RAM clear of the
+/// legacy hole and of the boot data below [`CMDLINE_ADDR`].
+fn check_kernel_range(what: &'static str, start: u64, len: u64, ram: u64) -> Result<u64> {
+    let end = start.checked_add(len).ok_or(LinuxError::Overflow("the kernel's end"))?;
+    if overlaps_legacy_hole(start, len) {
+        return Err(LinuxError::LegacyHole { start, end });
     }
     let boot_data_end = u64::from(CMDLINE_ADDR + CMDLINE_MAX_SIZE);
     let boot_data = u64::from(BOOT_GDT_ADDR);
-    if overlaps(load, header.kernel_size, boot_data, boot_data_end - boot_data) {
-        return Err(LinuxError::OverlapsBootData { start: load, end: load_end, limit: boot_data_end });
+    if overlaps(start, len, boot_data, boot_data_end - boot_data) {
+        return Err(LinuxError::OverlapsBootData { start, end, limit: boot_data_end });
     }
-    if load_end > ram {
-        return Err(LinuxError::KernelDoesNotFit { what: "the compressed kernel", end: load_end, ram });
+    if end > ram {
+        return Err(LinuxError::KernelDoesNotFit { what, end, ram });
     }
-    let mut kernel_top = load_end;
-    if let Some(init_size) = header.init_size {
-        let start = header.runtime_start(load).ok_or(LinuxError::Overflow("the kernel's runtime address"))?;
-        let end = start.checked_add(u64::from(init_size)).ok_or(LinuxError::Overflow("the kernel's init_size"))?;
-        if end > ram {
-            return Err(LinuxError::KernelDoesNotFit { what: "runtime address + init_size", end, ram });
-        }
-        state.add_range(RangeKind::KernelWorkArea, start, u64::from(init_size));
-        kernel_top = kernel_top.max(end);
-    }
-    let kernel = &image[header.kernel_offset..];
-    mem.write(load, kernel)?;
-    state.ranges.insert(0, super::GuestRange { kind: RangeKind::Kernel, start: load, len: header.kernel_size });
+    Ok(end)
+}
 
+/// The memory the kernel claims from `runtime` while it boots
+/// (`init_size`), reserved in `state`; returns its end (or `top`).
+fn reserve_work_area(state: &mut BootState, header: &SetupHeader, runtime: u64, top: u64, ram: u64) -> Result<u64> {
+    let Some(init_size) = header.init_size else { return Ok(top) };
+    let end = runtime.checked_add(u64::from(init_size)).ok_or(LinuxError::Overflow("the kernel's init_size"))?;
+    if end > ram {
+        return Err(LinuxError::KernelDoesNotFit { what: "runtime address + init_size", end, ram });
+    }
+    state.add_range(RangeKind::KernelWorkArea, runtime, u64::from(init_size));
+    Ok(top.max(end))
+}
+
+/// The protected-mode kernel (decompressor and payload) at `code32_start`.
+fn place_compressed(mem: &GuestMemory, image: &[u8], header: &SetupHeader) -> Result<(BootState, u64)> {
+    let ram = mem.size();
+    let mut state = BootState::flat(header.code32_start);
+    let load = u64::from(header.code32_start);
+    let load_end = check_kernel_range("the compressed kernel", load, header.kernel_size, ram)?;
+    let runtime = header.runtime_start(load).ok_or(LinuxError::Overflow("the kernel's runtime address"))?;
+    let top = reserve_work_area(&mut state, header, runtime, load_end, ram)?;
+    mem.write(load, &image[header.kernel_offset..])?;
+    state.ranges.insert(0, super::GuestRange { kind: RangeKind::Kernel, start: load, len: header.kernel_size });
+    Ok((state, top))
+}
+
+/// The decompressed kernel's `PT_LOAD` segments at their physical
+/// addresses (the link address: no KASLR), entered at its ELF entry.
+fn place_vmlinux(mem: &GuestMemory, vmlinux: &[u8], header: &SetupHeader) -> Result<(BootState, u64)> {
+    let ram = mem.size();
+    let plan = super::multiboot::plan_elf(vmlinux).map_err(|e| LinuxError::Vmlinux(e.to_string()))?;
+    let mut state = BootState::flat(plan.entry);
+    let mut top = 0u64;
+    let mut entry_loaded = false;
+    for seg in &plan.segments {
+        let end = check_kernel_range("the decompressed kernel", seg.paddr, seg.memsz, ram)?;
+        mem.write(seg.paddr, &vmlinux[seg.offset as usize..(seg.offset + seg.filesz) as usize])?;
+        mem.slice_mut(seg.paddr + seg.filesz, seg.memsz - seg.filesz)?.fill(0);
+        state.add_range(RangeKind::Kernel, seg.paddr, seg.filesz);
+        if seg.memsz > seg.filesz {
+            state.add_range(RangeKind::Bss, seg.paddr + seg.filesz, seg.memsz - seg.filesz);
+        }
+        top = top.max(end);
+        entry_loaded |= (seg.paddr..end).contains(&u64::from(plan.entry));
+    }
+    if !entry_loaded {
+        return Err(LinuxError::Vmlinux(format!("entry point {:#x} is not inside a loaded segment", plan.entry)));
+    }
+    let runtime = plan.segments.iter().map(|s| s.paddr).min().unwrap_or(header.pref_address);
+    let top = reserve_work_area(&mut state, header, runtime, top, ram)?;
+    Ok((state, top))
+}
+
+/// Loads a bzImage with `cmdline` and an optional initrd into `mem`; the
+/// guest runs the image's own decompressor.
+pub fn load(mem: &GuestMemory, image: &[u8], cmdline: &str, initrd: Option<&[u8]>) -> Result<LinuxBoot> {
+    load_with(mem, image, None, cmdline, initrd)
+}
+
+/// [`load`], but with the kernel proper already decompressed (`vmlinux`,
+/// the ELF inside the bzImage: [`super::vmlinux`]): its segments go where
+/// they are linked to run, and the guest enters them with the same
+/// `boot_params` the decompressor would have passed on.
+pub fn load_decompressed(
+    mem: &GuestMemory,
+    image: &[u8],
+    vmlinux: &[u8],
+    cmdline: &str,
+    initrd: Option<&[u8]>,
+) -> Result<LinuxBoot> {
+    load_with(mem, image, Some(vmlinux), cmdline, initrd)
+}
+
+fn load_with(
+    mem: &GuestMemory,
+    image: &[u8],
+    vmlinux: Option<&[u8]>,
+    cmdline: &str,
+    initrd: Option<&[u8]>,
+) -> Result<LinuxBoot> {
+    let header = parse(image)?;
+    let ram = mem.size();
+    let (mut state, kernel_top) = match vmlinux {
+        None => place_compressed(mem, image, &header)?,
+        Some(v) => place_vmlinux(mem, v, &header)?,
+    };
     // Command line.
     let (cmdline, reservetop_added) = with_reservetop(cmdline);
     if cmdline.as_bytes().contains(&0) {
@@ -408,6 +479,34 @@ mod tests {
         assert!(h.init_size.is_some_and(|s| s > 0));
         assert!(u64::from(h.syssize) * 16 <= h.kernel_size);
         assert!(is_bzimage(&k));
+    }
+
+    #[test]
+    fn the_decompressed_kernel_runs_at_its_link_address() {
+        let Some(k) = kernel() else { return };
+        let h = parse(&k).unwrap();
+        let v = super::super::vmlinux::decompress(&k, &h).unwrap();
+        let m = GuestMemory::new(64 * MIB).unwrap();
+        let initrd = vec![0x5Au8; 300_000];
+        let b = load_decompressed(&m, &k, &v, "console=ttyS0", Some(&initrd)).unwrap();
+        let s = &b.state;
+        // startup_32 of the kernel proper (the ELF entry), boot_params in ESI.
+        assert_eq!((s.eip, s.esi), (0x100_0000, ZERO_PAGE_ADDR));
+        // Its first PT_LOAD (file offset 0x1000) at 16 MiB; bss zeroed.
+        assert_eq!(m.slice(0x100_0000, 4096).unwrap(), &v[0x1000..0x2000]);
+        let bss = s.range(&RangeKind::Bss).unwrap();
+        assert!(m.slice(bss.start, bss.len).unwrap().iter().all(|&b| b == 0));
+        // The initrd stays above what the kernel claims while booting.
+        let rd = u64::from(zp_u32(&m, offset::RAMDISK_IMAGE));
+        assert!(rd >= s.range(&RangeKind::KernelWorkArea).unwrap().end() && rd >= bss.end());
+        // Too little RAM for its segments, and a kernel that would sit in
+        // the legacy hole, are errors.
+        let small = GuestMemory::new(24 * MIB).unwrap();
+        assert!(matches!(load_decompressed(&small, &k, &v, "", None), Err(LinuxError::KernelDoesNotFit { .. })));
+        let low = super::super::multiboot::build_elf(&[0x90; 64], 0xA_0000, 0xA_0000, 0);
+        assert!(matches!(load_decompressed(&m, &k, &low, "", None), Err(LinuxError::LegacyHole { .. })));
+        let outside = super::super::multiboot::build_elf(&[0x90; 64], 0x20_0000, 0x30_0000, 0);
+        assert!(matches!(load_decompressed(&m, &k, &outside, "", None), Err(LinuxError::Vmlinux(_))));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod initramfs;
 pub mod linux;
 pub mod multiboot;
+pub mod vmlinux;
 
 use crate::cpu::state::cr0;
 use crate::cpu::{Cpu, TableReg};

@@ -197,19 +197,19 @@ pub fn is_multiboot(image: &[u8]) -> bool {
 
 /// One piece of the image to copy into guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Segment {
+pub(super) struct Segment {
     /// Offset in the image.
-    offset: u64,
-    filesz: u64,
-    paddr: u64,
-    memsz: u64,
+    pub offset: u64,
+    pub filesz: u64,
+    pub paddr: u64,
+    pub memsz: u64,
 }
 
 /// What to load and where to start.
 #[derive(Debug, PartialEq, Eq)]
-struct Plan {
-    segments: Vec<Segment>,
-    entry: u32,
+pub(super) struct Plan {
+    pub segments: Vec<Segment>,
+    pub entry: u32,
 }
 
 fn plan_aout(image: &[u8], header: &Header, a: &AddressFields) -> Result<Plan> {
@@ -245,7 +245,9 @@ fn plan_aout(image: &[u8], header: &Header, a: &AddressFields) -> Result<Plan> {
     Ok(Plan { segments: vec![Segment { offset, filesz, paddr: u64::from(a.load_addr), memsz }], entry: a.entry_addr })
 }
 
-fn plan_elf(image: &[u8]) -> Result<Plan> {
+/// The `PT_LOAD` segments of an ELF32 i386 executable, checked against the
+/// file (also the loader of a bzImage's decompressed kernel).
+pub(super) fn plan_elf(image: &[u8]) -> Result<Plan> {
     if image.get(..4) != Some(b"\x7fELF") {
         return Err(MultibootError::NotElf);
     }

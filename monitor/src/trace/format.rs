@@ -58,8 +58,9 @@ pub struct Header {
 /// The device models' behaviour as of this build, recorded in trace
 /// headers. 1: the i8042 raises IRQ1 again for each byte of a multi-byte
 /// keyboard answer (before, only for the first: Linux's keyboard probe
-/// timed out).
-pub const MODEL_REVISION: u32 = 1;
+/// timed out). 2: a bzImage boots the kernel the host decompressed
+/// (loader::vmlinux); a recording with `--guest-decompress` says 1.
+pub const MODEL_REVISION: u32 = 2;
 
 /// This host's CPU vendor string (CPUID leaf 0).
 pub fn host_cpu_vendor() -> String {

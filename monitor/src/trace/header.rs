@@ -33,6 +33,11 @@ pub struct MachineSpec {
     ///
     /// [`MODEL_REVISION`]: crate::trace::format::MODEL_REVISION
     pub legacy_keyboard: bool,
+    /// Recorded before [`MODEL_REVISION`] 2, or with `--guest-decompress`:
+    /// the guest ran the bzImage's decompressor, so the replay does too.
+    ///
+    /// [`MODEL_REVISION`]: crate::trace::format::MODEL_REVISION
+    pub guest_decompress: bool,
 }
 
 #[derive(Debug, Error)]
@@ -123,6 +128,7 @@ pub fn machine_from_header(h: &Header) -> Result<MachineSpec, HeaderError> {
     m.legacy_cpu = m.machine == crate::devices::platform::Machine::Pc
         && h.cpuid.iter().find(|c| (c.leaf, c.subleaf) == (1, 0)).is_some_and(|c| c.regs[2] & tsc_deadline == 0);
     m.legacy_keyboard = h.model_revision < 1;
+    m.guest_decompress = h.model_revision < 2;
     Ok(m)
 }
 
@@ -199,6 +205,7 @@ mod tests {
             machine: crate::devices::platform::Machine::Pc,
             legacy_cpu: false,
             legacy_keyboard: false,
+            guest_decompress: false,
         };
         let h = Header {
             command_line: command_line(&m),
@@ -210,6 +217,10 @@ mod tests {
         // Recorded before device-model revision 1: the old keyboard IRQ.
         let before = Header { model_revision: 0, ..h.clone() };
         assert!(machine_from_header(&before).unwrap().legacy_keyboard);
+        // Before revision 2 (or recorded with --guest-decompress): the
+        // guest ran the bzImage's decompressor.
+        let rev1 = machine_from_header(&Header { model_revision: 1, ..h.clone() }).unwrap();
+        assert!(rev1.guest_decompress && !rev1.legacy_keyboard);
         // Recorded before `--machine` existed: the isa machine.
         let old = Header { command_line: vec!["--mem".into(), "1M".into()], ..Header::default() };
         assert_eq!(machine_from_header(&old).unwrap().machine, crate::devices::platform::Machine::Isa);
