@@ -739,6 +739,7 @@ impl Engine {
         let pages = s.decoded.pages.clone();
         self.index_pages(&key, &pages, id);
         self.stats.blocks_translated += 1;
+        self.stats.user_blocks_translated += u64::from(key.cpl == 3);
         self.stats.guest_insns_translated += u64::from(n_insns);
         self.stats.guest_bytes_translated += u64::from(guest_bytes);
         self.stats.tc_bytes_used = u64::from(self.tc_next - TC);

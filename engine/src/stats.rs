@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     pub blocks_translated: u64,
+    /// Of those, blocks of CPL 3 code (translated user code).
+    pub user_blocks_translated: u64,
     pub guest_insns_translated: u64,
     pub guest_bytes_translated: u64,
     /// TC bytes in use now (since the last flush), stubs included.
@@ -42,6 +44,7 @@ impl Stats {
     pub fn named(&self) -> Vec<(String, u64)> {
         let mut v: Vec<(String, u64)> = vec![
             ("/engine/blocks/translated".into(), self.blocks_translated),
+            ("/engine/blocks/translated-user".into(), self.user_blocks_translated),
             ("/engine/guest/insns".into(), self.guest_insns_translated),
             ("/engine/guest/bytes".into(), self.guest_bytes_translated),
             ("/engine/tc/bytes-used".into(), self.tc_bytes_used),

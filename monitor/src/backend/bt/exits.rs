@@ -154,7 +154,15 @@ impl BtBackend {
             }
             FaultOutcome::Emulate { gpa, reason: EmulateReason::CodeWrite } => {
                 self.stats.count("code_write");
-                self.engine.invalidate_phys_page(gpa & !0xFFF);
+                let dropped = self.engine.invalidate_phys_page(gpa & !0xFFF);
+                tracing::debug!(
+                    gpa = format_args!("{gpa:#x}"),
+                    address = format_args!("{address:#x}"),
+                    eip = format_args!("{:#x}", self.cpu.eip),
+                    cpl = self.cpu.cpl,
+                    blocks = dropped.len(),
+                    "write to a translated code page"
+                );
                 let (mmu, _, mut mapper) = self.guest.paging();
                 mmu.unprotect_code_page(&mut mapper, gpa & !0xFFF).map_err(failed)?;
                 if from_tc {

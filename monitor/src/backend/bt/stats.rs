@@ -81,6 +81,7 @@ impl BtStats {
         let mut v: Vec<(String, u64)> = self.exits.iter().map(|(k, n)| (format!("bt/exits/{k}"), *n)).collect();
         let e = engine.stats();
         v.push(("engine/blocks_translated".into(), e.blocks_translated));
+        v.push(("engine/user_blocks_translated".into(), e.user_blocks_translated));
         v.push(("engine/guest_bytes".into(), e.guest_bytes_translated));
         v.push(("engine/tc_bytes".into(), e.tc_bytes_used));
         v.push(("engine/exits_unchained".into(), e.exits_unchained));
