@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod deterministic;
 pub mod devices;
 pub mod fuzz;
+pub mod guest_log;
 pub mod guests;
 pub mod host;
 pub mod jail;

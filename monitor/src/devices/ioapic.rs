@@ -52,7 +52,7 @@ impl IoApic {
     /// Sets the level of input `pin`.
     pub fn set_pin(&mut self, pin: usize, level: bool) {
         let Some(old) = self.levels.get(pin).copied() else {
-            tracing::warn!(pin, "I/O APIC: pin out of range");
+            crate::guest_warn!(pin, "I/O APIC: pin out of range");
             return;
         };
         self.levels[pin] = level;

@@ -205,7 +205,7 @@ impl Chip {
             2 => self.init_state = if self.needs_icw4 { 3 } else { 0 },
             3 => {
                 if value & 0x01 == 0 {
-                    tracing::warn!("i8259: ICW4 selects 8080/8085 mode; treated as 8086 mode");
+                    crate::guest_warn!("i8259: ICW4 selects 8080/8085 mode; treated as 8086 mode");
                 }
                 self.auto_eoi = value & 0x02 != 0;
                 self.special_fully_nested = value & 0x10 != 0;
@@ -251,7 +251,7 @@ impl PicPair {
                 self.slave.set_line(line - 8, level);
                 self.update_cascade();
             }
-            _ => tracing::warn!(line, "i8259: IRQ line out of range"),
+            _ => crate::guest_warn!(line, "i8259: IRQ line out of range"),
         }
     }
 

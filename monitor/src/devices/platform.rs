@@ -442,7 +442,7 @@ impl Platform {
                 self.apics.as_ref().map_or(0, |a| lock(&a.lapic).tsc_deadline())
             }
             _ => {
-                tracing::warn!(index = format_args!("{index:#x}"), "RDMSR of an MSR the machine does not hold");
+                crate::guest_warn!(index = format_args!("{index:#x}"), "RDMSR of an MSR the machine does not hold");
                 0
             }
         }
@@ -453,7 +453,7 @@ impl Platform {
     pub fn msr_write(&mut self, index: u32, value: u64, tsc: u64) {
         match (&self.apics, index) {
             (Some(a), crate::cpu::policy::msr::TSC_DEADLINE) => lock(&a.lapic).set_tsc_deadline(value, tsc),
-            _ => tracing::warn!(index = format_args!("{index:#x}"), "WRMSR of an MSR the machine does not hold"),
+            _ => crate::guest_warn!(index = format_args!("{index:#x}"), "WRMSR of an MSR the machine does not hold"),
         }
     }
 

@@ -155,7 +155,7 @@ impl VirtioPci {
             Ok(true) => self.isr |= 1,
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(device = self.dev.name(), "virtio: {e}; device needs a reset");
+                crate::guest_warn!(device = self.dev.name(), "virtio: {e}; device needs a reset");
                 self.broken = Some(e);
                 self.status |= STATUS_NEEDS_RESET;
                 self.isr |= 2; // configuration change: the driver looks at the status
