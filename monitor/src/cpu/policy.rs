@@ -217,7 +217,10 @@ pub fn apic_base_write(old: u64, value: u64) -> Result<u64, super::Fault> {
     const ENABLE: u64 = 1 << 11;
     const BSP: u64 = 1 << 8;
     if value & !(ENABLE | BSP) != crate::layout::LAPIC_BASE {
-        crate::guest_warn!(value = format_args!("{value:#x}"), "IA32_APIC_BASE: relocation or reserved bits refused (#GP)");
+        crate::guest_warn!(
+            value = format_args!("{value:#x}"),
+            "IA32_APIC_BASE: relocation or reserved bits refused (#GP)"
+        );
         return Err(super::Fault::gp(0));
     }
     Ok((old & !ENABLE) | (value & ENABLE))

@@ -1169,8 +1169,11 @@ pub(super) fn run_capture(
     let out_path = elf.with_extension("stdout");
     let create = |p: &std::path::Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
     let (out_file, err_file) = (create(&out_path)?, create(&err_path)?);
+    // The isa machine unless `args` names one.
+    let machine: &[&str] = if args.contains(&"--machine") { &[] } else { &["--machine", "isa"] };
     let mut child = Command::new(exe)
-        .args(["run", "--machine", "isa", "--mem", "16M", "--no-input"])
+        .args(["run", "--mem", "16M", "--no-input"])
+        .args(machine)
         .args(args)
         .arg("--kernel")
         .arg(elf)

@@ -19,6 +19,7 @@
 pub mod alloc;
 pub mod cpl0;
 pub mod cpl3;
+mod guest_storm;
 pub mod loaders;
 pub mod mutate;
 pub mod platform;
@@ -109,6 +110,13 @@ pub fn targets() -> &'static [TargetInfo] {
             max_len: 8192,
             min_len: 4096,
             make: cpl0::cpl0,
+        },
+        TargetInfo {
+            name: "guest-storm",
+            about: "port/MMIO/interrupt storms from a guest on the pc machine: exits, in-place ports, MMIO emulation, delivery (slow: one VM per input)",
+            max_len: 2048,
+            min_len: 512,
+            make: guest_storm::guest_storm,
         },
         TargetInfo {
             name: "platform",

@@ -30,7 +30,7 @@ pub const SLOW_OP: Duration = Duration::from_millis(200);
 pub const GROWTH_LIMIT: usize = 1 << 20;
 
 /// Ports of the devices, weighted by being listed.
-const PORTS: &[u16] = &[
+pub(super) const PORTS: &[u16] = &[
     0x20,
     0x21,
     0xA0,
@@ -75,7 +75,7 @@ const PORTS: &[u16] = &[
     PCI_IO_BASE + 0x14,
 ];
 /// Local APIC registers.
-const LAPIC_REGS: &[u64] = &[
+pub(super) const LAPIC_REGS: &[u64] = &[
     0x20, 0x30, 0x80, 0xB0, 0xD0, 0xE0, 0xF0, 0x100, 0x200, 0x280, 0x300, 0x310, 0x320, 0x350, 0x360, 0x370, 0x380,
     0x390, 0x3E0,
 ];
