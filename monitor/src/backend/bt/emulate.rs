@@ -204,15 +204,10 @@ impl BtBackend {
         match effect {
             MmuEffect::Invlpg(_) => {}
             MmuEffect::Cr3 { .. } => {
-                // The address space changed: translated user code (the counting
-                // mode, or IOPL-3 user code) whose pages now map elsewhere goes.
-                // Cheap when there is none: the engine indexes CPL 3 blocks by page.
-                let parked = self.engine.revalidate_user_mappings(&mut self.guest.code(true)).len() as u64;
-                // Each parked block costs about a microsecond now and another
-                // when it comes back: churn of the space that had them.
-                if parked != 0 {
-                    self.user_exec.user_parks(old_cr3, parked);
-                }
+                // The address space changed: translated user code whose pages
+                // now map elsewhere goes, before user code next runs from the
+                // TC (an exec'd child that runs directly never asks).
+                self.user_revalidate.get_or_insert(old_cr3);
             }
             // Paging changed: translations whose linear pages now map elsewhere go.
             _ => {

@@ -164,6 +164,14 @@ pub struct BtBackend {
     /// An external interrupt was delivered since the last TC entry (the
     /// user-exec policy does not blame user code for it).
     interrupted: bool,
+    /// A MOV CR3 happened since translated user code last ran: its blocks
+    /// are revalidated against the new tables before the next CPL 3 entry
+    /// into the TC (and inline IRETs to CPL 3 exit until then), not at the
+    /// switch. The address space that had them (the first switch's), for
+    /// the policy's churn count. A shell whose exec'd child runs directly
+    /// parked and revived its ~180 blocks at every switch pair, though it
+    /// found them valid again when it came back.
+    user_revalidate: Option<u32>,
     /// The machine's ports during `run_with_ports` (see [`PortsRef`]).
     ports: Option<PortsRef>,
     /// `Engine::blocks_translated` at the last look (user-exec policy).
@@ -245,6 +253,7 @@ impl BtBackend {
             written_sels: None,
             resume_at: None,
             interrupted: false,
+            user_revalidate: None,
             ports: None,
             user_blocks_seen: 0,
             transitions: transitions::Transitions::new(alias),
@@ -474,6 +483,9 @@ impl BtBackend {
     fn step_once(&mut self) -> Step {
         if self.raw_resume {
             self.raw_resume = false;
+            if self.cpu.cpl == 3 {
+                self.revalidate_user_blocks();
+            }
             let exit = self.run_tc()?;
             return self.finish_tc(exit);
         }
@@ -554,6 +566,9 @@ impl BtBackend {
             Budget::Upto(b) => Some(b),
             Budget::Unlimited => None,
         };
+        if key.cpl == 3 {
+            self.revalidate_user_blocks();
+        }
         let resume = self.resume_at.take().filter(|r| r.key == key && budget.is_none());
         let tc = match resume {
             // The callout's own continuation: no lookup.
@@ -585,6 +600,19 @@ impl BtBackend {
         }
         self.load_host_regs(tc);
         Ok(Prepared::Ready)
+    }
+
+    /// The revalidation a MOV CR3 left pending ([`BtBackend::user_revalidate`]):
+    /// translated user code whose pages the current tables map elsewhere is
+    /// parked. Cheap when there is none: the engine indexes CPL 3 blocks by page.
+    fn revalidate_user_blocks(&mut self) {
+        let Some(space) = self.user_revalidate.take() else { return };
+        let parked = self.engine.revalidate_user_mappings(&mut self.guest.code(true)).len() as u64;
+        // Each parked block costs about a microsecond now and another
+        // when it comes back: churn of the space that had them.
+        if parked != 0 {
+            self.user_exec.user_parks(space, parked);
+        }
     }
 
     /// Back from a run of translated code: the hook's decision, or the exit.

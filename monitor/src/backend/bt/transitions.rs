@@ -273,6 +273,8 @@ impl BtBackend {
         next.iret_ok = u32::from(
             self.transitions.user.is_some_and(|u| self.engine.table_context(3) == Some(u.ctx))
                 && translated
+                // Not before the user blocks are revalidated (prepare_tc_entry).
+                && self.user_revalidate.is_none()
                 && self.retry.is_none()
                 && (c.cpl == 3 || c.eflags & flags::NT == 0)
                 && in_gdt(next.user_cs_off)
