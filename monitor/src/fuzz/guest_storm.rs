@@ -30,7 +30,7 @@ use crate::layout::{IOAPIC_BASE, LAPIC_BASE, PORT_DEBUG_EXIT};
 /// Operations per guest.
 pub const MAX_OPS: usize = 256;
 /// A guest that runs longer is a spin.
-const RUN_LIMIT: Duration = Duration::from_secs(40);
+const RUN_LIMIT: Duration = Duration::from_secs(8);
 /// A guest slower than this is counted apart: a storm that sets the PIT to
 /// its fastest rate with its interrupt undeliverable gets a kick per
 /// deadline (docs/reliability.md, "Found, not fixed"); a few such guests
@@ -62,11 +62,19 @@ enum Op {
     Delay(u32),
 }
 
-/// A port to hit: isa-debug-exit is left out (it would end the storm; the
-/// guest's own end uses it).
+/// Ports the storm leaves alone: isa-debug-exit (it would end the storm;
+/// the guest's own end uses it), and PIT channel 0's count and mode
+/// registers. A guest that sets channel 0 to its fastest rate while IRQ0
+/// cannot be delivered gets a vCPU kick per deadline and runs 100 times
+/// slower, past the fuzzer's hang limit (docs/reliability.md, "Found, not
+/// fixed": a known cost, not a new finding each time). The `platform`
+/// target drives the PIT through the bus without that cost.
+const LEFT_OUT: [u16; 3] = [PORT_DEBUG_EXIT, 0x40, 0x43];
+
+/// A port to hit (one of [`LEFT_OUT`] becomes the POST port 0x80).
 fn port(u: &mut Unstructured<'_>) -> arbitrary::Result<u16> {
     let p = if u.ratio(7u8, 8)? { *u.choose(PORTS)? } else { u.arbitrary()? };
-    Ok(if p == PORT_DEBUG_EXIT { 0x80 } else { p })
+    Ok(if LEFT_OUT.contains(&p) { 0x80 } else { p })
 }
 
 fn mmio(u: &mut Unstructured<'_>) -> arbitrary::Result<u32> {
