@@ -170,7 +170,6 @@ fn guest(ops: &[Op]) -> Vec<u8> {
             }
         }
     }
-    let _ = hex;
     for b in b"done\n" {
         let c = *b as i8;
         x86!(k; mov al, BYTE c ; call =>putc);
@@ -196,7 +195,7 @@ impl Target for GuestStorm {
         let elf = self.0.dir.join("guest.elf");
         std::fs::write(&elf, guest(&ops)).map_err(|e| e.to_string())?;
         let t = std::time::Instant::now();
-        let (out, err, status) = run_capture(&self.0.exe, &elf, &["--machine", "pc"], "storm", RUN_LIMIT)?;
+        let (_out, err, status) = run_capture(&self.0.exe, &elf, &["--machine", "pc"], "storm", RUN_LIMIT)?;
         if t.elapsed() > SLOW {
             super::note("slower than 1 s");
         }
@@ -206,7 +205,6 @@ impl Target for GuestStorm {
         }
         // The UART may be in loopback or have DLAB set by now: the end is
         // told by the isa-debug-exit value (0x31 done, 0x35 an exception).
-        let _ = out;
         let last = err.lines().rfind(|l| l.starts_with("popek:")).unwrap_or("");
         let kind = last.split(['(', ',', ':']).take(2).collect::<Vec<_>>().join(":");
         super::note(if last.contains("wrote 49 to isa-debug-exit") {
@@ -230,15 +228,8 @@ mod tests {
     #[test]
     fn every_kind_of_operation_is_generated() {
         let mut seen = [false; 6];
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let input: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
+        let mut rng = super::super::Rng::new(0x5707);
+        let input: Vec<u8> = (0..8192).map(|_| rng.next_u64() as u8).collect();
         let v = ops(&input);
         assert_eq!(v.len(), MAX_OPS);
         for op in &v {

@@ -184,35 +184,28 @@ impl BtBackend {
         r.map_err(super::failed)?;
         // The GDT's, IDT's and TSS's linear pages may map elsewhere now
         // (after INVLPG, only when it names one of them).
-        match effect {
-            MmuEffect::Invlpg(lin) => {
-                let gdt = self.shadows.seg_cache.invalidate_gdt_page(lin, &self.cpu);
-                let aliases = self.transitions.invalidate_page(lin, &self.cpu);
-                // One mapping changed: the translated user code on that page only.
-                self.engine.revalidate_user_page(lin, &mut self.guest.code(true));
-                // Nothing left that a later INVLPG of this page could
-                // change: the next one retires in the TC (INVLPG_FILTER).
-                if !gdt && !aliases && !self.guest.mmu.has_shadow(lin) && !self.engine.has_user_page(lin) {
-                    self.guest.window.clear_invlpg(lin);
-                }
+        if let MmuEffect::Invlpg(lin) = effect {
+            let gdt = self.shadows.seg_cache.invalidate_gdt_page(lin, &self.cpu);
+            let aliases = self.transitions.invalidate_page(lin, &self.cpu);
+            // One mapping changed: the translated user code on that page only.
+            self.engine.revalidate_user_page(lin, &mut self.guest.code(true));
+            // Nothing left that a later INVLPG of this page could
+            // change: the next one retires in the TC (INVLPG_FILTER).
+            if !gdt && !aliases && !self.guest.mmu.has_shadow(lin) && !self.engine.has_user_page(lin) {
+                self.guest.window.clear_invlpg(lin);
             }
-            _ => {
-                self.shadows.seg_cache.invalidate_gdt();
-                self.transitions.invalidate();
-            }
+            return Ok(());
         }
-        match effect {
-            MmuEffect::Invlpg(_) => {}
-            MmuEffect::Cr3 { .. } => {
-                // The address space changed: translated user code whose pages
-                // now map elsewhere goes, before user code next runs from the
-                // TC (an exec'd child that runs directly never asks).
-                self.user_revalidate.get_or_insert(old_cr3);
-            }
+        self.shadows.seg_cache.invalidate_gdt();
+        self.transitions.invalidate();
+        if let MmuEffect::Cr3 { .. } = effect {
+            // The address space changed: translated user code whose pages
+            // now map elsewhere goes, before user code next runs from the
+            // TC (an exec'd child that runs directly never asks).
+            self.user_revalidate.get_or_insert(old_cr3);
+        } else {
             // Paging changed: translations whose linear pages now map elsewhere go.
-            _ => {
-                self.engine.revalidate_mappings(&mut self.guest.code(false));
-            }
+            self.engine.revalidate_mappings(&mut self.guest.code(false));
         }
         Ok(())
     }
