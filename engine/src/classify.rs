@@ -448,15 +448,144 @@ pub fn of_class(class: Class) -> Classification {
 /// Width of the counter a LOOP/JCXZ-family instruction uses (CX or ECX):
 /// its address size.
 pub fn loop_counter_is_cx(i: &Instruction) -> bool {
-    i.op_code().address_size() == 16
+    use Code::*;
+    matches!(
+        i.code(),
+        Loopne_rel8_16_CX
+            | Loopne_rel8_32_CX
+            | Loope_rel8_16_CX
+            | Loope_rel8_32_CX
+            | Loop_rel8_16_CX
+            | Loop_rel8_32_CX
+            | Jcxz_rel8_16
+            | Jcxz_rel8_32
+    )
 }
 
 /// Operand size of a near branch, call or return (16 or 32).
 pub fn operand_size(i: &Instruction) -> u32 {
-    match i.op_code().operand_size() {
-        16 => 16,
-        _ => 32,
+    if is_op16(i.code()) {
+        16
+    } else {
+        32
     }
+}
+
+/// True when `code`, an instruction the table does not copy, has a 16-bit
+/// operand size. Written out rather than read from iced's
+/// `Code::op_code()`: its first use builds the whole `OpCodeInfo` table,
+/// formatted strings and all, which was a fifth of a small guest's run
+/// (the fuzzers start one VM per input). A test checks the list against
+/// `op_code()` for every such code.
+pub fn is_op16(code: Code) -> bool {
+    use Code::*;
+    matches!(
+        code,
+        Pushw_ES
+            | Popw_ES
+            | Pushw_CS
+            | Popw_CS
+            | Pushw_SS
+            | Popw_SS
+            | Pushw_DS
+            | Popw_DS
+            | Pushw_FS
+            | Popw_FS
+            | Pushw_GS
+            | Popw_GS
+            | Insw_m16_DX
+            | Outsw_DX_m16
+            | In_AX_imm8
+            | Out_imm8_AX
+            | In_AX_DX
+            | Out_DX_AX
+            | Jo_rel8_16
+            | Jno_rel8_16
+            | Jb_rel8_16
+            | Jae_rel8_16
+            | Je_rel8_16
+            | Jne_rel8_16
+            | Jbe_rel8_16
+            | Ja_rel8_16
+            | Js_rel8_16
+            | Jns_rel8_16
+            | Jp_rel8_16
+            | Jnp_rel8_16
+            | Jl_rel8_16
+            | Jge_rel8_16
+            | Jle_rel8_16
+            | Jg_rel8_16
+            | Jo_rel16
+            | Jno_rel16
+            | Jb_rel16
+            | Jae_rel16
+            | Je_rel16
+            | Jne_rel16
+            | Jbe_rel16
+            | Ja_rel16
+            | Js_rel16
+            | Jns_rel16
+            | Jp_rel16
+            | Jnp_rel16
+            | Jl_rel16
+            | Jge_rel16
+            | Jle_rel16
+            | Jg_rel16
+            | Mov_rm16_Sreg
+            | Mov_Sreg_rm16
+            | Pushfw
+            | Popfw
+            | Retnw_imm16
+            | Retnw
+            | Retfw_imm16
+            | Retfw
+            | Iretw
+            | Les_r16_m1616
+            | Lds_r16_m1616
+            | Lss_r16_m1616
+            | Lfs_r16_m1616
+            | Lgs_r16_m1616
+            | Xbegin_rel16
+            | Loopne_rel8_16_CX
+            | Loopne_rel8_16_ECX
+            | Loopne_rel8_16_RCX
+            | Loope_rel8_16_CX
+            | Loope_rel8_16_ECX
+            | Loope_rel8_16_RCX
+            | Loop_rel8_16_CX
+            | Loop_rel8_16_ECX
+            | Loop_rel8_16_RCX
+            | Jcxz_rel8_16
+            | Jecxz_rel8_16
+            | Jrcxz_rel8_16
+            | Call_rel16
+            | Call_ptr1616
+            | Call_rm16
+            | Call_m1616
+            | Jmp_rel16
+            | Jmp_rel8_16
+            | Jmp_ptr1616
+            | Jmp_rm16
+            | Jmp_m1616
+            | Jmpe_rm16
+            | Jmpe_disp16
+            | Sldt_rm16
+            | Str_rm16
+            | Lldt_rm16
+            | Ltr_rm16
+            | Verr_rm16
+            | Verw_rm16
+            | Sgdt_m1632_16
+            | Sidt_m1632_16
+            | Lgdt_m1632_16
+            | Lidt_m1632_16
+            | Smsw_rm16
+            | Lmsw_rm16
+            | Lar_r16_rm16
+            | Lsl_r16_rm16
+            | Ud1_r16_rm16
+            | Ud0_r16_rm16
+    )
 }
 
 /// True when the instruction addresses memory through the guest's `GS`
@@ -759,6 +888,32 @@ mod tests {
         classes.push(Class::Sensitive(S::LoadFarPtr(Register::EAX))); // in no row
         for c in classes {
             assert_eq!(of_class(c), scan(c), "{c:?}");
+        }
+    }
+
+    /// The written-out sizes are iced's, for every code the table does not
+    /// copy; and the stack-sized sensitive kinds always have a size.
+    #[test]
+    fn written_out_sizes_match_the_opcode_tables() {
+        for c in Code::values() {
+            let info = classify_code_by_scan(c);
+            if c == Code::INVALID || info.class == IDENT.class {
+                continue;
+            }
+            let op = c.op_code();
+            assert_eq!(is_op16(c), op.operand_size() == 16, "{c:?}");
+            let i = Instruction::with(c);
+            if matches!(info.class, Class::ControlFlow(F::Loop(_))) {
+                assert_eq!(loop_counter_is_cx(&i), op.address_size() == 16, "{c:?}");
+            }
+            if matches!(
+                info.class,
+                Class::Sensitive(S::PushSeg | S::PopSeg)
+                    | Class::ControlFlow(F::FarJmp | F::FarCall | F::FarRet | F::Iret)
+            ) && op.mode32()
+            {
+                assert!(matches!(op.operand_size(), 16 | 32), "{c:?}");
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cache;
 pub mod console;
 pub mod cpu;
 pub mod deterministic;

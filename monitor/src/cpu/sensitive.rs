@@ -9,7 +9,7 @@
 //! result says what the caller must do next ([`Outcome`]).
 
 use engine::classify::{Class, Classification, Flow, Sensitive};
-use iced_x86::{Instruction, OpKind, Register};
+use iced_x86::{Code, Instruction, OpKind, Register};
 use thiserror::Error;
 
 use super::descriptor::Descriptor;
@@ -208,7 +208,7 @@ fn control_flow(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, f: Flow) -
 /// JMP/CALL r/m: the translator hands over those whose operand it cannot
 /// load itself (a GS memory operand: glibc's `call gs:[0x10]`).
 fn near_indirect(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, call: bool) -> Result<Outcome, ExecError> {
-    let op16 = insn.code().op_code().operand_size() == 16;
+    let op16 = engine::classify::is_op16(insn.code());
     let mut target = operand::read_operand(cpu, env.mem, insn, 0)?;
     let mut ret = insn.next_ip32();
     if op16 {
@@ -227,17 +227,12 @@ fn near_indirect(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, call: boo
 
 /// Operand size in bytes (2 or 4) of an instruction whose operand size
 /// matters for the stack (PUSH/POP Sreg, far CALL/RET).
-fn operand_bytes(cpu: &Cpu, insn: &Instruction) -> u32 {
-    match insn.code().op_code().operand_size() {
-        16 => 2,
-        32 => 4,
-        _ => {
-            if cpu.code32() {
-                4
-            } else {
-                2
-            }
-        }
+fn operand_bytes(insn: &Instruction) -> u32 {
+    // Always 16 or 32 for these kinds (a classify test checks it).
+    if engine::classify::is_op16(insn.code()) {
+        2
+    } else {
+        4
     }
 }
 
@@ -351,13 +346,13 @@ fn segment_move(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, s: Sensiti
     match s {
         Sensitive::PushSeg => {
             let s = seg_of(insn.op0_register()).ok_or(Fault::ud())?;
-            let size = operand_bytes(cpu, insn);
+            let size = operand_bytes(insn);
             push(cpu, env.mem, u32::from(cpu.seg(s).selector), size)?;
             Ok(Outcome::Next)
         }
         Sensitive::PopSeg => {
             let s = seg_of(insn.op0_register()).ok_or(Fault::ud())?;
-            let size = operand_bytes(cpu, insn);
+            let size = operand_bytes(insn);
             let sel = peek(cpu, env.mem, 0, size)? as u16;
             load_segment(cpu, env.mem, s, sel)?;
             cpu.gpr[4] = cpu.gpr[4].wrapping_add(size);
@@ -688,7 +683,7 @@ fn counters(cpu: &mut Cpu, env: &mut Env<'_>, m: Sensitive) -> Result<Outcome, E
 }
 
 fn iret(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction) -> Result<Outcome, ExecError> {
-    if insn.code().op_code().operand_size() != 32 {
+    if insn.code() != Code::Iretd {
         return Err(ExecError::Unsupported("16-bit IRET"));
     }
     if !cpu.protected_mode() {
@@ -737,7 +732,7 @@ fn code_descriptor(cpu: &Cpu, mem: &mut dyn LinearMemory, sel: u16, ret: bool) -
 }
 
 fn far_transfer(cpu: &mut Cpu, env: &mut Env<'_>, insn: &Instruction, f: Flow) -> Result<Outcome, ExecError> {
-    let size = operand_bytes(cpu, insn);
+    let size = operand_bytes(insn);
     if f == Flow::FarRet {
         let eip = peek(cpu, env.mem, 0, size)?;
         let sel = peek(cpu, env.mem, size, size)? as u16;

@@ -96,17 +96,53 @@ impl WallClock for ManualClock {
 /// between two unbracketed reads needed 50 ms for the same precision, and
 /// every `popek run` paid it at start-up (with another 20 ms for the
 /// statistics' own rate): 70 of the 80 ms a small guest took.
+///
+/// The result is kept in the cache directory per host boot (the TSC's
+/// rate is fixed for a boot: constant-TSC hosts are all Popek runs on), so
+/// only a boot's first run sleeps: the 5 ms were a third of a small
+/// guest's whole run, and the fuzzers start one VM per input.
 pub fn host_tsc_hz() -> u64 {
     static HZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *HZ.get_or_init(|| {
-        let (c0, t0) = bracketed_sample();
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        let (c1, t1) = bracketed_sample();
-        let ns = t1.saturating_sub(t0).max(1);
-        let hz = u128::from(c1.wrapping_sub(c0)) * 1_000_000_000 / u128::from(ns);
-        let hz = u64::try_from(hz).unwrap_or(u64::MAX);
-        (hz + 500) / 1000 * 1000
+        let entry = crate::cache::dir().map(|d| d.join("host-tsc"));
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok();
+        let boot = boot.as_deref().map(str::trim).filter(|b| !b.is_empty());
+        if let (Some(path), Some(boot)) = (&entry, boot) {
+            if let Some(hz) = std::fs::read_to_string(path).ok().and_then(|s| cached_tsc_hz(&s, boot)) {
+                return hz;
+            }
+        }
+        let hz = measure_tsc_hz();
+        if let (Some(path), Some(boot)) = (&entry, boot) {
+            let line = format!("{boot} {hz}\n");
+            if let Err(e) = crate::cache::write_atomically(path, &[line.as_bytes()]) {
+                tracing::debug!(path = %path.display(), error = %e, "cannot cache the TSC calibration");
+            }
+        }
+        hz
     })
+}
+
+/// The rate a cache entry (`<boot id> <Hz>`) gives for boot `boot`, when it
+/// is this boot's and plausible (1 MHz to 100 GHz).
+fn cached_tsc_hz(entry: &str, boot: &str) -> Option<u64> {
+    let mut words = entry.split_whitespace();
+    if words.next()? != boot {
+        return None;
+    }
+    let hz: u64 = words.next()?.parse().ok()?;
+    (words.next().is_none() && (1_000_000..=100_000_000_000).contains(&hz)).then_some(hz)
+}
+
+/// Measures the TSC against CLOCK_MONOTONIC over 5 ms.
+fn measure_tsc_hz() -> u64 {
+    let (c0, t0) = bracketed_sample();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let (c1, t1) = bracketed_sample();
+    let ns = t1.saturating_sub(t0).max(1);
+    let hz = u128::from(c1.wrapping_sub(c0)) * 1_000_000_000 / u128::from(ns);
+    let hz = u64::try_from(hz).unwrap_or(u64::MAX);
+    (hz + 500) / 1000 * 1000
 }
 
 /// One (TSC, CLOCK_MONOTONIC ns) pair: the TSC taken as the middle of the
@@ -169,7 +205,7 @@ mod tests {
     /// at that bound, against the 0.1 % of a plain short sleep.
     #[test]
     fn the_short_tsc_calibration_matches_a_long_one() {
-        let quick = host_tsc_hz();
+        let quick = measure_tsc_hz();
         let (c0, t0) = bracketed_sample();
         std::thread::sleep(std::time::Duration::from_millis(200));
         let (c1, t1) = bracketed_sample();
@@ -177,6 +213,18 @@ mod tests {
         let ppm = (i128::from(quick) - long as i128).abs() * 1_000_000 / long as i128;
         eprintln!("TSC: {quick} Hz (5 ms) against {long} Hz (200 ms): {ppm} ppm");
         assert!(ppm < 100, "{quick} Hz against {long} Hz");
+    }
+
+    /// Only this boot's entry, whole and plausible, is used.
+    #[test]
+    fn tsc_cache_entries_belong_to_one_boot() {
+        assert_eq!(cached_tsc_hz("abc 2300000000\n", "abc"), Some(2_300_000_000));
+        assert_eq!(cached_tsc_hz("abc 2300000000\n", "abd"), None);
+        assert_eq!(cached_tsc_hz("abc 23000", "abc"), None);
+        assert_eq!(cached_tsc_hz("abc 2300000000 7", "abc"), None);
+        assert_eq!(cached_tsc_hz("abc", "abc"), None);
+        assert_eq!(cached_tsc_hz("abc -5", "abc"), None);
+        assert_eq!(cached_tsc_hz("", "abc"), None);
     }
 
     #[test]

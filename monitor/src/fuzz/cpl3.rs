@@ -1191,6 +1191,8 @@ pub(super) fn run_capture(
                 let _ = child.wait();
                 return Err(format!("the guest ({what}) did not finish in {} s", limit.as_secs()));
             }
+            // Most guests finish in milliseconds: poll finely at first.
+            Ok(None) if start.elapsed() < Duration::from_millis(50) => std::thread::sleep(Duration::from_micros(200)),
             Ok(None) => std::thread::sleep(Duration::from_millis(2)),
             Err(e) => return Err(e.to_string()),
         }

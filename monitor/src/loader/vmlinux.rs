@@ -152,11 +152,7 @@ impl Cache {
     /// `$POPEK_CACHE_DIR/kernels`, else `$XDG_CACHE_HOME/popek/kernels`,
     /// else `$HOME/.cache/popek/kernels`.
     pub fn default_location() -> Option<Cache> {
-        let var = |n| std::env::var_os(n).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let base = var("POPEK_CACHE_DIR")
-            .or_else(|| var("XDG_CACHE_HOME").map(|x| x.join("popek")))
-            .or_else(|| var("HOME").map(|h| h.join(".cache/popek")))?;
-        Some(Cache { dir: base.join("kernels") })
+        Some(Cache { dir: crate::cache::dir()?.join("kernels") })
     }
 
     pub fn at(dir: &Path) -> Cache {
@@ -200,27 +196,9 @@ fn read_cached(path: &Path) -> Option<Vec<u8>> {
     (v.len() as u64 == len && v.starts_with(b"\x7fELF")).then_some(v)
 }
 
-/// Writes a cache file whole or not at all (a temporary file renamed).
+/// Writes a cache file whole or not at all.
 fn write_cached(path: &Path, vmlinux: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().expect("a cache file has a directory");
-    std::fs::create_dir_all(dir)?;
-    // Unique per writer: tests boot the same kernel from several threads.
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("k");
-    let tmp = dir.join(format!(".{}-{n}.{name}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    let r = f
-        .write_all(CACHE_MAGIC)
-        .and_then(|_| f.write_all(&(vmlinux.len() as u64).to_le_bytes()))
-        .and_then(|_| f.write_all(vmlinux))
-        .and_then(|_| f.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    crate::cache::write_atomically(path, &[CACHE_MAGIC, &(vmlinux.len() as u64).to_le_bytes(), vmlinux])
 }
 
 #[cfg(test)]
