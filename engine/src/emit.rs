@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! indirect entry:  mov ecx, gs:[callout_target]; lea ecx, [ecx - EIP]; jecxz hit
-//!                  jmp miss_stub
+//!                  jmp miss_stub (or the next block of its lookup slot)
 //!            hit:  (count hit) mov ecx, gs:[scratch0]
 //! entry:           poll (optional) -- chained jumps land here
 //! body:            one sequence per guest instruction
@@ -138,6 +138,9 @@ pub struct Emitted {
     pub code: Vec<u8>,
     /// Offset of the direct entry (after the indirect-entry prologue).
     pub entry_off: u32,
+    /// Offset of the rel32 of the prologue's mismatch jump (to the miss
+    /// stub, or along its lookup slot's collision chain).
+    pub mismatch_off: u32,
     pub sites: Vec<PendingSite>,
     pub exits: Vec<ExitReloc>,
     pub recovery: Vec<RecoveryEntry>,
@@ -158,6 +161,7 @@ impl Default for Emitted {
         Emitted {
             code: Vec::new(),
             entry_off: 0,
+            mismatch_off: 0,
             sites: Vec::new(),
             exits: Vec::new(),
             recovery: Vec::new(),
@@ -238,7 +242,7 @@ pub fn emit_block(
         esp_saved: false,
     };
     let mut insn_ranges = cleared(&mut out.insn_ranges);
-    e.indirect_entry();
+    let mismatch_off = e.indirect_entry();
     let entry_off = e.off();
     let flags_dead = || crate::classify::arith_flags_dead_at_entry(decoded.insns.iter().map(|d| &d.instr));
     if ctx.poll_at_entry && !ctx.count_insns && flags_dead() {
@@ -262,6 +266,7 @@ pub fn emit_block(
     out.code.extend(e.asm.drain()?);
     out.asm = e.asm;
     out.entry_off = entry_off;
+    out.mismatch_off = mismatch_off;
     out.stubs_off = stubs_off;
     out.sites = e.sites;
     out.exits = e.exits;
@@ -379,7 +384,9 @@ impl Emitter {
         self.asm.extend(rel.to_le_bytes());
     }
 
-    fn indirect_entry(&mut self) {
+    /// The indirect-entry prologue; returns the offset of its mismatch
+    /// jump's rel32.
+    fn indirect_entry(&mut self) -> u32 {
         let eip = self.ctx.guest_eip;
         self.mark(eip, true, false, true);
         let neg = eip.wrapping_neg() as i32;
@@ -390,6 +397,7 @@ impl Emitter {
         let hit = self.short_jump(JECXZ);
         let miss = self.ctx.miss_stub;
         self.rel32_to(&[0xE9], miss);
+        let mismatch = self.off() - 4;
         self.bind(hit);
         if self.ctx.count_indirect_hits {
             x86!(self.asm
@@ -400,6 +408,7 @@ impl Emitter {
         }
         self.reload_ecx();
         self.at(eip);
+        mismatch
     }
 
     /// Spill ECX; with `charge`, subtract it from the budget and exit when

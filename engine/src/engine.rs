@@ -50,8 +50,12 @@ pub struct Block {
     pub guest_bytes: u32,
     /// Callout site ids of this block (contiguous).
     pub sites: std::ops::Range<u32>,
-    /// Lookup-table slots that may point at this block.
-    indirect_slots: Vec<u16>,
+    /// Its place in the lookup table: whether its slot's collision chain
+    /// holds it, the next block of that chain, and whether it was ever
+    /// installed (a revived block goes back in).
+    indirect: ChainLink,
+    /// TC address of the rel32 of its indirect entry's mismatch jump.
+    mismatch_jump: u32,
     /// While parked: the chains into it that parking undid, to redo when
     /// it comes back (the blocks of one address space return together).
     parked_links: Vec<LinkRef>,
@@ -245,7 +249,7 @@ impl Engine {
             self.user_pages.entry(p.linear).or_default().push(id);
             self.view.mark_invlpg(p.linear);
         }
-        let had_slot = !b.indirect_slots.is_empty();
+        let had_slot = b.indirect.installed;
         self.by_key.insert(*key, id);
         self.stats.blocks_revived += 1;
         if self.config.chaining {
@@ -265,8 +269,7 @@ impl Engine {
                 }
             }
         }
-        let slot = key.eip as u16;
-        if had_slot && self.tables[table_class(key.cpl)].entries[slot as usize].is_none() {
+        if had_slot {
             let _ = self.install_indirect(key);
         }
         Some(entry)
@@ -282,8 +285,8 @@ impl Engine {
         let undone = self.unlink_incoming(id);
         let b = self.blocks[id as usize].as_mut()?;
         b.parked_links = undone;
-        let (slots, pages) = (b.indirect_slots.clone(), b.pages.clone());
-        self.clear_slots(id, key.cpl, &slots);
+        let pages = b.pages.clone();
+        self.chain_remove(id);
         for p in &pages {
             remove_id(&mut self.user_pages, p.linear, id);
         }
@@ -434,22 +437,95 @@ impl Engine {
 
     /// Makes indirect branches to `key.eip` (in `key`'s context) find its
     /// translation inline. `key` must be translated.
+    ///
+    /// The table is indexed by the low 16 bits of the EIP, and in a fork
+    /// and exec of Linux about 130 hot targets a time met another one in
+    /// their slot: each such meeting was a miss callout. So a slot holds a
+    /// **collision chain**: the new block goes in front, and its indirect
+    /// entry's mismatch jump leads to the block it displaced (whose own
+    /// mismatch jump leads on), up to [`MAX_CHAIN`] blocks; the last one's
+    /// leads to the miss stub.
     pub fn install_indirect(&mut self, key: &BlockKey) -> Result<(), EngineError> {
         let id = *self.by_key.get(key).ok_or(EngineError::NotTranslated(*key))?;
         self.switch_context(key.context());
+        self.chain_remove(id);
         let slot = key.eip as u16;
-        let start = self.blk(id).tc_start;
-        let t = &mut self.tables[table_class(key.cpl)];
+        let class = table_class(key.cpl);
+        let old = self.tables[class].entries[slot as usize];
+        let next_entry = self.chain_target(old);
+        let (start, mismatch) = (self.blk(id).tc_start, self.blk(id).mismatch_jump);
+        link::aim(&mut self.view, mismatch, next_entry);
+        if let Some(b) = self.blocks[id as usize].as_mut() {
+            b.indirect = ChainLink { in_table: true, next: old, installed: true };
+        }
+        let t = &mut self.tables[class];
         self.view.write_u32(t.offset + 4 * u32::from(slot), start);
-        if t.entries[slot as usize].is_none() {
+        if old.is_none() {
             t.installed.get_or_insert_with(Vec::new).push(slot);
         }
         t.entries[slot as usize] = Some(id);
-        if let Some(b) = self.blocks[id as usize].as_mut() {
-            b.indirect_slots.push(slot);
-        }
         self.stats.indirect_installs += 1;
+        self.stats.indirect_conflicts += u64::from(old.is_some());
+        // Keep the chain short: a lookup walks it.
+        let mut last = id;
+        for _ in 1..MAX_CHAIN {
+            match self.blk(last).indirect.next {
+                Some(n) => last = n,
+                None => return Ok(()),
+            }
+        }
+        let mut cut = self.blocks[last as usize].as_mut().and_then(|b| b.indirect.next.take());
+        let miss = self.miss_stub;
+        let field = self.blk(last).mismatch_jump;
+        link::aim(&mut self.view, field, miss);
+        while let Some(c) = cut {
+            let Some(b) = self.blocks.get_mut(c as usize).and_then(Option::as_mut) else { break };
+            cut = b.indirect.next.take();
+            b.indirect.in_table = false;
+            let field = b.mismatch_jump;
+            link::aim(&mut self.view, field, miss);
+        }
         Ok(())
+    }
+
+    /// Where a mismatch jump goes when `next` follows in the chain.
+    fn chain_target(&self, next: Option<u32>) -> u32 {
+        next.and_then(|n| self.blocks.get(n as usize)?.as_ref()).map_or(self.miss_stub, |b| b.tc_start)
+    }
+
+    /// Takes block `id` out of its slot's collision chain (if it is in
+    /// one): its predecessor, or the table entry, skips it.
+    fn chain_remove(&mut self, id: u32) {
+        let Some(b) = self.blocks.get(id as usize).and_then(Option::as_ref) else { return };
+        if !b.indirect.in_table {
+            return;
+        }
+        let (slot, class, next, field) = (b.key.eip as u16, table_class(b.key.cpl), b.indirect.next, b.mismatch_jump);
+        let target = self.chain_target(next);
+        let head = self.tables[class].entries[slot as usize];
+        if head == Some(id) {
+            let t = &mut self.tables[class];
+            t.entries[slot as usize] = next;
+            self.view.write_u32(t.offset + 4 * u32::from(slot), target);
+        } else {
+            let mut at = head;
+            while let Some(p) = at {
+                let Some(pb) = self.blocks.get_mut(p as usize).and_then(Option::as_mut) else { break };
+                if pb.indirect.next == Some(id) {
+                    pb.indirect.next = next;
+                    let pf = pb.mismatch_jump;
+                    link::aim(&mut self.view, pf, target);
+                    break;
+                }
+                at = pb.indirect.next;
+            }
+        }
+        let miss = self.miss_stub;
+        link::aim(&mut self.view, field, miss);
+        if let Some(b) = self.blocks[id as usize].as_mut() {
+            b.indirect.in_table = false;
+            b.indirect.next = None;
+        }
     }
 
     /// Precise guest state at a TC address (docs/tc-abi.md "Precise state").
@@ -757,7 +833,8 @@ impl Engine {
             insns,
             guest_bytes,
             sites: first_site..first_site + e.sites.len() as u32,
-            indirect_slots: Vec::new(),
+            indirect: ChainLink::default(),
+            mismatch_jump: start + e.mismatch_off,
             parked_links: Vec::new(),
         };
         let entry = block.entry;
@@ -870,21 +947,10 @@ impl Engine {
         others
     }
 
-    /// Aims the lookup-table `slots` that still name block `id` at the
-    /// miss stub.
-    fn clear_slots(&mut self, id: u32, cpl: u8, slots: &[u16]) {
-        let t = &mut self.tables[table_class(cpl)];
-        for &slot in slots {
-            if t.entries[slot as usize] == Some(id) {
-                t.entries[slot as usize] = None;
-                self.view.write_u32(t.offset + 4 * u32::from(slot), self.miss_stub);
-            }
-        }
-    }
-
     fn drop_block(&mut self, id: u32) -> Option<BlockKey> {
         self.blocks.get(id as usize)?.as_ref()?;
         self.unlink_incoming(id);
+        self.chain_remove(id);
         let b = self.blocks[id as usize].take()?;
         for x in &b.exits {
             if let Some(dst) = x.chained.filter(|&d| d != id) {
@@ -893,7 +959,6 @@ impl Engine {
                 }
             }
         }
-        self.clear_slots(id, b.key.cpl, &b.indirect_slots);
         for sid in b.sites.clone() {
             if let Some(r) = sid.checked_sub(self.site_base).and_then(|n| self.sites.get_mut(n as usize)) {
                 r.site.resume_tc = None;
@@ -944,15 +1009,20 @@ impl Engine {
                 self.view.write(t.offset, &bytes);
                 t.entries.iter_mut().for_each(|e| *e = None);
                 for b in self.blocks.iter_mut().flatten().filter(|b| table_class(b.key.cpl) == class) {
-                    b.indirect_slots.clear();
+                    if b.indirect.in_table {
+                        link::aim(&mut self.view, b.mismatch_jump, miss);
+                    }
+                    b.indirect = ChainLink::default();
                 }
             }
             Some(slots) => {
                 for slot in slots {
                     // (After a flush the blocks are already gone.)
-                    let id = t.entries[slot as usize].take();
-                    if let Some(Some(b)) = id.and_then(|id| self.blocks.get_mut(id as usize)) {
-                        b.indirect_slots.clear();
+                    let mut at = t.entries[slot as usize].take();
+                    while let Some(b) = at.and_then(|id| self.blocks.get_mut(id as usize)?.as_mut()) {
+                        at = b.indirect.next;
+                        link::aim(&mut self.view, b.mismatch_jump, miss);
+                        b.indirect = ChainLink::default();
                     }
                     self.view.write_u32(t.offset + 4 * u32::from(slot), miss);
                 }
@@ -962,7 +1032,23 @@ impl Engine {
     }
 }
 
-/// One indirect lookup table: which block each slot holds, the context its
+/// Longest collision chain of a lookup slot (a lookup walks it: each step
+/// is three instructions and a jump, against a ~1 µs miss callout).
+const MAX_CHAIN: usize = 4;
+
+/// A block's link in its lookup slot's collision chain.
+#[derive(Clone, Copy, Debug, Default)]
+struct ChainLink {
+    /// The chain holds it: the table or another block's mismatch jump
+    /// leads to its indirect entry.
+    in_table: bool,
+    /// Where its own mismatch jump leads (`None`: the miss stub).
+    next: Option<u32>,
+    /// It was installed since the last clear of its table.
+    installed: bool,
+}
+
+/// One indirect lookup table: which block heads each slot's chain, the context its
 /// blocks belong to, and the slots written since the last clear (`None`
 /// before the first full clear).
 struct LookupTable {

@@ -25,6 +25,9 @@ pub struct Stats {
     /// Indirect lookups that hit (read from the vCPU page when counting is on).
     pub indirect_hits: u64,
     pub indirect_installs: u64,
+    /// Of those installs, the ones that replaced another block's entry (two
+    /// hot targets with the same low 16 bits).
+    pub indirect_conflicts: u64,
     /// Callouts taken, by kind name (monitor-reported).
     pub callouts_taken: BTreeMap<String, u64>,
     /// Callout sites emitted, by kind name.
@@ -55,6 +58,7 @@ impl Stats {
             ("/engine/indirect/hits".into(), self.indirect_hits),
             ("/engine/indirect/misses".into(), self.indirect_misses),
             ("/engine/indirect/installs".into(), self.indirect_installs),
+            ("/engine/indirect/conflicts".into(), self.indirect_conflicts),
             ("/engine/invalidations".into(), self.invalidations),
             ("/engine/blocks/invalidated".into(), self.blocks_invalidated),
             ("/engine/blocks/parked".into(), self.blocks_parked),

@@ -193,6 +193,66 @@ fn lookup_table_entries_check_their_guest_eip_and_are_cleared_on_invalidation() 
     assert_eq!(e.stats().blocks_invalidated, 1);
 }
 
+/// Where the indirect-entry prologue of `key`'s block sends a target that
+/// is not its own (its fourth instruction: `jmp X`).
+fn mismatch_target(e: &engine::Engine, key: &BlockKey) -> String {
+    let start = e.block(key).unwrap().tc_start;
+    texts(&tc_insns(e, key, start))[3].clone()
+}
+
+#[test]
+fn blocks_sharing_a_lookup_slot_form_a_chain_that_invalidation_mends() {
+    // Five one-instruction blocks whose EIPs share their low 16 bits.
+    let mut mem = Mem::new(BASE, &[]);
+    mem.data.resize(0x5_0000, 0x90);
+    let keys: Vec<BlockKey> = (0..5).map(|i| BlockKey::flat32(BASE + i * 0x1_0000)).collect();
+    for k in &keys {
+        mem.at(k.eip, &[0xC3]);
+    }
+    let mut e = engine();
+    for k in &keys[..3] {
+        e.enter(*k, &mut mem).unwrap();
+        e.install_indirect(k).unwrap();
+    }
+    let start = |e: &engine::Engine, i: usize| e.block(&keys[i]).unwrap().tc_start;
+    let jmp = |t: u32| format!("jmp {t:#x}");
+    // The last installed heads the slot; each mismatch leads to the one before.
+    assert_eq!(e.table_entry(BASE), start(&e, 2));
+    assert_eq!(mismatch_target(&e, &keys[2]), jmp(start(&e, 1)));
+    assert_eq!(mismatch_target(&e, &keys[1]), jmp(start(&e, 0)));
+    assert_eq!(mismatch_target(&e, &keys[0]), jmp(e.miss_stub()));
+    assert_eq!(e.stats().indirect_conflicts, 2);
+
+    // Dropping the middle block joins its neighbours.
+    e.invalidate_phys_page(u64::from(keys[1].eip) + PHYS_OFFSET);
+    assert_eq!(mismatch_target(&e, &keys[2]), jmp(start(&e, 0)));
+    // Dropping the head makes the next one the table's entry.
+    e.invalidate_phys_page(u64::from(keys[2].eip) + PHYS_OFFSET);
+    assert_eq!(e.table_entry(BASE), start(&e, 0));
+    assert_eq!(mismatch_target(&e, &keys[0]), jmp(e.miss_stub()));
+
+    // A chain holds at most four blocks: the oldest falls out.
+    for k in [keys[1], keys[2], keys[3], keys[4]] {
+        e.enter(k, &mut mem).unwrap();
+        e.install_indirect(&k).unwrap();
+    }
+    assert_eq!(e.table_entry(BASE), start(&e, 4));
+    assert_eq!(mismatch_target(&e, &keys[4]), jmp(start(&e, 3)));
+    assert_eq!(mismatch_target(&e, &keys[3]), jmp(start(&e, 2)));
+    assert_eq!(mismatch_target(&e, &keys[2]), jmp(start(&e, 1)));
+    assert_eq!(mismatch_target(&e, &keys[1]), jmp(e.miss_stub()));
+    assert_eq!(mismatch_target(&e, &keys[0]), jmp(e.miss_stub()), "out of the chain");
+    // Installing a chained block again moves it to the front, once.
+    e.install_indirect(&keys[2]).unwrap();
+    assert_eq!(e.table_entry(BASE), start(&e, 2));
+    assert_eq!(mismatch_target(&e, &keys[2]), jmp(start(&e, 4)));
+    assert_eq!(mismatch_target(&e, &keys[3]), jmp(start(&e, 1)));
+
+    // A flush empties the table and cuts every chain.
+    e.flush();
+    assert_eq!(e.table_entry(BASE), e.miss_stub());
+}
+
 #[test]
 fn chaining_patches_the_jump_and_invalidation_unpatches_it() {
     // Block A (page 0): jmp B ; block B (page 1): jmp A

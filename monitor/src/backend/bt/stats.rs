@@ -86,6 +86,7 @@ impl BtStats {
         v.push(("engine/tc_bytes".into(), e.tc_bytes_used));
         v.push(("engine/exits_unchained".into(), e.exits_unchained));
         v.push(("engine/indirect_misses".into(), e.indirect_misses));
+        v.push(("engine/indirect_conflicts".into(), e.indirect_conflicts));
         v.push(("engine/invalidations".into(), e.invalidations));
         v.push(("engine/blocks_invalidated".into(), e.blocks_invalidated));
         v.push(("engine/blocks_parked".into(), e.blocks_parked));
