@@ -31,9 +31,13 @@ pub const PORT_PIC_SLAVE: u16 = 0xA0;
 /// i8254 PIT channels 0-2 and the mode/command register (0x40-0x43).
 pub const PORT_PIT: u16 = 0x40;
 /// Ports whose accesses may move a timer deadline: the PIT (0x40-0x43),
-/// its channel-2 gate (0x61) and the RTC (0x70-0x71).
+/// its channel-2 gate (0x61), the RTC (0x70-0x71), and the PICs (whether
+/// IRQ0 is latched decides whether the PIT's deadline counts).
 pub const fn port_moves_deadlines(port: u16) -> bool {
-    matches!(port, PORT_PIT..=0x43 | PORT_SYSTEM_CONTROL_B | PORT_CMOS..=0x71)
+    matches!(
+        port,
+        PORT_PIC_MASTER..=0x21 | PORT_PIC_SLAVE..=0xA1 | PORT_PIT..=0x43 | PORT_SYSTEM_CONTROL_B | PORT_CMOS..=0x71
+    )
 }
 /// Keyboard controller data port (i8042).
 pub const PORT_I8042_DATA: u16 = 0x60;

@@ -118,6 +118,12 @@ impl IoApic {
         self.table[pin]
     }
 
+    /// Whether pin `pin` is masked (an edge on it is lost). Pins past the
+    /// table count as masked: nothing listens there.
+    pub fn masked(&self, pin: usize) -> bool {
+        self.table.get(pin).is_none_or(|e| e & MASKED != 0)
+    }
+
     fn read_register(&self) -> u32 {
         match self.select {
             0x00 => self.id,
