@@ -419,10 +419,32 @@ impl LocalApic {
     /// When `poll` will raise the timer interrupt; `None` if it will not
     /// (stopped or masked).
     pub fn next_deadline_ns(&self) -> Option<u64> {
-        if self.lvt[LVT_TIMER] & LVT_MASKED != 0 {
+        if self.lvt[LVT_TIMER] & LVT_MASKED != 0 || (self.periodic() && self.timer_expiry_is_moot()) {
             return None;
         }
         self.next_expiry_ns()
+    }
+
+    /// Whether a timer expiry would change nothing: its vector is already
+    /// requested (or the APIC is disabled), or, for an illegal vector, the
+    /// error it would report is already pending with its own interrupt
+    /// requested or masked. A periodic timer at a tiny count in that state
+    /// set a deadline per period and kicked the vCPU for each (found by
+    /// the guest-storm fuzzer: timer_settime took 87 % of a run that never
+    /// ended); its expiries collapse into the next one that counts, which
+    /// `poll` computes from the clock when the deadline comes back.
+    fn timer_expiry_is_moot(&self) -> bool {
+        let v = self.lvt[LVT_TIMER] as u8;
+        if !self.software_enabled() {
+            return v >= 16 || self.esr_pending & ESR_RECEIVE_ILLEGAL_VECTOR != 0;
+        }
+        if v >= 16 {
+            return self.irr.get(v) && !self.tmr.get(v);
+        }
+        let lvt = self.lvt[LVT_ERROR];
+        let e = lvt as u8;
+        self.esr_pending & ESR_RECEIVE_ILLEGAL_VECTOR != 0
+            && (lvt & LVT_MASKED != 0 || e < 16 || (self.irr.get(e) && !self.tmr.get(e)))
     }
 
     /// Raises the timer interrupt if an expiry is due at `now_ns` (expiries
@@ -796,6 +818,43 @@ mod tests {
         assert_eq!(a.next_deadline_ns(), None);
         a.write_reg(reg::TIMER_INITIAL, 0);
         assert_eq!(a.read_reg(reg::TIMER_CURRENT), 0);
+    }
+
+    /// A periodic timer whose expiries would change nothing sets no
+    /// deadline (each was a vCPU kick): while its vector is requested, and
+    /// for an illegal vector while the error is pending. Acknowledging
+    /// brings the deadline back.
+    #[test]
+    fn periodic_expiries_that_change_nothing_set_no_deadline() {
+        let (mut a, clock) = enabled();
+        a.write_reg(reg::TIMER_DIVIDE, 0xB);
+        a.write_reg(reg::LVT_TIMER, (1 << 17) | 0x31);
+        a.write_reg(reg::TIMER_INITIAL, 100);
+        let d = a.next_deadline_ns().unwrap();
+        clock.set(d);
+        a.poll(d);
+        assert_eq!(a.pending(), Some(0x31));
+        assert_eq!(a.next_deadline_ns(), None, "0x31 is requested already");
+        clock.advance(10_000);
+        assert_eq!(a.acknowledge(), Some(0x31));
+        let again = a.next_deadline_ns().expect("acknowledged: the timer counts again");
+        a.poll(again.max(clock.now_ns()));
+        assert_eq!(a.pending(), None, "in service");
+        a.write_reg(reg::EOI, 0);
+        assert_eq!(a.pending(), Some(0x31), "the expiry while in service waits for the EOI");
+
+        // Vector 3 is illegal: the first expiry reports it, the next ones
+        // would only report it again.
+        let (mut a, clock) = enabled();
+        a.write_reg(reg::LVT_ERROR, LVT_MASKED | 0x40);
+        a.write_reg(reg::LVT_TIMER, (1 << 17) | 0x03);
+        a.write_reg(reg::TIMER_INITIAL, 100);
+        let d = a.next_deadline_ns().unwrap();
+        clock.set(d);
+        a.poll(d);
+        assert_eq!(a.next_deadline_ns(), None, "the error is pending and its interrupt masked");
+        a.write_reg(reg::LVT_ERROR, 0x40);
+        assert!(a.next_deadline_ns().is_some(), "an unmasked error interrupt counts");
     }
 
     /// An APIC in TSC-deadline mode (vector 0x50) whose guest TSC runs at
