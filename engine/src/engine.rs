@@ -6,7 +6,7 @@ use crate::callout::{CalloutKind, CalloutSite, FIRST_SITE_ID, MISS_SITE_ID};
 use crate::classify::{self, Class};
 use crate::decode::{self, CodePage, DecodedBlock, GuestCode, InsnBytes};
 use crate::emit::{self, EmitCtx, Emitted};
-use crate::fxhash::FxHashMap;
+use crate::fxhash::{FxHashMap, FxHashSet};
 use crate::link::{self, ExitLink, LinkRef};
 use crate::mangle::{self, Disposition, MangleCtx, MangledBlock};
 use crate::recover::{self, Recovery, RecoveryEntry};
@@ -116,6 +116,9 @@ pub struct Engine {
     /// the same frames again (a parent after its child exited, processes
     /// of one binary) gets them back without translating. By key.
     parked: FxHashMap<BlockKey, Vec<u32>>,
+    /// Parked blocks by linear page: those revived together with a block
+    /// of the same page.
+    parked_pages: FxHashMap<u32, Vec<u32>>,
     new_pages: BTreeSet<u64>,
     /// The lookup tables: [CPL 0-2, CPL 3].
     tables: [LookupTable; 2],
@@ -186,6 +189,7 @@ impl Engine {
             user_pages: FxHashMap::default(),
             kernel_pages: FxHashMap::default(),
             parked: FxHashMap::default(),
+            parked_pages: FxHashMap::default(),
             new_pages: BTreeSet::new(),
             tables: [LookupTable::new(vmm_area::LOOKUP_TABLE), LookupTable::new(vmm_area::LOOKUP_TABLE_USER)],
             sites: Vec::new(),
@@ -234,7 +238,8 @@ impl Engine {
     const MAX_PARKED: usize = 4;
 
     /// A parked block of `key` whose pages map where they did when it was
-    /// translated, registered again.
+    /// translated, registered again, with the parked blocks of its pages
+    /// that are valid too ([`Engine::revive_page_mates`]).
     fn revive(&mut self, key: &BlockKey, code: &mut dyn GuestCode) -> Option<u32> {
         let ids = self.parked.get(key)?;
         let id = ids.iter().copied().find(|&id| {
@@ -242,6 +247,62 @@ impl Engine {
                 .as_ref()
                 .is_some_and(|b| b.pages.iter().all(|p| code.phys_page(p.linear) == Some(p.phys)))
         })?;
+        let entry = self.revive_block(id, key)?;
+        let pages: Vec<u32> = self.blk(id).pages.iter().map(|p| p.linear).collect();
+        for &page in &pages {
+            remove_id(&mut self.parked_pages, page, id);
+        }
+        self.revive_page_mates(id, code);
+        Some(entry)
+    }
+
+    /// Revives the parked blocks that share a page with block `id` and
+    /// whose pages all map where they did. Reviving blocks one at a time,
+    /// as execution reached them, left each one's exits unchained until
+    /// its successor came back: a process whose tables were refilled
+    /// (exec, then the shell again) took one block-exit callout per
+    /// revived block and an indirect miss per three.
+    fn revive_page_mates(&mut self, id: u32, code: &mut dyn GuestCode) {
+        let pages: Vec<u32> = self.blk(id).pages.iter().map(|p| p.linear).collect();
+        // (Blocks of another context would take the lookup table over.)
+        let context = self.blk(id).key.context();
+        let mut phys: FxHashMap<u32, Option<u64>> = FxHashMap::default();
+        let mut back: FxHashSet<u32> = FxHashSet::default();
+        let mut touched: Vec<u32> = Vec::new();
+        for page in pages {
+            let Some(mates) = self.parked_pages.get(&page).cloned() else { continue };
+            for m in mates {
+                let Some(b) = self.blocks.get(m as usize).and_then(Option::as_ref) else { continue };
+                let key = b.key;
+                if key.context() != context || self.by_key.contains_key(&key) {
+                    continue;
+                }
+                let mut valid = true;
+                for p in &b.pages {
+                    let now = *phys.entry(p.linear).or_insert_with(|| code.phys_page(p.linear));
+                    valid &= now == Some(p.phys);
+                }
+                if valid {
+                    touched.extend(b.pages.iter().map(|p| p.linear));
+                    self.revive_block(m, &key);
+                    back.insert(m);
+                }
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for page in touched {
+            if let Some(list) = self.parked_pages.get_mut(&page) {
+                list.retain(|m| !back.contains(m));
+                if list.is_empty() {
+                    self.parked_pages.remove(&page);
+                }
+            }
+        }
+    }
+
+    /// Registers parked block `id` of `key` again (its pages were checked).
+    fn revive_block(&mut self, id: u32, key: &BlockKey) -> Option<u32> {
         remove_id(&mut self.parked, *key, id);
         let b = self.blocks[id as usize].as_ref()?;
         let entry = b.entry;
@@ -277,7 +338,7 @@ impl Engine {
 
     /// Sets user block `id` aside ([`Engine::parked`]); blocks that are not
     /// registered under their key (capped ones) are dropped instead.
-    fn park_block(&mut self, id: u32) -> Option<BlockKey> {
+    fn park_block(&mut self, id: u32, left: &mut Vec<u32>) -> Option<BlockKey> {
         let key = self.blocks.get(id as usize)?.as_ref()?.key;
         if self.by_key.get(&key) != Some(&id) || key.cpl != 3 {
             return self.drop_block(id);
@@ -288,7 +349,8 @@ impl Engine {
         let pages = b.pages.clone();
         self.chain_remove(id);
         for p in &pages {
-            remove_id(&mut self.user_pages, p.linear, id);
+            left.push(p.linear);
+            self.parked_pages.entry(p.linear).or_default().push(id);
         }
         self.by_key.remove(&key);
         let list = self.parked.entry(key).or_default();
@@ -588,8 +650,25 @@ impl Engine {
     }
 
     /// Parks the `stale` user blocks (a revalidation's result), counted.
+    /// They leave the index of live user pages in one pass per page: a
+    /// switch parks hundreds of blocks of a few pages, and removing them
+    /// one by one was quadratic.
     fn park_all(&mut self, stale: Vec<u32>) -> Vec<BlockKey> {
-        let keys: Vec<BlockKey> = stale.into_iter().filter_map(|id| self.park_block(id)).collect();
+        let mut left = Vec::new();
+        let keys: Vec<BlockKey> = stale.iter().filter_map(|&id| self.park_block(id, &mut left)).collect();
+        if !left.is_empty() {
+            left.sort_unstable();
+            left.dedup();
+            let gone: FxHashSet<u32> = stale.iter().copied().collect();
+            for page in left {
+                if let Some(list) = self.user_pages.get_mut(&page) {
+                    list.retain(|id| !gone.contains(id));
+                    if list.is_empty() {
+                        self.user_pages.remove(&page);
+                    }
+                }
+            }
+        }
         if !keys.is_empty() {
             self.stats.invalidations += 1;
             self.stats.blocks_invalidated += keys.len() as u64;
@@ -644,6 +723,7 @@ impl Engine {
         self.blocks.clear();
         self.by_key.clear();
         self.parked.clear();
+        self.parked_pages.clear();
         self.by_tc.clear();
         self.by_page.clear();
         self.user_pages.clear();
@@ -968,8 +1048,12 @@ impl Engine {
         if self.by_key.get(&b.key) == Some(&id) {
             self.by_key.remove(&b.key);
         }
+        let was_parked = self.parked.get(&b.key).is_some_and(|l| l.contains(&id));
         remove_id(&mut self.parked, b.key, id);
         for p in &b.pages {
+            if was_parked {
+                remove_id(&mut self.parked_pages, p.linear, id);
+            }
             remove_id(&mut self.by_page, p.phys, id);
             let by_linear = if b.key.cpl == 3 { &mut self.user_pages } else { &mut self.kernel_pages };
             remove_id(by_linear, p.linear, id);

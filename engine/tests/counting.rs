@@ -179,6 +179,37 @@ fn user_blocks_come_back_when_their_frames_are_mapped_again() {
 }
 
 #[test]
+fn parked_blocks_of_a_page_come_back_together_and_chained() {
+    // A jumps to B, B to C (one page); D is on the next page.
+    let mut mem = Mem::new(BASE, &[]);
+    mem.at(BASE, &[0xEB, 0x0E]); // jmp BASE+0x10
+    mem.at(BASE + 0x10, &[0xEB, 0x0E]); // jmp BASE+0x20
+    mem.at(BASE + 0x20, &[0xC3]);
+    mem.at(BASE + 0x1000, &[0x90, 0xC3]);
+    let mut e = counting();
+    let key = |eip| BlockKey { cpl: 3, ..BlockKey::flat32(eip) };
+    let (a, b, c, d) = (key(BASE), key(BASE + 0x10), key(BASE + 0x20), key(BASE + 0x1000));
+    for k in [c, b, a, d] {
+        e.translate(k, &mut mem).unwrap();
+    }
+    assert!(e.block(&a).unwrap().exits.iter().any(|x| x.chained.is_some()), "A chained to B");
+    assert_eq!(e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000)).len(), 4);
+    // Back in the first address space, reaching A brings back B and C (its
+    // page) with their chains, not D (another page, not reached yet).
+    e.translate(a, &mut mem).unwrap();
+    assert!(e.lookup(&b).is_some() && e.lookup(&c).is_some());
+    assert!(e.lookup(&d).is_none());
+    assert!(e.block(&a).unwrap().exits.iter().any(|x| x.chained.is_some()), "A's exit to B is chained again");
+    assert!(e.block(&b).unwrap().exits.iter().any(|x| x.chained.is_some()), "and B's to C");
+    let s = e.stats();
+    assert_eq!((s.blocks_parked, s.blocks_revived, s.blocks_translated), (4, 3, 4));
+    // A page whose frame moved brings nothing back.
+    e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000));
+    e.translate(d, &mut Shifted(&mut mem, 0x10_0000)).unwrap();
+    assert_eq!(e.stats().blocks_revived, 3, "D was translated anew for the other frame");
+}
+
+#[test]
 fn invlpg_revalidates_only_the_user_blocks_of_its_page() {
     let mut mem = Mem::new(BASE, &code());
     mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret

@@ -505,11 +505,14 @@ impl BtBackend {
         self.user_exec.stretch_cancel();
         let (cr3, t) = (self.cpu.cr3, stats::rdtsc());
         let exit = self.run_host(false)?;
+        // A page fault costs a host fault in translated code too: it says
+        // nothing about which mode is cheaper.
+        let fault = matches!(exit, Exit::PageFault { .. });
         let step = self.after_direct(exit, segs);
         // What the run cost this address space, for the user-exec policy:
         // did it end in the guest kernel?
         let dt = stats::rdtsc().wrapping_sub(t);
-        if self.cpu.cpl != 3 {
+        if self.cpu.cpl != 3 && !fault {
             self.user_exec.direct_entry(cr3, dt);
         } else {
             self.user_exec.direct_time(cr3, dt);
@@ -606,12 +609,8 @@ impl BtBackend {
     /// translated user code whose pages the current tables map elsewhere is
     /// parked. Cheap when there is none: the engine indexes CPL 3 blocks by page.
     fn revalidate_user_blocks(&mut self) {
-        let Some(space) = self.user_revalidate.take() else { return };
-        let parked = self.engine.revalidate_user_mappings(&mut self.guest.code(true)).len() as u64;
-        // Each parked block costs about a microsecond now and another
-        // when it comes back: churn of the space that had them.
-        if parked != 0 {
-            self.user_exec.user_parks(space, parked);
+        if self.user_revalidate.take().is_some() {
+            self.engine.revalidate_user_mappings(&mut self.guest.code(true));
         }
     }
 

@@ -38,8 +38,6 @@ struct Space {
     cycles: u64,
     /// Blocks translated for this space in the current window.
     translations: u64,
-    /// Its translated blocks parked at MOV CR3s in the current window.
-    parks: u64,
     /// Windows to stay direct after translation churn sent it back.
     penalty: u32,
     /// The penalty the next churn gets: doubled by each churn, back to
@@ -88,13 +86,6 @@ impl Policy {
     /// Translated code that needs a new block more often than once per
     /// this many kernel entries goes back to direct...
     const CHURN: u64 = 4;
-    /// Parked blocks counted as one new translation in the churn rule
-    /// (parking a block at a MOV CR3 and reviving it cost ~1 µs each, an
-    /// inline kernel entry saves ~6 µs of trap): a translated shell whose
-    /// 180 blocks are parked at every switch to its children pays ~0.4 ms
-    /// per switch pair and goes direct; two processes in a ping-pong with
-    /// a few dozen blocks each stay translated.
-    pub const PARKS_PER_TRANSLATION: u64 = 12;
     /// ... and stays direct for this many windows (fork/exec churn: each
     /// switch to another process drops the user blocks the space had),
     /// twice as many after each churn that follows, up to
@@ -140,16 +131,6 @@ impl Policy {
     }
 
     /// `n` blocks of `cr3`'s user code were translated.
-    /// `n` translated blocks of `cr3` were parked at a MOV CR3 (they come
-    /// back when it runs again: both cost time the TC must earn back).
-    pub fn user_parks(&mut self, cr3: u32, n: u64) {
-        if self.mode == UserExec::Adaptive {
-            if let Some(s) = self.spaces.get_mut(&cr3) {
-                s.parks += n;
-            }
-        }
-    }
-
     pub fn user_translations(&mut self, cr3: u32, n: u64) {
         if self.mode == UserExec::Adaptive {
             if let Some(s) = self.spaces.get_mut(&cr3) {
@@ -232,8 +213,7 @@ impl Policy {
         s.cycles = s.cycles.saturating_add(cycles);
         let window = f64::from(Self::WINDOW);
         // Translation churn: more than one new block per CHURN entries.
-        let churn = translated
-            && (s.translations + s.parks / Self::PARKS_PER_TRANSLATION) * Self::CHURN > u64::from(s.events.max(1));
+        let churn = translated && s.translations * Self::CHURN > u64::from(s.events.max(1));
         let switch = if s.events < Self::WINDOW && translated && s.cycles as f64 > window * to_direct {
             true
         } else if s.events >= Self::WINDOW {
@@ -257,7 +237,7 @@ impl Policy {
             s.penalty = s.backoff.max(Self::CHURN_PENALTY);
             s.backoff = (s.penalty * 2).min(Self::MAX_PENALTY);
         }
-        (s.events, s.cycles, s.translations, s.parks) = (0, 0, 0, 0);
+        (s.events, s.cycles, s.translations) = (0, 0, 0);
         if switch {
             s.translated = !translated;
             self.last = None;
@@ -381,22 +361,6 @@ mod tests {
             assert!(n < Policy::WINDOW, "stayed translated for a whole window of interrupts");
         }
         assert_eq!(p.stats.translated_stretches, 0);
-    }
-
-    #[test]
-    fn parking_many_blocks_per_switch_counts_as_churn_and_a_few_do_not() {
-        for (parks_per_entry, stays) in [(2u64, true), (184, false)] {
-            let mut p = adaptive();
-            for _ in 0..Policy::WINDOW {
-                p.direct_entry(7, 1);
-            }
-            assert!(p.translated(7));
-            for _ in 0..Policy::WINDOW {
-                p.user_parks(7, parks_per_entry);
-                p.inline_entries(7, 1, 5);
-            }
-            assert_eq!(p.translated(7), stays, "{parks_per_entry} parked blocks per kernel entry");
-        }
     }
 
     #[test]
