@@ -2,8 +2,9 @@
 # Builds a Debian 12 (bookworm) i386 system for `popek run --disk`: a raw
 # ext4 image of a root filesystem with systemd, udev, procps and
 # python3-minimal, Debian's linux-image-686 and its own initrd (which loads
-# virtio_pci, virtio_blk and ext4). Needs mmdebstrap and e2fsprogs (apt-get
-# install mmdebstrap), root (or fakeroot), and a reachable Debian mirror:
+# virtio_pci, virtio_blk and ext4). Needs mmdebstrap, arch-test (for the
+# i386 tree on an amd64 host) and e2fsprogs (apt-get install mmdebstrap
+# arch-test), root (or fakeroot), and a reachable Debian mirror:
 # mmdebstrap's default or the one apt is configured with; none is written
 # here. The root account has an empty password.
 #
