@@ -131,6 +131,50 @@ impl Drop for StressKicks {
     }
 }
 
+/// Spaces out the kicks of timer deadlines that raise nothing.
+///
+/// A deadline exists to raise an interrupt; one that passes without
+/// making one pending (the line is masked in a way no rule of the devices
+/// foresaw, the PIC or APIC disabled) cost a vCPU kick for nothing, and a
+/// megahertz timer made that a kick per microsecond: the guest never ran.
+/// A deadline is useless, too, while another interrupt already waits (the
+/// guest has interrupts off). After such a deadline the next one is armed
+/// no earlier than `floor`
+/// from now (10 µs, doubling to 1 ms while they stay useless, back to 0 as
+/// soon as one raises something), rounded to a multiple of the floor so
+/// that the loop does not re-arm the host timer on every pass. Devices
+/// compute what the guest reads from the clock, so a later poll loses
+/// nothing but edges that changed nothing.
+#[derive(Debug, Default)]
+struct KickBackoff {
+    floor_ns: u64,
+}
+
+impl KickBackoff {
+    const FIRST_NS: u64 = 10_000;
+    const MAX_NS: u64 = 1_000_000;
+
+    /// A pass of the loop: `due` when the armed deadline had passed, and
+    /// `raised` when polling the timers made an interrupt pending that was
+    /// not (one already waiting for the guest says nothing of the timer).
+    fn observe(&mut self, due: bool, raised: bool) {
+        if raised {
+            self.floor_ns = 0;
+        } else if due {
+            self.floor_ns = (self.floor_ns * 2).clamp(Self::FIRST_NS, Self::MAX_NS);
+        }
+    }
+
+    /// The time to arm for `deadline` at `now`.
+    fn arm(&self, deadline: Option<u64>, now: u64) -> Option<u64> {
+        let d = deadline?;
+        if self.floor_ns == 0 || d >= now + self.floor_ns {
+            return Some(d);
+        }
+        Some((now + self.floor_ns).next_multiple_of(self.floor_ns))
+    }
+}
+
 /// Kicks the vCPU when the published timer deadline passes.
 struct Ticker {
     deadline: Arc<AtomicU64>,
@@ -261,10 +305,13 @@ impl Vm {
         let ticker = timer.is_none().then(|| Ticker::start(self.clock.clone(), self.backend.kicker()));
         // The deadline the timer is set for.
         let mut armed: Option<u64> = None;
+        let mut backoff = KickBackoff::default();
         let _stress = self.start_stress_kicks(None);
         loop {
             let now = self.clock.now_ns();
+            let waiting = self.platform.pending_interrupt();
             self.platform.poll_timers(now);
+            backoff.observe(armed.is_some_and(|a| a <= now), !waiting && self.platform.pending_interrupt());
             self.drain_input();
             if self.quit.as_ref().is_some_and(|q| q.load(Ordering::SeqCst)) {
                 return Ok(RunOutcome::Quit);
@@ -273,7 +320,7 @@ impl Vm {
                 return Ok(outcome);
             }
             self.offer_interrupt()?;
-            let deadline = self.platform.next_deadline_ns();
+            let deadline = backoff.arm(self.platform.next_deadline_ns(), self.clock.now_ns());
             if let Some(t) = &timer {
                 if deadline != armed {
                     let after = deadline.map(|d| d.saturating_sub(self.clock.now_ns()));
@@ -285,6 +332,7 @@ impl Vm {
                 }
             } else if let Some(t) = &ticker {
                 t.deadline.store(deadline.unwrap_or(u64::MAX), Ordering::Release);
+                armed = deadline;
             }
             let exit = match self.backend.run_with_ports(&mut self.platform) {
                 Ok(e) => e,
@@ -418,6 +466,29 @@ impl Vm {
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::Mutex;
+
+    /// Useless deadlines are spaced out, doubling up to 1 ms; one that
+    /// raises something ends it; far deadlines are never moved.
+    #[test]
+    fn kicks_for_nothing_back_off() {
+        use super::KickBackoff;
+        let mut b = KickBackoff::default();
+        let now = 5_000_001;
+        assert_eq!(b.arm(Some(now + 1), now), Some(now + 1), "no backoff yet");
+        b.observe(false, false);
+        assert_eq!(b.arm(Some(now + 1), now), Some(now + 1), "nothing was due");
+        b.observe(true, false);
+        assert_eq!(b.arm(Some(now + 1), now), Some(5_020_000), "10 µs on, on a 10 µs boundary");
+        assert_eq!(b.arm(Some(now + 1), now + 3), Some(5_020_000), "the same time on the next pass");
+        for _ in 0..20 {
+            b.observe(true, false);
+        }
+        assert_eq!(b.arm(Some(now + 1), now), Some(7_000_000), "1 ms at most, on a 1 ms boundary");
+        assert_eq!(b.arm(Some(now + 2_000_000), now), Some(now + 2_000_000));
+        assert_eq!(b.arm(None, now), None);
+        b.observe(true, true);
+        assert_eq!(b.arm(Some(now + 1), now), Some(now + 1), "an interrupt ends the backoff");
+    }
 
     use super::*;
     use crate::backend::fake::{FakeBackend, FakeLog, Scripted};

@@ -261,6 +261,15 @@ impl PicPair {
         self.set_irq(line, false);
     }
 
+    /// Whether a pulse on ISA line `line` (0-7) would leave the chip as it
+    /// is: the request is latched already, or the line is level-triggered
+    /// (a pulse sets and clears its request before anyone can take it).
+    pub fn pulse_is_moot(&self, line: u8) -> bool {
+        let chip = &self.master;
+        let bit = 1u8 << (line & 7);
+        line < 8 && (chip.level_triggered() & bit != 0 || chip.irr & bit != 0)
+    }
+
     /// The master's INT output: an unmasked request of higher priority than
     /// anything in service.
     pub fn pending(&self) -> bool {

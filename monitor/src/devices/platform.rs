@@ -467,15 +467,16 @@ impl Platform {
     }
 
     /// Whether another IRQ0 edge would change nothing: the PIC has one
-    /// latched in its IRR already and the I/O APIC (if any) drops edges of
-    /// its pin. Then the PIT's deadline needs no kick: a guest that set the
+    /// latched in its IRR already (or takes IRQ0 level-triggered, where a
+    /// pulse leaves nothing) and the I/O APIC (if any) drops edges of its
+    /// pin. Then the PIT's deadline needs no kick: a guest that set the
     /// PIT to its fastest rate with IRQ0 masked everywhere used to take a
     /// kick per period (316 k in 8 s of the guest-storm fuzzer) for no
     /// interrupt. The deadline comes back when the IRR bit is acknowledged
     /// or the pin unmasked (PIC ports move deadlines; MMIO exits and
     /// acknowledgements go through the loop, which asks again).
     fn irq0_edge_is_moot(&self) -> bool {
-        lock(&self.pic).irr() & (1 << IRQ_PIT) != 0
+        lock(&self.pic).pulse_is_moot(IRQ_PIT)
             && self.apics.as_ref().is_none_or(|a| lock(&a.ioapic).masked(usize::from(IRQ_PIT)))
     }
 
@@ -862,6 +863,17 @@ mod tests {
         assert_eq!(p.acknowledge_interrupt(), Some(0x30));
         let again = p.next_deadline_ns().expect("acknowledged: the PIT counts again");
         assert!(again <= clock.now_ns() + 2_000, "{again}");
+
+        // A PIC initialised level-triggered (ICW1.LTIM) keeps nothing of a
+        // pulse: every edge is moot, even the first.
+        let (mut p, _, _) = platform();
+        for (port, v) in [(0x20, 0x19), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
+            p.io_out(port, 1, v);
+        }
+        p.io_out(0x43, 1, 0x34);
+        p.io_out(0x40, 1, 0x02);
+        p.io_out(0x40, 1, 0x00);
+        assert_eq!(p.next_deadline_ns(), None, "level-triggered IRQ0");
 
         // The pc machine: moot only while the I/O APIC masks pin 0 too.
         let (mut p, clock) = pc_platform();
