@@ -839,6 +839,13 @@ mod tests {
         assert_eq!(stats.apic.unwrap().eois, 4);
     }
 
+    /// PIT channel 0 periodic (mode 2) at divisor 2, the fastest rate.
+    fn pit_at_full_rate(p: &mut Platform) {
+        p.io_out(0x43, 1, 0x34);
+        p.io_out(0x40, 1, 0x02);
+        p.io_out(0x40, 1, 0x00);
+    }
+
     /// A PIT edge that nothing can take sets no deadline: once IRQ0 is
     /// latched in the PIC's IRR and the I/O APIC masks its pin, the next
     /// edges change nothing until the latch is acknowledged or the pin
@@ -870,17 +877,13 @@ mod tests {
         for (port, v) in [(0x20, 0x19), (0x21, 0x30), (0x21, 0x04), (0x21, 0x01), (0x21, 0x00)] {
             p.io_out(port, 1, v);
         }
-        p.io_out(0x43, 1, 0x34);
-        p.io_out(0x40, 1, 0x02);
-        p.io_out(0x40, 1, 0x00);
+        pit_at_full_rate(&mut p);
         assert_eq!(p.next_deadline_ns(), None, "level-triggered IRQ0");
 
         // The pc machine: moot only while the I/O APIC masks pin 0 too.
         let (mut p, clock) = pc_platform();
         init_pic(&mut p, 0xFF, 0xFF);
-        p.io_out(0x43, 1, 0x34);
-        p.io_out(0x40, 1, 0x02);
-        p.io_out(0x40, 1, 0x00);
+        pit_at_full_rate(&mut p);
         let d = p.next_deadline_ns().unwrap();
         clock.set(d);
         p.poll_timers(d);

@@ -172,7 +172,6 @@ impl BtBackend {
     }
 
     fn mmu_effect(&mut self, effect: MmuEffect) -> Result<(), BackendError> {
-        let old_cr3 = self.guest.mmu.regs().cr3;
         let (mmu, phys, mut mapper) = self.guest.paging();
         let r = match effect {
             MmuEffect::Cr3 { new } => mmu.set_cr3(&phys, &mut mapper, new),
@@ -202,7 +201,7 @@ impl BtBackend {
             // The address space changed: translated user code whose pages
             // now map elsewhere goes, before user code next runs from the
             // TC (an exec'd child that runs directly never asks).
-            self.user_revalidate.get_or_insert(old_cr3);
+            self.user_revalidate = true;
         } else {
             // Paging changed: translations whose linear pages now map elsewhere go.
             self.engine.revalidate_mappings(&mut self.guest.code(false));

@@ -167,11 +167,10 @@ pub struct BtBackend {
     /// A MOV CR3 happened since translated user code last ran: its blocks
     /// are revalidated against the new tables before the next CPL 3 entry
     /// into the TC (and inline IRETs to CPL 3 exit until then), not at the
-    /// switch. The address space that had them (the first switch's), for
-    /// the policy's churn count. A shell whose exec'd child runs directly
+    /// switch. A shell whose exec'd child runs directly
     /// parked and revived its ~180 blocks at every switch pair, though it
     /// found them valid again when it came back.
-    user_revalidate: Option<u32>,
+    user_revalidate: bool,
     /// The machine's ports during `run_with_ports` (see [`PortsRef`]).
     ports: Option<PortsRef>,
     /// `Engine::blocks_translated` at the last look (user-exec policy).
@@ -253,7 +252,7 @@ impl BtBackend {
             written_sels: None,
             resume_at: None,
             interrupted: false,
-            user_revalidate: None,
+            user_revalidate: false,
             ports: None,
             user_blocks_seen: 0,
             transitions: transitions::Transitions::new(alias),
@@ -609,7 +608,7 @@ impl BtBackend {
     /// translated user code whose pages the current tables map elsewhere is
     /// parked. Cheap when there is none: the engine indexes CPL 3 blocks by page.
     fn revalidate_user_blocks(&mut self) {
-        if self.user_revalidate.take().is_some() {
+        if std::mem::take(&mut self.user_revalidate) {
             self.engine.revalidate_user_mappings(&mut self.guest.code(true));
         }
     }

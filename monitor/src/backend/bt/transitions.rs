@@ -274,7 +274,7 @@ impl BtBackend {
             self.transitions.user.is_some_and(|u| self.engine.table_context(3) == Some(u.ctx))
                 && translated
                 // Not before the user blocks are revalidated (prepare_tc_entry).
-                && self.user_revalidate.is_none()
+                && !self.user_revalidate
                 && self.retry.is_none()
                 && (c.cpl == 3 || c.eflags & flags::NT == 0)
                 && in_gdt(next.user_cs_off)
