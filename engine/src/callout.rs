@@ -21,6 +21,10 @@ pub enum CalloutKind {
     /// Indirect branch, return or indirect call whose target
     /// (`VcpuPage.callout_target`) is not in the lookup table.
     IndirectMiss,
+    /// A CPL 3 block's entry found a guard bit of its pages clear
+    /// (`vmm_area::USER_GUARDS`): the address space changed since the bit
+    /// was set. The monitor checks the block's pages (`Engine::wake_user_block`).
+    UserPage,
     /// A poll point found `poll` (block entry) or `irq_pending` (after STI's
     /// shadow, after POPF set IF) nonzero: an interrupt may be deliverable.
     Poll,
@@ -50,6 +54,7 @@ impl CalloutKind {
             CalloutKind::BlockExit => "block-exit".into(),
             CalloutKind::IndirectMiss => "indirect-miss".into(),
             CalloutKind::Poll => "poll".into(),
+            CalloutKind::UserPage => "user-page".into(),
         }
     }
 }
@@ -62,7 +67,9 @@ impl CalloutKind {
 ///   performs it and continues at `next_eip` (or `resume_tc`).
 /// - `BlockExit`: the branch is done (a call's return address pushed); the
 ///   guest is at `next_eip`, the branch target.
-/// - `Poll`: the guest is at `guest_eip` (== `next_eip`), all registers clean.
+/// - `Poll`, `UserPage`: the guest is at `guest_eip` (== `next_eip`), all
+///   registers clean (a `UserPage` site is the block's start: nothing of
+///   the block ran, but its entry charged the block's instructions).
 /// - `IndirectMiss`: the branch is done; the guest is at
 ///   `VcpuPage.callout_target`, registers clean.
 #[derive(Clone, Debug)]

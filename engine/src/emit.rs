@@ -24,9 +24,9 @@ use crate::decode::DecodedBlock;
 use crate::mangle::{MangledBlock, Op};
 use crate::recover::RecoveryEntry;
 use crate::vmm_area::{
-    trans, transition, vcpu, CACHED_PORTS, EXC_GATE_CACHE, GATE_CACHE, INVLPG_FILTER, LOOKUP_TABLE, LOOKUP_TABLE_USER,
-    PORT_CACHE, SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX, SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS, SEG_BASE_ZERO,
-    SEG_CACHE, SEG_CACHE_ENTRIES, SEG_CACHE_ENTRY, SEG_USER_OK, SHADOW_USER_BIT, VMM_STACK_TOP,
+    trans, transition, vcpu, CACHED_PORTS, EXC_GATE_CACHE, GATE_CACHE, GUARD_BIT_SELECT, INVLPG_FILTER, LOOKUP_TABLE,
+    LOOKUP_TABLE_USER, PORT_CACHE, SCRATCH_EAX, SCRATCH_EBX, SCRATCH_ECX, SCRATCH_EDX, SCRATCH_ESP, SCRATCH_FLAGS,
+    SEG_BASE_ZERO, SEG_CACHE, SEG_CACHE_ENTRIES, SEG_CACHE_ENTRY, SEG_USER_OK, SHADOW_USER_BIT, VMM_STACK_TOP,
 };
 use dynasmrt::x86::X86Relocation;
 use dynasmrt::{dynasm, DynasmApi, VecAssembler};
@@ -100,6 +100,9 @@ pub struct EmitCtx {
     /// VMM-area offset of the lookup table indirect branches go through
     /// (`vmm_area::lookup_table(cpl)`).
     pub lookup_table: u32,
+    /// Test the user-page guard bits of the block's pages at entry
+    /// ([`Emitter::page_guard`]): CPL 3 blocks with `Config::user_page_guards`.
+    pub guard_pages: bool,
 }
 
 /// A callout site of the block, before it is registered.
@@ -138,6 +141,9 @@ pub struct Emitted {
     pub code: Vec<u8>,
     /// Offset of the direct entry (after the indirect-entry prologue).
     pub entry_off: u32,
+    /// Offset past the user-page guard (`entry_off` without one): where a
+    /// chain from a block of the same pages may enter.
+    pub guarded_off: u32,
     /// Offset of the rel32 of the prologue's mismatch jump (to the miss
     /// stub, or along its lookup slot's collision chain).
     pub mismatch_off: u32,
@@ -161,6 +167,7 @@ impl Default for Emitted {
         Emitted {
             code: Vec::new(),
             entry_off: 0,
+            guarded_off: 0,
             mismatch_off: 0,
             sites: Vec::new(),
             exits: Vec::new(),
@@ -244,6 +251,10 @@ pub fn emit_block(
     let mut insn_ranges = cleared(&mut out.insn_ranges);
     let mismatch_off = e.indirect_entry();
     let entry_off = e.off();
+    if ctx.guard_pages {
+        e.page_guard(ctx.guest_eip, &decoded.pages);
+    }
+    let guarded_off = e.off();
     let flags_dead = || crate::classify::arith_flags_dead_at_entry(decoded.insns.iter().map(|d| &d.instr));
     if ctx.poll_at_entry && !ctx.count_insns && flags_dead() {
         e.flag_poll(ctx.guest_eip);
@@ -266,6 +277,7 @@ pub fn emit_block(
     out.code.extend(e.asm.drain()?);
     out.asm = e.asm;
     out.entry_off = entry_off;
+    out.guarded_off = guarded_off;
     out.mismatch_off = mismatch_off;
     out.stubs_off = stubs_off;
     out.sites = e.sites;
@@ -474,6 +486,53 @@ impl Emitter {
             insns_before: retired,
             exit: None,
         });
+    }
+
+    /// The user-page guard (`vmm_area::USER_GUARDS`): for each page of the
+    /// block, its guard byte, then that byte's bit through the bit-select
+    /// table, and `jecxz` to a `UserPage` callout when it is clear. Flag-free
+    /// (the guest's EFLAGS are live at a block entry), before the entry's
+    /// poll and charge, so the callout stops at the block's start with
+    /// nothing charged. Every way into the block from elsewhere (chains
+    /// from other pages, the lookup table, the monitor) passes here, which
+    /// is what lets an address-space switch leave the chains in place; a
+    /// chain from a block of the same pages skips it (that block passed
+    /// the same guard, and bits change only while no user block runs).
+    fn page_guard(&mut self, eip: u32, pages: &[crate::decode::CodePage]) {
+        self.at(eip);
+        self.spill_ecx();
+        self.mark(eip, true, false, true);
+        let mut clear = Vec::with_capacity(pages.len());
+        for p in pages {
+            let (byte, bit) = crate::vmm_area::user_guard_bit(p.linear);
+            let select = (GUARD_BIT_SELECT + 256 * bit.trailing_zeros()) as i32;
+            x86!(self.asm
+                ; gs movzx ecx, BYTE [byte as i32]
+                ; gs movzx ecx, BYTE [ecx + select]
+            );
+            clear.push(self.short_jump(JECXZ));
+        }
+        self.reload_ecx();
+        let live = self.short_jump(0xEB);
+        for f in clear {
+            self.bind(f);
+        }
+        self.reload_ecx();
+        self.at(eip);
+        let id = self.ctx.first_site + self.sites.len() as u32;
+        emit_callout(&mut self.asm, id);
+        self.sites.push(PendingSite {
+            id,
+            kind: CalloutKind::UserPage,
+            guest_eip: eip,
+            next_eip: eip,
+            instruction: Instruction::default(),
+            resume_off: None,
+            insns_before: 0,
+            exit: None,
+        });
+        self.bind(live);
+        self.at(eip);
     }
 
     /// The block-entry poll where the guest's arithmetic flags are dead

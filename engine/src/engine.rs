@@ -39,6 +39,9 @@ pub struct Block {
     pub tc_len: u32,
     /// Direct entry (chains and the monitor enter here).
     pub entry: u32,
+    /// Past the user-page guard (`entry` without one): chains from a
+    /// block whose pages include all of this one's enter here.
+    pub entry_guarded: u32,
     /// Start of the out-of-line exit stubs.
     pub stubs: u32,
     pub pages: Vec<CodePage>,
@@ -107,6 +110,11 @@ pub struct Engine {
     by_page: FxHashMap<u64, Vec<u32>>,
     /// CPL 3 blocks by linear page (revalidated on every address-space switch).
     user_pages: FxHashMap<u32, Vec<u32>>,
+    /// The frame the registered CPL 3 blocks of each linear page were
+    /// decoded from: one per page ([`Engine::claim_user_page`] parks the
+    /// others), so a page's guard bit can stand for all its blocks.
+    /// Meaningful only while `user_pages` lists the page.
+    user_frames: FxHashMap<u32, u64>,
     /// The other blocks by linear page: a paging change (a CR4.PGE toggle,
     /// Linux's global TLB flush) walks each page once instead of each block.
     kernel_pages: FxHashMap<u32, Vec<u32>>,
@@ -133,6 +141,19 @@ pub struct Engine {
     sites_by_kind: FxHashMap<CalloutKind, u64>,
     /// The stages' outputs, reused from block to block.
     scratch: Scratch,
+}
+
+/// What [`Engine::wake_user_block`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// The block's pages map where they did: its guard bits are set, enter it.
+    Live,
+    /// The block's first page maps nowhere here: the guest takes the fetch
+    /// fault at this EIP (the block's start) before anything runs.
+    Absent(u32),
+    /// Some page maps another frame: the block (and its page's) are parked;
+    /// translate or revive the key anew.
+    Stale,
 }
 
 /// Per-block work buffers: decode, mangle and emit write into these
@@ -187,6 +208,7 @@ impl Engine {
             by_tc: Vec::new(),
             by_page: FxHashMap::default(),
             user_pages: FxHashMap::default(),
+            user_frames: FxHashMap::default(),
             kernel_pages: FxHashMap::default(),
             parked: FxHashMap::default(),
             parked_pages: FxHashMap::default(),
@@ -201,6 +223,10 @@ impl Engine {
             scratch: Scratch::default(),
         };
         e.view.write(TC, &stub);
+        // The VMM area outlives a VM: no guard bit of a previous one stays.
+        e.view.write(vmm_area::USER_GUARDS, &vec![0; vmm_area::USER_GUARDS_LEN as usize]);
+        let select: Vec<u8> = (0..vmm_area::GUARD_BIT_SELECT_LEN).map(|i| ((i & 0xFF) >> (i >> 8) & 1) as u8).collect();
+        e.view.write(vmm_area::GUARD_BIT_SELECT, &select);
         e.clear_table(0);
         e.clear_table(1);
         e.stats.tc_bytes_used = u64::from(tc_first - TC);
@@ -305,12 +331,13 @@ impl Engine {
     fn revive_block(&mut self, id: u32, key: &BlockKey) -> Option<u32> {
         remove_id(&mut self.parked, *key, id);
         let b = self.blocks[id as usize].as_ref()?;
-        let entry = b.entry;
-        for p in &b.pages {
+        let (entry, had_slot) = (b.entry, b.indirect.installed);
+        let pages = b.pages.clone();
+        for p in &pages {
+            self.claim_user_page(p.linear, p.phys);
             self.user_pages.entry(p.linear).or_default().push(id);
             self.view.mark_invlpg(p.linear);
         }
-        let had_slot = b.indirect.installed;
         self.by_key.insert(*key, id);
         self.stats.blocks_revived += 1;
         if self.config.chaining {
@@ -633,6 +660,12 @@ impl Engine {
             self.stats.invalidations += 1;
             self.stats.blocks_invalidated += keys.len() as u64;
         }
+        // What is left maps where it was decoded from.
+        for (&linear, ids) in &self.user_pages {
+            if !ids.is_empty() {
+                self.view.set_user_guard(linear, true);
+            }
+        }
         keys
     }
 
@@ -641,6 +674,19 @@ impl Engine {
     /// (kernel mappings are shared by every address space). Each linear page
     /// is walked once.
     pub fn revalidate_user_mappings(&mut self, code: &mut dyn GuestCode) -> Vec<BlockKey> {
+        if self.config.user_page_guards {
+            // One guard bit per page: the blocks stay registered and
+            // chained, and the first entry into a page that maps elsewhere
+            // (or not yet) stops at its guard.
+            for (&linear, ids) in &self.user_pages {
+                if !ids.is_empty() {
+                    let live = self.user_frames.get(&linear).is_some_and(|&f| code.phys_page(linear) == Some(f));
+                    self.view.set_user_guard(linear, live);
+                }
+            }
+            self.stats.guard_refreshes += 1;
+            return Vec::new();
+        }
         // Through the index of CPL 3 blocks by linear page: every MOV CR3
         // comes here, and walking all blocks cost more than the switch.
         let mut stale = moved_blocks(&self.blocks, &self.user_pages, code);
@@ -676,6 +722,61 @@ impl Engine {
         keys
     }
 
+    /// Makes `linear`'s registered user blocks those of `frame` (a block
+    /// of that frame is being registered there): parks the blocks of
+    /// another frame, which the page's guard bit could no longer stand
+    /// for, and sets the bit (the caller just read the mapping).
+    fn claim_user_page(&mut self, linear: u32, frame: u64) {
+        let others = self.user_frames.get(&linear) != Some(&frame);
+        if let Some(ids) = self.user_pages.get(&linear).filter(|ids| others && !ids.is_empty()) {
+            let stale = ids.clone();
+            self.park_all(stale);
+        }
+        self.user_frames.insert(linear, frame);
+        if self.config.user_page_guards {
+            self.view.set_user_guard(linear, true);
+        }
+    }
+
+    /// After a `UserPage` callout of site `site`: whether its block may
+    /// run in the current address space. Its pages mapping where they did
+    /// set their guard bits again ([`Wake::Live`]); a first page that
+    /// maps nowhere is the guest's fetch fault ([`Wake::Absent`]; the
+    /// blocks stay, for the same frame coming back); a page that maps
+    /// another frame parks the blocks of the old one ([`Wake::Stale`]:
+    /// enter the key again, which translates or revives).
+    pub fn wake_user_block(&mut self, site: u32, code: &mut dyn GuestCode) -> Wake {
+        self.stats.guard_stops += 1;
+        let Some(id) = site.checked_sub(self.site_base).and_then(|n| self.sites.get(n as usize)).and_then(|r| r.block)
+        else {
+            return Wake::Stale;
+        };
+        let Some(b) = self.blocks.get(id as usize).and_then(Option::as_ref) else { return Wake::Stale };
+        let (eip, pages) = (b.key.eip, b.pages.clone());
+        for (i, p) in pages.iter().enumerate() {
+            let now = code.phys_page(p.linear);
+            if now == Some(p.phys) {
+                continue;
+            }
+            if i == 0 && now.is_none() {
+                return Wake::Absent(eip);
+            }
+            let stale = if i == 0 { self.user_pages.get(&p.linear).cloned().unwrap_or_default() } else { vec![id] };
+            self.park_all(stale);
+            return Wake::Stale;
+        }
+        for p in &pages {
+            self.view.set_user_guard(p.linear, true);
+        }
+        Wake::Live
+    }
+
+    /// Whether the user-page guard of the page holding `linear` lets its
+    /// blocks run (`vmm_area::USER_GUARDS`).
+    pub fn user_guard(&self, linear: u32) -> bool {
+        self.view.user_guard(linear)
+    }
+
     /// Whether translated CPL 3 code comes from the page holding `linear`
     /// (an INVLPG of it has work: `vmm_area::INVLPG_FILTER`).
     pub fn has_user_page(&self, linear: u32) -> bool {
@@ -689,6 +790,11 @@ impl Engine {
         let linear = linear & !0xFFF;
         let Some(ids) = self.user_pages.get(&linear) else { return Vec::new() };
         let now = code.phys_page(linear);
+        if self.config.user_page_guards {
+            let live = !ids.is_empty() && self.user_frames.get(&linear).is_some_and(|&f| now == Some(f));
+            self.view.set_user_guard(linear, live);
+            return Vec::new();
+        }
         let stale: Vec<u32> = ids
             .iter()
             .copied()
@@ -726,7 +832,11 @@ impl Engine {
         self.parked_pages.clear();
         self.by_tc.clear();
         self.by_page.clear();
+        for &linear in self.user_pages.keys() {
+            self.view.set_user_guard(linear, false);
+        }
         self.user_pages.clear();
+        self.user_frames.clear();
         self.kernel_pages.clear();
         self.new_pages.clear();
         self.clear_table(0);
@@ -861,6 +971,7 @@ impl Engine {
             count_indirect_hits: self.config.count_indirect_hits,
             count_insns: self.config.count_insns,
             lookup_table: vmm_area::lookup_table(key.cpl),
+            guard_pages: self.config.user_page_guards && key.cpl == 3,
         };
         Ok(emit::emit_block(ctx, &s.decoded, &s.mangled, &mut s.emitted)?)
     }
@@ -905,6 +1016,7 @@ impl Engine {
             tc_start: start,
             tc_len: len,
             entry: start + e.entry_off,
+            entry_guarded: start + e.guarded_off,
             stubs: start + e.stubs_off,
             pages,
             exits,
@@ -947,7 +1059,8 @@ impl Engine {
                     classification: classify::of_class(s.kind.class()),
                     resume_tc: s.resume_off.map(|o| start + o),
                     insns_before: s.insns_before,
-                    block_insns,
+                    // A guard stops before the entry charges anything.
+                    block_insns: if s.kind == CalloutKind::UserPage { 0 } else { block_insns },
                 },
                 block: Some(id),
                 exit: s.exit,
@@ -966,6 +1079,7 @@ impl Engine {
             }
             list.push(id);
             if key.cpl == 3 {
+                self.claim_user_page(p.linear, p.phys);
                 // INVLPG of this page must reach revalidate_user_page.
                 self.user_pages.entry(p.linear).or_default().push(id);
                 self.view.mark_invlpg(p.linear);
@@ -993,7 +1107,9 @@ impl Engine {
         if x.chained.is_some() {
             self.unlink(src, exit);
         }
-        let entry = self.blk(dst).entry;
+        let (d, src_pages) = (self.blk(dst), &self.blk(src).pages);
+        let same_pages = d.pages.iter().all(|p| src_pages.iter().any(|q| q.linear == p.linear && q.phys == p.phys));
+        let entry = if same_pages { d.entry_guarded } else { d.entry };
         link::aim(&mut self.view, x.field, entry);
         if let Some(b) = self.blocks[src as usize].as_mut() {
             b.exits[exit].chained = Some(dst);

@@ -29,7 +29,7 @@ pub mod vmm_area;
 
 pub use callout::{CalloutKind, CalloutSite};
 pub use decode::{FetchFault, GuestCode};
-pub use engine::{Block, Engine, GuestInsnRecord};
+pub use engine::{Block, Engine, GuestInsnRecord, Wake};
 pub use recover::Recovery;
 pub use stats::Stats;
 pub use vmm_area::{VmmAreaView, VmmMemory};
@@ -125,6 +125,12 @@ pub struct Config {
     /// CR4.TSD clear). The monitor turns it off, flushing the TC, when the
     /// guest changes either ([`crate::Engine::set_native_rdtsc`]).
     pub native_rdtsc: bool,
+    /// CPL 3 blocks test their pages' guard bits at entry
+    /// (`vmm_area::USER_GUARDS`): an address-space switch clears the bits
+    /// of pages the new space maps elsewhere instead of parking their
+    /// blocks. Off: every switch parks those blocks at once (the older
+    /// way, kept for comparison and the metamorphic fuzzer).
+    pub user_page_guards: bool,
     /// Test-only fault injection: every IDENT instruction with this mnemonic
     /// and a 32-bit general-purpose destination gets `lea r, [r + 1]`
     /// appended. Replay must catch it (issue 7's acceptance test).
@@ -146,6 +152,7 @@ impl Default for Config {
             inline_invlpg: true,
             count_insns: false,
             native_rdtsc: false,
+            user_page_guards: true,
             corrupt: None,
         }
     }

@@ -39,6 +39,10 @@ pub struct Stats {
     /// elsewhere, and of those, taken back when it mapped them again.
     pub blocks_parked: u64,
     pub blocks_revived: u64,
+    /// Address-space switches that refreshed the user-page guard bits, and
+    /// block entries that stopped at a clear one (`UserPage` callouts).
+    pub guard_refreshes: u64,
+    pub guard_stops: u64,
     pub flushes: u64,
 }
 
@@ -63,6 +67,8 @@ impl Stats {
             ("/engine/blocks/invalidated".into(), self.blocks_invalidated),
             ("/engine/blocks/parked".into(), self.blocks_parked),
             ("/engine/blocks/revived".into(), self.blocks_revived),
+            ("/engine/guards/refreshes".into(), self.guard_refreshes),
+            ("/engine/guards/stops".into(), self.guard_stops),
             ("/engine/flushes".into(), self.flushes),
         ];
         v.extend(self.callouts_taken.iter().map(|(k, n)| (format!("/engine/callouts/{k}"), *n)));

@@ -12,6 +12,8 @@
 //! base + 0x00_3000  segment cache: validated GDT descriptors (read-only)
 //! base + 0x00_4000  IDT alias: the guest frames holding its IDT, read-only
 //! base + 0x00_6000  TSS alias: the guest frame holding TSS.ESP0/SS0, read-only
+//! base + 0x00_8000  user-page guards: one bit per guest page, read-only
+//! base + 0x02_8000    bit-select table of the guards (8 x 256 bytes)
 //! base + 0x04_0000  indirect lookup table: 65 536 x u32 TC addresses
 //! base + 0x08_0000  the same for CPL 3 blocks
 //! base + 0x0C_0000  GDT alias: the guest frames holding its GDT, read-only
@@ -126,6 +128,29 @@ pub const fn invlpg_filter_bit(linear: u32) -> (u32, u8) {
     (INVLPG_FILTER + (linear >> 15), 1 << ((linear >> 12) & 7))
 }
 
+/// The user-page guards: one bit per 4 KiB guest-linear page (bit `p & 7`
+/// of byte `p >> 3`), set while the current address space maps the page
+/// to the frame the translated CPL 3 blocks of that page were decoded
+/// from. Every CPL 3 block tests the bits of its pages at entry and takes
+/// a `UserPage` callout when one is clear. Why: an address-space switch
+/// then costs one bit per page of translated user code instead of parking
+/// and reviving every block whose page the new space maps elsewhere or not
+/// yet (a fork and exec of busybox parked and revived ~4,000 blocks).
+pub const USER_GUARDS: u32 = 0x8000;
+/// Bytes of the user-page guards: 2^20 pages, one bit each.
+pub const USER_GUARDS_LEN: u32 = 0x2_0000;
+/// The guards' bit-select table: byte `256 k + b` is bit `k` of `b`, so
+/// two flag-free loads (`movzx`) and a `jecxz` test a guard bit without
+/// touching the guest's EFLAGS.
+pub const GUARD_BIT_SELECT: u32 = USER_GUARDS + USER_GUARDS_LEN;
+/// Bytes of the bit-select table.
+pub const GUARD_BIT_SELECT_LEN: u32 = 8 * 256;
+
+/// The guard byte and bit of the page holding `linear`.
+pub const fn user_guard_bit(linear: u32) -> (u32, u8) {
+    (USER_GUARDS + (linear >> 15), 1 << ((linear >> 12) & 7))
+}
+
 /// GDT indexes with a segment-cache entry (Linux uses 32).
 pub const SEG_CACHE_ENTRIES: u32 = 64;
 /// Size of the translation cache.
@@ -162,7 +187,9 @@ const _: () = assert!(EXC_GATE_CACHE + 32 * 8 <= GATE_CACHE);
 const _: () = assert!(GATE_CACHE + 256 * 8 <= SEG_CACHE);
 const _: () = assert!(SEG_CACHE + SEG_CACHE_ENTRY * SEG_CACHE_ENTRIES <= IDT_ALIAS);
 const _: () = assert!(IDT_ALIAS + IDT_ALIAS_PAGES * 4096 <= TSS_ALIAS);
-const _: () = assert!(TSS_ALIAS + 4096 <= LOOKUP_TABLE);
+const _: () = assert!(TSS_ALIAS + 4096 <= USER_GUARDS);
+const _: () = assert!(GUARD_BIT_SELECT + GUARD_BIT_SELECT_LEN <= LOOKUP_TABLE);
+const _: () = assert!(USER_GUARDS_LEN * 8 == 1 << 20);
 const _: () = assert!(LOOKUP_TABLE_USER + LOOKUP_TABLE_SIZE <= GDT_ALIAS);
 const _: () = assert!(GDT_ALIAS + GDT_ALIAS_PAGES * 4096 <= INVLPG_FILTER);
 const _: () = assert!(INVLPG_FILTER + INVLPG_FILTER_LEN <= TC);
@@ -464,6 +491,25 @@ impl VmmAreaView {
         if b[0] & bit == 0 {
             self.write(off, &[b[0] | bit]);
         }
+    }
+
+    /// Sets or clears the [`USER_GUARDS`] bit of the page holding `linear`.
+    pub(crate) fn set_user_guard(&mut self, linear: u32, live: bool) {
+        let (off, bit) = user_guard_bit(linear);
+        let mut b = [0u8];
+        self.mem.read(off as usize, &mut b);
+        let v = if live { b[0] | bit } else { b[0] & !bit };
+        if v != b[0] {
+            self.write(off, &[v]);
+        }
+    }
+
+    /// Whether the [`USER_GUARDS`] bit of the page holding `linear` is set.
+    pub fn user_guard(&self, linear: u32) -> bool {
+        let (off, bit) = user_guard_bit(linear);
+        let mut b = [0u8];
+        self.mem.read(off as usize, &mut b);
+        b[0] & bit != 0
     }
 
     /// A copy of `len` bytes at `off` (a copy, not a borrow: the bytes are

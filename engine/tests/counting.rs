@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use engine::callout::CalloutKind;
 use engine::vmm_area::vcpu;
-use engine::{BlockKey, Config};
+use engine::{BlockKey, Config, Wake};
 use iced_x86::code_asm::*;
 use iced_x86::{Mnemonic, RflagsBits};
 
@@ -17,6 +17,12 @@ const BASE: u32 = 0x0010_0000;
 
 fn counting() -> engine::Engine {
     engine_with(Config { count_insns: true, ..Config::default() })
+}
+
+/// The counting mode with address-space switches parking user blocks at
+/// once (`--engine nopageguards`).
+fn counting_eager() -> engine::Engine {
+    engine_with(Config { count_insns: true, user_page_guards: false, ..Config::default() })
 }
 
 /// add eax, 1 ; mov ebx, ecx ; mov eax, cr0 ; add ebx, 2 ; sub ecx, 1 ; jnz BASE
@@ -138,7 +144,7 @@ fn user_blocks_go_when_their_pages_map_elsewhere() {
     use engine::GuestCode;
     let mut mem = Mem::new(BASE, &code());
     mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret
-    let mut e = counting();
+    let mut e = counting_eager();
     let user = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
     let kernel = BlockKey::flat32(BASE + 0x1000);
     e.translate(user, &mut mem).unwrap();
@@ -154,7 +160,7 @@ fn user_blocks_go_when_their_pages_map_elsewhere() {
 #[test]
 fn user_blocks_come_back_when_their_frames_are_mapped_again() {
     let mut mem = Mem::new(BASE, &code());
-    let mut e = counting();
+    let mut e = counting_eager();
     let user = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
     let entry = e.translate(user, &mut mem).unwrap();
     let translated = e.stats().blocks_translated;
@@ -186,7 +192,7 @@ fn parked_blocks_of_a_page_come_back_together_and_chained() {
     mem.at(BASE + 0x10, &[0xEB, 0x0E]); // jmp BASE+0x20
     mem.at(BASE + 0x20, &[0xC3]);
     mem.at(BASE + 0x1000, &[0x90, 0xC3]);
-    let mut e = counting();
+    let mut e = counting_eager();
     let key = |eip| BlockKey { cpl: 3, ..BlockKey::flat32(eip) };
     let (a, b, c, d) = (key(BASE), key(BASE + 0x10), key(BASE + 0x20), key(BASE + 0x1000));
     for k in [c, b, a, d] {
@@ -213,7 +219,7 @@ fn parked_blocks_of_a_page_come_back_together_and_chained() {
 fn invlpg_revalidates_only_the_user_blocks_of_its_page() {
     let mut mem = Mem::new(BASE, &code());
     mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret
-    let mut e = counting();
+    let mut e = counting_eager();
     let a = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
     let b = BlockKey { cpl: 3, ..BlockKey::flat32(BASE + 0x1000) };
     e.translate(a, &mut mem).unwrap();
@@ -224,6 +230,140 @@ fn invlpg_revalidates_only_the_user_blocks_of_its_page() {
     assert!(e.lookup(&a).is_some(), "the other page's block stays until its own INVLPG or MOV CR3");
     assert!(e.revalidate_user_page(BASE + 0x1000, &mut Shifted(&mut mem, 0x10_0000)).is_empty());
     assert_eq!(e.revalidate_user_page(BASE, &mut Shifted(&mut mem, 0x10_0000)), vec![a]);
+}
+
+/// Guest code whose linear pages are not mapped at all (a new address
+/// space before its first fault there).
+struct Unmapped<'a>(&'a mut Mem);
+
+impl engine::GuestCode for Unmapped<'_> {
+    fn fetch(&mut self, linear: u32, buf: &mut [u8]) -> Result<(), engine::FetchFault> {
+        self.0.fetch(linear, buf)
+    }
+    fn phys_page(&mut self, _: u32) -> Option<u64> {
+        None
+    }
+}
+
+/// The callout site of `key`'s user-page guard.
+fn guard_site(e: &engine::Engine, key: &BlockKey) -> u32 {
+    let b = e.block(key).expect("translated");
+    b.sites
+        .clone()
+        .find(|&id| e.callout_site(id).is_some_and(|s| s.kind == CalloutKind::UserPage))
+        .expect("a guard site")
+}
+
+#[test]
+fn address_space_switches_clear_guards_and_keep_user_blocks() {
+    let mut mem = Mem::new(BASE, &code());
+    mem.at(BASE + 0x1000, &[0x90, 0xC3]); // nop; ret
+    let mut e = counting();
+    let user = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
+    let kernel = BlockKey::flat32(BASE + 0x1000);
+    let entry = e.translate(user, &mut mem).unwrap();
+    e.translate(kernel, &mut mem).unwrap();
+    assert!(e.user_guard(BASE), "a translated page is guarded open");
+    assert!(e.revalidate_user_mappings(&mut Shifted(&mut mem, 0)).is_empty());
+    assert!(e.user_guard(BASE), "same mappings: still open");
+    // Another address space maps the page elsewhere: the guard closes, the
+    // block stays registered (no parking, no unchaining).
+    assert!(e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000)).is_empty());
+    assert!(!e.user_guard(BASE));
+    assert_eq!(e.lookup(&user), Some(entry));
+    assert!(!e.user_guard(BASE + 0x1000), "kernel pages have no guard");
+    // Back: open again, nothing was parked or translated.
+    e.revalidate_user_mappings(&mut Shifted(&mut mem, 0));
+    assert!(e.user_guard(BASE));
+    let s = e.stats();
+    assert_eq!((s.blocks_parked, s.blocks_translated, s.guard_refreshes), (0, 2, 3));
+    // INVLPG of the page does the same for that page alone.
+    e.revalidate_user_page(BASE + 4, &mut Shifted(&mut mem, 0x10_0000));
+    assert!(!e.user_guard(BASE));
+    e.revalidate_user_page(BASE, &mut Shifted(&mut mem, 0));
+    assert!(e.user_guard(BASE));
+}
+
+#[test]
+fn a_guard_stop_reopens_parks_or_faults_by_what_the_page_maps_now() {
+    let mut mem = Mem::new(BASE, &code());
+    let mut e = counting();
+    let user = BlockKey { cpl: 3, ..BlockKey::flat32(BASE) };
+    let entry = e.translate(user, &mut mem).unwrap();
+    let site = guard_site(&e, &user);
+    assert_eq!(e.callout_site(site).unwrap().block_insns, 0, "a guard stops before the entry charges anything");
+    // Not mapped yet (an exec'd child): the guest's fetch fault, the block stays.
+    e.revalidate_user_mappings(&mut Unmapped(&mut mem));
+    assert!(!e.user_guard(BASE));
+    assert_eq!(e.wake_user_block(site, &mut Unmapped(&mut mem)), Wake::Absent(BASE));
+    assert_eq!(e.lookup(&user), Some(entry));
+    // Mapped to the same frame again: the guard opens.
+    assert_eq!(e.wake_user_block(site, &mut mem), Wake::Live);
+    assert!(e.user_guard(BASE));
+    // Mapped to another frame: the block is parked, a new one translated
+    // for that frame, and the switch back revives the first.
+    e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000));
+    assert_eq!(e.wake_user_block(site, &mut Shifted(&mut mem, 0x10_0000)), Wake::Stale);
+    assert_eq!(e.lookup(&user), None);
+    let other = e.translate(user, &mut Shifted(&mut mem, 0x10_0000)).unwrap();
+    assert_ne!(other, entry);
+    assert!(e.user_guard(BASE));
+    e.revalidate_user_mappings(&mut Shifted(&mut mem, 0));
+    assert!(!e.user_guard(BASE), "the registered block is the other frame's");
+    let other_site = guard_site(&e, &user);
+    assert_eq!(e.wake_user_block(other_site, &mut mem), Wake::Stale);
+    assert_eq!(e.translate(user, &mut mem).unwrap(), entry, "revived, not translated");
+    let s = e.stats();
+    assert_eq!((s.blocks_translated, s.blocks_parked, s.blocks_revived, s.guard_stops), (2, 2, 1, 4));
+}
+
+#[test]
+fn registering_a_block_of_another_frame_parks_the_page_s_old_blocks() {
+    // Two blocks on one page; the address space changes and only one is
+    // entered: the other must not run from a guard the first reopened.
+    let mut mem = Mem::new(BASE, &[]);
+    mem.at(BASE, &[0x90, 0xC3]);
+    mem.at(BASE + 0x10, &[0x90, 0xC3]);
+    let mut e = counting();
+    let key = |eip| BlockKey { cpl: 3, ..BlockKey::flat32(eip) };
+    let (a, b) = (key(BASE), key(BASE + 0x10));
+    e.translate(a, &mut mem).unwrap();
+    e.translate(b, &mut mem).unwrap();
+    e.revalidate_user_mappings(&mut Shifted(&mut mem, 0x10_0000));
+    let site = guard_site(&e, &a);
+    assert_eq!(e.wake_user_block(site, &mut Shifted(&mut mem, 0x10_0000)), Wake::Stale);
+    assert_eq!((e.lookup(&a), e.lookup(&b)), (None, None), "the whole page's blocks are parked");
+    // A block registered on the page for a new frame while old ones are
+    // still registered (here: translated directly) parks those first.
+    e.revalidate_user_mappings(&mut mem);
+    e.translate(a, &mut mem).unwrap(); // revives a and b (page mates)
+    assert!(e.lookup(&b).is_some());
+    e.translate(key(BASE + 0x20), &mut Shifted(&mut mem, 0x10_0000)).unwrap_or_default();
+    assert_eq!((e.lookup(&a), e.lookup(&b)), (None, None), "other frame's blocks parked when a new one registers");
+}
+
+#[test]
+fn chains_within_a_page_skip_the_guard_and_chains_across_pages_pass_it() {
+    let mut mem = Mem::new(BASE, &[]);
+    mem.at(BASE, &[0xEB, 0x0E]); // jmp BASE+0x10
+    mem.at(BASE + 0x10, &[0xE9, 0xEB, 0x0F, 0x00, 0x00]); // jmp BASE+0x1000
+    mem.at(BASE + 0x1000, &[0x90, 0xC3]);
+    let mut e = engine();
+    let key = |eip| BlockKey { cpl: 3, ..BlockKey::flat32(eip) };
+    let (a, b, c) = (key(BASE), key(BASE + 0x10), key(BASE + 0x1000));
+    for k in [c, b, a] {
+        e.translate(k, &mut mem).unwrap();
+    }
+    let target = |e: &engine::Engine, k: &BlockKey| e.exit_target(&e.block(k).unwrap().exits[0]);
+    let (bb, cb) = (e.block(&b).unwrap().clone(), e.block(&c).unwrap().clone());
+    assert!(bb.entry_guarded > bb.entry, "a user block has a guard");
+    assert_eq!(target(&e, &a), bb.entry_guarded, "same page: past the guard");
+    assert_eq!(target(&e, &b), cb.entry, "another page: through its guard");
+    // Kernel blocks have none.
+    let k = BlockKey::flat32(BASE + 0x1000);
+    e.translate(k, &mut mem).unwrap();
+    let kb = e.block(&k).unwrap();
+    assert_eq!(kb.entry_guarded, kb.entry);
 }
 
 #[test]

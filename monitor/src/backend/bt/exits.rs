@@ -5,7 +5,7 @@
 use engine::callout::CalloutKind;
 use engine::classify::{self, Class, Flow};
 use engine::vmm_area::vcpu as page;
-use engine::{BlockKey, EngineError};
+use engine::{BlockKey, EngineError, Wake};
 use iced_x86::{Decoder, DecoderOptions};
 use shadow_mmu::{EmulateReason, FaultOutcome};
 
@@ -302,6 +302,12 @@ impl BtBackend {
             }
             Exit::PageFault { address, error_code } => {
                 self.stats.count("kernel_page_fault");
+                if self.cpu.cpl == 3 {
+                    // As for direct code: the run that ended in a fault
+                    // costs a fault in either mode and says nothing about
+                    // which is cheaper (user_exec.rs).
+                    self.user_exec.stretch_cancel();
+                }
                 self.hidden_fault(address, fault_access(error_code, self.cpu.cpl == 3), true)
             }
             Exit::GeneralProtection { error_code, .. } => {
@@ -350,6 +356,15 @@ impl BtBackend {
                 }
                 Ok(Some(VmExit::Interrupted))
             }
+            CalloutKind::UserPage => {
+                self.cpu.eip = site.guest_eip;
+                match self.engine.wake_user_block(id, &mut self.guest.code(true)) {
+                    // Entered again through the lookup: the guard passes,
+                    // or the key translates (or revives) for this frame.
+                    Wake::Live | Wake::Stale => Ok(None),
+                    Wake::Absent(eip) => self.fetch_fault(eip),
+                }
+            }
             CalloutKind::GeneralProtection => {
                 self.cpu.eip = site.guest_eip;
                 self.fault(Fault::gp(0))
@@ -387,8 +402,8 @@ impl BtBackend {
     /// (chaining, the indirect lookup table).
     fn translate_and(&mut self, link: impl FnOnce(&mut engine::Engine, &BlockKey)) -> Step {
         let key = self.key();
-        let mut code = self.guest.code(key.cpl == 3);
-        match self.engine.translate(key, &mut code) {
+        let translated = self.user_timed(|b| b.engine.translate(key, &mut b.guest.code(key.cpl == 3)));
+        match translated {
             Ok(_) => {
                 self.after_translation(&key);
                 link(&mut self.engine, &key);

@@ -79,7 +79,7 @@ pub struct BtConfig {
 
 impl BtConfig {
     /// Applies one `--engine` switch: nochain, nopoll, noinline, inline,
-    /// nosegcache, notransitions, isolate, slowcallouts, or
+    /// nosegcache, nopageguards, notransitions, isolate, slowcallouts, or
     /// the test-only `corrupt=MNEMONIC` (translations of that instruction
     /// class compute a wrong result; replay must catch it).
     pub fn apply_switch(&mut self, switch: &str) -> Result<(), String> {
@@ -95,13 +95,14 @@ impl BtConfig {
                 (e.inline_flags, e.inline_segments, e.inline_transitions, e.inline_invlpg) = (true, true, true, true)
             }
             "nosegcache" => self.engine.inline_segments = false,
+            "nopageguards" => self.engine.user_page_guards = false,
             "notransitions" => self.engine.inline_transitions = false,
             "isolate" => self.user_isolation = true,
             "slowcallouts" => self.slow_callouts = true,
             s if s.starts_with("corrupt=") => self.engine.corrupt_named(&s["corrupt=".len()..])?,
             other => {
                 return Err(format!(
-                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, nosegcache, notransitions, isolate, slowcallouts, corrupt=MNEMONIC)"
+                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, nosegcache, nopageguards, notransitions, isolate, slowcallouts, corrupt=MNEMONIC)"
                 ))
             }
         }
@@ -511,7 +512,10 @@ impl BtBackend {
         // What the run cost this address space, for the user-exec policy:
         // did it end in the guest kernel?
         let dt = stats::rdtsc().wrapping_sub(t);
-        if self.cpu.cpl != 3 && !fault {
+        if fault {
+            // Not even as user time: a process that starts (exec, then
+            // fault after fault) would look as if it computed.
+        } else if self.cpu.cpl != 3 {
             self.user_exec.direct_entry(cr3, dt);
         } else {
             self.user_exec.direct_time(cr3, dt);
@@ -575,7 +579,7 @@ impl BtBackend {
         let tc = match resume {
             // The callout's own continuation: no lookup.
             Some(r) => r.tc,
-            None => match self.enter_block(key, budget) {
+            None => match self.user_timed(|b| b.enter_block(key, budget)) {
                 Ok(tc) => tc,
                 Err(EngineError::Fetch(f)) => return Ok(Prepared::Instead(self.fetch_fault(f.linear))),
                 Err(e) => return Err(failed(e)),
@@ -739,6 +743,19 @@ impl BtBackend {
     /// The guest's TSC: the host's, or virtual time in the counting mode.
     fn guest_tsc_base(&self) -> u64 {
         self.counter.tsc().unwrap_or_else(stats::rdtsc)
+    }
+
+    /// Runs `f` (which may translate); time spent translating user code is
+    /// not the code's own, so the user-exec policy does not charge it to
+    /// the current stretch: a first translated window would look slow and
+    /// send the space back to direct (translation churn has its own rule).
+    fn user_timed<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
+        let (before, t) = (self.engine.blocks_translated(), stats::rdtsc());
+        let r = f(self);
+        if self.cpu.cpl == 3 && self.engine.blocks_translated() != before {
+            self.user_exec.exclude(stats::rdtsc().wrapping_sub(t));
+        }
+        r
     }
 
     /// Write-protects newly translated code pages and logs the block.

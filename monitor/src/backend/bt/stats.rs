@@ -91,6 +91,8 @@ impl BtStats {
         v.push(("engine/blocks_invalidated".into(), e.blocks_invalidated));
         v.push(("engine/blocks_parked".into(), e.blocks_parked));
         v.push(("engine/blocks_revived".into(), e.blocks_revived));
+        v.push(("engine/guard_refreshes".into(), e.guard_refreshes));
+        v.push(("engine/guard_stops".into(), e.guard_stops));
         v.push(("engine/flushes".into(), e.flushes));
         for (k, n) in &e.callouts_taken {
             v.push((format!("engine/callouts/{k}"), *n));

@@ -43,6 +43,15 @@ struct Space {
     /// The penalty the next churn gets: doubled by each churn, back to
     /// [`Policy::CHURN_PENALTY`] after a translated window without churn.
     backoff: u32,
+    /// Cycles per kernel entry in the last whole window of each mode (0:
+    /// not measured): a space goes translated only while that mode is not
+    /// known to be dearer, and back to direct as soon as it is. Why: sort's
+    /// input loop costs 18 µs per read direct and 65 µs translated, inside
+    /// the fixed thresholds' band, and switched back and forth.
+    direct_cost: f64,
+    translated_cost: f64,
+    /// Windows until both costs are forgotten (and measured again).
+    forget: u32,
 }
 
 /// What the policy did, for `--stats`.
@@ -69,6 +78,9 @@ pub struct Policy {
     /// When the current stretch of translated user code began, and in
     /// which address space.
     stretch: Option<(u32, u64)>,
+    /// Cycles of the current stretch that were not the code's own
+    /// (translating it): left out of its length.
+    excluded: u64,
     pub stats: PolicyStats,
 }
 
@@ -81,8 +93,12 @@ impl Policy {
     pub const TO_TRANSLATED_US: f64 = 20.0;
     /// Translated user code whose stretches between kernel entries average
     /// more than this runs directly again: the TC's overhead on such
-    /// stretches outweighs the trap it saves.
-    pub const TO_DIRECT_US: f64 = 150.0;
+    /// stretches outweighs the trap it saves (translated code runs at
+    /// 0.35-0.9 of native here, so a 50 µs stretch costs 5-30 µs more
+    /// than direct, against a 5-9 µs trap). It was 150 µs while switching
+    /// modes parked and revived every block of a process; the user-page
+    /// guards made the switch cheap.
+    pub const TO_DIRECT_US: f64 = 50.0;
     /// Translated code that needs a new block more often than once per
     /// this many kernel entries goes back to direct...
     const CHURN: u64 = 4;
@@ -95,6 +111,19 @@ impl Policy {
     /// directly, with a fixed penalty.
     const CHURN_PENALTY: u32 = 8;
     const MAX_PENALTY: u32 = 1024;
+    /// How much dearer per entry translated windows must measure than
+    /// direct ones to count as dearer. The two figures are not the same
+    /// quantity: a translated stretch also pays the callouts of code that
+    /// just switched (guard stops, revivals, unchained exits), direct
+    /// windows leave out the runs that ended in a page fault. With a
+    /// factor of 1, 300 fork+exec of /bin/true went from 0.55 to 0.72 s
+    /// and the pipe loop from 0.94 to 1.15 s (their translated windows
+    /// measured 1.5-2x their direct ones, yet ran faster); sort's input
+    /// loop measures 3.6x (18 against 65 µs) and is slower translated.
+    const DEARER: f64 = 2.5;
+    /// Windows a mode's measured cost is trusted after a switch (a program
+    /// changes phase: reading, sorting, writing).
+    const FORGET: u32 = 16;
     /// At most this many address spaces remembered (a fork storm must not
     /// grow the map without bound); forgotten ones start direct again.
     const MAX_SPACES: usize = 4096;
@@ -106,6 +135,7 @@ impl Policy {
             spaces: Default::default(),
             last: None,
             stretch: None,
+            excluded: 0,
             stats: PolicyStats::default(),
         }
     }
@@ -161,7 +191,13 @@ impl Policy {
     pub fn stretch_begins(&mut self, cr3: u32, now: u64) {
         if self.mode == UserExec::Adaptive && self.stretch.is_none() {
             self.stretch = Some((cr3, now));
+            self.excluded = 0;
         }
+    }
+
+    /// `cycles` of the current stretch went to translating its code.
+    pub fn exclude(&mut self, cycles: u64) {
+        self.excluded = self.excluded.saturating_add(cycles);
     }
 
     /// The stretch is not one (user code went on directly).
@@ -177,7 +213,8 @@ impl Policy {
         if entry {
             self.stats.translated_stretches += 1;
         }
-        self.observe(cr3, true, now.wrapping_sub(start), u32::from(entry));
+        let cycles = now.wrapping_sub(start).saturating_sub(std::mem::take(&mut self.excluded));
+        self.observe(cr3, true, cycles, u32::from(entry));
     }
 
     /// Translated user code of `cr3` entered the kernel `n` times inline
@@ -185,6 +222,7 @@ impl Policy {
     /// included: an upper bound on its user time per entry.
     pub fn inline_entries(&mut self, cr3: u32, n: u32, cycles: u64) {
         self.stats.translated_stretches += u64::from(n);
+        let cycles = cycles.saturating_sub(std::mem::take(&mut self.excluded));
         self.observe(cr3, true, cycles, n);
     }
 
@@ -215,20 +253,29 @@ impl Policy {
         // Translation churn: more than one new block per CHURN entries.
         let churn = translated && s.translations * Self::CHURN > u64::from(s.events.max(1));
         let switch = if s.events < Self::WINDOW && translated && s.cycles as f64 > window * to_direct {
+            // Computing between interrupts: no need for a whole window.
+            s.translated_cost = s.cycles as f64 / f64::from(s.events.max(1));
             true
         } else if s.events >= Self::WINDOW {
             let avg = s.cycles as f64 / f64::from(s.events);
+            s.forget = s.forget.saturating_sub(1);
+            if s.forget == 0 {
+                // Code changes phase: measure the other mode again.
+                (s.direct_cost, s.translated_cost) = (0.0, 0.0);
+            }
             if translated {
                 if !churn {
                     // A window that paid off: the space earned a fresh start.
                     s.backoff = Self::CHURN_PENALTY;
                 }
-                avg > to_direct || churn
+                s.translated_cost = avg;
+                avg > to_direct || churn || (s.direct_cost > 0.0 && avg > Self::DEARER * s.direct_cost)
             } else if s.penalty > 0 {
                 s.penalty -= 1;
                 false
             } else {
-                avg < to_translated
+                s.direct_cost = avg;
+                avg < to_translated && (s.translated_cost == 0.0 || s.translated_cost < Self::DEARER * avg)
             }
         } else {
             return;
@@ -240,13 +287,22 @@ impl Policy {
         (s.events, s.cycles, s.translations) = (0, 0, 0);
         if switch {
             s.translated = !translated;
+            if s.forget == 0 {
+                s.forget = Self::FORGET;
+            }
             self.last = None;
             if translated {
                 self.stats.to_direct += 1;
             } else {
                 self.stats.to_translated += 1;
             }
-            tracing::debug!(cr3 = format_args!("{cr3:#x}"), translated = !translated, "user-exec policy switched");
+            tracing::debug!(
+                cr3 = format_args!("{cr3:#x}"),
+                translated = !translated,
+                direct_us = s.direct_cost / self.tsc_per_us,
+                translated_us = s.translated_cost / self.tsc_per_us,
+                "user-exec policy switched"
+            );
         }
     }
 
@@ -324,23 +380,52 @@ mod tests {
 
     #[test]
     fn between_the_thresholds_nothing_changes() {
-        // 60 µs per entry: above TO_TRANSLATED, below TO_DIRECT.
+        // 40 µs per entry: above TO_TRANSLATED, below TO_DIRECT.
         let mut p = adaptive();
         for _ in 0..4 * Policy::WINDOW {
-            p.direct_entry(7, 60);
+            p.direct_entry(7, 40);
         }
         assert!(!p.translated(7));
         for _ in 0..Policy::WINDOW {
-            p.direct_entry(7, 1);
+            p.direct_entry(7, 15);
         }
         assert!(p.translated(7));
         let mut now = 0;
         for _ in 0..4 * Policy::WINDOW {
             p.stretch_begins(7, now);
-            now += 60;
+            now += 30;
             p.stretch_ends(now, true);
         }
         assert!(p.translated(7), "no thrash between the thresholds");
+    }
+
+    #[test]
+    fn a_space_measured_dearer_translated_goes_back_and_stays_until_it_forgets() {
+        let mut p = adaptive();
+        for _ in 0..Policy::WINDOW {
+            p.direct_entry(4, 10);
+        }
+        assert!(p.translated(4));
+        // 30 µs per entry translated: under TO_DIRECT, but 3x the direct cost.
+        let mut now = 0;
+        for _ in 0..Policy::WINDOW {
+            p.stretch_begins(4, now);
+            now += 30;
+            p.stretch_ends(now, true);
+        }
+        assert!(!p.translated(4), "measured dearer: back to direct");
+        // Dense entries do not send it back while the measurement holds...
+        let mut windows = 0;
+        while !p.translated(4) {
+            for _ in 0..Policy::WINDOW {
+                p.direct_entry(4, 10);
+            }
+            windows += 1;
+            assert!(windows <= Policy::FORGET, "never forgot");
+        }
+        // ... and it tries again once it is forgotten.
+        assert!(windows > Policy::FORGET / 2, "tried again after {windows} windows");
+        assert_eq!(p.stats.to_translated, 2);
     }
 
     #[test]
@@ -367,7 +452,7 @@ mod tests {
     fn translation_churn_sends_a_space_back_to_direct_for_a_while() {
         let mut p = adaptive();
         for _ in 0..Policy::WINDOW {
-            p.direct_entry(5, 1);
+            p.direct_entry(5, 10);
         }
         assert!(p.translated(5));
         // Short stretches (translated pays off by time) but a new block
@@ -382,11 +467,11 @@ mod tests {
         assert!(!p.translated(5), "churn sent it back");
         // Dense entries again: it stays direct for the penalty's windows.
         for _ in 0..Policy::CHURN_PENALTY * Policy::WINDOW {
-            p.direct_entry(5, 1);
+            p.direct_entry(5, 10);
             assert!(!p.translated(5), "penalty served");
         }
         for _ in 0..Policy::WINDOW {
-            p.direct_entry(5, 1);
+            p.direct_entry(5, 10);
         }
         assert!(p.translated(5), "translated again after the penalty");
         // Churn again at once: twice the penalty this time.
@@ -396,11 +481,11 @@ mod tests {
         }
         assert!(!p.translated(5), "churn sent it back again");
         for _ in 0..2 * Policy::CHURN_PENALTY * Policy::WINDOW {
-            p.direct_entry(5, 1);
+            p.direct_entry(5, 10);
             assert!(!p.translated(5), "the doubled penalty is served");
         }
         for _ in 0..Policy::WINDOW {
-            p.direct_entry(5, 1);
+            p.direct_entry(5, 10);
         }
         assert!(p.translated(5));
         // A window that pays off resets the backoff.
@@ -414,10 +499,10 @@ mod tests {
         }
         assert!(!p.translated(5));
         for _ in 0..Policy::CHURN_PENALTY * Policy::WINDOW {
-            p.direct_entry(5, 1);
+            p.direct_entry(5, 10);
         }
         for _ in 0..Policy::WINDOW {
-            p.direct_entry(5, 1);
+            p.direct_entry(5, 10);
         }
         assert!(p.translated(5), "the base penalty again");
     }
