@@ -144,6 +144,11 @@ pub struct ShadowMmu {
     /// The non-global subset of `entries`' keys: MOV CR3 drops exactly
     /// these, without walking the (mostly global) kernel shadows.
     nonglobal: BTreeSet<u32>,
+    /// How many of `nonglobal` fall in each 2 MiB of the guest-virtual
+    /// space (the smallest directory region): a MOV CR3 asks per region
+    /// whether it holds any, and a range query of the set per region was
+    /// 17 % of a page-table-isolation kernel's time.
+    nonglobal_per_2m: Vec<u32>,
     /// Guest-physical frame → virtual aliases shadowing it.
     rmap: FrameMap<BTreeSet<u32>>,
     /// Large guest pages that have (or had) shadows, for INVLPG.
@@ -280,6 +285,7 @@ impl ShadowMmu {
             pdptes: [0; 4],
             entries: BTreeMap::new(),
             nonglobal: BTreeSet::new(),
+            nonglobal_per_2m: vec![0; 2048],
             rmap: FrameMap::default(),
             large: BTreeSet::new(),
             code_pages: FrameSet::default(),
@@ -798,11 +804,26 @@ impl ShadowMmu {
             self.region_changed(gva);
         }
         if e.global {
-            self.nonglobal.remove(&gva);
-        } else {
-            self.nonglobal.insert(gva);
+            self.nonglobal_remove(gva);
+        } else if self.nonglobal.insert(gva) {
+            self.nonglobal_per_2m[(gva >> 21) as usize] += 1;
         }
         self.entries.insert(gva, e)
+    }
+
+    fn nonglobal_remove(&mut self, gva: u32) {
+        if self.nonglobal.remove(&gva) {
+            self.nonglobal_per_2m[(gva >> 21) as usize] -= 1;
+        }
+    }
+
+    /// Non-global shadows in the region at `base`.
+    fn region_len(&self, base: u32) -> usize {
+        let first = (base >> 21) as usize;
+        let n = (self.region_size() >> 21) as usize;
+        let len = self.nonglobal_per_2m[first..first + n].iter().map(|&c| c as usize).sum();
+        debug_assert_eq!(len, self.nonglobal.range(self.region_range(base)).count());
+        len
     }
 
     fn drop_where<H: HostMapper + ?Sized>(
@@ -844,7 +865,7 @@ impl ShadowMmu {
                 if !e.global {
                     self.region_changed(gva);
                 }
-                self.nonglobal.remove(&gva);
+                self.nonglobal_remove(gva);
                 self.rmap_remove(e.gpa, gva);
             }
         }
@@ -1002,7 +1023,7 @@ impl ShadowMmu {
         let mut touched = Vec::new();
         let mut kept = 0usize;
         for base in bases {
-            if self.nonglobal.range(self.region_range(base)).next().is_none() {
+            if self.region_len(base) == 0 {
                 self.regions.remove(&base);
                 continue;
             }
@@ -1315,10 +1336,6 @@ impl ShadowMmu {
         }
         let all_failed = !failed.is_empty() && failed.len() == checked && checked == self.region_len(base);
         RegionCheck { failed, key: Some(key), unchanged, all_failed, checked }
-    }
-
-    fn region_len(&self, base: u32) -> usize {
-        self.nonglobal.range(self.region_range(base)).count()
     }
 
     /// The non-global pages of a 4 KiB region whose page-table entries may
