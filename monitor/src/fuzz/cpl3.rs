@@ -90,7 +90,7 @@ const KSTACK_TOP: u32 = gk::KSTACK0_TOP;
 /// The kernel variable holding the index of the next block's setup.
 const NEXT: u32 = gk::VARS;
 /// Per block, the EFLAGS bits its dump shows (`MASKS + 4 * i`).
-const MASKS: u32 = gk::VARS + 0x100;
+pub(super) const MASKS: u32 = gk::VARS + 0x100;
 /// EFLAGS bits compared: CF PF AF ZF SF DF OF.
 pub(super) const FLAGS_MASK: u32 = 0x0CD5;
 /// EFLAGS bits the generated POPFDs never set: TF (a #DB after every
@@ -950,12 +950,27 @@ pub(super) fn eflags_bits(f: u32) -> u32 {
 /// The guest: kernel at [`KCODE`], blocks in their slots; returns the
 /// multiboot ELF.
 pub fn guest(blocks: &[Block]) -> Vec<u8> {
-    let mut img = guest_image(blocks, FLAGS_MASK);
+    let img = guest_image(blocks, FLAGS_MASK);
+    guest_runs(img, blocks, |i| BLOCKS_AT + SLOT * i as u32, |_| {}, |_, _| {})
+}
+
+/// The guest of [`guest`] for runs that are not one per slot: run `i`
+/// enters `blocks[i]` at `entry(i)` (`img` holds the code where that
+/// address leads); `prologue` runs once before the first run (paging set
+/// up, say) and `before(k, i)` before each run's entry (its address space).
+pub(super) fn guest_runs(
+    mut img: Image,
+    blocks: &[Block],
+    entry: impl Fn(usize) -> u32,
+    prologue: impl FnOnce(&mut Asm),
+    before: impl Fn(&mut Asm, usize),
+) -> Vec<u8> {
     let mut k = Asm::new(KCODE);
-    let (entry, r) = kernel_start(&mut k);
+    let (start, r) = kernel_start(&mut k);
     init_pic(&mut k, false);
     let (tss_esp0, ktop) = ((gk::TSS + 4) as i32, KSTACK_TOP as i32);
     x86!(k; mov DWORD [tss_esp0], ktop);
+    prologue(&mut k);
     let setups: Vec<_> = (0..=blocks.len()).map(|_| k.label()).collect();
     let common = k.label();
     let next = NEXT as i32;
@@ -963,11 +978,12 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
     for (i, b) in blocks.iter().enumerate() {
         k.bind(setups[i]);
         let (uds, ustack) = (i32::from(USER_DS), USTACK_TOP as i32);
-        let (flags, ucs, at) = ((0x202 | b.flags) as i32, i32::from(USER_CS), (BLOCKS_AT + SLOT * i as u32) as i32);
+        let (flags, ucs, at) = ((0x202 | b.flags) as i32, i32::from(USER_CS), entry(i) as i32);
         let following = i as i32 + 1;
         // NEXT = the index of the setup the handler goes on with.
         x86!(k; mov esp, ktop ; mov DWORD [next], following);
         fill_pages(&mut k, i);
+        before(&mut k, i);
         x86!(k; mov eax, uds);
         k.load_data_segs_ax();
         load_fs_gs(&mut k);
@@ -999,7 +1015,7 @@ pub fn guest(blocks: &[Block]) -> Vec<u8> {
         }
         x86!(k; call =>hex);
     }
-    finish_guest(k, img, &r, &setups, entry)
+    finish_guest(k, img, &r, &setups, start)
 }
 
 /// The image both fuzz guests start from: the descriptor tables, FS and GS
@@ -1250,8 +1266,21 @@ impl Target for Cpl3 {
 /// the `popek` at `exe`, the guest written in `dir`); `Err` names the first
 /// block whose state differs, with its disassembly.
 pub fn compare(exe: &std::path::Path, dir: &std::path::Path, blocks: &[Block]) -> Result<(), String> {
+    let at = |i: usize| BLOCKS_AT + SLOT * i as u32;
+    compare_runs(exe, dir, &guest(blocks), blocks, &|i| (at(i), format!("block {i}")))
+}
+
+/// [`compare`] for the guest `elf`, whose run `i` is `blocks[i]` at the
+/// address and under the name `what(i)` gives.
+pub(super) fn compare_runs(
+    exe: &std::path::Path,
+    dir: &std::path::Path,
+    elf_bytes: &[u8],
+    blocks: &[Block],
+    what: &dyn Fn(usize) -> (u32, String),
+) -> Result<(), String> {
     let elf = dir.join("guest.elf");
-    std::fs::write(&elf, guest(blocks)).map_err(|e| e.to_string())?;
+    std::fs::write(&elf, elf_bytes).map_err(|e| e.to_string())?;
     let direct = run(exe, &elf, "direct")?;
     let translated = run(exe, &elf, "translated")?;
     let (dl, tl): (Vec<&str>, Vec<&str>) = (direct.lines().collect(), translated.lines().collect());
@@ -1261,11 +1290,12 @@ pub fn compare(exe: &std::path::Path, dir: &std::path::Path, blocks: &[Block]) -
     for (i, b) in blocks.iter().enumerate() {
         let (x, y) = (dl.get(i).copied().unwrap_or("(none)"), tl.get(i).copied().unwrap_or("(none)"));
         if x != y {
+            let (ip, name) = what(i);
             return Err(format!(
-                "block {i} differs:\n  direct:     {x}\n  translated: {y}\n  initial EAX ECX EDX EBX ESI EDI {:08x?}, flags {:#x}\n{}",
+                "{name} differs:\n  direct:     {x}\n  translated: {y}\n  initial EAX ECX EDX EBX ESI EDI {:08x?}, flags {:#x}\n{}",
                 b.regs,
                 b.flags,
-                disassemble(&b.code, BLOCKS_AT + SLOT * i as u32)
+                disassemble(&b.code, ip)
             ));
         }
         super::note(if x.starts_with("B 0x00000080") {

@@ -19,6 +19,7 @@
 pub mod alloc;
 pub mod cpl0;
 pub mod cpl3;
+pub mod cpl3_paged;
 mod guest_storm;
 pub mod loaders;
 pub mod mutate;
@@ -103,6 +104,13 @@ pub fn targets() -> &'static [TargetInfo] {
             max_len: 8192,
             min_len: 4096,
             make: cpl3::cpl3,
+        },
+        TargetInfo {
+            name: "cpl3-paged",
+            about: "differential, paging on: cpl3's blocks in pairs sharing a linear slot, one per address space (MOV CR3 or INVLPG between runs), direct vs translated (slow: two VMs per input)",
+            max_len: 8192,
+            min_len: 4096,
+            make: cpl3_paged::cpl3_paged,
         },
         TargetInfo {
             name: "cpl0",
