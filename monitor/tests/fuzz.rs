@@ -55,7 +55,7 @@ fn every_target_runs_clean_for_a_few_seconds() {
     );
     for r in &rows {
         assert_eq!(r["failures"], 0, "{r}");
-        // cpl3 and cpl3-paged start two VMs per input, cpl0 six, guest-storm one: a handful in 2 s.
+        // cpl3 and cpl3-paged start two VMs per input, cpl0 seven, guest-storm one: a handful in 2 s.
         let least = if ["cpl3", "cpl3-paged", "cpl0", "guest-storm"].contains(&r["target"].as_str().unwrap()) {
             1
         } else {

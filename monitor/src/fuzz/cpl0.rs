@@ -13,12 +13,12 @@
 //!   value) to each of its code pages (the kernel's and the blocks') before
 //!   every block, which drops every translation of those pages: each block
 //!   and the harness around it are translated afresh (self-modifying-code
-//!   handling, step over a write to the page being executed). There is no
-//!   switch that flushes the TC from the command line: `Engine::flush` runs
-//!   when the TC is full or when RDTSC stops running natively (once per
-//!   run), so the guest does it by writing to its code. The two guests are
-//!   identical but for one data word (the flush flag), so kernel addresses
-//!   agree.
+//!   handling, step over a write to the page being executed). The two
+//!   guests are identical but for one data word (the flush flag), so
+//!   kernel addresses agree;
+//! - `tcflush`: `--engine flushtc`, the whole TC flushed at every callout
+//!   (`Engine::flush`, as when the TC fills up): each callout's
+//!   continuation, the chains and the lookup table start from nothing.
 //!
 //! Every variant's dumps (after each block: the vector that ended it, the
 //! error code, EIP, CS, the compared EFLAGS, ESP, the general registers,
@@ -119,13 +119,14 @@ pub struct Variant {
 }
 
 /// The variants, the reference (`default`) first.
-pub const VARIANTS: [Variant; 6] = [
+pub const VARIANTS: [Variant; 7] = [
     Variant { name: "default", args: &[], flush: false },
     Variant { name: "noinline", args: &["--engine", "noinline"], flush: false },
     Variant { name: "nochain", args: &["--engine", "nochain"], flush: false },
     Variant { name: "nopoll", args: &["--engine", "nopoll"], flush: false },
     Variant { name: "deterministic", args: &["--deterministic"], flush: false },
     Variant { name: "flush", args: &[], flush: true },
+    Variant { name: "tcflush", args: &["--engine", "flushtc"], flush: false },
 ];
 
 struct Cpl0(cpl3::GuestDir);

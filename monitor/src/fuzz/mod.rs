@@ -114,7 +114,7 @@ pub fn targets() -> &'static [TargetInfo] {
         },
         TargetInfo {
             name: "cpl0",
-            about: "metamorphic: random kernel blocks with sensitive instructions at CPL 0, translated, under six switch sets that must agree (slow: six VMs per input)",
+            about: "metamorphic: random kernel blocks with sensitive instructions at CPL 0, translated, under seven switch sets that must agree (slow: seven VMs per input)",
             max_len: 8192,
             min_len: 4096,
             make: cpl0::cpl0,

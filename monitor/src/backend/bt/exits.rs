@@ -325,6 +325,11 @@ impl BtBackend {
         let id = self.alias.read_u32(page::CALLOUT_ID);
         let site = self.engine.callout_site(id).cloned().ok_or_else(|| failed(format!("unknown callout site {id}")))?;
         self.engine.note_callout(id);
+        if self.config.flush_at_callouts {
+            // The site was copied: what follows finds no block of the old
+            // generation (no resume address, no chain, no lookup entry).
+            self.engine.flush();
+        }
         self.counter.refund(site.block_insns, site.insns_before);
         self.stats.count("callout");
         if self.config.profile_callouts {

@@ -69,6 +69,10 @@ pub struct BtConfig {
     /// (`--engine slowcallouts`), instead of the callout hook that resumes
     /// the TC from the exit path (see [`BtBackend::callout_hook`]).
     pub slow_callouts: bool,
+    /// Flush the whole TC at every callout (`--engine flushtc`): a test
+    /// switch for the metamorphic fuzzer (docs/reliability.md, "cpl0"),
+    /// so every callout's continuation, chain and lookup is made anew.
+    pub flush_at_callouts: bool,
     /// Time every callout by kind for `--stats` (two TSC reads each: a
     /// tenth of a hooked callout, so off unless asked for).
     pub profile_callouts: bool,
@@ -79,7 +83,7 @@ pub struct BtConfig {
 
 impl BtConfig {
     /// Applies one `--engine` switch: nochain, nopoll, noinline, inline,
-    /// nosegcache, nopageguards, notransitions, isolate, slowcallouts, or
+    /// nosegcache, nopageguards, notransitions, isolate, slowcallouts, flushtc, or
     /// the test-only `corrupt=MNEMONIC` (translations of that instruction
     /// class compute a wrong result; replay must catch it).
     pub fn apply_switch(&mut self, switch: &str) -> Result<(), String> {
@@ -99,10 +103,11 @@ impl BtConfig {
             "notransitions" => self.engine.inline_transitions = false,
             "isolate" => self.user_isolation = true,
             "slowcallouts" => self.slow_callouts = true,
+            "flushtc" => self.flush_at_callouts = true,
             s if s.starts_with("corrupt=") => self.engine.corrupt_named(&s["corrupt=".len()..])?,
             other => {
                 return Err(format!(
-                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, nosegcache, nopageguards, notransitions, isolate, slowcallouts, corrupt=MNEMONIC)"
+                    "unknown --engine switch {other:?} (nochain, nopoll, noinline, inline, nosegcache, nopageguards, notransitions, isolate, slowcallouts, flushtc, corrupt=MNEMONIC)"
                 ))
             }
         }
