@@ -129,6 +129,13 @@ pub fn guest(runs: &Runs) -> Vec<u8> {
     guest_runs(img, &runs.blocks, |i| what(i).0, prologue, before)
 }
 
+/// Runs `runs` in one guest with user code direct and translated (through
+/// the `popek` at `exe`, the guest written in `dir`); `Err` names the first
+/// run whose state differs, with its disassembly.
+pub fn compare(exe: &std::path::Path, dir: &std::path::Path, runs: &Runs) -> Result<(), String> {
+    compare_runs(exe, dir, &guest(runs), &runs.blocks, &what)
+}
+
 impl Target for Cpl3Paged {
     fn run(&mut self, input: &[u8]) -> Result<(), String> {
         let runs = runs_from(input);
@@ -136,6 +143,6 @@ impl Target for Cpl3Paged {
             return Ok(());
         }
         super::note(if runs.invlpg { "address spaces: INVLPG" } else { "address spaces: MOV CR3" });
-        compare_runs(&self.0.exe, &self.0.dir, &guest(&runs), &runs.blocks, &what)
+        compare(&self.0.exe, &self.0.dir, &runs)
     }
 }

@@ -115,6 +115,19 @@ impl BtConfig {
     }
 }
 
+/// EFLAGS bits the host CPU holds for guest code at `cpl`: user code sets
+/// and reads NT natively too (POPF, PUSHF at CPL 3 are not sensitive),
+/// kernel translations keep theirs in the vCPU page (`VIOPL`). Leaving NT
+/// out at CPL 3 lost a user's NT at every exit of its code (a hidden page
+/// fault in the middle of a block; found by `popek fuzz cpl3-paged`).
+fn live_flags(cpl: u8) -> u32 {
+    if cpl == 3 {
+        flags::LIVE | flags::NT
+    } else {
+        flags::LIVE
+    }
+}
+
 fn failed(what: impl std::fmt::Display) -> BackendError {
     BackendError::Failed { backend: "bt", what: what.to_string() }
 }
@@ -161,6 +174,8 @@ pub struct BtBackend {
     open_callout: Option<(engine::callout::CalloutKind, u64)>,
     /// The guest selectors last written to the vCPU page.
     written_sels: Option<([u16; 6], u16)>,
+    /// EFLAGS.NT as the host held it at the last exit (`save_host_regs`).
+    host_nt: u32,
     /// Where the callout being handled continues in the TC when it leaves
     /// the guest at its `next_eip` with the block key unchanged.
     /// Valid until the next entry or `run` call.
@@ -256,6 +271,7 @@ impl BtBackend {
             in_hook: false,
             open_callout: None,
             written_sels: None,
+            host_nt: 0,
             resume_at: None,
             interrupted: false,
             user_revalidate: false,
@@ -326,14 +342,16 @@ impl BtBackend {
             esi: g[6],
             edi: g[7],
             eip,
-            eflags: c.eflags & flags::LIVE,
+            eflags: c.eflags & live_flags(c.cpl),
         });
     }
 
     fn save_host_regs(&mut self) -> u32 {
         let r = self.host.regs();
         self.cpu.gpr = [r.eax, r.ecx, r.edx, r.ebx, r.esp, r.ebp, r.esi, r.edi];
-        self.cpu.eflags = (self.cpu.eflags & !flags::LIVE) | (r.eflags & flags::LIVE) | 2;
+        let live = live_flags(self.cpu.cpl);
+        self.cpu.eflags = (self.cpu.eflags & !live) | (r.eflags & live) | 2;
+        self.host_nt = r.eflags & flags::NT;
         r.eip
     }
 
@@ -680,6 +698,10 @@ impl BtBackend {
     fn after_translated(&mut self, exit: Exit) -> Step {
         let host_eip = self.save_host_regs();
         let (transitioned, entries) = self.sync_transition()?;
+        if transitioned && self.cpu.cpl == 3 {
+            // An inline IRET to user code: its NT is the host's now.
+            self.cpu.eflags = (self.cpu.eflags & !flags::NT) | self.host_nt;
+        }
         if entries != 0 {
             // Kernel entries the policy did not see as exits: charged the
             // time since the TC was entered or entries were last charged
