@@ -87,6 +87,11 @@ pub fn is_jailed() -> bool {
 fn close(profile: Profile) -> Result<JailReport, JailError> {
     // SAFETY: geteuid/getegid have no side effects.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // The host TSC rate (the user-exec policy, --stats, timers): its cache
+    // file and the boot id behind it are out of reach once jailed, and an
+    // `open` then is a refused system call that stops the process (the
+    // replay suite's jailed worker met it first).
+    crate::devices::clock::host_tsc_hz();
     // Read before /proc goes away with the old root.
     let last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()

@@ -281,7 +281,12 @@ impl BtBackend {
             tc_entered: 0,
             user_exec: user_exec::Policy::new(
                 config.user_exec,
-                if config.user_exec == user_exec::UserExec::Adaptive { stats::tsc_per_us() } else { 1.0 },
+                // The deterministic mode translates all user code: no rate needed.
+                if config.user_exec == user_exec::UserExec::Adaptive && !config.deterministic {
+                    stats::tsc_per_us()
+                } else {
+                    1.0
+                },
             ),
         };
         b.alias.write_u32(page::EXIT_FAR, window.exit_gate());
