@@ -519,18 +519,7 @@ impl Emitter {
         }
         self.reload_ecx();
         self.at(eip);
-        let id = self.ctx.first_site + self.sites.len() as u32;
-        emit_callout(&mut self.asm, id);
-        self.sites.push(PendingSite {
-            id,
-            kind: CalloutKind::UserPage,
-            guest_eip: eip,
-            next_eip: eip,
-            instruction: Instruction::default(),
-            resume_off: None,
-            insns_before: 0,
-            exit: None,
-        });
+        self.callout(CalloutKind::UserPage, eip, eip, &Instruction::default(), false);
         self.bind(live);
         self.at(eip);
     }

@@ -680,8 +680,7 @@ impl Engine {
             // (or not yet) stops at its guard.
             for (&linear, ids) in &self.user_pages {
                 if !ids.is_empty() {
-                    let live = self.user_frames.get(&linear).is_some_and(|&f| code.phys_page(linear) == Some(f));
-                    self.view.set_user_guard(linear, live);
+                    self.view.set_user_guard(linear, guard_open(&self.user_frames, linear, code.phys_page(linear)));
                 }
             }
             self.stats.guard_refreshes += 1;
@@ -791,8 +790,8 @@ impl Engine {
         let Some(ids) = self.user_pages.get(&linear) else { return Vec::new() };
         let now = code.phys_page(linear);
         if self.config.user_page_guards {
-            let live = !ids.is_empty() && self.user_frames.get(&linear).is_some_and(|&f| now == Some(f));
-            self.view.set_user_guard(linear, live);
+            let open = !ids.is_empty() && guard_open(&self.user_frames, linear, now);
+            self.view.set_user_guard(linear, open);
             return Vec::new();
         }
         let stale: Vec<u32> = ids
@@ -1304,6 +1303,12 @@ fn moved_blocks(blocks: &[Option<Block>], index: &FxHashMap<u32, Vec<u32>>, code
         }
     }
     stale
+}
+
+/// Whether the guard of `linear` opens: the page maps (`now`) the frame its
+/// registered user blocks came from (`frames`, `Engine::user_frames`).
+fn guard_open(frames: &FxHashMap<u32, u64>, linear: u32, now: Option<u64>) -> bool {
+    now.is_some() && frames.get(&linear).copied() == now
 }
 
 fn remove_id<K: std::hash::Hash + Eq>(index: &mut FxHashMap<K, Vec<u32>>, key: K, id: u32) {

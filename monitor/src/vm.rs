@@ -139,9 +139,9 @@ impl Drop for StressKicks {
 /// megahertz timer made that a kick per microsecond: the guest never ran.
 /// A deadline is useless, too, while another interrupt already waits (the
 /// guest has interrupts off). After such a deadline the next one is armed
-/// no earlier than `floor`
-/// from now (10 µs, doubling to 1 ms while they stay useless, back to 0 as
-/// soon as one raises something), rounded to a multiple of the floor so
+/// no earlier than `floor` from now (10 µs, doubling to 1 ms while they
+/// stay useless, back to 0 as soon as one raises something), rounded to a
+/// multiple of the floor so
 /// that the loop does not re-arm the host timer on every pass. Devices
 /// compute what the guest reads from the clock, so a later poll loses
 /// nothing but edges that changed nothing.

@@ -90,7 +90,7 @@ const KSTACK_TOP: u32 = gk::KSTACK0_TOP;
 /// The kernel variable holding the index of the next block's setup.
 const NEXT: u32 = gk::VARS;
 /// Per block, the EFLAGS bits its dump shows (`MASKS + 4 * i`).
-pub(super) const MASKS: u32 = gk::VARS + 0x100;
+const MASKS: u32 = gk::VARS + 0x100;
 /// EFLAGS bits compared: CF PF AF ZF SF DF OF.
 pub(super) const FLAGS_MASK: u32 = 0x0CD5;
 /// EFLAGS bits the generated POPFDs never set: TF (a #DB after every
@@ -1022,12 +1022,18 @@ pub(super) fn guest_runs(
 /// ([`put_segments`]), each block in its slot and its mask of compared
 /// EFLAGS bits (`& mask`) in the masks table.
 pub(super) fn guest_image(blocks: &[Block], mask: u32) -> Image {
+    guest_image_at(blocks, mask, |i| BLOCKS_AT + SLOT * i as u32)
+}
+
+/// [`guest_image`] with block `i`'s bytes at guest-physical `at(i)` (in the
+/// two block pages).
+pub(super) fn guest_image_at(blocks: &[Block], mask: u32, at: impl Fn(usize) -> u32) -> Image {
     let mut img = Image::new();
     img.bytes.resize((BLOCKS_AT + SLOT * BLOCKS as u32 - LOAD_ADDR) as usize, 0);
     img.tables();
     put_segments(&mut img);
     for (i, b) in blocks.iter().enumerate() {
-        img.put(BLOCKS_AT + SLOT * i as u32, &b.code);
+        img.put(at(i), &b.code);
         img.put_u32(MASKS + 4 * i as u32, b.compared & mask);
     }
     img

@@ -19,9 +19,9 @@
 use arbitrary::Unstructured;
 use dynasmrt::{DynasmApi, DynasmLabelApi};
 
-use super::cpl3::{self, compare_runs, guest_runs, put_segments, Block, GuestDir, BLOCKS_AT, FLAGS_MASK, MASKS, SLOT};
+use super::cpl3::{self, compare_runs, guest_image_at, guest_runs, Block, GuestDir, BLOCKS_AT, FLAGS_MASK, SLOT};
 use super::Target;
-use crate::guests::kernel::{self as gk, x86, Asm, Image, LOAD_ADDR};
+use crate::guests::kernel::{self as gk, x86, Asm};
 
 /// Block pairs per guest (two runs each, as many as `cpl3`'s blocks).
 pub const PAIRS: usize = cpl3::BLOCKS / 2;
@@ -79,15 +79,10 @@ fn pte(pt: u32, linear: u32) -> u32 {
 
 /// The multiboot guest of `runs`.
 pub fn guest(runs: &Runs) -> Vec<u8> {
-    let mut img = Image::new();
-    img.bytes.resize((BLOCKS_AT + SLOT * cpl3::BLOCKS as u32 - LOAD_ADDR) as usize, 0);
-    img.tables();
-    put_segments(&mut img);
-    for (i, b) in runs.blocks.iter().enumerate() {
+    let img = guest_image_at(&runs.blocks, FLAGS_MASK, |i| {
         let frame = if i.is_multiple_of(2) { CODE_PAGE } else { ALT_FRAME };
-        img.put(frame + SLOT * (i / 2) as u32, &b.code);
-        img.put_u32(MASKS + 4 * i as u32, b.compared & FLAGS_MASK);
-    }
+        frame + SLOT * (i / 2) as u32
+    });
     let spaces = [(gk::PD0, gk::PT_USER0), (gk::PD1, gk::PT_USER1)];
     let prologue = |k: &mut Asm| {
         for (pd, pt) in spaces {

@@ -174,8 +174,6 @@ pub struct BtBackend {
     open_callout: Option<(engine::callout::CalloutKind, u64)>,
     /// The guest selectors last written to the vCPU page.
     written_sels: Option<([u16; 6], u16)>,
-    /// EFLAGS.NT as the host held it at the last exit (`save_host_regs`).
-    host_nt: u32,
     /// Where the callout being handled continues in the TC when it leaves
     /// the guest at its `next_eip` with the block key unchanged.
     /// Valid until the next entry or `run` call.
@@ -271,7 +269,6 @@ impl BtBackend {
             in_hook: false,
             open_callout: None,
             written_sels: None,
-            host_nt: 0,
             resume_at: None,
             interrupted: false,
             user_revalidate: false,
@@ -356,7 +353,6 @@ impl BtBackend {
         self.cpu.gpr = [r.eax, r.ecx, r.edx, r.ebx, r.esp, r.ebp, r.esi, r.edi];
         let live = live_flags(self.cpu.cpl);
         self.cpu.eflags = (self.cpu.eflags & !live) | (r.eflags & live) | 2;
-        self.host_nt = r.eflags & flags::NT;
         r.eip
     }
 
@@ -539,14 +535,13 @@ impl BtBackend {
         let step = self.after_direct(exit, segs);
         // What the run cost this address space, for the user-exec policy:
         // did it end in the guest kernel?
+        // Not even as user time after a fault: a process that starts (exec,
+        // then fault after fault) would look as if it computed.
         let dt = stats::rdtsc().wrapping_sub(t);
-        if fault {
-            // Not even as user time: a process that starts (exec, then
-            // fault after fault) would look as if it computed.
-        } else if self.cpu.cpl != 3 {
-            self.user_exec.direct_entry(cr3, dt);
-        } else {
-            self.user_exec.direct_time(cr3, dt);
+        match (fault, self.cpu.cpl) {
+            (true, _) => {}
+            (false, 3) => self.user_exec.direct_time(cr3, dt),
+            (false, _) => self.user_exec.direct_entry(cr3, dt),
         }
         step
     }
@@ -705,7 +700,7 @@ impl BtBackend {
         let (transitioned, entries) = self.sync_transition()?;
         if transitioned && self.cpu.cpl == 3 {
             // An inline IRET to user code: its NT is the host's now.
-            self.cpu.eflags = (self.cpu.eflags & !flags::NT) | self.host_nt;
+            self.cpu.eflags = (self.cpu.eflags & !flags::NT) | (self.host.regs().eflags & flags::NT);
         }
         if entries != 0 {
             // Kernel entries the policy did not see as exits: charged the

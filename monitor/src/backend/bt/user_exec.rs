@@ -327,6 +327,17 @@ mod tests {
         Policy::new(UserExec::Adaptive, 1.0)
     }
 
+    /// `n` stretches of translated user code of `cr3`, `cycles` each, each
+    /// ending in a kernel entry.
+    fn stretches(p: &mut Policy, cr3: u32, n: u32, cycles: u64) {
+        let mut now = 0;
+        for _ in 0..n {
+            p.stretch_begins(cr3, now);
+            now += cycles;
+            p.stretch_ends(now, true);
+        }
+    }
+
     #[test]
     fn fixed_modes_ignore_measurements() {
         let mut d = Policy::new(UserExec::Direct, 1.0);
@@ -368,12 +379,7 @@ mod tests {
             p.direct_entry(0x1000, 1);
         }
         assert!(p.translated(0x1000));
-        let mut now = 0;
-        for _ in 0..Policy::WINDOW {
-            p.stretch_begins(0x1000, now);
-            now += 1000;
-            p.stretch_ends(now, true);
-        }
+        stretches(&mut p, 0x1000, Policy::WINDOW, 1000);
         assert!(!p.translated(0x1000));
         assert_eq!(p.stats.to_direct, 1);
     }
@@ -390,12 +396,7 @@ mod tests {
             p.direct_entry(7, 15);
         }
         assert!(p.translated(7));
-        let mut now = 0;
-        for _ in 0..4 * Policy::WINDOW {
-            p.stretch_begins(7, now);
-            now += 30;
-            p.stretch_ends(now, true);
-        }
+        stretches(&mut p, 7, 4 * Policy::WINDOW, 30);
         assert!(p.translated(7), "no thrash between the thresholds");
     }
 
@@ -407,12 +408,7 @@ mod tests {
         }
         assert!(p.translated(4));
         // 30 µs per entry translated: under TO_DIRECT, but 3x the direct cost.
-        let mut now = 0;
-        for _ in 0..Policy::WINDOW {
-            p.stretch_begins(4, now);
-            now += 30;
-            p.stretch_ends(now, true);
-        }
+        stretches(&mut p, 4, Policy::WINDOW, 30);
         assert!(!p.translated(4), "measured dearer: back to direct");
         // Dense entries do not send it back while the measurement holds...
         let mut windows = 0;
